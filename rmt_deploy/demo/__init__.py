@@ -1,0 +1,1 @@
+"""Synthetic long-context demo tasks (the RMT paper's fact-memorization benchmark)."""

@@ -1,0 +1,98 @@
+"""Segmentation and segment layout, written once for the reference model and the
+runtime: stripping special tokens, splitting, the per-row schedule of a batch, and the
+step tensors (``input_ids``, ``attention_mask``) of each variant. numpy only."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from rmt_deploy.spec import RMTConfig
+
+
+def clean_ids(ids: Sequence[int] | np.ndarray, config: RMTConfig) -> np.ndarray:
+    """Drop special tokens (as the authors do) and keep the head of ``max_n_segments``."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if config.strip_token_ids:
+        ids = ids[~np.isin(ids, np.asarray(config.strip_token_ids, dtype=np.int64))]
+    if config.max_n_segments is not None:
+        ids = ids[: config.segment_size * config.max_n_segments]
+    return ids
+
+
+def count_segments(n_tokens: int, config: RMTConfig) -> int:
+    """Number of segments ``n_tokens`` content tokens split into."""
+    return -(-n_tokens // config.segment_size)
+
+
+def segment_bounds(n_tokens: int, config: RMTConfig) -> list[tuple[int, int]]:
+    """``(start, end)`` of each segment, in order.
+
+    Right alignment puts the remainder in the first segment, left alignment in the last.
+    """
+    size = config.segment_size
+    if config.alignment == "left":
+        starts = range(0, n_tokens, size)
+        return [(start, min(start + size, n_tokens)) for start in starts]
+    ends = list(range(n_tokens, 0, -size))[::-1]
+    return [(max(end - size, 0), end) for end in ends]
+
+
+def batch_schedule(counts: Sequence[int], config: RMTConfig) -> list[list[tuple[int, int]]]:
+    """For each step of a batch, the active ``(row, segment index)`` pairs.
+
+    Rows with fewer segments skip steps: the early ones under right alignment (every
+    row's last segment runs at the last step), the late ones under left alignment.
+    """
+    n_steps = max(counts, default=0)
+    schedule = []
+    for step in range(n_steps):
+        active = []
+        for row, count in enumerate(counts):
+            index = step - (n_steps - count) if config.alignment == "right" else step
+            if 0 <= index < count:
+                active.append((row, index))
+        schedule.append(active)
+    return schedule
+
+
+def step_inputs(segments: Sequence[np.ndarray], config: RMTConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``input_ids`` and ``attention_mask`` (int64, [batch, positions]) of one step.
+
+    Encoder: ``[CLS] mem_1..mem_M [SEP] tokens [SEP] [PAD]...`` over ``input_size``
+    positions, mask = ids != pad. Decoder: the tokens right-padded to the longest segment
+    of the batch, mask 1 on real tokens; the memory slots are added by the step itself.
+    """
+    if config.is_encoder:
+        return _encoder_inputs(segments, config)
+    return _decoder_inputs(segments, config)
+
+
+def _encoder_inputs(
+    segments: Sequence[np.ndarray], config: RMTConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    head = [config.cls_token_id, *config.mem_token_ids, config.sep_token_id]
+    ids = np.full((len(segments), config.input_size), config.pad_token_id, dtype=np.int64)
+    for row, tokens in enumerate(segments):
+        n = len(tokens)
+        if n > config.segment_size:
+            raise ValueError(f"segment of {n} tokens exceeds segment_size {config.segment_size}")
+        ids[row, : len(head)] = head
+        ids[row, len(head) : len(head) + n] = tokens
+        ids[row, len(head) + n] = config.sep_token_id
+    return ids, (ids != config.pad_token_id).astype(np.int64)
+
+
+def _decoder_inputs(
+    segments: Sequence[np.ndarray], config: RMTConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(tokens) for tokens in segments)
+    if width > config.segment_size:
+        raise ValueError(f"segment of {width} tokens exceeds segment_size {config.segment_size}")
+    ids = np.full((len(segments), width), config.pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(segments), width), dtype=np.int64)
+    for row, tokens in enumerate(segments):
+        ids[row, : len(tokens)] = tokens
+        mask[row, : len(tokens)] = 1
+    return ids, mask

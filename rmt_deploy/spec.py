@@ -1,0 +1,173 @@
+"""The RMT configuration: the contract that the reference model, the exporter and the
+runtime all read. Plain data, no torch."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from rmt_deploy.errors import ConfigError
+
+ENCODER = "encoder"
+DECODER = "decoder"
+VARIANTS = (ENCODER, DECODER)
+ALIGNMENTS = ("right", "left")
+
+#: Label order of the paper's memorize / detect-and-memorize tasks.
+PAPER_LABELS = ("bathroom", "hallway", "garden", "office", "bedroom", "kitchen")
+
+#: Positions an encoder segment spends on special tokens: [CLS] ... [SEP] ... [SEP].
+ENCODER_SPECIAL_POSITIONS = 3
+
+
+@dataclass(frozen=True)
+class RMTConfig:
+    """Everything needed to segment an input and run the recurrence.
+
+    Encoder (BERT family, the 1M-token paper): a step sees ``input_size`` positions laid
+    out as ``[CLS] memory [SEP] tokens [SEP] [PAD]...``; segmentation is right-aligned.
+    Decoder (GPT-2, BABILong): a step sees ``[memory ; tokens ; memory]``; segmentation
+    is left-aligned.
+    """
+
+    variant: str  # "encoder" or "decoder"
+    num_mem_tokens: int  # M, memory slots carried between segments
+    hidden_size: int  # H, width of a memory slot
+    vocab_size: int  # rows of the (extended) word-embedding table
+    segment_size: int  # content tokens per segment
+    input_size: int  # positions per step (encoder: the layout; decoder: 2M + segment_size)
+    alignment: str  # "right": first segment is the short one; "left": last is
+    pad_token_id: int
+    strip_token_ids: tuple[int, ...]  # special tokens removed from an input before splitting
+    cls_token_id: int | None = None  # encoder layout
+    sep_token_id: int | None = None  # encoder layout
+    mem_token_ids: tuple[int, ...] = ()  # encoder: placeholder ids of positions 1..M
+    max_n_segments: int | None = None  # keep only the head of this many segments (None: all)
+    labels: tuple[str, ...] = ()  # encoder: class names, in logit order
+    eos_token_id: int | None = None  # decoder: stops greedy generation
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (task, training)
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    @classmethod
+    def encoder(
+        cls,
+        *,
+        num_mem_tokens: int,
+        hidden_size: int,
+        vocab_size: int,
+        input_size: int,
+        pad_token_id: int,
+        cls_token_id: int,
+        sep_token_id: int,
+        strip_token_ids: tuple[int, ...],
+        labels: tuple[str, ...],
+        max_n_segments: int | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> RMTConfig:
+        """An encoder config whose memory placeholders are the last M vocabulary ids."""
+        return cls(
+            variant=ENCODER,
+            num_mem_tokens=num_mem_tokens,
+            hidden_size=hidden_size,
+            vocab_size=vocab_size,
+            segment_size=input_size - num_mem_tokens - ENCODER_SPECIAL_POSITIONS,
+            input_size=input_size,
+            alignment="right",
+            pad_token_id=pad_token_id,
+            strip_token_ids=tuple(strip_token_ids),
+            cls_token_id=cls_token_id,
+            sep_token_id=sep_token_id,
+            mem_token_ids=tuple(range(vocab_size - num_mem_tokens, vocab_size)),
+            max_n_segments=max_n_segments,
+            labels=tuple(labels),
+            extra=dict(extra or {}),
+        )
+
+    @classmethod
+    def decoder(
+        cls,
+        *,
+        num_mem_tokens: int,
+        hidden_size: int,
+        vocab_size: int,
+        segment_size: int,
+        pad_token_id: int,
+        strip_token_ids: tuple[int, ...] = (),
+        eos_token_id: int | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> RMTConfig:
+        """A decoder config (left-aligned, no cap on the number of segments)."""
+        return cls(
+            variant=DECODER,
+            num_mem_tokens=num_mem_tokens,
+            hidden_size=hidden_size,
+            vocab_size=vocab_size,
+            segment_size=segment_size,
+            input_size=2 * num_mem_tokens + segment_size,
+            alignment="left",
+            pad_token_id=pad_token_id,
+            strip_token_ids=tuple(strip_token_ids),
+            eos_token_id=eos_token_id,
+            extra=dict(extra or {}),
+        )
+
+    @property
+    def is_encoder(self) -> bool:
+        return self.variant == ENCODER
+
+    def _check(self) -> None:
+        def bad(message: str) -> ConfigError:
+            return ConfigError(f"invalid RMT config: {message}")
+
+        if self.variant not in VARIANTS:
+            raise bad(f"variant {self.variant!r} is not one of {', '.join(VARIANTS)}")
+        if self.alignment not in ALIGNMENTS:
+            raise bad(f"alignment {self.alignment!r} is not one of {', '.join(ALIGNMENTS)}")
+        if self.num_mem_tokens < 1:
+            raise bad(f"num_mem_tokens must be >= 1, got {self.num_mem_tokens}")
+        if self.hidden_size < 1 or self.vocab_size < 1:
+            raise bad("hidden_size and vocab_size must be positive")
+        if self.segment_size < 1:
+            raise bad(
+                f"no room for content: input size {self.input_size} with "
+                f"{self.num_mem_tokens} memory tokens leaves {self.segment_size} tokens a "
+                "segment; raise --input-size"
+            )
+        if self.max_n_segments is not None and self.max_n_segments < 1:
+            raise bad(f"max_n_segments must be >= 1 or None, got {self.max_n_segments}")
+        if self.variant == ENCODER:
+            if self.cls_token_id is None or self.sep_token_id is None:
+                raise bad("an encoder needs cls_token_id and sep_token_id")
+            if len(self.mem_token_ids) != self.num_mem_tokens:
+                raise bad("mem_token_ids must have num_mem_tokens entries")
+            if not self.labels:
+                raise bad("an encoder needs its class labels")
+            if len(set(self.labels)) != len(self.labels):
+                raise bad(f"labels must be distinct, got {','.join(self.labels)}")
+        elif self.input_size != 2 * self.num_mem_tokens + self.segment_size:
+            raise bad("a decoder's input_size must be 2 * num_mem_tokens + segment_size")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        data = asdict(self)
+        for key in ("strip_token_ids", "mem_token_ids", "labels"):
+            data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RMTConfig:
+        """Inverse of :meth:`to_dict`; unknown or missing keys are a ConfigError."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"invalid RMT config: unknown keys {', '.join(unknown)}")
+        try:
+            values = dict(data)
+            for key in ("strip_token_ids", "mem_token_ids", "labels"):
+                if key in values:
+                    values[key] = tuple(values[key])
+            return cls(**values)
+        except TypeError as error:
+            raise ConfigError(f"invalid RMT config: {error}") from None
