@@ -1,0 +1,347 @@
+"""Checkpoint formats, all read without executing code from the file.
+
+- ``rmt-deploy``: the project's own self-describing checkpoint (``.pt`` or
+  ``.safetensors``): RMT config, base model config, weights and tokenizer.
+- ``authors-bert``: the 1M-token paper's ``model_best.pth`` (``model_state_dict``), with
+  the base model's Hugging Face folder given separately.
+- ``authors-gpt2``: BABILong's ``pytorch_model.bin`` (``memory_cell.*`` keys), with the
+  base model's folder given separately.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rmt_deploy.errors import CheckpointError, ConfigError
+from rmt_deploy.model.base import build_decoder_base, build_encoder_base, hf_config
+from rmt_deploy.model.decoder import DecoderRMT
+from rmt_deploy.model.encoder import EncoderRMT
+from rmt_deploy.model.factory import SpecialTokens, decoder_from_base, encoder_from_base
+from rmt_deploy.spec import PAPER_LABELS, RMTConfig
+
+FORMAT_NAME = "rmt-deploy"
+FORMAT_VERSION = 1
+OWN, AUTHORS_BERT, AUTHORS_GPT2 = "rmt-deploy", "authors-bert", "authors-gpt2"
+
+#: Buffers that some transformers versions save and that carry no weights.
+_STATELESS_SUFFIXES = (".position_ids", ".token_type_ids", ".attn.bias", ".attn.masked_bias")
+
+
+@dataclass(frozen=True)
+class AuthorsOptions:
+    """What an authors' checkpoint does not record, given by the user."""
+
+    base_model: Path | None = None  # Hugging Face folder: config.json + tokenizer files
+    input_size: int = 512  # encoder: positions per segment
+    segment_size: int = 512  # decoder: tokens per segment
+    labels: tuple[str, ...] = PAPER_LABELS  # encoder: class names in logit order
+
+
+@dataclass
+class LoadedCheckpoint:
+    rmt: EncoderRMT | DecoderRMT
+    tokenizer_json: str | None  # tokenizers' serialization, None if the file has none
+    base_config: dict[str, Any]  # the base model's transformers config, as a dict
+    format: str  # OWN, AUTHORS_BERT or AUTHORS_GPT2
+    sha256: str  # of the checkpoint file
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_checkpoint(path: str | Path, options: AuthorsOptions | None = None) -> LoadedCheckpoint:
+    """Read any supported checkpoint into an RMT in eval mode."""
+    path = Path(path)
+    options = options or AuthorsOptions()
+    payload = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
+    kind = _detect_format(path, payload)
+    if kind == OWN:
+        rmt, tokenizer_json, base_config = _from_own(path, payload)
+    elif kind == AUTHORS_BERT:
+        rmt, tokenizer_json, base_config = _from_authors_bert(path, payload, options)
+    else:
+        rmt, tokenizer_json, base_config = _from_authors_gpt2(path, payload, options)
+    return LoadedCheckpoint(rmt.eval(), tokenizer_json, base_config, kind, file_sha256(path))
+
+
+def save_checkpoint(
+    rmt: EncoderRMT | DecoderRMT,
+    path: str | Path,
+    tokenizer_json: str | None,
+) -> Path:
+    """Write the project's own checkpoint atomically (``.safetensors`` or torch zip)."""
+    path = Path(path)
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "rmt_config": json.dumps(rmt.rmt_config.to_dict()),
+        "base_config": json.dumps(rmt.model.config.to_dict()),
+        "tokenizer": tokenizer_json or "",
+    }
+    weights = {k: v.detach().cpu().contiguous().clone() for k, v in rmt.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(weights, temp, metadata=meta)
+        else:
+            torch.save({**meta, "state_dict": weights}, temp)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+    return path
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file; check the checkpoint path")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; pass the checkpoint file inside it")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: file is empty; re-save or re-download the checkpoint")
+
+
+def _read_torch(path: Path) -> Any:
+    _check_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds objects other than tensors and plain "
+            f"data ({first[:120]}); only weights-only checkpoints are read, never code"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        first = (str(error).strip().splitlines() or ["unreadable"])[0]
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {first[:160]}"
+        ) from None
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    _check_file(path)
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = dict(handle.metadata() or {})
+            weights = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {error}") from None
+    return {**meta, "state_dict": weights}
+
+
+def _detect_format(path: Path, payload: Any) -> str:
+    if not isinstance(payload, Mapping):
+        raise CheckpointError(
+            f"{path}: holds a {type(payload).__name__}, not a dict of weights; expected an "
+            "rmt-deploy checkpoint or an authors' model_best.pth / pytorch_model.bin"
+        )
+    if payload.get("format") == FORMAT_NAME:
+        return OWN
+    if "model_state_dict" in payload:
+        return AUTHORS_BERT
+    if any(str(key).startswith("memory_cell.") for key in payload):
+        return AUTHORS_GPT2
+    keys = ", ".join(sorted(map(str, payload))[:6]) or "none"
+    raise CheckpointError(
+        f"{path}: unrecognized checkpoint layout (top-level keys: {keys}); expected an "
+        "rmt-deploy checkpoint, an authors' BERT model_best.pth with 'model_state_dict', "
+        "or an authors' GPT-2 pytorch_model.bin with 'memory_cell.*' keys"
+    )
+
+
+def _from_own(path: Path, payload: Mapping[str, Any]):
+    version = str(payload.get("format_version"))
+    if version != str(FORMAT_VERSION):
+        raise CheckpointError(
+            f"{path}: rmt-deploy checkpoint format version {version} is not supported "
+            f"(this rmt-deploy reads version {FORMAT_VERSION}); upgrade rmt-deploy"
+        )
+    try:
+        config = RMTConfig.from_dict(json.loads(payload["rmt_config"]))
+        base_config = json.loads(payload["base_config"])
+    except (KeyError, TypeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: damaged rmt-deploy header ({error})") from None
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    weights = payload.get("state_dict")
+    if not isinstance(weights, Mapping):
+        raise CheckpointError(f"{path}: rmt-deploy checkpoint has no 'state_dict'")
+    hf = hf_config(base_config)
+    if config.is_encoder:
+        rmt: EncoderRMT | DecoderRMT = EncoderRMT(build_encoder_base(hf), config)
+    else:
+        memory = torch.zeros(config.num_mem_tokens, config.hidden_size)
+        rmt = DecoderRMT(build_decoder_base(hf), config, memory)
+    _load_weights(path, rmt, weights, ignore=lambda key: False)
+    return rmt, payload.get("tokenizer") or None, base_config
+
+
+def _from_authors_bert(path: Path, payload: Mapping[str, Any], options: AuthorsOptions):
+    weights = payload["model_state_dict"]
+    if not isinstance(weights, Mapping):
+        raise CheckpointError(f"{path}: 'model_state_dict' is not a dict of weights")
+    hf, tokenizer = _base_folder(path, options, "BERT model_best.pth")
+    special = _special_tokens(tokenizer)
+    if "mem_token_ids" in weights:
+        num_mem_tokens = int(weights["mem_token_ids"].numel())
+    else:
+        embeddings = [v for k, v in weights.items() if k.endswith("word_embeddings.weight")]
+        if not embeddings:
+            raise CheckpointError(f"{path}: no word embeddings found (missing keys "
+                                  "'mem_token_ids' and '*.word_embeddings.weight')")
+        num_mem_tokens = embeddings[0].shape[0] - hf.vocab_size
+    for name, expected in (("cls_token", special.cls), ("sep_token", special.sep)):
+        if name in weights and int(weights[name].reshape(-1)[0]) != expected:
+            raise CheckpointError(
+                f"{path}: the checkpoint's {name} id {int(weights[name].reshape(-1)[0])} differs "
+                f"from the tokenizer's ({expected}); --base-model must be the model it was "
+                "trained from"
+            )
+    classifier = [v for k, v in weights.items() if "classifier" in k and k.endswith("weight")]
+    if classifier and classifier[-1].shape[0] != len(options.labels):
+        raise CheckpointError(
+            f"{path}: the classifier has {classifier[-1].shape[0]} outputs but "
+            f"{len(options.labels)} labels were given; pass --labels with "
+            f"{classifier[-1].shape[0]} comma-separated names"
+        )
+    hf.num_labels = len(options.labels)
+    try:
+        rmt = encoder_from_base(
+            build_encoder_base(hf), num_mem_tokens=num_mem_tokens,
+            input_size=options.input_size, labels=options.labels, special=special,
+        )
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    aliases = {"cls_token", "sep_token", "mem_token_ids", "model.embeddings.weight"}
+    _load_weights(path, rmt, weights, ignore=lambda key: key in aliases)
+    return rmt, tokenizer.backend_tokenizer.to_str(), rmt.model.config.to_dict()
+
+
+def _from_authors_gpt2(path: Path, payload: Mapping[str, Any], options: AuthorsOptions):
+    strays = [str(key) for key in payload if not str(key).startswith("memory_cell.")]
+    if strays:
+        raise CheckpointError(f"{path}: unexpected keys beside memory_cell.*: "
+                              f"{_few(strays)}")
+    weights = {key[len("memory_cell."):]: value for key, value in payload.items()}
+    if "memory" not in weights:
+        raise CheckpointError(f"{path}: missing key memory_cell.memory (the learned memory)")
+    hf, tokenizer = _base_folder(path, options, "GPT-2 pytorch_model.bin")
+    memory = weights["memory"]
+    if memory.dim() != 2:
+        raise CheckpointError(f"{path}: memory_cell.memory has shape {tuple(memory.shape)}, "
+                              "expected [num_mem_tokens, hidden]")
+    try:
+        rmt = decoder_from_base(
+            build_decoder_base(hf), num_mem_tokens=memory.shape[0],
+            segment_size=options.segment_size, special=_special_tokens(tokenizer),
+            memory=torch.zeros(memory.shape[0], hf.hidden_size),
+        )
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    _load_weights(path, rmt, weights, ignore=lambda key: False)
+    return rmt, tokenizer.backend_tokenizer.to_str(), rmt.model.config.to_dict()
+
+
+def _base_folder(path: Path, options: AuthorsOptions, what: str):
+    folder = options.base_model
+    if folder is None:
+        raise CheckpointError(
+            f"{path}: an authors' {what} does not record its base model; pass "
+            "--base-model DIR (a Hugging Face folder with config.json and tokenizer files)"
+        )
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"--base-model {folder}: no config.json there; pass the "
+                              "Hugging Face folder of the base model")
+    import transformers
+
+    try:
+        hf = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"--base-model {folder}: cannot read it: {first[:160]}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise CheckpointError(f"--base-model {folder}: needs a fast tokenizer (tokenizer.json "
+                              "or vocab files that transformers converts)")
+    return hf, tokenizer
+
+
+def _special_tokens(tokenizer) -> SpecialTokens:
+    return SpecialTokens(
+        pad=tokenizer.pad_token_id, cls=tokenizer.cls_token_id, sep=tokenizer.sep_token_id,
+        eos=tokenizer.eos_token_id, bos=tokenizer.bos_token_id,
+    )
+
+
+def _few(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _load_weights(
+    path: Path, module: nn.Module, weights: Mapping[str, Any], ignore: Callable[[str], bool]
+) -> None:
+    """Strict load that names every missing, unexpected or misshapen key."""
+    expected = module.state_dict()
+    given = {
+        str(k): v for k, v in weights.items()
+        if not ignore(str(k)) and not str(k).endswith(_STATELESS_SUFFIXES)
+    }
+    bad_values = [k for k, v in given.items() if not isinstance(v, torch.Tensor)]
+    if bad_values:
+        raise CheckpointError(f"{path}: entries that are not tensors: {_few(bad_values)}")
+    shared = _tied_keys(module)
+    missing = [k for k in expected if k not in given and k not in shared]
+    unexpected = [k for k in given if k not in expected]
+    misshapen = [
+        f"{k} (file {tuple(given[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in given if k in expected and given[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_few(unexpected)}")
+    if misshapen:
+        problems.append(f"wrong shapes {_few(misshapen, 3)}")
+    if problems:
+        raise CheckpointError(
+            f"{path}: weights do not match the model: {'; '.join(problems)}; check that "
+            "the checkpoint, --base-model and the size options belong together"
+        )
+    module.load_state_dict(given, strict=False)
+
+
+def _tied_keys(module: nn.Module) -> set[str]:
+    """Keys whose tensor is shared with an earlier key (e.g. GPT-2's lm_head)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for key, value in module.state_dict(keep_vars=True).items():
+        if id(value) in seen:
+            tied.add(key)
+        seen.setdefault(id(value), key)
+    return tied
