@@ -1,0 +1,100 @@
+"""Tiny random RMTs shared by the tests (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from rmt_deploy.model.base import build_decoder_base, build_encoder_base  # noqa: E402
+from rmt_deploy.model.factory import (  # noqa: E402
+    SpecialTokens,
+    decoder_from_base,
+    encoder_from_base,
+)
+
+BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(45)]
+BERT_SPECIAL = SpecialTokens(pad=0, cls=2, sep=3)
+GPT2_VOCAB = 60
+GPT2_EOS = 59
+
+
+def tiny_bert_config(num_labels: int = 3) -> transformers.BertConfig:
+    return transformers.BertConfig(
+        vocab_size=len(BERT_WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32, num_labels=num_labels,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
+    )
+
+
+def tiny_gpt2_config() -> transformers.GPT2Config:
+    return transformers.GPT2Config(
+        vocab_size=GPT2_VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+        bos_token_id=GPT2_EOS, eos_token_id=GPT2_EOS, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+
+
+def make_encoder(seed: int = 0, num_mem_tokens: int = 3, input_size: int = 16,
+                 labels=("a", "b", "c"), **kwargs):
+    torch.manual_seed(seed)
+    base = build_encoder_base(tiny_bert_config(len(labels)))
+    return encoder_from_base(
+        base, num_mem_tokens=num_mem_tokens, input_size=input_size, labels=labels,
+        special=BERT_SPECIAL, **kwargs,
+    ).eval()
+
+
+def make_decoder(seed: int = 0, num_mem_tokens: int = 2, segment_size: int = 5):
+    torch.manual_seed(seed)
+    base = build_decoder_base(tiny_gpt2_config())
+    return decoder_from_base(
+        base, num_mem_tokens=num_mem_tokens, segment_size=segment_size,
+        special=SpecialTokens(eos=GPT2_EOS),
+    ).eval()
+
+
+def write_bert_folder(folder: Path) -> Path:
+    """A Hugging Face BERT folder (config.json + vocab.txt) for the tiny encoder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tiny_bert_config().save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(BERT_WORDS) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer",
+                                                             "do_lower_case": True}))
+    return folder
+
+
+def write_gpt2_folder(folder: Path) -> Path:
+    """A Hugging Face GPT-2 folder (config.json + a byte-level BPE tokenizer.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tiny_gpt2_config().save_pretrained(folder)
+    vocab = {chr(ord("a") + i): i for i in range(26)}
+    vocab.update({f"\u0120{chr(ord('a') + i)}": 26 + i for i in range(26)})
+    vocab["\u0120"] = 52
+    vocab["<|endoftext|>"] = GPT2_EOS
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2TokenizerFast", "eos_token": "<|endoftext|>",
+        "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+    }))
+    return folder
+
+
+@pytest.fixture
+def encoder():
+    return make_encoder()
+
+
+@pytest.fixture
+def decoder():
+    return make_decoder()
