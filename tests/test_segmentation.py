@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+
+from rmt_deploy.segmentation import (
+    batch_schedule,
+    clean_ids,
+    count_segments,
+    segment_bounds,
+    step_inputs,
+)
+from rmt_deploy.spec import RMTConfig
+
+
+def encoder_config(**kwargs) -> RMTConfig:
+    values = dict(
+        num_mem_tokens=2, hidden_size=8, vocab_size=20, input_size=9, pad_token_id=0,
+        cls_token_id=1, sep_token_id=2, strip_token_ids=(0, 1, 2), labels=("x", "y"),
+    )
+    values.update(kwargs)
+    return RMTConfig.encoder(**values)
+
+
+def decoder_config() -> RMTConfig:
+    return RMTConfig.decoder(num_mem_tokens=2, hidden_size=8, vocab_size=20, segment_size=4,
+                             pad_token_id=0)
+
+
+def test_encoder_segment_size_leaves_room_for_layout():
+    config = encoder_config()
+    assert config.segment_size == 9 - 2 - 3
+    assert config.mem_token_ids == (18, 19)
+
+
+def test_right_alignment_puts_the_remainder_first():
+    config = encoder_config()  # segment size 4
+    assert segment_bounds(10, config) == [(0, 2), (2, 6), (6, 10)]
+    assert segment_bounds(8, config) == [(0, 4), (4, 8)]
+    assert segment_bounds(3, config) == [(0, 3)]
+    assert segment_bounds(0, config) == []
+
+
+def test_left_alignment_puts_the_remainder_last():
+    config = decoder_config()
+    assert segment_bounds(10, config) == [(0, 4), (4, 8), (8, 10)]
+    assert count_segments(10, config) == 3
+
+
+def test_clean_strips_special_tokens_and_keeps_the_head():
+    config = encoder_config(max_n_segments=2)
+    ids = [1, 5, 0, 6, 2, 7, 8, 9, 10, 11, 12, 13, 14]
+    assert clean_ids(ids, config).tolist() == [5, 6, 7, 8, 9, 10, 11, 12]
+
+
+def test_schedule_skips_early_steps_when_right_aligned():
+    config = encoder_config()
+    assert batch_schedule([3, 1, 2], config) == [
+        [(0, 0)],
+        [(0, 1), (2, 0)],
+        [(0, 2), (1, 0), (2, 1)],
+    ]
+
+
+def test_schedule_skips_late_steps_when_left_aligned():
+    assert batch_schedule([3, 1, 2], decoder_config()) == [
+        [(0, 0), (1, 0), (2, 0)],
+        [(0, 1), (2, 1)],
+        [(0, 2)],
+    ]
+
+
+def test_encoder_layout():
+    config = encoder_config()
+    ids, mask = step_inputs([np.array([5, 6, 7, 8]), np.array([9])], config)
+    assert ids.tolist() == [[1, 18, 19, 2, 5, 6, 7, 8, 2], [1, 18, 19, 2, 9, 2, 0, 0, 0]]
+    assert mask.tolist() == [[1] * 9, [1] * 6 + [0] * 3]
+
+
+def test_decoder_inputs_are_right_padded():
+    ids, mask = step_inputs([np.array([5, 6, 7]), np.array([9])], decoder_config())
+    assert ids.tolist() == [[5, 6, 7], [9, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_oversized_segment_is_refused():
+    with pytest.raises(ValueError, match="exceeds segment_size"):
+        step_inputs([np.arange(5)], encoder_config())
