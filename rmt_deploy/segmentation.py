@@ -4,21 +4,33 @@ step tensors (``input_ids``, ``attention_mask``) of each variant. numpy only."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from rmt_deploy.spec import RMTConfig
 
 
-def clean_ids(ids: Sequence[int] | np.ndarray, config: RMTConfig) -> np.ndarray:
-    """Drop special tokens (as the authors do) and keep the head of ``max_n_segments``."""
+def strip_special(ids: Sequence[int] | np.ndarray, config: RMTConfig) -> np.ndarray:
+    """Drop the special tokens, as the authors do before segmenting (token-wise, so it
+    can run on any piece of a stream)."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if config.strip_token_ids:
         ids = ids[~np.isin(ids, np.asarray(config.strip_token_ids, dtype=np.int64))]
-    if config.max_n_segments is not None:
-        ids = ids[: config.segment_size * config.max_n_segments]
     return ids
+
+
+def usable_tokens(n_tokens: int, config: RMTConfig) -> int:
+    """How many of ``n_tokens`` stripped tokens are read: the head of ``max_n_segments``."""
+    if config.max_n_segments is None:
+        return n_tokens
+    return min(n_tokens, config.segment_size * config.max_n_segments)
+
+
+def clean_ids(ids: Sequence[int] | np.ndarray, config: RMTConfig) -> np.ndarray:
+    """Strip special tokens and keep the head of ``max_n_segments`` segments."""
+    ids = strip_special(ids, config)
+    return ids[: usable_tokens(len(ids), config)]
 
 
 def count_segments(n_tokens: int, config: RMTConfig) -> int:
@@ -26,35 +38,40 @@ def count_segments(n_tokens: int, config: RMTConfig) -> int:
     return -(-n_tokens // config.segment_size)
 
 
-def segment_bounds(n_tokens: int, config: RMTConfig) -> list[tuple[int, int]]:
-    """``(start, end)`` of each segment, in order.
+def segment_range(n_tokens: int, index: int, config: RMTConfig) -> tuple[int, int]:
+    """``(start, end)`` of segment ``index`` of ``n_tokens`` tokens.
 
     Right alignment puts the remainder in the first segment, left alignment in the last.
     """
     size = config.segment_size
     if config.alignment == "left":
-        starts = range(0, n_tokens, size)
-        return [(start, min(start + size, n_tokens)) for start in starts]
-    ends = list(range(n_tokens, 0, -size))[::-1]
-    return [(max(end - size, 0), end) for end in ends]
+        start = index * size
+        return start, min(start + size, n_tokens)
+    first = n_tokens - (count_segments(n_tokens, config) - 1) * size
+    if index == 0:
+        return 0, first
+    return first + (index - 1) * size, first + index * size
 
 
-def batch_schedule(counts: Sequence[int], config: RMTConfig) -> list[list[tuple[int, int]]]:
+def segment_bounds(n_tokens: int, config: RMTConfig) -> list[tuple[int, int]]:
+    """``(start, end)`` of every segment, in order."""
+    return [segment_range(n_tokens, i, config) for i in range(count_segments(n_tokens, config))]
+
+
+def batch_schedule(counts: Sequence[int], config: RMTConfig) -> Iterator[list[tuple[int, int]]]:
     """For each step of a batch, the active ``(row, segment index)`` pairs.
 
     Rows with fewer segments skip steps: the early ones under right alignment (every
     row's last segment runs at the last step), the late ones under left alignment.
     """
     n_steps = max(counts, default=0)
-    schedule = []
     for step in range(n_steps):
         active = []
         for row, count in enumerate(counts):
             index = step - (n_steps - count) if config.alignment == "right" else step
             if 0 <= index < count:
                 active.append((row, index))
-        schedule.append(active)
-    return schedule
+        yield active
 
 
 def step_inputs(segments: Sequence[np.ndarray], config: RMTConfig) -> tuple[np.ndarray, np.ndarray]:

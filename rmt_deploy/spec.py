@@ -45,6 +45,7 @@ class RMTConfig:
     max_n_segments: int | None = None  # keep only the head of this many segments (None: all)
     labels: tuple[str, ...] = ()  # encoder: class names, in logit order
     eos_token_id: int | None = None  # decoder: stops greedy generation
+    max_positions: int | None = None  # the base model's position table (None: unknown)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (task, training)
 
     def __post_init__(self) -> None:
@@ -64,6 +65,7 @@ class RMTConfig:
         strip_token_ids: tuple[int, ...],
         labels: tuple[str, ...],
         max_n_segments: int | None = None,
+        max_positions: int | None = None,
         extra: dict[str, Any] | None = None,
     ) -> RMTConfig:
         """An encoder config whose memory placeholders are the last M vocabulary ids."""
@@ -82,6 +84,7 @@ class RMTConfig:
             mem_token_ids=tuple(range(vocab_size - num_mem_tokens, vocab_size)),
             max_n_segments=max_n_segments,
             labels=tuple(labels),
+            max_positions=max_positions,
             extra=dict(extra or {}),
         )
 
@@ -96,6 +99,7 @@ class RMTConfig:
         pad_token_id: int,
         strip_token_ids: tuple[int, ...] = (),
         eos_token_id: int | None = None,
+        max_positions: int | None = None,
         extra: dict[str, Any] | None = None,
     ) -> RMTConfig:
         """A decoder config (left-aligned, no cap on the number of segments)."""
@@ -110,6 +114,7 @@ class RMTConfig:
             pad_token_id=pad_token_id,
             strip_token_ids=tuple(strip_token_ids),
             eos_token_id=eos_token_id,
+            max_positions=max_positions,
             extra=dict(extra or {}),
         )
 
@@ -134,6 +139,11 @@ class RMTConfig:
                 f"no room for content: input size {self.input_size} with "
                 f"{self.num_mem_tokens} memory tokens leaves {self.segment_size} tokens a "
                 "segment; raise --input-size"
+            )
+        if self.max_positions is not None and self.input_size > self.max_positions:
+            raise bad(
+                f"a step needs {self.input_size} positions but the base model has "
+                f"{self.max_positions}; lower --input-size / --segment-size"
             )
         if self.max_n_segments is not None and self.max_n_segments < 1:
             raise bad(f"max_n_segments must be >= 1 or None, got {self.max_n_segments}")

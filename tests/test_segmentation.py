@@ -53,7 +53,7 @@ def test_clean_strips_special_tokens_and_keeps_the_head():
 
 def test_schedule_skips_early_steps_when_right_aligned():
     config = encoder_config()
-    assert batch_schedule([3, 1, 2], config) == [
+    assert list(batch_schedule([3, 1, 2], config)) == [
         [(0, 0)],
         [(0, 1), (2, 0)],
         [(0, 2), (1, 0), (2, 1)],
@@ -61,7 +61,7 @@ def test_schedule_skips_early_steps_when_right_aligned():
 
 
 def test_schedule_skips_late_steps_when_left_aligned():
-    assert batch_schedule([3, 1, 2], decoder_config()) == [
+    assert list(batch_schedule([3, 1, 2], decoder_config())) == [
         [(0, 0), (1, 0), (2, 0)],
         [(0, 1), (2, 1)],
         [(0, 2)],

@@ -10,14 +10,14 @@ inside the noise. Everything is deterministic given a ``numpy.random.Generator``
 from __future__ import annotations
 
 import operator
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+from rmt_deploy.files import atomic_path
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
@@ -212,15 +212,9 @@ class MemorizeTask:
 
 def _write_atomic(path: Path, chunks: Iterable[str]) -> None:
     """Write text chunks to a temp file beside ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for chunk in chunks:
-                f.write(chunk)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp, open(temp, "w", encoding="utf-8", newline="\n") as f:
+        for chunk in chunks:
+            f.write(chunk)
 
 
 def _text_chunks(ids: np.ndarray) -> Iterator[str]:

@@ -10,12 +10,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import pickle
-import tempfile
-import zipfile
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +22,7 @@ import torch
 from torch import nn
 
 from rmt_deploy.errors import CheckpointError, ConfigError
+from rmt_deploy.files import atomic_path, sha256_file
 from rmt_deploy.model.base import build_decoder_base, build_encoder_base, hf_config
 from rmt_deploy.model.decoder import DecoderRMT
 from rmt_deploy.model.encoder import EncoderRMT
@@ -58,14 +56,6 @@ class LoadedCheckpoint:
     sha256: str  # of the checkpoint file
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_checkpoint(path: str | Path, options: AuthorsOptions | None = None) -> LoadedCheckpoint:
     """Read any supported checkpoint into an RMT in eval mode."""
     path = Path(path)
@@ -78,7 +68,7 @@ def load_checkpoint(path: str | Path, options: AuthorsOptions | None = None) -> 
         rmt, tokenizer_json, base_config = _from_authors_bert(path, payload, options)
     else:
         rmt, tokenizer_json, base_config = _from_authors_gpt2(path, payload, options)
-    return LoadedCheckpoint(rmt.eval(), tokenizer_json, base_config, kind, file_sha256(path))
+    return LoadedCheckpoint(rmt.eval(), tokenizer_json, base_config, kind, sha256_file(path))
 
 
 def save_checkpoint(
@@ -96,20 +86,13 @@ def save_checkpoint(
         "tokenizer": tokenizer_json or "",
     }
     weights = {k: v.detach().cpu().contiguous().clone() for k, v in rmt.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_path(path) as temp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file(weights, temp, metadata=meta)
+            save_file(weights, str(temp), metadata=meta)
         else:
             torch.save({**meta, "state_dict": weights}, temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
     return path
 
 
@@ -127,15 +110,24 @@ def _read_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0]
+        # torch's message is many lines of advice; keep only what the file asked for.
+        refused = re.search(r"GLOBAL \S+|Can only [^`.]+|unrecognized function", str(error))
+        if refused:
+            raise CheckpointError(
+                f"{path}: refused to load: the file holds objects other than tensors and plain "
+                f"data ({refused.group(0)[:120]}); only weights-only checkpoints are read, "
+                "never code"
+            ) from None
+        detail = re.search(r"Unsupported operand \d+|String is too long", str(error))
         raise CheckpointError(
-            f"{path}: refused to load: the file holds objects other than tensors and plain "
-            f"data ({first[:120]}); only weights-only checkpoints are read, never code"
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): bad pickle "
+            f"data{f' ({detail.group(0)})' if detail else ''}"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
-        first = (str(error).strip().splitlines() or ["unreadable"])[0]
+    except Exception as error:  # arbitrary bytes fail in arbitrary ways (KeyError, ...)
+        first = (str(error).strip().splitlines() or [""])[0][:160]
         raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {first[:160]}"
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+            f"{type(error).__name__}{f': {first}' if first else ''}"
         ) from None
 
 
@@ -203,6 +195,7 @@ def _from_authors_bert(path: Path, payload: Mapping[str, Any], options: AuthorsO
     weights = payload["model_state_dict"]
     if not isinstance(weights, Mapping):
         raise CheckpointError(f"{path}: 'model_state_dict' is not a dict of weights")
+    _require_tensors(path, weights)
     hf, tokenizer = _base_folder(path, options, "BERT model_best.pth")
     special = _special_tokens(tokenizer)
     if "mem_token_ids" in weights:
@@ -214,11 +207,12 @@ def _from_authors_bert(path: Path, payload: Mapping[str, Any], options: AuthorsO
                                   "'mem_token_ids' and '*.word_embeddings.weight')")
         num_mem_tokens = embeddings[0].shape[0] - hf.vocab_size
     for name, expected in (("cls_token", special.cls), ("sep_token", special.sep)):
-        if name in weights and int(weights[name].reshape(-1)[0]) != expected:
+        found = weights[name].reshape(-1).tolist() if name in weights else [expected]
+        if found != [expected]:
             raise CheckpointError(
-                f"{path}: the checkpoint's {name} id {int(weights[name].reshape(-1)[0])} differs "
-                f"from the tokenizer's ({expected}); --base-model must be the model it was "
-                "trained from"
+                f"{path}: the checkpoint's {name} id {found[0] if len(found) == 1 else found} "
+                f"differs from the tokenizer's ({expected}); --base-model must be the model it "
+                "was trained from"
             )
     classifier = [v for k, v in weights.items() if "classifier" in k and k.endswith("weight")]
     if classifier and classifier[-1].shape[0] != len(options.labels):
@@ -245,6 +239,7 @@ def _from_authors_gpt2(path: Path, payload: Mapping[str, Any], options: AuthorsO
     if strays:
         raise CheckpointError(f"{path}: unexpected keys beside memory_cell.*: "
                               f"{_few(strays)}")
+    _require_tensors(path, payload)
     weights = {key[len("memory_cell."):]: value for key, value in payload.items()}
     if "memory" not in weights:
         raise CheckpointError(f"{path}: missing key memory_cell.memory (the learned memory)")
@@ -302,6 +297,12 @@ def _few(keys: list[str], limit: int = 5) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _require_tensors(path: Path, weights: Mapping[str, Any]) -> None:
+    bad_values = [str(k) for k, v in weights.items() if not isinstance(v, torch.Tensor)]
+    if bad_values:
+        raise CheckpointError(f"{path}: entries that are not tensors: {_few(bad_values)}")
+
+
 def _load_weights(
     path: Path, module: nn.Module, weights: Mapping[str, Any], ignore: Callable[[str], bool]
 ) -> None:
@@ -311,9 +312,7 @@ def _load_weights(
         str(k): v for k, v in weights.items()
         if not ignore(str(k)) and not str(k).endswith(_STATELESS_SUFFIXES)
     }
-    bad_values = [k for k, v in given.items() if not isinstance(v, torch.Tensor)]
-    if bad_values:
-        raise CheckpointError(f"{path}: entries that are not tensors: {_few(bad_values)}")
+    _require_tensors(path, given)
     shared = _tied_keys(module)
     missing = [k for k in expected if k not in given and k not in shared]
     unexpected = [k for k in given if k not in expected]

@@ -60,6 +60,7 @@ def encoder_from_base(
         strip_token_ids=special.strip_ids,
         labels=tuple(labels),
         max_n_segments=max_n_segments,
+        max_positions=_position_limit(base.config),
     )
     return EncoderRMT(base, config)
 
@@ -81,5 +82,14 @@ def decoder_from_base(
         segment_size=segment_size,
         pad_token_id=pad if pad is not None else 0,
         eos_token_id=special.eos,
+        max_positions=_position_limit(base.config),
     )
     return DecoderRMT(base, config, memory)
+
+
+def _position_limit(config) -> int | None:
+    """Positions a step may use: RoBERTa-style models start counting after the pad id."""
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if limit is not None and config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        limit -= config.pad_token_id + 1
+    return limit

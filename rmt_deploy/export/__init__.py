@@ -1,0 +1,1 @@
+"""Export: checkpoint -> validated ONNX step graph(s) and a manifest."""

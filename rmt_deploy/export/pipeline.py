@@ -1,0 +1,127 @@
+"""``rmt-export``: checkpoint -> ONNX step graph(s) -> validated -> manifest."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rmt_deploy import __version__
+from rmt_deploy.export.folder import check_target
+from rmt_deploy.export.onnx_graph import DEFAULT_OPSET, EXPORTER, export_graph
+from rmt_deploy.export.validate import Tolerance, check_onnx, compare, enforce
+from rmt_deploy.files import atomic_folder, sha256_file
+from rmt_deploy.manifest import (
+    READ_GRAPH,
+    STEP_GRAPH,
+    GraphSpec,
+    Manifest,
+    read_manifest,
+    step_tensors,
+    write_manifest,
+)
+from rmt_deploy.model.base import ATTENTION
+from rmt_deploy.model.checkpoint import AuthorsOptions, LoadedCheckpoint, load_checkpoint
+
+GRAPH_FILES = {STEP_GRAPH: "model.onnx", READ_GRAPH: "generate.onnx"}
+TWO_GB = 2**31
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export and how strictly to validate."""
+
+    authors: AuthorsOptions = field(default_factory=AuthorsOptions)
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    opset: int = DEFAULT_OPSET
+    validation_segments: int = 32  # closed loop runs at least this many segments
+    threads: int | None = None
+
+
+def default_output(checkpoint: Path) -> Path:
+    """The folder beside the checkpoint, named after it."""
+    return checkpoint.with_name(checkpoint.stem + "-export")
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path | None = None,
+    options: ExportOptions | None = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> Manifest:
+    """Export, validate and write an export folder; returns its manifest."""
+    checkpoint = Path(checkpoint)
+    options = options or ExportOptions()
+    out = Path(out) if out is not None else default_output(checkpoint)
+    loaded = load_checkpoint(checkpoint, options.authors)
+    log(f"loaded {checkpoint} ({loaded.format}, {loaded.rmt.rmt_config.variant}, "
+        f"M={loaded.rmt.rmt_config.num_mem_tokens})")
+    check_target(out)
+    with atomic_folder(out) as stage:
+        _write_export(loaded, checkpoint, stage, options, log)
+    return read_manifest(out)
+
+
+def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
+                  options: ExportOptions, log: Callable[[str], None]) -> None:
+    import onnx
+    import torch
+
+    from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
+    from rmt_deploy.runtime.backends.torch import TorchEngine
+
+    rmt, config = loaded.rmt, loaded.rmt.rmt_config
+    graphs = {}
+    names = [STEP_GRAPH] if config.is_encoder else [STEP_GRAPH, READ_GRAPH]
+    for name in names:
+        path = stage / GRAPH_FILES[name]
+        export_graph(rmt, path, name, options.opset)
+        if path.stat().st_size >= TWO_GB:
+            raise ValueError(f"{path.name} is over 2 GB; models this large are not supported")
+        check_onnx(path)
+        inputs, outputs = step_tensors(config, name)
+        graphs[name] = GraphSpec(path.name, sha256_file(path), "fp32", inputs, outputs)
+        log(f"wrote {path.name} ({path.stat().st_size / 1e6:.1f} MB), ONNX checks passed")
+
+    reference = TorchEngine(rmt, threads=options.threads)
+    initial_memory = reference.initial_memory()
+    np.save(stage / "memory_init.npy", initial_memory)
+    tokenizer = None
+    if loaded.tokenizer_json:
+        (stage / "tokenizer.json").write_text(loaded.tokenizer_json)
+        tokenizer = {"file": "tokenizer.json", "sha256": sha256_file(stage / "tokenizer.json")}
+    manifest = Manifest(
+        config=config,
+        graphs=graphs,
+        initial_memory={"file": "memory_init.npy", "sha256": sha256_file(
+            stage / "memory_init.npy"), "shape": list(initial_memory.shape), "dtype": "float32"},
+        tokenizer=tokenizer,
+        source={"checkpoint": checkpoint.name, "sha256": loaded.sha256, "format": loaded.format},
+        exporter={
+            "rmt_deploy": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "exporter": EXPORTER, "opset": options.opset, "attention": ATTENTION,
+            "python": platform.python_version(),
+        },
+        folder=stage,
+    )
+    candidate = OnnxRuntimeEngine(manifest, threads=options.threads)
+    results = compare(reference, candidate, initial_memory, options.validation_segments)
+    results["runtime"] = "onnxruntime " + _ort_version()
+    results["tolerance"] = {"open_loop": options.tolerance.open_loop,
+                            "closed_loop": options.tolerance.closed_loop}
+    for mode in ("open_loop", "closed_loop"):
+        errors = ", ".join(f"{k} {v:.2e}" for k, v in results[mode]["max_abs"].items())
+        log(f"{mode.replace('_', ' ')} vs PyTorch: max abs error {errors}; memory cosine "
+            f">= {results[mode]['min_memory_cosine']:.6f}")
+    enforce(results, options.tolerance)
+    manifest.validation = {"fp32": results}
+    write_manifest(manifest, stage)
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__

@@ -1,0 +1,1 @@
+"""Backends run one segment step; the loop in ``runtime.loop`` is shared by all."""

@@ -1,0 +1,181 @@
+"""The runtime's Python API: open a model once, run texts, files or token ids through
+it, get typed results. An opened model is safe to use from several threads: every call
+keeps its memory in its own backend buffers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from rmt_deploy.errors import BackendError, InputError
+from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.runtime.loop import run_segments
+from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput, Run
+from rmt_deploy.runtime.scoring import PerplexityMeter, softmax
+from rmt_deploy.runtime.tokens import ArraySource, TokenSource, spool_file, text_source
+from rmt_deploy.segmentation import count_segments, segment_range
+from rmt_deploy.spec import RMTConfig
+
+#: A document: text (str), a text file (Path), a binary stream, or token ids.
+Document = str | Path | BinaryIO | Sequence[int] | np.ndarray
+#: ``progress(segments_done, segments_total)``.
+Progress = Callable[[int, int], None]
+
+
+class RMTModel:
+    """An RMT ready to run on one backend."""
+
+    def __init__(self, engine: StepEngine, initial_memory: np.ndarray,
+                 tokenizer=None, description: str = "") -> None:
+        self.engine = engine
+        self.config: RMTConfig = engine.config
+        self.initial_memory = np.asarray(initial_memory, dtype=np.float32)
+        self.tokenizer = tokenizer
+        self.description = description
+        expected = (self.config.num_mem_tokens, self.config.hidden_size)
+        if self.initial_memory.shape != expected:
+            raise BackendError(f"initial memory has shape {self.initial_memory.shape}, "
+                               f"expected {expected}")
+
+    @property
+    def backend(self) -> str:
+        return self.engine.name
+
+    def run(self, documents: Sequence[Document], generate: int = 0,
+            progress: Progress | None = None) -> Run:
+        """Run a batch of documents with the authors' per-row semantics."""
+        if isinstance(documents, (str, Path, np.ndarray)) or not isinstance(documents,
+                                                                          Sequence):
+            raise InputError("documents must be a list (one entry per document); wrap a "
+                             "single document in a list or use run_one()")
+        if not documents:
+            raise InputError("no documents given")
+        if generate < 0:
+            raise InputError(f"generate must be >= 0, got {generate}")
+        if generate and self.config.is_encoder:
+            raise InputError("generation needs a decoder RMT; this model is an encoder")
+        started = time.perf_counter()
+        with ExitStack() as stack:
+            sources = [self._source(doc, index, stack) for index, doc in enumerate(documents)]
+            if self.config.is_encoder:
+                outputs = self._run_encoder(sources, progress)
+            else:
+                outputs = self._run_decoder(sources, generate, progress)
+        return Run(outputs, self.backend, getattr(self.engine, "precision", "fp32"),
+                   time.perf_counter() - started)
+
+    def run_one(self, document: Document, generate: int = 0,
+                progress: Progress | None = None) -> EncoderOutput | DecoderOutput:
+        """Run a single document."""
+        return self.run([document], generate, progress).outputs[0]
+
+    def _source(self, doc: Document, index: int, stack: ExitStack) -> TokenSource:
+        if isinstance(doc, (str, Path)) or hasattr(doc, "read"):
+            if self.tokenizer is None:
+                raise InputError("this model has no tokenizer; pass token ids")
+            if isinstance(doc, str):
+                source = text_source(doc, self.tokenizer, self.config)
+            else:
+                source = stack.enter_context(spool_file(doc, self.tokenizer, self.config))
+        else:
+            try:
+                source = ArraySource(doc, self.config)
+            except (TypeError, ValueError):
+                raise InputError(f"document {index}: expected text, a file path or token "
+                                 f"ids, got {type(doc).__name__}") from None
+        if len(source) == 0:
+            raise InputError(f"document {index} has no tokens after removing special tokens")
+        return source
+
+    def _tracker(self, sources: Sequence[TokenSource], progress: Progress | None):
+        total = max(count_segments(len(s), self.config) for s in sources)
+        done = 0
+
+        def advance() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        return advance
+
+    def _run_encoder(self, sources, progress) -> list[EncoderOutput]:
+        last_logits: list[np.ndarray | None] = [None] * len(sources)
+        advance = self._tracker(sources, progress)
+
+        def keep_last(rows, _segments, _mask, logits):
+            for position, row in enumerate(rows):
+                last_logits[row] = logits[position]
+            advance()
+
+        memory = run_segments(self.engine, sources, self.initial_memory, keep_last)
+        labels = self.config.labels
+        outputs = []
+        for row, source in enumerate(sources):
+            logits = np.asarray(last_logits[row], dtype=np.float32)
+            scores = softmax(logits.astype(np.float64))
+            outputs.append(EncoderOutput(
+                label=labels[int(logits.argmax())],
+                scores={label: float(score) for label, score in zip(labels, scores, strict=True)},
+                logits=logits, memory=memory[row], tokens=len(source),
+                segments=count_segments(len(source), self.config),
+            ))
+        return outputs
+
+    def _run_decoder(self, sources, generate, progress) -> list[DecoderOutput]:
+        meters = [PerplexityMeter() for _ in sources]
+        advance = self._tracker(sources, progress)
+
+        def score(rows, segments, _mask, logits):
+            for position, row in enumerate(rows):
+                tokens = segments[position]
+                meters[row].add(tokens, logits[position, : len(tokens)])
+            advance()
+
+        memory = run_segments(self.engine, sources, self.initial_memory, score,
+                              skip_last=bool(generate))
+        outputs = []
+        for row, source in enumerate(sources):
+            generated: list[int] = []
+            if generate:
+                generated = self._generate(source, memory[row], meters[row], generate)
+            text = self.tokenizer.decode(generated) if self.tokenizer and generated else None
+            outputs.append(DecoderOutput(
+                perplexity=meters[row].perplexity, tokens=len(source),
+                segments=count_segments(len(source), self.config), memory=memory[row],
+                generated_ids=generated, generated=text,
+            ))
+        return outputs
+
+    def _generate(self, source: TokenSource, memory: np.ndarray, meter: PerplexityMeter,
+                  max_new_tokens: int) -> list[int]:
+        """Read the last segment without write slots, then extend it greedily."""
+        config = self.config
+        last = count_segments(len(source), config) - 1
+        tokens = source.tokens(*segment_range(len(source), last, config))
+        limit = config.max_positions
+        if limit is not None and config.num_mem_tokens + len(tokens) + max_new_tokens - 1 > limit:
+            raise InputError(
+                f"cannot generate {max_new_tokens} tokens: the last segment would exceed the "
+                f"model's {limit} positions; ask for at most "
+                f"{limit - config.num_mem_tokens - len(tokens) + 1}"
+            )
+        state = self.engine.new_state(memory[None])
+        context = tokens.astype(np.int64)
+        generated: list[int] = []
+        for _ in range(max_new_tokens):
+            logits = self.engine.read(state, context[None], np.ones((1, len(context)), np.int64))
+            if not generated:
+                meter.add(tokens, logits[0, : len(tokens)])
+            next_id = int(logits[0, -1].argmax())
+            generated.append(next_id)
+            if next_id == config.eos_token_id:
+                break
+            context = np.append(context, next_id)
+        return generated
+

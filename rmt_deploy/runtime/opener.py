@@ -1,0 +1,78 @@
+"""Opening a model by path: what the file is decides the backend it can run on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rmt_deploy.errors import BackendError, ManifestError
+from rmt_deploy.manifest import MANIFEST_NAME, STEP_GRAPH, read_manifest
+from rmt_deploy.runtime.model import RMTModel
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+EXPORT_BACKENDS = ("onnxruntime",)
+BACKENDS = (*EXPORT_BACKENDS, "torch")
+
+
+def open_model(path: str | Path, backend: str | None = None,
+               threads: int | None = None) -> RMTModel:
+    """Open an export folder, its ONNX graph, or a checkpoint (reference backend).
+
+    ``backend`` defaults to the fastest one available for the model.
+    """
+    path = Path(path)
+    if backend is not None and backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if not path.exists():
+        raise BackendError(f"{path}: no such file or folder; pass an export folder, "
+                           "model.onnx or a checkpoint")
+    if path.suffix == ".plan":
+        raise BackendError(f"{path}: TensorRT engines need the tensorrt backend, which is "
+                           "not available in this rmt-deploy; run the export folder instead")
+    if path.is_dir() or path.suffix == ".onnx":
+        return _open_export(path, backend, threads)
+    if path.suffix in CHECKPOINT_SUFFIXES:
+        return _open_checkpoint(path, backend, threads)
+    raise BackendError(f"{path}: not a model rmt-run knows (expected an export folder, "
+                       f"model.onnx, or a checkpoint {'/'.join(CHECKPOINT_SUFFIXES)})")
+
+
+def _open_export(path: Path, backend: str | None, threads: int | None) -> RMTModel:
+    folder = path if path.is_dir() else path.parent
+    if not (folder / MANIFEST_NAME).is_file():
+        raise ManifestError(f"{path}: no {MANIFEST_NAME} beside it, so it is not an "
+                            "rmt-export folder; export the checkpoint with rmt-export")
+    manifest = read_manifest(folder)
+    if path.suffix == ".onnx" and manifest.path(manifest.graphs[STEP_GRAPH].file) != path:
+        raise ManifestError(f"{path}: not the step graph listed in {folder / MANIFEST_NAME}; "
+                            "pass the export folder")
+    backend = backend or EXPORT_BACKENDS[0]
+    if backend == "torch":
+        raise BackendError("the torch backend runs checkpoints; pass the checkpoint file")
+    from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
+
+    engine = OnnxRuntimeEngine(manifest, threads=threads)
+    return RMTModel(engine, manifest.load_initial_memory(), _tokenizer(manifest),
+                    description=str(folder))
+
+
+def _tokenizer(manifest):
+    if not manifest.tokenizer:
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(manifest.path(manifest.tokenizer["file"])))
+
+
+def _open_checkpoint(path: Path, backend: str | None, threads: int | None) -> RMTModel:
+    if backend not in (None, "torch"):
+        raise BackendError(f"a checkpoint runs on the torch backend; export it with "
+                           f"rmt-export to use {backend}")
+    from tokenizers import Tokenizer
+
+    from rmt_deploy.model.checkpoint import load_checkpoint
+    from rmt_deploy.runtime.backends.torch import TorchEngine
+
+    loaded = load_checkpoint(path)
+    engine = TorchEngine(loaded.rmt, threads=threads)
+    tokenizer = Tokenizer.from_str(loaded.tokenizer_json) if loaded.tokenizer_json else None
+    return RMTModel(engine, engine.initial_memory(), tokenizer, description=str(path))

@@ -1,0 +1,53 @@
+"""Typed results of a run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class EncoderOutput:
+    """A classified document."""
+
+    label: str  # the predicted class
+    scores: dict[str, float]  # softmax probability per label
+    logits: np.ndarray  # [n_labels], from the last segment
+    memory: np.ndarray  # [M, H], the final memory (usable as a document embedding)
+    tokens: int  # tokens read (special tokens removed)
+    segments: int
+
+
+@dataclass(frozen=True)
+class DecoderOutput:
+    """A document scored by a language model, and what it generates after it."""
+
+    perplexity: float  # over the document's next-token predictions
+    tokens: int
+    segments: int
+    memory: np.ndarray  # [M, H], the memory written by the last segment that wrote it
+    generated_ids: list[int] = field(default_factory=list)
+    generated: str | None = None  # decoded text, where the model has a tokenizer
+
+
+@dataclass(frozen=True)
+class Run:
+    """The outputs of one call, in input order, with its throughput."""
+
+    outputs: list[EncoderOutput] | list[DecoderOutput]
+    backend: str
+    precision: str
+    seconds: float
+
+    @property
+    def tokens(self) -> int:
+        return sum(output.tokens for output in self.outputs)
+
+    @property
+    def segments(self) -> int:
+        return sum(output.segments for output in self.outputs)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("inf")

@@ -1,0 +1,159 @@
+"""Input to token ids in fixed memory: text is read in chunks cut at word boundaries,
+tokenized, stripped of special tokens and spooled to a temporary file of int32 ids, so
+a run over millions of tokens holds only the segment it is working on."""
+
+from __future__ import annotations
+
+import codecs
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from rmt_deploy.errors import InputError
+from rmt_deploy.segmentation import strip_special, usable_tokens
+from rmt_deploy.spec import RMTConfig
+
+CHUNK_BYTES = 1 << 20
+
+
+class TokenSource(Protocol):
+    """A document's cleaned token ids, readable by range."""
+
+    def __len__(self) -> int: ...
+
+    def tokens(self, start: int, end: int) -> np.ndarray: ...
+
+
+class ArraySource:
+    """Token ids already in memory."""
+
+    def __init__(self, ids: Sequence[int] | np.ndarray, config: RMTConfig) -> None:
+        array = np.asarray(ids)
+        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+            raise InputError(f"token ids must be a 1-D sequence of integers, got an array of "
+                             f"shape {array.shape} and dtype {array.dtype}")
+        if array.size and (array.min() < 0 or array.max() >= config.vocab_size):
+            raise InputError(f"token ids must lie in [0, {config.vocab_size}); got values "
+                             f"from {array.min()} to {array.max()}: wrong tokenizer?")
+        stripped = strip_special(array, config)
+        self._ids = stripped[: usable_tokens(len(stripped), config)]
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def tokens(self, start: int, end: int) -> np.ndarray:
+        return self._ids[start:end]
+
+
+class SpooledSource:
+    """Token ids spooled to a temporary file while the text is tokenized."""
+
+    def __init__(self, pieces: Iterable[np.ndarray], config: RMTConfig) -> None:
+        handle, self._path = tempfile.mkstemp(prefix="rmt-tokens-", suffix=".i32")
+        count = 0
+        try:
+            with os.fdopen(handle, "wb") as out:
+                for piece in pieces:
+                    piece = strip_special(piece, config).astype(np.int32)
+                    out.write(piece.tobytes())
+                    count += len(piece)
+            self._count = usable_tokens(count, config)
+            self._file = open(self._path, "rb")  # noqa: SIM115 - closed by close()
+        except BaseException:
+            os.unlink(self._path)
+            raise
+
+    def __len__(self) -> int:
+        return self._count
+
+    def tokens(self, start: int, end: int) -> np.ndarray:
+        self._file.seek(start * 4)
+        return np.frombuffer(self._file.read((end - start) * 4), dtype=np.int32).astype(np.int64)
+
+    def close(self) -> None:
+        self._file.close()
+        if os.path.exists(self._path):
+            os.unlink(self._path)
+
+    def __enter__(self) -> SpooledSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def text_chunks(stream: BinaryIO, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+    """UTF-8 text in chunks that end where a word ends (a non-space character followed by
+    whitespace), so tokenizing chunk by chunk equals tokenizing the whole text."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    carry, offset, seen_text = "", 0, False
+    while True:
+        block = stream.read(chunk_bytes)
+        if b"\x00" in block:
+            raise InputError(f"{name}: contains NUL bytes, so it looks binary; pass a text file")
+        try:
+            text = carry + decoder.decode(block, final=not block)
+        except UnicodeDecodeError as error:
+            raise InputError(
+                f"{name}: not UTF-8 text (byte 0x{block[error.start]:02x} at offset "
+                f"{offset + error.start}); convert it, e.g. iconv -t UTF-8"
+            ) from None
+        offset += len(block)
+        if not block:
+            if text:
+                seen_text = seen_text or bool(text.strip())
+                yield text
+            break
+        cut = _last_word_end(text)
+        carry = text[cut:]
+        if cut:
+            seen_text = seen_text or bool(text[:cut].strip())
+            yield text[:cut]
+    if not seen_text:
+        raise InputError(f"{name}: input is empty; pass a file with text in it")
+
+
+def _last_word_end(text: str) -> int:
+    for index in range(len(text) - 1, 0, -1):
+        if text[index].isspace() and not text[index - 1].isspace():
+            return index
+    return 0
+
+
+def tokenize_chunks(chunks: Iterable[str], tokenizer: Tokenizer) -> Iterator[np.ndarray]:
+    for chunk in chunks:
+        yield np.asarray(tokenizer.encode(chunk, add_special_tokens=False).ids, dtype=np.int64)
+
+
+def spool_file(path: str | Path | BinaryIO, tokenizer: Tokenizer, config: RMTConfig,
+               name: str | None = None) -> SpooledSource:
+    """Tokenize a text file (or a binary stream such as stdin) into a spooled source."""
+    if isinstance(path, (str, Path)):
+        path = Path(path)
+        if path.is_dir():
+            raise InputError(f"{path}: is a directory; pass a text file")
+        try:
+            with open(path, "rb") as stream:
+                return SpooledSource(tokenize_chunks(text_chunks(stream, str(path)), tokenizer),
+                                     config)
+        except FileNotFoundError:
+            raise InputError(f"{path}: no such file; check the input path") from None
+        except PermissionError:
+            raise InputError(f"{path}: permission denied") from None
+    return SpooledSource(tokenize_chunks(text_chunks(path, name or "<stream>"), tokenizer),
+                         config)
+
+
+def text_source(text: str, tokenizer: Tokenizer, config: RMTConfig) -> ArraySource:
+    """A source for text held in memory."""
+    if not isinstance(text, str):
+        raise InputError(f"text must be a str, got {type(text).__name__}")
+    if not text.strip():
+        raise InputError("text is empty; pass some text")
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    return ArraySource(np.asarray(ids, dtype=np.int64), config)
