@@ -127,3 +127,24 @@ def test_generation_reads_the_last_segment_without_write_slots():
         max_new_tokens=6, do_sample=False, pad_token_id=GPT2_EOS, eos_token_id=None,
     )
     assert generated == expected[0, -6:].tolist()
+
+
+@torch.no_grad()
+def test_roberta_style_encoder_keeps_the_layout_and_its_position_limit():
+    import transformers
+
+    from rmt_deploy.model.base import build_encoder_base
+    from rmt_deploy.model.factory import SpecialTokens, encoder_from_base
+
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=34, num_labels=2, pad_token_id=1)
+    rmt = encoder_from_base(build_encoder_base(config), num_mem_tokens=3, input_size=32,
+                            labels=("x", "y"), special=SpecialTokens(pad=1, cls=0, sep=2))
+    assert rmt.rmt_config.max_positions == 32  # RoBERTa positions start after the pad id
+    docs = [list(range(3, 60)), list(range(5, 20))]
+    batch = run_encoder(rmt.eval(), [[t % 47 + 3 for t in d] for d in docs])
+    for row, doc in enumerate(docs):
+        alone = run_encoder(rmt, [[t % 47 + 3 for t in doc]])
+        torch.testing.assert_close(batch.logits[row], alone.logits[0], rtol=0, atol=1e-6)
