@@ -150,6 +150,8 @@ class RMTModel:
                 segments=count_segments(len(source), self.config), memory=memory[row],
                 generated_ids=generated, generated=text,
             ))
+        if generate:
+            advance()  # every row's last segment, read while generating
         return outputs
 
     def _generate(self, source: TokenSource, memory: np.ndarray, meter: PerplexityMeter,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import codecs
 import os
 import tempfile
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -34,6 +35,8 @@ class ArraySource:
 
     def __init__(self, ids: Sequence[int] | np.ndarray, config: RMTConfig) -> None:
         array = np.asarray(ids)
+        if array.ndim == 1 and array.size == 0:
+            array = array.astype(np.int64)  # numpy reads [] as float64; it has no tokens
         if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
             raise InputError(f"token ids must be a 1-D sequence of integers, got an array of "
                              f"shape {array.shape} and dtype {array.dtype}")
@@ -96,12 +99,15 @@ def text_chunks(stream: BinaryIO, name: str, chunk_bytes: int = CHUNK_BYTES) -> 
         block = stream.read(chunk_bytes)
         if b"\x00" in block:
             raise InputError(f"{name}: contains NUL bytes, so it looks binary; pass a text file")
+        pending = decoder.getstate()[0]  # bytes of a character cut by the previous block
         try:
             text = carry + decoder.decode(block, final=not block)
         except UnicodeDecodeError as error:
+            # error.start counts from the pending bytes, which the decoder reads first.
+            data = pending + block
             raise InputError(
-                f"{name}: not UTF-8 text (byte 0x{block[error.start]:02x} at offset "
-                f"{offset + error.start}); convert it, e.g. iconv -t UTF-8"
+                f"{name}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
+                f"{offset - len(pending) + error.start}); convert it, e.g. iconv -t UTF-8"
             ) from None
         offset += len(block)
         if not block:
@@ -120,9 +126,16 @@ def text_chunks(stream: BinaryIO, name: str, chunk_bytes: int = CHUNK_BYTES) -> 
 
 def _last_word_end(text: str) -> int:
     for index in range(len(text) - 1, 0, -1):
-        if text[index].isspace() and not text[index - 1].isspace():
+        if _is_break(text[index]) and not text[index - 1].isspace():
             return index
     return 0
+
+
+def _is_break(char: str) -> bool:
+    """Whitespace every tokenizer splits words at: not the control characters that count
+    as spaces to Python (form feed, vertical tab, U+001C-U+001F, U+0085), which BERT-style
+    normalizers delete, joining the words around them."""
+    return char.isspace() and (char in "\t\n\r" or unicodedata.category(char) != "Cc")
 
 
 def tokenize_chunks(chunks: Iterable[str], tokenizer: Tokenizer) -> Iterator[np.ndarray]:

@@ -1,0 +1,342 @@
+"""Input to token ids: chunked reading equals whole-text tokenization, input errors are
+one-line InputErrors, and the spooled and in-memory sources agree."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import random
+import tempfile
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from rmt_deploy.errors import InputError
+from rmt_deploy.model.checkpoint import load_checkpoint
+from rmt_deploy.runtime.tokens import (
+    ArraySource,
+    SpooledSource,
+    spool_file,
+    text_chunks,
+    text_source,
+    tokenize_chunks,
+)
+
+CHUNK_SIZES = (1, 2, 3, 7, 64, 1 << 20)
+SEPARATORS = (" ", "  ", "   ", "\t", "\n", "\r\n", "\n\n", " \t ", "\x0c", "\u00a0", "\u3000")
+PUNCTUATION = (",", ".", "!", "?", ";", ":", "'", '"', "(", ")", "-", "...")
+MULTIBYTE = ("é", "日本", "😀", "ß", "naïve", "Ω", "🎉🎉")
+
+
+@pytest.fixture(scope="module")
+def encoder_side(encoder_checkpoint):
+    loaded = load_checkpoint(encoder_checkpoint)
+    return Tokenizer.from_str(loaded.tokenizer_json), loaded.rmt.rmt_config
+
+
+@pytest.fixture(scope="module")
+def decoder_side(decoder_checkpoint):
+    loaded = load_checkpoint(decoder_checkpoint)
+    return Tokenizer.from_str(loaded.tokenizer_json), loaded.rmt.rmt_config
+
+
+@pytest.fixture(params=["encoder", "decoder"])
+def side(request, encoder_side, decoder_side):
+    """(tokenizer, config, word maker) of either tiny model."""
+    if request.param == "encoder":
+        return (*encoder_side, lambda rng: f"w{rng.randrange(45)}")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return (*decoder_side,
+            lambda rng: "".join(rng.choice(letters) for _ in range(rng.randint(1, 6))))
+
+
+def random_text(rng: random.Random, word, n_pieces: int) -> str:
+    pieces = [rng.choice(["", " ", "\n", "\t "])]
+    for _ in range(n_pieces):
+        kind = rng.random()
+        if kind < 0.55:
+            pieces.append(word(rng))
+        elif kind < 0.7:
+            pieces.append(rng.choice(PUNCTUATION))
+        elif kind < 0.8:
+            pieces.append(rng.choice(MULTIBYTE))
+        elif kind < 0.85:
+            pieces.append(word(rng).upper())
+        pieces.append(rng.choice(SEPARATORS) if rng.random() < 0.8 else "")
+    pieces.append(word(rng))  # never whitespace-only
+    pieces.append(rng.choice(["", " ", "\n", "\r\n", "  \n"]))
+    return "".join(pieces)
+
+
+def chunked_ids(text: str, tokenizer: Tokenizer, chunk_bytes: int) -> list[int]:
+    chunks = text_chunks(io.BytesIO(text.encode("utf-8")), "test", chunk_bytes)
+    return np.concatenate([np.zeros(0, np.int64), *tokenize_chunks(chunks, tokenizer)]).tolist()
+
+
+def whole_ids(text: str, tokenizer: Tokenizer) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert message and "\n" not in message, message
+    return message
+
+
+# -- chunked reading ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_chunked_tokenization_equals_whole_text(side, seed):
+    tokenizer, _, word = side
+    rng = random.Random(seed)
+    for _ in range(4):
+        text = random_text(rng, word, rng.randint(1, 40))
+        expected = whole_ids(text, tokenizer)
+        assert expected, text
+        for chunk_bytes in CHUNK_SIZES:
+            assert chunked_ids(text, tokenizer, chunk_bytes) == expected, (text, chunk_bytes)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 7, 64])
+def test_chunks_reassemble_the_text_and_end_at_word_ends(chunk_bytes):
+    text = "w1 w2\t\tw3\r\nnaïve 日本語 😀😀,  end\n"
+    chunks = list(text_chunks(io.BytesIO(text.encode()), "t", chunk_bytes))
+    assert "".join(chunks) == text
+    assert len(chunks) > 1
+    for chunk in chunks[:-1]:
+        assert not chunk[-1].isspace(), chunks  # every cut is right after a word
+    for chunk in chunks[1:]:
+        assert chunk[0].isspace(), chunks  # ... and right before whitespace
+
+
+@pytest.mark.parametrize("separator", ["\x0b", "\x0c", "\x1c", "\x1f", "\x85"])
+def test_chunks_never_cut_at_control_whitespace(encoder_side, separator):
+    # BERT's normalizer deletes these (they are controls), joining "w1" and "w2" into one
+    # unknown word; a cut there would split them into two known words.
+    tokenizer, _ = encoder_side
+    text = f"w1{separator}w2 w3{separator}w4"
+    for chunk_bytes in (1, 2, 5):
+        assert chunked_ids(text, tokenizer, chunk_bytes) == whole_ids(text, tokenizer)
+
+
+def test_a_long_word_across_many_blocks_stays_whole(decoder_side):
+    tokenizer, _ = decoder_side
+    text = "ab " + "xyz" * 50 + " cd"
+    chunks = list(text_chunks(io.BytesIO(text.encode()), "t", 4))
+    assert "xyz" * 50 in chunks[1]
+    assert chunked_ids(text, tokenizer, 4) == whole_ids(text, tokenizer)
+
+
+# -- input errors -------------------------------------------------------------------------
+
+
+def read_all(data: bytes, chunk_bytes: int = 64) -> list[str]:
+    return list(text_chunks(io.BytesIO(data), "doc.txt", chunk_bytes))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 4, 64])
+def test_nul_bytes_are_refused_as_binary(chunk_bytes):
+    with pytest.raises(InputError) as error:
+        read_all(b"w1 w2 w3\x00\x01\x02 w4", chunk_bytes)
+    message = one_line(error)
+    assert "doc.txt" in message and "NUL" in message
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 64])
+@pytest.mark.parametrize(("data", "offset", "byte"), [
+    (b"w1 w2 \xff w3", 6, "0xff"),
+    (b"w1 w2 \xe6\x97x w3", 6, "0xe6"),  # a character cut short by an ASCII byte
+    (b"w1 \xc3\xa9 \x80 w3", 6, "0x80"),  # a stray continuation byte after valid UTF-8
+    (b"w1 w2 \xe6\x97", 6, "0xe6"),  # the file ends inside a character
+])
+def test_invalid_utf8_names_the_offset(data, offset, byte, chunk_bytes):
+    with pytest.raises(InputError) as error:
+        read_all(data, chunk_bytes)
+    message = one_line(error)
+    assert f"offset {offset}" in message, message
+    assert byte in message, message
+    assert "UTF-8" in message
+
+
+@pytest.mark.parametrize("data", [b"", b" ", b"  \n\t\r\n ", b"\n" * 100])
+@pytest.mark.parametrize("chunk_bytes", [1, 64])
+def test_empty_or_whitespace_only_input(data, chunk_bytes):
+    with pytest.raises(InputError) as error:
+        read_all(data, chunk_bytes)
+    assert "empty" in one_line(error)
+
+
+def test_text_after_leading_whitespace_is_not_empty():
+    assert "".join(read_all(b"\n\n   \t w1", 1)) == "\n\n   \t w1"
+
+
+def test_spool_file_refuses_a_directory(tmp_path, encoder_side):
+    tokenizer, config = encoder_side
+    with pytest.raises(InputError) as error:
+        spool_file(tmp_path, tokenizer, config)
+    message = one_line(error)
+    assert "directory" in message and str(tmp_path) in message
+
+
+def test_spool_file_refuses_a_missing_file(tmp_path, encoder_side):
+    tokenizer, config = encoder_side
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(InputError) as error:
+        spool_file(missing, tokenizer, config)
+    message = one_line(error)
+    assert "no such file" in message and "nope.txt" in message
+
+
+def test_spool_file_refuses_a_binary_file(tmp_path, encoder_side):
+    tokenizer, config = encoder_side
+    path = tmp_path / "image.bin"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(InputError) as error:
+        spool_file(path, tokenizer, config)
+    assert "image.bin" in one_line(error)
+
+
+def test_text_source_refuses_empty_text_and_non_str(encoder_side):
+    tokenizer, config = encoder_side
+    for text in ("", "  \n\t"):
+        with pytest.raises(InputError) as error:
+            text_source(text, tokenizer, config)
+        assert "empty" in one_line(error)
+    with pytest.raises(InputError) as error:
+        text_source(b"w1 w2", tokenizer, config)
+    assert "bytes" in one_line(error)
+
+
+# -- sources ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def spool_dir(tmp_path, monkeypatch):
+    """Temporary files go to a folder of this test's own."""
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def all_ids(source) -> np.ndarray:
+    return source.tokens(0, len(source))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_spooled_source_equals_array_source(side, seed, spool_dir):
+    tokenizer, config, word = side
+    rng = random.Random(100 + seed)
+    text = random_text(rng, word, 60)
+    expected = all_ids(text_source(text, tokenizer, config))
+    assert len(expected) > 10
+    for chunk_bytes in (1, 7, 1 << 20):
+        chunks = text_chunks(io.BytesIO(text.encode()), "t", chunk_bytes)
+        with SpooledSource(tokenize_chunks(chunks, tokenizer), config) as source:
+            assert len(source) == len(expected)
+            got = all_ids(source)
+            assert got.dtype == np.int64
+            np.testing.assert_array_equal(got, expected)
+            np.testing.assert_array_equal(source.tokens(3, 9), expected[3:9])
+            np.testing.assert_array_equal(source.tokens(len(source) - 2, len(source)),
+                                          expected[-2:])
+
+
+def test_spool_file_from_path_and_stream(side, tmp_path, spool_dir):
+    tokenizer, config, word = side
+    text = random_text(random.Random(7), word, 50)
+    path = tmp_path / "doc.txt"
+    path.write_bytes(text.encode())
+    expected = all_ids(text_source(text, tokenizer, config))
+    with spool_file(path, tokenizer, config) as from_path, \
+            spool_file(io.BytesIO(text.encode()), tokenizer, config) as from_stream:
+        np.testing.assert_array_equal(all_ids(from_path), expected)
+        np.testing.assert_array_equal(all_ids(from_stream), expected)
+
+
+def test_special_tokens_are_stripped_by_both_sources(encoder_side, spool_dir):
+    tokenizer, config = encoder_side
+    text = "[CLS] w1 w2 [SEP] w3 [PAD] [PAD] w4 [SEP]"
+    assert set(whole_ids(text, tokenizer)) & set(config.strip_token_ids)
+    expected = [tokenizer.token_to_id(w) for w in ("w1", "w2", "w3", "w4")]
+    assert all_ids(text_source(text, tokenizer, config)).tolist() == expected
+    with spool_file(io.BytesIO(text.encode()), tokenizer, config) as source:
+        assert all_ids(source).tolist() == expected
+
+
+def test_spooled_source_removes_its_temp_file(encoder_side, spool_dir):
+    tokenizer, config = encoder_side
+    source = spool_file(io.BytesIO(b"w1 w2 w3"), tokenizer, config)
+    files = list(spool_dir.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("rmt-tokens-")
+    assert files[0].stat().st_size == 3 * 4  # three int32 ids
+    source.close()
+    assert list(spool_dir.iterdir()) == []
+    source.close()  # closing twice is harmless
+    with spool_file(io.BytesIO(b"w1 w2"), tokenizer, config):
+        assert len(list(spool_dir.iterdir())) == 1
+    assert list(spool_dir.iterdir()) == []
+
+
+def test_spooled_source_removes_its_temp_file_on_error(encoder_side, spool_dir):
+    tokenizer, config = encoder_side
+    data = b"w1 w2 " * 50 + b"\xff w3"
+    with pytest.raises(InputError):
+        SpooledSource(tokenize_chunks(text_chunks(io.BytesIO(data), "t", 8), tokenizer),
+                      config)
+    assert list(spool_dir.iterdir()) == []
+
+
+def test_sources_keep_the_head_of_max_n_segments(encoder_side, spool_dir):
+    tokenizer, config = encoder_side
+    capped = dataclasses.replace(config, max_n_segments=2)
+    words = [f"w{i % 45}" for i in range(37)]
+    full = [tokenizer.token_to_id(w) for w in words]
+    head = full[: 2 * config.segment_size]
+    assert len(head) < len(full)
+    text = " ".join(words)
+    assert all_ids(text_source(text, tokenizer, capped)).tolist() == head
+    assert all_ids(ArraySource(full, capped)).tolist() == head
+    with SpooledSource(tokenize_chunks(text_chunks(io.BytesIO(text.encode()), "t", 5),
+                                       tokenizer), capped) as source:
+        assert len(source) == len(head)
+        assert all_ids(source).tolist() == head
+    # shorter than the cap: everything is kept
+    assert all_ids(ArraySource(full[:15], capped)).tolist() == full[:15]
+    # without a cap: everything
+    assert all_ids(ArraySource(full, config)).tolist() == full
+
+
+def test_array_source_accepts_integer_ids_in_range(encoder_side):
+    _, config = encoder_side
+    top = config.vocab_size - 1
+    for ids in ([5, 6, top], np.array([5, 6, top], dtype=np.int32),
+                np.array([5, 6, top], dtype=np.uint8), (5, 6, top)):
+        assert all_ids(ArraySource(ids, config)).tolist() == [5, 6, top]
+
+
+@pytest.mark.parametrize("ids", [
+    np.zeros((2, 3), dtype=np.int64),
+    [[5, 6], [7, 8]],
+    np.int64(5),
+    [5.0, 6.0],
+    np.array([5, 6], dtype=np.float32),
+    ["w1", "w2"],
+])
+def test_array_source_refuses_non_1d_or_non_integer(encoder_side, ids):
+    _, config = encoder_side
+    with pytest.raises(InputError) as error:
+        ArraySource(ids, config)
+    assert "1-D" in one_line(error)
+
+
+@pytest.mark.parametrize("bad", [-1, 53, 10_000])
+def test_array_source_refuses_ids_outside_the_vocabulary(encoder_side, bad):
+    _, config = encoder_side
+    assert config.vocab_size == 53
+    with pytest.raises(InputError) as error:
+        ArraySource([5, bad, 6], config)
+    message = one_line(error)
+    assert f"[0, {config.vocab_size})" in message and str(bad) in message
