@@ -90,6 +90,12 @@ def export_main(checkpoint, output, base_model, input_size, segment_size, labels
     log = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
     authors = AuthorsOptions(base_model, input_size, segment_size, labels)
     if convert is not None:
+        from rmt_deploy.export.folder import check_parents
+
+        if convert.is_dir():
+            raise RmtError(f"{convert}: is a folder; give --convert a file name such as "
+                           "model.pt")
+        check_parents(convert)
         loaded = load_checkpoint(checkpoint, authors)
         save_checkpoint(loaded.rmt, convert, loaded.tokenizer_json)
         log(f"converted {checkpoint} ({loaded.format}) to {convert}")

@@ -16,3 +16,14 @@ def check_target(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
         raise RmtError(f"{out}: exists and is not an rmt-export folder; choose another -o "
                        "folder or empty it")
+    check_parents(out)
+
+
+def check_parents(path: Path) -> None:
+    """Refuse a path below a file: it could never be created."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RmtError(f"{path}: {parent} is a file, not a folder; choose another "
+                               "path")
+            return

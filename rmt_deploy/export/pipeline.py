@@ -56,10 +56,10 @@ def export_checkpoint(
     checkpoint = Path(checkpoint)
     options = options or ExportOptions()
     out = Path(out) if out is not None else default_output(checkpoint)
+    check_target(out)  # before the (slow) load: a refused target fails fast, silently
     loaded = load_checkpoint(checkpoint, options.authors)
     log(f"loaded {checkpoint} ({loaded.format}, {loaded.rmt.rmt_config.variant}, "
         f"M={loaded.rmt.rmt_config.num_mem_tokens})")
-    check_target(out)
     with atomic_folder(out) as stage:
         _write_export(loaded, checkpoint, stage, options, log)
     return read_manifest(out)
