@@ -31,6 +31,11 @@ def _user_errors(name: str):
                 sys.exit(130)
             except BrokenPipeError:
                 sys.exit(1)
+            except OSError as error:  # permission denied, disk full, ...: the host's state
+                where = f"{error.filename}: " if error.filename else ""
+                click.echo(f"{name}: error: {where}{error.strerror or error}; check the path "
+                           "and its permissions and free space", err=True)
+                sys.exit(1)
 
         return wrapper
 

@@ -497,3 +497,18 @@ def test_rmt_export_missing_checkpoint(tmp_path):
     result = invoke(export_main, tmp_path / "nope.pt")
     cli_error(result, "rmt-export", "nope.pt", "no such file")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_host_errors_such_as_permission_denied_are_one_line(monkeypatch, encoder_checkpoint):
+    import rmt_deploy.export.pipeline as pipeline
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/srv/models/out")
+
+    monkeypatch.setattr(pipeline, "export_checkpoint", refuse)
+    result = CliRunner().invoke(export_main, [str(encoder_checkpoint)])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        "rmt-export: error: /srv/models/out: Permission denied; check the path and its "
+        "permissions and free space"
+    ]
