@@ -82,7 +82,7 @@ def timed(fn, repeats: int) -> float:
 def speed(export: Path, authors, segments: int, batches: list[int], repeats: int) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
-    backends = {"onnxruntime": open_model(export, backend="onnxruntime")}
+    backends = {name: open_model(export, backend=name) for name in ("onnxruntime", "openvino")}
     size = backends["onnxruntime"].config.segment_size
     for batch in batches:
         docs = [rng.integers(1000, 30000, segments * size) for _ in range(batch)]
@@ -96,7 +96,8 @@ def speed(export: Path, authors, segments: int, batches: list[int], repeats: int
         for name, model in backends.items():
             seconds = timed(lambda model=model, docs=docs: model.run(docs), repeats)
             logits = np.stack([o.logits for o in model.run(docs).outputs])
-            rows.append({"backend": name, "batch": batch, "seconds": seconds,
+            rows.append({"backend": f"{name} ({model.engine.precision})", "batch": batch,
+                         "seconds": seconds,
                          "tokens_per_second": tokens / seconds,
                          "ms_per_segment": 1000 * seconds / segments,
                          "ratio": baseline / seconds,

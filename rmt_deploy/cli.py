@@ -138,7 +138,7 @@ def _progress_printer(stream):
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("input", type=str)
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]),
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "torch"]),
               help="Backend [default: the fastest available for MODEL].")
 @click.option("--generate", type=click.IntRange(min=0), default=0,
               help="Decoders: greedily generate N tokens after the input.")
@@ -230,7 +230,7 @@ def demo_train(output, seed, threads):
 @click.option("--mode", type=click.Choice(["memorize", "detect"]), default="memorize",
               show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]))
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "torch"]))
 @click.option("--threads", type=int, callback=_positive)
 @_user_errors("rmt-demo")
 def demo_evaluate(model, segment_counts, samples, seed, mode, batch, backend, threads):

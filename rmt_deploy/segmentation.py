@@ -33,6 +33,14 @@ def clean_ids(ids: Sequence[int] | np.ndarray, config: RMTConfig) -> np.ndarray:
     return ids[: usable_tokens(len(ids), config)]
 
 
+def content_id_range(config: RMTConfig) -> tuple[int, int]:
+    """``[low, high)`` of ordinary token ids (above the special ids, below the memory
+    placeholders): what synthetic test documents are drawn from."""
+    low = max(config.strip_token_ids, default=-1) + 1
+    high = config.vocab_size - (config.num_mem_tokens if config.is_encoder else 0)
+    return low, high
+
+
 def count_segments(n_tokens: int, config: RMTConfig) -> int:
     """Number of segments ``n_tokens`` content tokens split into."""
     return -(-n_tokens // config.segment_size)

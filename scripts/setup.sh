@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install rmt-deploy with its export and dev extras.
+# Create .venv (if missing) and install rmt-deploy with its export, OpenVINO and dev extras.
 # torch is pinned to the CPU build first so no multi-GB CUDA build gets pulled in.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,4 +9,4 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
-"$VENV/bin/python" -m pip install --quiet -e ".[export,dev]"
+"$VENV/bin/python" -m pip install --quiet -e ".[export,openvino,dev]"

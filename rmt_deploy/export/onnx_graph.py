@@ -18,7 +18,7 @@ from rmt_deploy.manifest import (
     STEP_GRAPH,
 )
 from rmt_deploy.model.decoder import DecoderReadStep
-from rmt_deploy.segmentation import step_inputs
+from rmt_deploy.segmentation import content_id_range, step_inputs
 
 DEFAULT_OPSET = 17  # LayerNormalization is one node from 17 on
 EXPORTER = "torch.onnx TorchScript exporter (dynamo=False)"
@@ -29,8 +29,7 @@ def trace_inputs(rmt: torch.nn.Module, seed: int = 0) -> tuple[torch.Tensor, ...
     dynamic; the memory is perturbed so no slot is constant."""
     config = rmt.rmt_config
     rng = np.random.default_rng(seed)
-    low = max(config.strip_token_ids, default=-1) + 1
-    high = config.vocab_size - (config.num_mem_tokens if config.is_encoder else 0)
+    low, high = content_id_range(config)
     segments = [rng.integers(low, high, config.segment_size),
                 rng.integers(low, high, max(1, config.segment_size // 2))]
     ids, mask = step_inputs(segments, config)

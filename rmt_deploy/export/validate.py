@@ -14,6 +14,7 @@ from rmt_deploy.errors import ValidationError
 from rmt_deploy.runtime.backends.base import StepEngine
 from rmt_deploy.runtime.loop import run_segments
 from rmt_deploy.runtime.tokens import ArraySource
+from rmt_deploy.segmentation import content_id_range
 from rmt_deploy.spec import RMTConfig
 
 
@@ -109,8 +110,7 @@ def validation_batches(config: RMTConfig, segments: int, seed: int = 0) -> list[
     """Documents that exercise batch 1 and 3, padded rows, rows that skip steps, and
     short first/last segments; the longest runs ``segments`` segments."""
     rng = np.random.default_rng(seed)
-    low = max(config.strip_token_ids, default=-1) + 1
-    high = config.vocab_size - (config.num_mem_tokens if config.is_encoder else 0)
+    low, high = content_id_range(config)
     size = config.segment_size
 
     def doc(n: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from rmt_deploy.manifest import MANIFEST_NAME, STEP_GRAPH, read_manifest
 from rmt_deploy.runtime.model import RMTModel
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-EXPORT_BACKENDS = ("onnxruntime",)
+EXPORT_BACKENDS = ("onnxruntime", "openvino")
 BACKENDS = (*EXPORT_BACKENDS, "torch")
 
 
@@ -48,9 +48,14 @@ def _open_export(path: Path, backend: str | None, threads: int | None) -> RMTMod
     backend = backend or EXPORT_BACKENDS[0]
     if backend == "torch":
         raise BackendError("the torch backend runs checkpoints; pass the checkpoint file")
-    from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
+    if backend == "openvino":
+        from rmt_deploy.runtime.backends.openvino import OpenVinoEngine
 
-    engine = OnnxRuntimeEngine(manifest, threads=threads)
+        engine = OpenVinoEngine(manifest, threads=threads)
+    else:
+        from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
+
+        engine = OnnxRuntimeEngine(manifest, threads=threads)
     return RMTModel(engine, manifest.load_initial_memory(), _tokenizer(manifest),
                     description=str(folder))
 

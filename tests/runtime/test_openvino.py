@@ -1,0 +1,48 @@
+"""The OpenVINO backend against ONNX Runtime on the same exported graphs."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino", reason="openvino is not installed")
+
+from rmt_deploy.export.validate import compare  # noqa: E402
+from rmt_deploy.manifest import read_manifest  # noqa: E402
+from rmt_deploy.runtime import open_model  # noqa: E402
+from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine  # noqa: E402
+from rmt_deploy.runtime.backends.openvino import OpenVinoEngine, cpu_precision  # noqa: E402
+
+
+@pytest.mark.parametrize("export", ["encoder_export", "decoder_export"])
+def test_openvino_fp32_matches_onnxruntime_open_and_closed_loop(export, request):
+    manifest = read_manifest(request.getfixturevalue(export))
+    errors = compare(OnnxRuntimeEngine(manifest), OpenVinoEngine(manifest, precision="fp32"),
+                     manifest.load_initial_memory(), segments=32)
+    for mode in ("open_loop", "closed_loop"):
+        assert errors[mode]["max_abs"]["memory_out"] < 1e-4
+        assert errors[mode]["max_abs"]["logits"] < 1e-4
+        assert errors[mode]["min_memory_cosine"] > 0.99999
+
+
+def test_openvino_runs_documents_like_onnxruntime(encoder_export):
+    docs = ["w1 w2 w3 " * 30, "w7 " * 5, "w4 w9 " * 41]
+    expected = open_model(encoder_export, backend="onnxruntime").run(docs)
+    model = open_model(encoder_export, backend="openvino")
+    actual = model.run(docs)
+    assert actual.backend == "openvino" and actual.precision == cpu_precision()
+    for a, b in zip(expected.outputs, actual.outputs, strict=True):
+        assert a.label == b.label and a.segments == b.segments
+        np.testing.assert_allclose(a.logits, b.logits, atol=1e-4)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda doc: model.run_one(doc).logits, docs * 3))
+    for index, logits in enumerate(results):
+        np.testing.assert_array_equal(logits, actual.outputs[index % 3].logits)
+
+
+def test_openvino_generates_like_onnxruntime(decoder_export):
+    text = "ab cd ef gh ij " * 4
+    expected = open_model(decoder_export, backend="onnxruntime").run_one(text, generate=5)
+    actual = open_model(decoder_export, backend="openvino").run_one(text, generate=5)
+    assert actual.generated_ids == expected.generated_ids
+    assert actual.perplexity == pytest.approx(expected.perplexity, rel=1e-5)
