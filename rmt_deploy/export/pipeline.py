@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from rmt_deploy import __version__
+from rmt_deploy.errors import RmtError
 from rmt_deploy.export.folder import check_target
 from rmt_deploy.export.onnx_graph import DEFAULT_OPSET, EXPORTER, export_graph
 from rmt_deploy.export.validate import Tolerance, check_onnx, compare, enforce
@@ -80,7 +81,8 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
         path = stage / GRAPH_FILES[name]
         export_graph(rmt, path, name, options.opset)
         if path.stat().st_size >= TWO_GB:
-            raise ValueError(f"{path.name} is over 2 GB; models this large are not supported")
+            raise RmtError(f"{path.name} is over 2 GB, the limit of a single-file ONNX graph; "
+                           "models this large are not supported yet")
         check_onnx(path)
         inputs, outputs = step_tensors(config, name)
         graphs[name] = GraphSpec(path.name, sha256_file(path), "fp32", inputs, outputs)
