@@ -99,6 +99,7 @@ class Manifest:
     source: dict[str, Any]  # checkpoint name, sha256, format
     exporter: dict[str, Any]  # versions, opset, attention kernel
     validation: dict[str, Any] = field(default_factory=dict)  # errors measured
+    engines: dict[str, Any] = field(default_factory=dict)  # TensorRT plans: file, versions, GPU
     folder: Path | None = None  # where it was read from
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,6 +113,7 @@ class Manifest:
             "source": self.source,
             "exporter": self.exporter,
             "validation": self.validation,
+            "engines": self.engines,
         }
 
     def path(self, relative: str) -> Path:
@@ -159,6 +161,7 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
             source=data.get("source", {}),
             exporter=data.get("exporter", {}),
             validation=data.get("validation", {}),
+            engines=data.get("engines", {}),
             folder=folder,
         )
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

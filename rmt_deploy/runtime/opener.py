@@ -9,7 +9,7 @@ from rmt_deploy.manifest import MANIFEST_NAME, STEP_GRAPH, read_manifest
 from rmt_deploy.runtime.model import RMTModel
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-EXPORT_BACKENDS = ("onnxruntime", "openvino")
+EXPORT_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 BACKENDS = (*EXPORT_BACKENDS, "torch")
 
 
@@ -26,8 +26,10 @@ def open_model(path: str | Path, backend: str | None = None,
         raise BackendError(f"{path}: no such file or folder; pass an export folder, "
                            "model.onnx or a checkpoint")
     if path.suffix == ".plan":
-        raise BackendError(f"{path}: TensorRT engines need the tensorrt backend, which is "
-                           "not available in this rmt-deploy; run the export folder instead")
+        if backend not in (None, "tensorrt"):
+            raise BackendError(f"{path}: a TensorRT plan runs on the tensorrt backend; pass "
+                               f"the export folder to use {backend}")
+        return _open_export(path, "tensorrt", threads)
     if path.is_dir() or path.suffix == ".onnx":
         return _open_export(path, backend, threads)
     if path.suffix in CHECKPOINT_SUFFIXES:
@@ -45,10 +47,18 @@ def _open_export(path: Path, backend: str | None, threads: int | None) -> RMTMod
     if path.suffix == ".onnx" and manifest.path(manifest.graphs[STEP_GRAPH].file) != path:
         raise ManifestError(f"{path}: not the step graph listed in {folder / MANIFEST_NAME}; "
                             "pass the export folder")
-    backend = backend or EXPORT_BACKENDS[0]
+    if path.suffix == ".plan" and (STEP_GRAPH not in manifest.engines or manifest.path(
+            manifest.engines[STEP_GRAPH]["file"]) != path):
+        raise ManifestError(f"{path}: not the plan listed in {folder / MANIFEST_NAME}; "
+                            "rebuild it with rmt-export --engine")
+    backend = backend or ("tensorrt" if manifest.engines and _has_tensorrt() else "onnxruntime")
     if backend == "torch":
         raise BackendError("the torch backend runs checkpoints; pass the checkpoint file")
-    if backend == "openvino":
+    if backend == "tensorrt":
+        from rmt_deploy.runtime.backends.tensorrt import TensorRTEngine
+
+        engine = TensorRTEngine(manifest)
+    elif backend == "openvino":
         from rmt_deploy.runtime.backends.openvino import OpenVinoEngine
 
         engine = OpenVinoEngine(manifest, threads=threads)
@@ -58,6 +68,12 @@ def _open_export(path: Path, backend: str | None, threads: int | None) -> RMTMod
         engine = OnnxRuntimeEngine(manifest, threads=threads)
     return RMTModel(engine, manifest.load_initial_memory(), _tokenizer(manifest),
                     description=str(folder))
+
+
+def _has_tensorrt() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
 
 
 def _tokenizer(manifest):

@@ -285,6 +285,7 @@ def test_open_errors(tmp_path, encoder_export, decoder_export, encoder_checkpoin
     shutil.copy(encoder_export / "model.onnx", no_manifest / "model.onnx")
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"engine")
+    (stray / "model.plan").write_bytes(b"engine")
     text = tmp_path / "model.txt"
     text.write_text("w1")
     cases = [
@@ -292,11 +293,13 @@ def test_open_errors(tmp_path, encoder_export, decoder_export, encoder_checkpoin
         (stray / "other.onnx", {}, ManifestError, "not the step graph"),
         (no_manifest, {}, ManifestError, MANIFEST_NAME),
         (no_manifest / "model.onnx", {}, ManifestError, MANIFEST_NAME),
-        (plan, {}, BackendError, "TensorRT"),
+        (plan, {}, ManifestError, MANIFEST_NAME),
+        (stray / "model.plan", {}, ManifestError, "not the plan listed"),
+        (stray / "model.plan", {"backend": "openvino"}, BackendError, "tensorrt backend"),
         (text, {}, BackendError, "not a model"),
         (tmp_path / "missing", {}, BackendError, "no such file"),
         (tmp_path / "missing.onnx", {}, BackendError, "no such file"),
-        (encoder_export, {"backend": "tensorrt"}, BackendError, "unknown backend"),
+        (encoder_export, {"backend": "tensorflow"}, BackendError, "unknown backend"),
         (encoder_export, {"backend": "torch"}, BackendError, "checkpoint"),
         (encoder_export / "model.onnx", {"backend": "torch"}, BackendError, "checkpoint"),
         (encoder_checkpoint, {"backend": "onnxruntime"}, BackendError, "rmt-export"),
