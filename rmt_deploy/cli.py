@@ -78,11 +78,20 @@ def _positive(_ctx, _param, value):
               show_default=True, help="Segments of the closed-loop validation run.")
 @click.option("--convert", type=click.Path(path_type=Path), metavar="OUT.pt",
               help="Only convert the checkpoint to rmt-deploy's own format and stop.")
+@click.option("--engine", is_flag=True,
+              help="Also build TensorRT plans (needs TensorRT and an NVIDIA GPU).")
+@click.option("--batch", "batch_profile", default="1,1,8", show_default=True,
+              metavar="MIN,OPT,MAX", help="Batch sizes of the TensorRT profile.")
+@click.option("--workspace-mb", type=int, default=4096, show_default=True,
+              callback=_positive, help="TensorRT builder workspace limit.")
+@click.option("--timing-cache", type=click.Path(path_type=Path),
+              help="TensorRT timing cache file, reused and updated across builds.")
 @click.option("--threads", type=int, callback=_positive, help="CPU threads.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @_user_errors("rmt-export")
 def export_main(checkpoint, output, base_model, input_size, segment_size, labels, atol,
-                closed_loop_atol, validation_segments, convert, threads, quiet):
+                closed_loop_atol, validation_segments, convert, engine, batch_profile,
+                workspace_mb, timing_cache, threads, quiet):
     """Export CHECKPOINT's segment step to a validated ONNX graph and a manifest.
 
     CHECKPOINT is an rmt-deploy checkpoint (.pt/.safetensors), or an authors' checkpoint
@@ -107,8 +116,24 @@ def export_main(checkpoint, output, base_model, input_size, segment_size, labels
         return
     options = ExportOptions(authors=authors, tolerance=Tolerance(atol, closed_loop_atol),
                             validation_segments=validation_segments, threads=threads)
+    engine_options = None
+    if engine:
+        from rmt_deploy.export.tensorrt_build import EngineOptions
+        from rmt_deploy.runtime.backends.tensorrt_plan import BatchProfile
+
+        engine_options = EngineOptions(BatchProfile.parse(batch_profile), workspace_mb,
+                                       timing_cache)
     manifest = export_checkpoint(checkpoint, output, options, log)
     log(f"exported to {manifest.folder}")
+    if engine_options is not None:
+        from rmt_deploy.errors import BackendError
+        from rmt_deploy.export.tensorrt_build import build_engines
+
+        try:
+            build_engines(manifest.folder, engine_options, log)
+        except BackendError as error:
+            raise BackendError(f"{error}; the validated ONNX graphs are in {manifest.folder}"
+                               ) from None
 
 
 def _progress_printer(stream):
@@ -138,21 +163,23 @@ def _progress_printer(stream):
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("input", type=str)
-@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "torch"]),
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "torch"]),
               help="Backend [default: the fastest available for MODEL].")
+@click.option("--cuda-graphs", is_flag=True, help="TensorRT: replay captured CUDA graphs.")
 @click.option("--generate", type=click.IntRange(min=0), default=0,
               help="Decoders: greedily generate N tokens after the input.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--threads", type=int, callback=_positive, help="CPU threads.")
 @_user_errors("rmt-run")
-def run_main(model, input, backend, generate, as_json, threads):
+def run_main(model, input, backend, cuda_graphs, generate, as_json, threads):
     """Run MODEL over INPUT, a text file of any length ('-' for stdin).
 
-    MODEL is an export folder, its model.onnx, or a checkpoint (reference backend).
+    MODEL is an export folder, its model.onnx or model.plan, or a checkpoint (reference
+    backend).
     """
     from rmt_deploy.runtime import open_model
 
-    rmt = open_model(model, backend=backend, threads=threads)
+    rmt = open_model(model, backend=backend, threads=threads, cuda_graphs=cuda_graphs)
     document = sys.stdin.buffer if input == "-" else Path(input)
     run = rmt.run([document], generate=generate, progress=_progress_printer(sys.stderr))
     output = run.outputs[0]

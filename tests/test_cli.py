@@ -4,6 +4,7 @@ non-zero exit, never a traceback."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -512,3 +513,22 @@ def test_host_errors_such_as_permission_denied_are_one_line(monkeypatch, encoder
         "rmt-export: error: /srv/models/out: Permission denied; check the path and its "
         "permissions and free space"
     ]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
+                    reason="TensorRT is installed here")
+def test_engine_without_tensorrt_says_so_and_still_writes_the_onnx(encoder_checkpoint, tmp_path):
+    out = tmp_path / "exp"
+    result = invoke(export_main, encoder_checkpoint, "-o", out, "--engine", "-q")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "TensorRT is not installed" in lines[0]
+    assert "pip install tensorrt" in lines[0] and str(out) in lines[0]
+    assert (out / "model.onnx").is_file() and (out / "rmt.json").is_file()
+
+
+def test_a_bad_batch_profile_fails_before_exporting(encoder_checkpoint, tmp_path):
+    out = tmp_path / "exp"
+    result = invoke(export_main, encoder_checkpoint, "-o", out, "--engine", "--batch", "4,2,8")
+    assert result.exit_code == 1 and "--batch" in result.stderr
+    assert not out.exists()

@@ -13,11 +13,11 @@ EXPORT_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 BACKENDS = (*EXPORT_BACKENDS, "torch")
 
 
-def open_model(path: str | Path, backend: str | None = None,
-               threads: int | None = None) -> RMTModel:
-    """Open an export folder, its ONNX graph, or a checkpoint (reference backend).
-
-    ``backend`` defaults to the fastest one available for the model.
+def open_model(path: str | Path, backend: str | None = None, threads: int | None = None,
+               cuda_graphs: bool = False) -> RMTModel:
+    """Open an export folder, its ONNX graph or TensorRT plan, or a checkpoint (reference
+    backend). ``backend`` defaults to the fastest one available for the model;
+    ``cuda_graphs`` lets the TensorRT backend replay captured CUDA graphs.
     """
     path = Path(path)
     if backend is not None and backend not in BACKENDS:
@@ -29,16 +29,17 @@ def open_model(path: str | Path, backend: str | None = None,
         if backend not in (None, "tensorrt"):
             raise BackendError(f"{path}: a TensorRT plan runs on the tensorrt backend; pass "
                                f"the export folder to use {backend}")
-        return _open_export(path, "tensorrt", threads)
+        return _open_export(path, "tensorrt", threads, cuda_graphs)
     if path.is_dir() or path.suffix == ".onnx":
-        return _open_export(path, backend, threads)
+        return _open_export(path, backend, threads, cuda_graphs)
     if path.suffix in CHECKPOINT_SUFFIXES:
         return _open_checkpoint(path, backend, threads)
     raise BackendError(f"{path}: not a model rmt-run knows (expected an export folder, "
                        f"model.onnx, or a checkpoint {'/'.join(CHECKPOINT_SUFFIXES)})")
 
 
-def _open_export(path: Path, backend: str | None, threads: int | None) -> RMTModel:
+def _open_export(path: Path, backend: str | None, threads: int | None,
+                 cuda_graphs: bool) -> RMTModel:
     folder = path if path.is_dir() else path.parent
     if not (folder / MANIFEST_NAME).is_file():
         raise ManifestError(f"{path}: no {MANIFEST_NAME} beside it, so it is not an "
@@ -57,7 +58,7 @@ def _open_export(path: Path, backend: str | None, threads: int | None) -> RMTMod
     if backend == "tensorrt":
         from rmt_deploy.runtime.backends.tensorrt import TensorRTEngine
 
-        engine = TensorRTEngine(manifest)
+        engine = TensorRTEngine(manifest, cuda_graphs=cuda_graphs)
     elif backend == "openvino":
         from rmt_deploy.runtime.backends.openvino import OpenVinoEngine
 
