@@ -446,7 +446,7 @@ def test_rmt_run_bad_options(encoder_export, encoder_input):
     usage_error(invoke(run_main, encoder_export, encoder_input, "--threads", "0"), "--threads")
     usage_error(invoke(run_main, encoder_export, encoder_input, "--generate", "-1"),
                 "--generate")
-    usage_error(invoke(run_main, encoder_export, encoder_input, "--backend", "tensorrt"),
+    usage_error(invoke(run_main, encoder_export, encoder_input, "--backend", "tensorflow"),
                 "--backend")
 
 
