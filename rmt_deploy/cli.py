@@ -76,6 +76,11 @@ def _positive(_ctx, _param, value):
               callback=_positive, help="Largest closed-loop error allowed.")
 @click.option("--validation-segments", type=click.IntRange(min=2), default=32,
               show_default=True, help="Segments of the closed-loop validation run.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32",
+              show_default=True, help="fp16 adds mixed-precision FP16 graphs (for TensorRT), "
+              "judged closed loop against FP32.")
+@click.option("--drift-segments", type=click.IntRange(min=2), default=1000, show_default=True,
+              help="Segments of the closed-loop run that judges an FP16 graph.")
 @click.option("--convert", type=click.Path(path_type=Path), metavar="OUT.pt",
               help="Only convert the checkpoint to rmt-deploy's own format and stop.")
 @click.option("--engine", is_flag=True,
@@ -90,7 +95,8 @@ def _positive(_ctx, _param, value):
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @_user_errors("rmt-export")
 def export_main(checkpoint, output, base_model, input_size, segment_size, labels, atol,
-                closed_loop_atol, validation_segments, convert, engine, batch_profile,
+                closed_loop_atol, validation_segments, precision, drift_segments, convert,
+                engine, batch_profile,
                 workspace_mb, timing_cache, threads, quiet):
     """Export CHECKPOINT's segment step to a validated ONNX graph and a manifest.
 
@@ -115,7 +121,8 @@ def export_main(checkpoint, output, base_model, input_size, segment_size, labels
         log(f"converted {checkpoint} ({loaded.format}) to {convert}")
         return
     options = ExportOptions(authors=authors, tolerance=Tolerance(atol, closed_loop_atol),
-                            validation_segments=validation_segments, threads=threads)
+                            validation_segments=validation_segments, threads=threads,
+                            precision=precision, drift_segments=drift_segments)
     engine_options = None
     if engine:
         from rmt_deploy.export.tensorrt_build import EngineOptions
@@ -166,12 +173,14 @@ def _progress_printer(stream):
 @click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "torch"]),
               help="Backend [default: the fastest available for MODEL].")
 @click.option("--cuda-graphs", is_flag=True, help="TensorRT: replay captured CUDA graphs.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32",
+              show_default=True, help="Which of the export's graphs to run (ONNX backends).")
 @click.option("--generate", type=click.IntRange(min=0), default=0,
               help="Decoders: greedily generate N tokens after the input.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--threads", type=int, callback=_positive, help="CPU threads.")
 @_user_errors("rmt-run")
-def run_main(model, input, backend, cuda_graphs, generate, as_json, threads):
+def run_main(model, input, backend, cuda_graphs, precision, generate, as_json, threads):
     """Run MODEL over INPUT, a text file of any length ('-' for stdin).
 
     MODEL is an export folder, its model.onnx or model.plan, or a checkpoint (reference
@@ -179,7 +188,8 @@ def run_main(model, input, backend, cuda_graphs, generate, as_json, threads):
     """
     from rmt_deploy.runtime import open_model
 
-    rmt = open_model(model, backend=backend, threads=threads, cuda_graphs=cuda_graphs)
+    rmt = open_model(model, backend=backend, threads=threads, cuda_graphs=cuda_graphs,
+                     precision=precision)
     document = sys.stdin.buffer if input == "-" else Path(input)
     run = rmt.run([document], generate=generate, progress=_progress_printer(sys.stderr))
     output = run.outputs[0]

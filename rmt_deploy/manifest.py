@@ -30,6 +30,12 @@ LOGITS = "logits"
 
 STEP_GRAPH = "step"  # (input_ids, attention_mask, memory_in) -> (logits, memory_out)
 READ_GRAPH = "read"  # decoder only: (input_ids, attention_mask, memory_in) -> logits
+PRECISIONS = ("fp32", "fp16")
+
+
+def graph_key(graph: str, precision: str = "fp32") -> str:
+    """Key of a graph in the manifest: ``step``, ``read``, ``step.fp16``, ..."""
+    return graph if precision == "fp32" else f"{graph}.{precision}"
 
 
 @dataclass(frozen=True)

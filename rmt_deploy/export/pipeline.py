@@ -6,6 +6,7 @@ import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -13,13 +14,21 @@ from rmt_deploy import __version__
 from rmt_deploy.errors import RmtError
 from rmt_deploy.export.folder import check_target
 from rmt_deploy.export.onnx_graph import DEFAULT_OPSET, EXPORTER, export_graph
-from rmt_deploy.export.validate import Tolerance, check_onnx, compare, enforce
+from rmt_deploy.export.precision import fp16_graph
+from rmt_deploy.export.validate import (
+    Tolerance,
+    check_onnx,
+    compare,
+    enforce,
+    enforce_agreement,
+)
 from rmt_deploy.files import atomic_folder, sha256_file
 from rmt_deploy.manifest import (
     READ_GRAPH,
     STEP_GRAPH,
     GraphSpec,
     Manifest,
+    graph_key,
     read_manifest,
     step_tensors,
     write_manifest,
@@ -40,6 +49,9 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     validation_segments: int = 32  # closed loop runs at least this many segments
     threads: int | None = None
+    precision: str = "fp32"  # "fp16" adds mixed-precision FP16 graphs beside the FP32 ones
+    drift_segments: int = 1000  # closed-loop run that judges a reduced-precision graph
+    min_agreement: float = 0.99  # closed-loop argmax agreement with FP32 required of it
 
 
 def default_output(checkpoint: Path) -> Path:
@@ -120,7 +132,37 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
             f">= {results[mode]['min_memory_cosine']:.6f}")
     enforce(results, options.tolerance)
     manifest.validation = {"fp32": results}
+    if options.precision == "fp16":
+        _add_fp16(manifest, candidate, names, stage, options, log)
     write_manifest(manifest, stage)
+
+
+def _add_fp16(manifest: Manifest, fp32: Any, names: list[str], stage: Path,
+              options: ExportOptions, log: Callable[[str], None]) -> None:
+    """Write, check and judge the FP16 graphs against the validated FP32 ones."""
+    from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
+
+    config = manifest.config
+    for name in names:
+        source = stage / GRAPH_FILES[name]
+        target = source.with_suffix(".fp16.onnx")
+        fp16_graph(source, target)
+        check_onnx(target)
+        inputs, outputs = step_tensors(config, name)
+        manifest.graphs[graph_key(name, "fp16")] = GraphSpec(
+            target.name, sha256_file(target), "fp16", inputs, outputs)
+        log(f"wrote {target.name} ({target.stat().st_size / 1e6:.1f} MB), ONNX checks passed")
+    candidate = OnnxRuntimeEngine(manifest, threads=options.threads, precision="fp16")
+    results = compare(fp32, candidate, manifest.load_initial_memory(),
+                      options.drift_segments, modes=("closed_loop",))
+    results["reference"] = "fp32 graph on onnxruntime"
+    drift = results["closed_loop"]
+    log(f"fp16 closed loop vs fp32 over {options.drift_segments} segments: max abs error "
+        + ", ".join(f"{k} {v:.2e}" for k, v in drift["max_abs"].items())
+        + f"; memory cosine >= {drift['min_memory_cosine']:.6f}; predictions agree "
+        f"{drift['agreement']:.2%}")
+    enforce_agreement(results, options.min_agreement, "the FP16 graph")
+    manifest.validation["fp16"] = results
 
 
 def _ort_version() -> str:

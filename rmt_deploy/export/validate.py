@@ -32,6 +32,8 @@ class ErrorStats:
 
     max_abs: dict[str, float] = field(default_factory=dict)
     min_memory_cosine: float = 1.0
+    agreeing: int = 0  # predictions (argmax of the logits) equal on both sides
+    predictions: int = 0
 
     def update(self, name: str, expected: np.ndarray, actual: np.ndarray) -> None:
         error = float(np.max(np.abs(expected.astype(np.float64) - actual)))
@@ -44,8 +46,18 @@ class ErrorStats:
                                     + 1e-30)
         self.min_memory_cosine = min(self.min_memory_cosine, float(cosine.min()))
 
+    def update_agreement(self, expected: np.ndarray, actual: np.ndarray) -> None:
+        same = expected.argmax(-1) == actual.argmax(-1)
+        self.agreeing += int(same.sum())
+        self.predictions += int(same.size)
+
+    @property
+    def agreement(self) -> float:
+        return self.agreeing / self.predictions if self.predictions else 1.0
+
     def to_dict(self) -> dict[str, Any]:
-        return {"max_abs": self.max_abs, "min_memory_cosine": self.min_memory_cosine}
+        return {"max_abs": self.max_abs, "min_memory_cosine": self.min_memory_cosine,
+                "agreement": self.agreement}
 
 
 def check_onnx(path: Path) -> None:
@@ -97,10 +109,10 @@ class _Paired(StepEngine):
         expected = self.reference.step(state[0], input_ids, attention_mask)
         actual = self.candidate.step(state[1], input_ids, attention_mask)
         keep = attention_mask.astype(bool)
-        if self.config.is_encoder:
-            self.stats.update("logits", expected, actual)
-        else:  # padded positions' logits are not used
-            self.stats.update("logits", expected[keep], actual[keep])
+        if not self.config.is_encoder:  # padded positions' logits are not used
+            expected, actual = expected[keep], actual[keep]
+        self.stats.update("logits", expected, actual)
+        self.stats.update_agreement(expected, actual)
         self.stats.update_memory(self.reference.memory(state[0]),
                                  self.candidate.memory(state[1]))
         return expected
@@ -123,11 +135,12 @@ def validation_batches(config: RMTConfig, segments: int, seed: int = 0) -> list[
 
 
 def compare(reference: StepEngine, candidate: StepEngine, initial_memory: np.ndarray,
-            segments: int = 32) -> dict[str, Any]:
+            segments: int = 32, modes: tuple[str, ...] = ("open_loop", "closed_loop")
+            ) -> dict[str, Any]:
     """Open- and closed-loop errors of ``candidate`` against ``reference``."""
     config = reference.config
     results = {}
-    for mode in ("open_loop", "closed_loop"):
+    for mode in modes:
         paired = _Paired(reference, candidate, closed_loop=mode == "closed_loop")
         for docs in validation_batches(config, segments):
             sources = [ArraySource(d, config) for d in docs]
@@ -137,6 +150,17 @@ def compare(reference: StepEngine, candidate: StepEngine, initial_memory: np.nda
     results["segments"] = segments
     results["batches"] = [len(docs) for docs in validation_batches(config, segments)]
     return results
+
+
+def enforce_agreement(results: dict[str, Any], minimum: float, what: str) -> None:
+    """Raise ValidationError when a reduced-precision graph's closed-loop predictions
+    agree with FP32 less often than ``minimum``."""
+    agreement = results["closed_loop"]["agreement"]
+    if agreement < minimum:
+        raise ValidationError(
+            f"{what} agrees with FP32 on {agreement:.2%} of closed-loop predictions over "
+            f"{results['segments']} segments, below {minimum:.0%}: it would lose accuracy; "
+            "export FP32 only")
 
 
 def enforce(results: dict[str, Any], tolerance: Tolerance) -> None:

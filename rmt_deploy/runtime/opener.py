@@ -14,10 +14,11 @@ BACKENDS = (*EXPORT_BACKENDS, "torch")
 
 
 def open_model(path: str | Path, backend: str | None = None, threads: int | None = None,
-               cuda_graphs: bool = False) -> RMTModel:
+               cuda_graphs: bool = False, precision: str = "fp32") -> RMTModel:
     """Open an export folder, its ONNX graph or TensorRT plan, or a checkpoint (reference
     backend). ``backend`` defaults to the fastest one available for the model;
-    ``cuda_graphs`` lets the TensorRT backend replay captured CUDA graphs.
+    ``cuda_graphs`` lets the TensorRT backend replay captured CUDA graphs; ``precision``
+    picks the export's fp32 or fp16 graphs for the ONNX backends.
     """
     path = Path(path)
     if backend is not None and backend not in BACKENDS:
@@ -29,9 +30,9 @@ def open_model(path: str | Path, backend: str | None = None, threads: int | None
         if backend not in (None, "tensorrt"):
             raise BackendError(f"{path}: a TensorRT plan runs on the tensorrt backend; pass "
                                f"the export folder to use {backend}")
-        return _open_export(path, "tensorrt", threads, cuda_graphs)
+        return _open_export(path, "tensorrt", threads, cuda_graphs, precision)
     if path.is_dir() or path.suffix == ".onnx":
-        return _open_export(path, backend, threads, cuda_graphs)
+        return _open_export(path, backend, threads, cuda_graphs, precision)
     if path.suffix in CHECKPOINT_SUFFIXES:
         return _open_checkpoint(path, backend, threads)
     raise BackendError(f"{path}: not a model rmt-run knows (expected an export folder, "
@@ -39,7 +40,7 @@ def open_model(path: str | Path, backend: str | None = None, threads: int | None
 
 
 def _open_export(path: Path, backend: str | None, threads: int | None,
-                 cuda_graphs: bool) -> RMTModel:
+                 cuda_graphs: bool, precision: str) -> RMTModel:
     folder = path if path.is_dir() else path.parent
     if not (folder / MANIFEST_NAME).is_file():
         raise ManifestError(f"{path}: no {MANIFEST_NAME} beside it, so it is not an "
@@ -62,11 +63,11 @@ def _open_export(path: Path, backend: str | None, threads: int | None,
     elif backend == "openvino":
         from rmt_deploy.runtime.backends.openvino import OpenVinoEngine
 
-        engine = OpenVinoEngine(manifest, threads=threads)
+        engine = OpenVinoEngine(manifest, threads=threads, graphs=precision)
     else:
         from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
 
-        engine = OnnxRuntimeEngine(manifest, threads=threads)
+        engine = OnnxRuntimeEngine(manifest, threads=threads, precision=precision)
     return RMTModel(engine, manifest.load_initial_memory(), _tokenizer(manifest),
                     description=str(folder))
 

@@ -7,7 +7,19 @@ from typing import Any
 
 import numpy as np
 
+from rmt_deploy.errors import BackendError
+from rmt_deploy.manifest import READ_GRAPH, STEP_GRAPH, Manifest, graph_key
 from rmt_deploy.spec import RMTConfig
+
+
+def precision_graphs(manifest: Manifest, precision: str) -> dict[str, str]:
+    """Manifest keys of the step (and read) graphs of one precision."""
+    keys = {graph: graph_key(graph, precision) for graph in (STEP_GRAPH, READ_GRAPH)}
+    if keys[STEP_GRAPH] not in manifest.graphs:
+        available = sorted({spec.precision for spec in manifest.graphs.values()})
+        raise BackendError(f"this export has no {precision} graph (it has "
+                           f"{', '.join(available)}); re-export with --precision {precision}")
+    return keys
 
 
 class StepEngine(ABC):

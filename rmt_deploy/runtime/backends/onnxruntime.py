@@ -18,7 +18,7 @@ from rmt_deploy.manifest import (
     STEP_GRAPH,
     Manifest,
 )
-from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.runtime.backends.base import StepEngine, precision_graphs
 
 
 @dataclass
@@ -31,7 +31,7 @@ class OnnxRuntimeEngine(StepEngine):
     name = "onnxruntime"
 
     def __init__(self, manifest: Manifest, threads: int | None = None,
-                 graph: str = STEP_GRAPH, device: str | None = None) -> None:
+                 precision: str = "fp32", device: str | None = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -53,9 +53,9 @@ class OnnxRuntimeEngine(StepEngine):
         if threads:
             options.intra_op_num_threads = threads
         self._sessions = {}
-        for name in (STEP_GRAPH, READ_GRAPH):
-            if name in manifest.graphs:
-                path = manifest.path(manifest.graphs[name].file)
+        for name, key in precision_graphs(manifest, precision).items():
+            if key in manifest.graphs:
+                path = manifest.path(manifest.graphs[key].file)
                 try:
                     self._sessions[name] = ort.InferenceSession(str(path), options,
                                                                 providers=providers)
@@ -63,7 +63,7 @@ class OnnxRuntimeEngine(StepEngine):
                     first = str(error).strip().splitlines()[0][:200]
                     raise BackendError(f"{path}: ONNX Runtime cannot load it ({first}); "
                                        "re-export the model") from None
-        self.precision = manifest.graphs[graph].precision
+        self.precision = precision
 
     def new_state(self, memory: np.ndarray) -> _State:
         value = self._ort.OrtValue.ortvalue_from_numpy(

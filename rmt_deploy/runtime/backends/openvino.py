@@ -19,7 +19,7 @@ from rmt_deploy.manifest import (
     STEP_GRAPH,
     Manifest,
 )
-from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.runtime.backends.base import StepEngine, precision_graphs
 
 
 def cpu_precision() -> str:
@@ -41,7 +41,9 @@ class OpenVinoEngine(StepEngine):
     name = "openvino"
 
     def __init__(self, manifest: Manifest, threads: int | None = None,
-                 precision: str | None = None) -> None:
+                 precision: str | None = None, graphs: str = "fp32") -> None:
+        """``precision``: what OpenVINO computes in (default: bf16 where the CPU has it);
+        ``graphs``: which of the export's graphs to compile (fp32 or fp16 weights)."""
         try:
             import openvino as ov
         except ImportError:
@@ -59,9 +61,9 @@ class OpenVinoEngine(StepEngine):
             options["INFERENCE_NUM_THREADS"] = threads
         core = ov.Core()
         self._compiled = {}
-        for name in (STEP_GRAPH, READ_GRAPH):
-            if name in manifest.graphs:
-                path = manifest.path(manifest.graphs[name].file)
+        for name, key in precision_graphs(manifest, graphs).items():
+            if key in manifest.graphs:
+                path = manifest.path(manifest.graphs[key].file)
                 try:
                     self._compiled[name] = core.compile_model(core.read_model(str(path)), "CPU",
                                                               options)

@@ -1,0 +1,57 @@
+"""Reduced-precision graphs made from the validated FP32 graph.
+
+FP16: the matmuls, bias adds, GELU and residual adds of every transformer layer in
+float16; LayerNormalization, the attention scale, mask add and Softmax, the embeddings,
+the memory path and everything outside the layers stay float32, and the graph's inputs
+and outputs stay float32 (memory included). TensorRT 10/11 builds such a strongly typed
+graph as it is; CPU runtimes run it with FP16 weights.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from rmt_deploy.errors import ValidationError
+
+#: Nodes inside a transformer layer (torch.onnx names them after the module path).
+_LAYER = re.compile(r"/(encoder/layer|transformer/h)\.\d+/")
+#: Attention arithmetic kept in FP32 inside a layer: scale, mask add, Softmax.
+_ATTENTION_FP32 = re.compile(r"/(attention/self|attn)/(Mul|Div|Add|Where|Softmax)(_\d+)?$")
+_FP32_OPS = ["LayerNormalization", "Softmax"]
+
+
+def fp16_graph(source: Path, target: Path) -> None:
+    """Write the mixed-precision FP16 version of the FP32 graph ``source``."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = onnx.load(str(source))
+    keep_fp32 = [node.name for node in model.graph.node
+                 if not _LAYER.search(node.name) or _ATTENTION_FP32.search(node.name)]
+    converted = convert_float_to_float16(
+        model, keep_io_types=True, node_block_list=keep_fp32,
+        op_block_list=list(DEFAULT_OP_BLOCK_LIST) + _FP32_OPS)
+    wrapper = OnnxModel(converted)
+    wrapper.topological_sort()  # the converter appends its Cast nodes at the end
+    _check_fp16(wrapper.model, target.name)
+    onnx.save(wrapper.model, str(target))
+
+
+def _check_fp16(model, name: str) -> None:
+    from onnx import TensorProto, numpy_helper
+
+    halves = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT16]
+    if not halves:
+        raise ValidationError(f"{name}: no weight was converted to FP16; the model's layers "
+                              "were not recognised (BERT- and GPT-2-style names expected)")
+    for tensor in halves:
+        if not np.isfinite(numpy_helper.to_array(tensor)).all():
+            raise ValidationError(f"{name}: FP16 constant {tensor.name} overflows; keep its "
+                                  "node in FP32")
+    outputs = [o for o in model.graph.output if o.type.tensor_type.elem_type != TensorProto.FLOAT]
+    if outputs:
+        raise ValidationError(f"{name}: output {outputs[0].name} is not float32")
