@@ -267,20 +267,24 @@ def demo_train(output, seed, threads):
 @click.option("--mode", type=click.Choice(["memorize", "detect"]), default="memorize",
               show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "torch"]))
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "torch"]))
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32",
+              show_default=True, help="Which of the export's graphs to run.")
 @click.option("--threads", type=int, callback=_positive)
 @_user_errors("rmt-demo")
-def demo_evaluate(model, segment_counts, samples, seed, mode, batch, backend, threads):
+def demo_evaluate(model, segment_counts, samples, seed, mode, batch, backend, precision,
+                  threads):
     """Accuracy of MODEL on fresh samples, by input length (prints JSON lines)."""
     from rmt_deploy.demo.evaluate import accuracy
     from rmt_deploy.runtime import open_model
 
-    rmt = open_model(model, backend=backend, threads=threads)
+    rmt = open_model(model, backend=backend, threads=threads, precision=precision)
     for count in segment_counts:
         started = time.perf_counter()
         value = accuracy(rmt, count, samples, seed, mode, batch)
         click.echo(json.dumps({
             "segments": count, "tokens": count * rmt.config.segment_size, "samples": samples,
             "mode": mode, "accuracy": value, "backend": rmt.backend,
+            "precision": getattr(rmt.engine, "precision", "fp32"),
             "seconds": round(time.perf_counter() - started, 1),
         }))
