@@ -1,6 +1,7 @@
-"""Building TensorRT plans from an export folder's graphs (TensorRT 10.x / 11.x API):
-strongly typed networks, one optimization profile, a workspace limit, and a timing
-cache reused across builds. The plans and their build facts go into the manifest."""
+"""Building TensorRT plans (10.x / 11.x API) from an export folder's graphs, FP16 where
+exported, else FP32: strongly typed networks, one optimization profile, a workspace
+limit, and a timing cache reused across builds. The plans and their build facts go into
+the manifest."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ from pathlib import Path
 
 from rmt_deploy.errors import BackendError
 from rmt_deploy.files import atomic_path, sha256_file
-from rmt_deploy.manifest import Manifest, read_manifest, write_manifest
+from rmt_deploy.manifest import (
+    READ_GRAPH,
+    STEP_GRAPH,
+    Manifest,
+    graph_key,
+    read_manifest,
+    write_manifest,
+)
 from rmt_deploy.runtime.backends import _cuda
 from rmt_deploy.runtime.backends.tensorrt import import_tensorrt
 from rmt_deploy.runtime.backends.tensorrt_plan import PLAN_FILES, BatchProfile, profile_shapes
@@ -33,7 +41,10 @@ def build_engines(folder: str | Path, options: EngineOptions | None = None,
     manifest = read_manifest(folder)
     gpu, capability = _cuda.device_name_and_capability()
     logger = trt.Logger(trt.Logger.WARNING)
-    for graph, spec in manifest.graphs.items():
+    for graph in (STEP_GRAPH, READ_GRAPH):
+        spec = manifest.graphs.get(graph_key(graph, "fp16")) or manifest.graphs.get(graph)
+        if spec is None:
+            continue
         started = time.perf_counter()
         plan = _build(trt, logger, manifest.path(spec.file), manifest, graph, options)
         target = manifest.path(PLAN_FILES[graph])
