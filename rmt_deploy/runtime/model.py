@@ -49,8 +49,8 @@ class RMTModel:
     def run(self, documents: Sequence[Document], generate: int = 0,
             progress: Progress | None = None) -> Run:
         """Run a batch of documents with the authors' per-row semantics."""
-        if isinstance(documents, (str, Path, np.ndarray)) or not isinstance(documents,
-                                                                          Sequence):
+        if isinstance(documents, (str, bytes, bytearray, Path, np.ndarray)) or not isinstance(
+                documents, Sequence):
             raise InputError("documents must be a list (one entry per document); wrap a "
                              "single document in a list or use run_one()")
         if not documents:
@@ -88,6 +88,8 @@ class RMTModel:
             except (TypeError, ValueError):
                 raise InputError(f"document {index}: expected text, a file path or token "
                                  f"ids, got {type(doc).__name__}") from None
+            except InputError as error:
+                raise InputError(f"document {index}: {error}") from None
         if len(source) == 0:
             raise InputError(f"document {index} has no tokens after removing special tokens")
         return source

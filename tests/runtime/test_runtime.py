@@ -463,3 +463,11 @@ def test_run_totals_are_consistent(request, model_name, docs):
     assert run.tokens_per_second == pytest.approx(run.tokens / run.seconds)
     assert run.backend == model.backend and run.precision == "fp32"
     assert Run([], "x", "fp32", 0.0).tokens_per_second == math.inf
+
+
+def test_errors_name_the_document_at_fault(encoder_export):
+    model = open_model(encoder_export)
+    with pytest.raises(InputError, match="^document 1: token ids must be a 1-D sequence"):
+        model.run([[5, 6, 7], None])
+    with pytest.raises(InputError, match="documents must be a list"):
+        model.run(b"w1 w2")
