@@ -11,6 +11,9 @@ from rmt_deploy.errors import BackendError
 from rmt_deploy.manifest import READ_GRAPH, STEP_GRAPH, Manifest, graph_key
 from rmt_deploy.spec import RMTConfig
 
+NO_READ_GRAPH = ("this export has no read graph (generation needs a decoder exported by "
+                 "rmt-export)")
+
 
 def precision_graphs(manifest: Manifest, precision: str) -> dict[str, str]:
     """Manifest keys of the step (and read) graphs of one precision."""

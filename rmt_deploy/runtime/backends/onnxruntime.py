@@ -18,7 +18,7 @@ from rmt_deploy.manifest import (
     STEP_GRAPH,
     Manifest,
 )
-from rmt_deploy.runtime.backends.base import StepEngine, precision_graphs
+from rmt_deploy.runtime.backends.base import NO_READ_GRAPH, StepEngine, precision_graphs
 
 
 @dataclass
@@ -96,8 +96,7 @@ class OnnxRuntimeEngine(StepEngine):
     def read(self, state: _State, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         session = self._sessions.get(READ_GRAPH)
         if session is None:
-            raise BackendError("this export has no read graph (generation needs a decoder "
-                               "exported by rmt-export)")
+            raise BackendError(NO_READ_GRAPH)
         binding = self._bind(session, state, input_ids, attention_mask)
         session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()

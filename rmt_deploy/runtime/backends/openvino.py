@@ -19,7 +19,7 @@ from rmt_deploy.manifest import (
     STEP_GRAPH,
     Manifest,
 )
-from rmt_deploy.runtime.backends.base import StepEngine, precision_graphs
+from rmt_deploy.runtime.backends.base import NO_READ_GRAPH, StepEngine, precision_graphs
 
 
 def cpu_precision() -> str:
@@ -100,8 +100,7 @@ class OpenVinoEngine(StepEngine):
     def read(self, state: _State, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         request = state.requests.get(READ_GRAPH)
         if request is None:
-            raise BackendError("this export has no read graph (generation needs a decoder "
-                               "exported by rmt-export)")
+            raise BackendError(NO_READ_GRAPH)
         self._feed(request, state, input_ids, attention_mask)
         request.infer()
         return np.array(request.get_tensor(LOGITS).data, dtype=np.float32)
