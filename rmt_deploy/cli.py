@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from rmt_deploy.calibration.policies import POLICY_NAMES
 from rmt_deploy.errors import RmtError
 from rmt_deploy.spec import PAPER_LABELS
 
@@ -76,11 +77,19 @@ def _positive(_ctx, _param, value):
               callback=_positive, help="Largest closed-loop error allowed.")
 @click.option("--validation-segments", type=click.IntRange(min=2), default=32,
               show_default=True, help="Segments of the closed-loop validation run.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32",
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
               show_default=True, help="fp16 adds mixed-precision FP16 graphs (for TensorRT), "
-              "judged closed loop against FP32.")
+              "int8 calibrated Q/DQ INT8 graphs; both judged closed loop against FP32.")
 @click.option("--drift-segments", type=click.IntRange(min=2), default=1000, show_default=True,
-              help="Segments of the closed-loop run that judges an FP16 graph.")
+              help="Segments of the closed-loop run that judges an FP16 or INT8 graph.")
+@click.option("--calibration", type=click.Path(path_type=Path), metavar="PATH",
+              help="INT8: calibration documents (a text file, a folder of .txt files, or "
+                   ".npy/.npz token ids); every 4th document is held out to judge.")
+@click.option("--int8-policy", type=click.Choice(["auto", *POLICY_NAMES]), default="auto",
+              show_default=True, help="INT8: what to quantize; auto keeps the fastest policy "
+              "whose closed-loop predictions agree with FP32.")
+@click.option("--calibration-steps", type=click.IntRange(min=8), default=256,
+              show_default=True, help="INT8: recorded steps used to calibrate.")
 @click.option("--convert", type=click.Path(path_type=Path), metavar="OUT.pt",
               help="Only convert the checkpoint to rmt-deploy's own format and stop.")
 @click.option("--engine", is_flag=True,
@@ -95,8 +104,8 @@ def _positive(_ctx, _param, value):
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @_user_errors("rmt-export")
 def export_main(checkpoint, output, base_model, input_size, segment_size, labels, atol,
-                closed_loop_atol, validation_segments, precision, drift_segments, convert,
-                engine, batch_profile,
+                closed_loop_atol, validation_segments, precision, drift_segments,
+                calibration, int8_policy, calibration_steps, convert, engine, batch_profile,
                 workspace_mb, timing_cache, threads, quiet):
     """Export CHECKPOINT's segment step to a validated ONNX graph and a manifest.
 
@@ -122,7 +131,9 @@ def export_main(checkpoint, output, base_model, input_size, segment_size, labels
         return
     options = ExportOptions(authors=authors, tolerance=Tolerance(atol, closed_loop_atol),
                             validation_segments=validation_segments, threads=threads,
-                            precision=precision, drift_segments=drift_segments)
+                            precision=precision, drift_segments=drift_segments,
+                            calibration=calibration, int8_policy=int8_policy,
+                            calibration_steps=calibration_steps)
     engine_options = None
     if engine:
         from rmt_deploy.export.tensorrt_build import EngineOptions
@@ -173,7 +184,7 @@ def _progress_printer(stream):
 @click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "torch"]),
               help="Backend [default: the fastest available for MODEL].")
 @click.option("--cuda-graphs", is_flag=True, help="TensorRT: replay captured CUDA graphs.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32",
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
               show_default=True, help="Which of the export's graphs to run (ONNX backends).")
 @click.option("--generate", type=click.IntRange(min=0), default=0,
               help="Decoders: greedily generate N tokens after the input.")
@@ -268,7 +279,7 @@ def demo_train(output, seed, threads):
               show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "torch"]))
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32",
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
               show_default=True, help="Which of the export's graphs to run.")
 @click.option("--threads", type=int, callback=_positive)
 @_user_errors("rmt-demo")

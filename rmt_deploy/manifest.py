@@ -30,7 +30,7 @@ LOGITS = "logits"
 
 STEP_GRAPH = "step"  # (input_ids, attention_mask, memory_in) -> (logits, memory_out)
 READ_GRAPH = "read"  # decoder only: (input_ids, attention_mask, memory_in) -> logits
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def graph_key(graph: str, precision: str = "fp32") -> str:

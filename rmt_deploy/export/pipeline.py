@@ -11,8 +11,10 @@ from typing import Any
 import numpy as np
 
 from rmt_deploy import __version__
-from rmt_deploy.errors import RmtError
+from rmt_deploy.calibration.policies import policy_named
+from rmt_deploy.errors import ConfigError, RmtError
 from rmt_deploy.export.folder import check_target
+from rmt_deploy.export.int8 import Int8Options, add_int8
 from rmt_deploy.export.onnx_graph import DEFAULT_OPSET, EXPORTER, export_graph
 from rmt_deploy.export.precision import fp16_graph
 from rmt_deploy.export.validate import (
@@ -24,6 +26,7 @@ from rmt_deploy.export.validate import (
 )
 from rmt_deploy.files import atomic_folder, sha256_file
 from rmt_deploy.manifest import (
+    PRECISIONS,
     READ_GRAPH,
     STEP_GRAPH,
     GraphSpec,
@@ -49,9 +52,12 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     validation_segments: int = 32  # closed loop runs at least this many segments
     threads: int | None = None
-    precision: str = "fp32"  # "fp16" adds mixed-precision FP16 graphs beside the FP32 ones
+    precision: str = "fp32"  # "fp16" / "int8" add such graphs beside the FP32 ones
     drift_segments: int = 1000  # closed-loop run that judges a reduced-precision graph
     min_agreement: float = 0.99  # closed-loop argmax agreement with FP32 required of it
+    calibration: Path | None = None  # INT8: calibration documents (file or folder)
+    int8_policy: str = "auto"  # INT8: a policy name, or the most quantized that passes
+    calibration_steps: int = 256  # INT8: recorded steps kept for calibration
 
 
 def default_output(checkpoint: Path) -> Path:
@@ -70,6 +76,7 @@ def export_checkpoint(
     options = options or ExportOptions()
     out = Path(out) if out is not None else default_output(checkpoint)
     check_target(out)  # before the (slow) load: a refused target fails fast, silently
+    _check_precision(options)
     loaded = load_checkpoint(checkpoint, options.authors)
     log(f"loaded {checkpoint} ({loaded.format}, {loaded.rmt.rmt_config.variant}, "
         f"M={loaded.rmt.rmt_config.num_mem_tokens})")
@@ -134,7 +141,28 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
     manifest.validation = {"fp32": results}
     if options.precision == "fp16":
         _add_fp16(manifest, candidate, names, stage, options, log)
+    elif options.precision == "int8":
+        add_int8(manifest, candidate, {name: GRAPH_FILES[name] for name in names}, stage,
+                 Int8Options(options.calibration, options.int8_policy,
+                             options.calibration_steps, options.min_agreement,
+                             options.drift_segments, options.threads), log)
     write_manifest(manifest, stage)
+
+
+def _check_precision(options: ExportOptions) -> None:
+    if options.precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {options.precision!r}; use one of "
+                          f"{', '.join(PRECISIONS)}")
+    if options.precision == "int8":
+        if options.calibration is None:
+            raise ConfigError("--precision int8 needs calibration documents: add "
+                              "--calibration FILE_OR_FOLDER (text like the model's input)")
+        if not Path(options.calibration).exists():
+            raise ConfigError(f"{options.calibration}: no such calibration file or folder")
+        if options.int8_policy != "auto":
+            policy_named(options.int8_policy)
+    elif options.calibration is not None:
+        raise ConfigError("--calibration is only used with --precision int8")
 
 
 def _add_fp16(manifest: Manifest, fp32: Any, names: list[str], stage: Path,

@@ -4,6 +4,7 @@ given the reference memory) and closed loop (each side feeding back its own memo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,8 @@ import numpy as np
 from rmt_deploy.errors import ValidationError
 from rmt_deploy.runtime.backends.base import StepEngine
 from rmt_deploy.runtime.loop import run_segments
-from rmt_deploy.runtime.tokens import ArraySource
-from rmt_deploy.segmentation import content_id_range
+from rmt_deploy.runtime.tokens import ArraySource, TokenSource
+from rmt_deploy.segmentation import content_id_range, count_segments
 from rmt_deploy.spec import RMTConfig
 
 
@@ -135,20 +136,24 @@ def validation_batches(config: RMTConfig, segments: int, seed: int = 0) -> list[
 
 
 def compare(reference: StepEngine, candidate: StepEngine, initial_memory: np.ndarray,
-            segments: int = 32, modes: tuple[str, ...] = ("open_loop", "closed_loop")
-            ) -> dict[str, Any]:
-    """Open- and closed-loop errors of ``candidate`` against ``reference``."""
+            segments: int = 32, modes: tuple[str, ...] = ("open_loop", "closed_loop"),
+            batches: Sequence[Sequence[TokenSource]] | None = None) -> dict[str, Any]:
+    """Open- and closed-loop errors of ``candidate`` against ``reference``, over
+    ``batches`` of documents (default: :func:`validation_batches` of ``segments``)."""
     config = reference.config
+    if batches is None:
+        batches = [[ArraySource(d, config) for d in docs]
+                   for docs in validation_batches(config, segments)]
     results = {}
     for mode in modes:
         paired = _Paired(reference, candidate, closed_loop=mode == "closed_loop")
-        for docs in validation_batches(config, segments):
-            sources = [ArraySource(d, config) for d in docs]
+        for sources in batches:
             run_segments(paired, sources, np.concatenate([initial_memory] * 2, axis=-1),
                          lambda *args: None)
         results[mode] = paired.stats.to_dict()
-    results["segments"] = segments
-    results["batches"] = [len(docs) for docs in validation_batches(config, segments)]
+    results["segments"] = max(count_segments(len(source), config)
+                              for sources in batches for source in sources)
+    results["batches"] = [len(sources) for sources in batches]
     return results
 
 

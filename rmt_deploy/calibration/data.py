@@ -1,0 +1,146 @@
+"""The calibration corpus: documents read from text files or token-id arrays, checked
+against the model (tokenizer, vocabulary, amount), with an identity (size and hash)
+for the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from rmt_deploy.errors import InputError
+from rmt_deploy.runtime.tokens import ArraySource, TokenSource, spool_file
+from rmt_deploy.segmentation import count_segments
+from rmt_deploy.spec import RMTConfig
+
+ID_SUFFIXES = (".npy", ".npz")
+MAX_UNKNOWN_SHARE = 0.05  # more unknown tokens than this: text in another tokenizer's language
+
+
+@dataclass(frozen=True)
+class CalibrationCorpus:
+    """Documents to roll the recurrence over, and what identifies them."""
+
+    documents: list[TokenSource]
+    source: str
+    sha256: str
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(document) for document in self.documents)
+
+    def segments(self, config: RMTConfig) -> int:
+        return sum(count_segments(len(document), config) for document in self.documents)
+
+    def describe(self, config: RMTConfig) -> dict[str, Any]:
+        return {"source": self.source, "sha256": self.sha256, "documents": len(self.documents),
+                "tokens": self.tokens, "segments": self.segments(config)}
+
+
+def read_corpus(path: str | Path, config: RMTConfig, tokenizer: Tokenizer | None,
+                min_documents: int = 2, min_segments: int = 32) -> CalibrationCorpus:
+    """Read calibration documents from ``path``: a text file, a folder of ``*.txt`` files,
+    or token ids in ``.npy`` (1-D: one document, 2-D: one per row) / ``.npz`` files."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such calibration file or folder")
+    files = _corpus_files(path)
+    digest = hashlib.sha256()
+    documents: list[TokenSource] = []
+    for file in files:
+        digest.update(file.name.encode() + b"\0" + _file_digest(file) + b"\0")
+        if file.suffix in ID_SUFFIXES:
+            documents.extend(_id_documents(file, config))
+        else:
+            documents.append(_text_document(file, config, tokenizer))
+    corpus = CalibrationCorpus(documents, path.name, digest.hexdigest())
+    _check_amount(corpus, config, min_documents, min_segments)
+    return corpus
+
+
+def _corpus_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.iterdir()
+                   if p.is_file() and (p.suffix == ".txt" or p.suffix in ID_SUFFIXES))
+    if not files:
+        raise InputError(f"{path}: holds no .txt, .npy or .npz file; put calibration "
+                         "documents there (e.g. rmt-demo generate for the demo model)")
+    return files
+
+
+def _file_digest(file: Path) -> bytes:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.digest()
+
+
+def _text_document(file: Path, config: RMTConfig, tokenizer: Tokenizer | None) -> TokenSource:
+    if tokenizer is None:
+        raise InputError(f"{file}: the model has no tokenizer to read text with; give "
+                         "token ids (.npy/.npz) instead")
+    source = spool_file(file, tokenizer, config)
+    unknown = tokenizer.token_to_id(_unknown_token(tokenizer) or "")
+    if unknown is not None and len(source):
+        ids = np.concatenate(list(_blocks(source)))
+        share = float(np.mean(ids == unknown))
+        if share > MAX_UNKNOWN_SHARE:
+            raise InputError(f"{file}: {share:.0%} of its tokens are unknown to the model's "
+                             "tokenizer; calibrate with text like the model's own input")
+    return source
+
+
+def _unknown_token(tokenizer: Tokenizer) -> str | None:
+    return getattr(tokenizer.model, "unk_token", None)
+
+
+def _blocks(source: TokenSource, size: int = 1 << 16) -> Iterator[np.ndarray]:
+    for start in range(0, len(source), size):
+        yield source.tokens(start, min(start + size, len(source)))
+
+
+def _load_arrays(file: Path) -> list[np.ndarray]:
+    loaded = np.load(file, allow_pickle=False)
+    if isinstance(loaded, np.ndarray):
+        return [loaded]
+    with loaded:
+        return [loaded[key] for key in loaded.files]
+
+
+def _id_documents(file: Path, config: RMTConfig) -> list[TokenSource]:
+    try:
+        arrays = _load_arrays(file)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise InputError(f"{file}: not a readable numpy file ({str(error)[:100]}); save "
+                         "token ids with numpy.save / numpy.savez") from None
+    documents = []
+    for array in arrays:
+        if array.ndim not in (1, 2) or not np.issubdtype(array.dtype, np.integer):
+            raise InputError(f"{file}: token ids must be integers shaped [tokens] or "
+                             f"[documents, tokens]; got shape {array.shape}, dtype {array.dtype}")
+        rows = array if array.ndim == 2 else array[None]
+        try:
+            documents.extend(ArraySource(row, config) for row in rows)
+        except InputError as error:
+            raise InputError(f"{file}: {error}") from None
+    return documents
+
+
+def _check_amount(corpus: CalibrationCorpus, config: RMTConfig, min_documents: int,
+                  min_segments: int) -> None:
+    documents = [d for d in corpus.documents if len(d)]
+    segments = corpus.segments(config)
+    if len(documents) < min_documents or segments < min_segments:
+        raise InputError(
+            f"calibration data {corpus.source} has {len(documents)} document(s) with tokens "
+            f"and {segments} segment(s); at least {min_documents} documents and "
+            f"{min_segments} segments are needed (some are held out to judge the INT8 "
+            "graph): add documents, ideally longer than the model's training length")

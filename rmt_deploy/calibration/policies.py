@@ -1,0 +1,72 @@
+"""Quantization policies: which nodes of the step graph run in INT8.
+
+The memory path (memory in, the embeddings it joins, the slice that becomes memory out),
+LayerNormalization, Softmax, residual adds and the output head stay in FP32 in every
+policy but ``naive``; the policies differ in which matrix multiplications of the
+transformer layers are quantized. They are listed from the most to the least quantized.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from rmt_deploy.errors import ConfigError
+
+#: Nodes inside a transformer layer; group 2 is the layer index (torch.onnx names nodes
+#: after the module path).
+LAYER = re.compile(r"/(encoder/layer|transformer/h)\.(\d+)/")
+MATMULS = ("MatMul", "Gemm")
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    description: str
+    attention_matmuls: bool  # activation x activation products (scores, weighted values)
+    skip_edge_layers: bool  # keep the first and the last layer in FP32
+    everything: bool = False  # every operator ONNX Runtime can quantize (the naive baseline)
+
+
+POLICIES = (
+    Policy("naive", "every operator ONNX Runtime quantizes, memory path included",
+           attention_matmuls=True, skip_edge_layers=False, everything=True),
+    Policy("matmul", "all matmuls of the layers (weights and attention) in INT8",
+           attention_matmuls=True, skip_edge_layers=False),
+    Policy("linear", "the layers' weight matmuls in INT8; attention products in FP32",
+           attention_matmuls=False, skip_edge_layers=False),
+    Policy("linear-inner", "weight matmuls of the inner layers in INT8; first and last "
+           "layer in FP32", attention_matmuls=False, skip_edge_layers=True),
+)
+POLICY_NAMES = tuple(policy.name for policy in POLICIES)
+
+
+def policy_named(name: str) -> Policy:
+    for policy in POLICIES:
+        if policy.name == name:
+            return policy
+    raise ConfigError(f"unknown INT8 policy {name!r}; use one of {', '.join(POLICY_NAMES)} "
+                      "or auto")
+
+
+def nodes_to_quantize(model, policy: Policy) -> list[str] | None:
+    """Names of the nodes ``policy`` quantizes in the ONNX ``model`` (None: all)."""
+    if policy.everything:
+        return None
+    weights = {tensor.name for tensor in model.graph.initializer} | {
+        output for node in model.graph.node if node.op_type == "Constant"
+        for output in node.output}
+    layers = {int(m.group(2)) for node in model.graph.node if (m := LAYER.search(node.name))}
+    if not layers:
+        raise ConfigError("the graph's transformer layers were not recognised (BERT- and "
+                          "GPT-2-style names expected); INT8 needs them")
+    edge = {min(layers), max(layers)} if policy.skip_edge_layers and len(layers) > 2 else set()
+    chosen = []
+    for node in model.graph.node:
+        match = LAYER.search(node.name)
+        if node.op_type not in MATMULS or not match or int(match.group(2)) in edge:
+            continue
+        is_linear = any(name in weights for name in node.input)
+        if is_linear or policy.attention_matmuls:
+            chosen.append(node.name)
+    return chosen

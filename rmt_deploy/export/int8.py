@@ -1,0 +1,166 @@
+"""The INT8 stage of an export: calibrate on a corpus by rolling the FP32 recurrence,
+quantize under each candidate policy, judge each closed loop against FP32 on held-out
+documents (and time it), and keep the fastest policy that keeps the accuracy."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rmt_deploy.calibration.collect import CalibrationSteps, collect_steps
+from rmt_deploy.calibration.data import read_corpus
+from rmt_deploy.calibration.policies import POLICIES, Policy, policy_named
+from rmt_deploy.calibration.quantize import int8_graph, prepare
+from rmt_deploy.errors import ValidationError
+from rmt_deploy.export.validate import check_onnx, compare
+from rmt_deploy.files import sha256_file
+from rmt_deploy.manifest import GraphSpec, Manifest, graph_key, step_tensors
+from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.runtime.tokens import ArraySource, TokenSource
+from rmt_deploy.spec import RMTConfig
+
+HOLD_OUT_EVERY = 4  # every 4th calibration document judges instead of calibrating
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    calibration: Path
+    policy: str = "auto"  # a policy name, or "auto": the fastest one that passes
+    max_steps: int = 256  # calibration steps kept (a uniform sample over all depths)
+    min_agreement: float = 0.99  # closed-loop argmax agreement with FP32 on held-out data
+    drift_segments: int = 1000  # the long closed-loop run through the held-out documents
+    threads: int | None = None
+
+
+def add_int8(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str], stage: Path,
+             options: Int8Options, log: Callable[[str], None]) -> None:
+    """Write ``*.int8.onnx`` graphs into ``stage`` and record them in ``manifest``."""
+    from tokenizers import Tokenizer
+
+    config = manifest.config
+    tokenizer = (Tokenizer.from_file(str(manifest.path(manifest.tokenizer["file"])))
+                 if manifest.tokenizer else None)
+    corpus = read_corpus(options.calibration, config, tokenizer)
+    calibrate, judge = _split(corpus.documents)
+    initial_memory = manifest.load_initial_memory()
+    steps = collect_steps(fp32, initial_memory, calibrate, options.max_steps)
+    log(f"calibration: {len(corpus.documents)} documents, {corpus.tokens:,} tokens; "
+        f"{len(steps)} steps recorded from the rolled FP32 recurrence (segments 0 to "
+        f"{steps.describe()['deepest_segment']}); {len(judge)} documents held out")
+    work = stage / ".int8-candidates"
+    work.mkdir()
+    try:
+        prepared = {name: work / f"{name}.prepared.onnx" for name in graph_files}
+        for name, file in graph_files.items():
+            prepare(stage / file, prepared[name])
+        candidates = ([policy_named(options.policy)] if options.policy != "auto"
+                      else list(POLICIES))
+        table = {}
+        for policy in candidates:
+            table[policy.name] = _judge(policy, manifest, fp32, prepared, steps, judge,
+                                        initial_memory, work, options)
+            log(_describe(policy, table[policy.name]))
+        chosen = _choose(candidates, table, options)
+        log(f"int8 policy: {chosen.name} ({chosen.description})")
+        for name, file in graph_files.items():
+            target = stage / Path(file).with_suffix(".int8.onnx").name
+            shutil.move(work / f"{name}.{chosen.name}.onnx", target)
+            inputs, outputs = step_tensors(config, name)
+            manifest.graphs[graph_key(name, "int8")] = GraphSpec(
+                target.name, sha256_file(target), "int8", inputs, outputs)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    manifest.validation["int8"] = {
+        "policy": chosen.name, "policy_description": chosen.description,
+        "reference": "fp32 graph on onnxruntime", "min_agreement": options.min_agreement,
+        "calibration": {**corpus.describe(config), **steps.describe(),
+                        "held_out_documents": len(judge), "method": "minmax"},
+        "candidates": table, **table[chosen.name]["errors"],
+    }
+
+
+def _split(documents: Sequence[TokenSource]) -> tuple[list[TokenSource], list[TokenSource]]:
+    documents = [document for document in documents if len(document)]
+    judge = documents[HOLD_OUT_EVERY - 1 :: HOLD_OUT_EVERY] or documents[-1:]
+    calibrate = [document for document in documents if all(document is not j for j in judge)]
+    return calibrate, judge
+
+
+def _judge(policy: Policy, manifest: Manifest, fp32: StepEngine, prepared: dict[str, Path],
+           steps: CalibrationSteps, judge: list[TokenSource], initial_memory: np.ndarray,
+           work: Path, options: Int8Options) -> dict[str, Any]:
+    """Quantize under ``policy``; its closed-loop errors on held-out data and its speed."""
+    from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
+
+    key_graphs = {}
+    for name, source in prepared.items():
+        target = work / f"{name}.{policy.name}.onnx"
+        int8_graph(source, target, steps, policy)
+        check_onnx(target)
+        inputs, outputs = step_tensors(manifest.config, name)
+        key_graphs[graph_key(name, "int8")] = GraphSpec(
+            f"{work.name}/{target.name}", sha256_file(target), "int8", inputs, outputs)
+    manifest.graphs.update(key_graphs)
+    try:
+        candidate = OnnxRuntimeEngine(manifest, threads=options.threads, precision="int8")
+        results = compare(fp32, candidate, initial_memory, modes=("closed_loop",),
+                          batches=_judging_batches(judge, manifest.config,
+                                                   options.drift_segments))
+        speed = {"fp32_ms": _ms_per_step(fp32, steps), "int8_ms": _ms_per_step(candidate, steps)}
+    finally:
+        for key in key_graphs:
+            del manifest.graphs[key]
+    speed["speedup"] = speed["fp32_ms"] / speed["int8_ms"]
+    return {"errors": results, **{k: round(v, 4) for k, v in speed.items()}}
+
+
+def _judging_batches(judge: list[TokenSource], config: RMTConfig, drift_segments: int
+                     ) -> list[list[TokenSource]]:
+    """The held-out documents as they are, then one long document that runs through them
+    again and again for ``drift_segments`` segments (recurrence far past their length)."""
+    ids = np.concatenate([document.tokens(0, len(document)) for document in judge])
+    repeats = -(-drift_segments * config.segment_size // len(ids))
+    long = ArraySource(np.tile(ids, repeats)[: drift_segments * config.segment_size], config)
+    return [judge[i : i + 16] for i in range(0, len(judge), 16)] + [[long]]
+
+
+def _ms_per_step(engine: StepEngine, steps: CalibrationSteps, repeats: int = 10) -> float:
+    """Median milliseconds of a batch-1 step on recorded inputs."""
+    state = engine.new_state(steps.memory_in[:1])
+    times = []
+    for i in range(repeats + 2):
+        j = i % len(steps)
+        started = time.perf_counter()
+        engine.step(state, steps.input_ids[j : j + 1], steps.attention_mask[j : j + 1])
+        times.append(time.perf_counter() - started)
+    return float(np.median(times[2:]) * 1e3)
+
+
+def _describe(policy: Policy, row: dict[str, Any]) -> str:
+    drift = row["errors"]["closed_loop"]
+    return (f"int8 {policy.name}: predictions agree {drift['agreement']:.2%}, memory cosine "
+            f">= {drift['min_memory_cosine']:.4f}, memory max abs "
+            f"{drift['max_abs']['memory_out']:.2e} over {row['errors']['segments']} held-out "
+            f"segments; {row['int8_ms']:.2f} ms/step vs fp32 {row['fp32_ms']:.2f} "
+            f"({row['speedup']:.2f}x)")
+
+
+def _choose(candidates: list[Policy], table: dict[str, Any], options: Int8Options) -> Policy:
+    passing = [p for p in candidates
+               if table[p.name]["errors"]["closed_loop"]["agreement"] >= options.min_agreement]
+    if passing:
+        return max(passing, key=lambda p: table[p.name]["speedup"])
+    best = max(candidates, key=lambda p: table[p.name]["errors"]["closed_loop"]["agreement"])
+    agreement = table[best.name]["errors"]["closed_loop"]["agreement"]
+    raise ValidationError(
+        f"no INT8 policy keeps the accuracy: the best ({best.name}) agrees with FP32 on "
+        f"{agreement:.2%} of held-out closed-loop predictions, below "
+        f"{options.min_agreement:.0%}; try more or longer calibration documents, "
+        "another --int8-policy, or export FP32/FP16 only")
+
