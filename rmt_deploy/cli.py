@@ -190,19 +190,36 @@ def _progress_printer(stream):
               help="Decoders: greedily generate N tokens after the input.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--threads", type=int, callback=_positive, help="CPU threads.")
+@click.option("--state-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Save the run's state to this file as it goes (removed when it completes).")
+@click.option("--state-every", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Segments between two saves of --state-file.")
+@click.option("--resume", type=click.Path(path_type=Path, dir_okay=False),
+              help="Continue a run from the state it saved (same MODEL and INPUT).")
 @_user_errors("rmt-run")
-def run_main(model, input, backend, cuda_graphs, precision, generate, as_json, threads):
+def run_main(model, input, backend, cuda_graphs, precision, generate, as_json, threads,
+             state_file, state_every, resume):
     """Run MODEL over INPUT, a text file of any length ('-' for stdin).
 
     MODEL is an export folder, its model.onnx or model.plan, or a checkpoint (reference
-    backend).
+    backend). With --state-file a run killed part-way continues with --resume.
     """
     from rmt_deploy.runtime import open_model
 
+    resumable = state_file is not None or resume is not None
+    if resumable and generate:
+        raise RmtError("--generate cannot be combined with --state-file or --resume; run "
+                       "without them to generate")
     rmt = open_model(model, backend=backend, threads=threads, cuda_graphs=cuda_graphs,
                      precision=precision)
     document = sys.stdin.buffer if input == "-" else Path(input)
-    run = rmt.run([document], generate=generate, progress=_progress_printer(sys.stderr))
+    if resumable:
+        from rmt_deploy.runtime.resume import run_resumable
+
+        run = run_resumable(rmt, document, state_file=state_file, every=state_every,
+                            resume=resume, progress=_progress_printer(sys.stderr))
+    else:
+        run = rmt.run([document], generate=generate, progress=_progress_printer(sys.stderr))
     output = run.outputs[0]
     report = {
         "backend": run.backend, "precision": run.precision, "tokens": run.tokens,

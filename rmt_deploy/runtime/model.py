@@ -4,6 +4,8 @@ keeps its memory in its own backend buffers."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -13,10 +15,13 @@ from typing import BinaryIO
 import numpy as np
 
 from rmt_deploy.errors import BackendError, InputError
+from rmt_deploy.files import sha256_file
+from rmt_deploy.manifest import MANIFEST_NAME
 from rmt_deploy.runtime.backends.base import StepEngine
 from rmt_deploy.runtime.loop import run_segments
 from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput, Run
-from rmt_deploy.runtime.scoring import PerplexityMeter, softmax
+from rmt_deploy.runtime.scoring import PerplexityMeter
+from rmt_deploy.runtime.session import StreamSession, encoder_output
 from rmt_deploy.runtime.tokens import ArraySource, TokenSource, spool_file, text_source
 from rmt_deploy.segmentation import count_segments, segment_range
 from rmt_deploy.spec import RMTConfig
@@ -37,6 +42,7 @@ class RMTModel:
         self.initial_memory = np.asarray(initial_memory, dtype=np.float32)
         self.tokenizer = tokenizer
         self.description = description
+        self._identity: str | None = None
         expected = (self.config.num_mem_tokens, self.config.hidden_size)
         if self.initial_memory.shape != expected:
             raise BackendError(f"initial memory has shape {self.initial_memory.shape}, "
@@ -45,6 +51,24 @@ class RMTModel:
     @property
     def backend(self) -> str:
         return self.engine.name
+
+    @property
+    def identity(self) -> str:
+        """sha256 naming this model, which saved session states are checked against: of
+        ``rmt.json`` for an export (it holds every file's sha256, so one identity covers
+        all its graphs and backends), of the file for a checkpoint, else of the config and
+        initial memory."""
+        if self._identity is None:
+            self._identity = _identity(self.description, self.config, self.initial_memory)
+        return self._identity
+
+    def session(self, total_tokens: int | None = None) -> StreamSession:
+        """A stream session: feed a document in pieces, read its result at any time."""
+        return StreamSession(self, total_tokens=total_tokens)
+
+    def restore_session(self, data: bytes) -> StreamSession:
+        """A session from ``StreamSession.save()``'s bytes, saved from this model."""
+        return StreamSession.restore(self, data)
 
     def run(self, documents: Sequence[Document], generate: int = 0,
             progress: Progress | None = None) -> Run:
@@ -116,18 +140,8 @@ class RMTModel:
             advance()
 
         memory = run_segments(self.engine, sources, self.initial_memory, keep_last)
-        labels = self.config.labels
-        outputs = []
-        for row, source in enumerate(sources):
-            logits = np.asarray(last_logits[row], dtype=np.float32)
-            scores = softmax(logits.astype(np.float64))
-            outputs.append(EncoderOutput(
-                label=labels[int(logits.argmax())],
-                scores={label: float(score) for label, score in zip(labels, scores, strict=True)},
-                logits=logits, memory=memory[row], tokens=len(source),
-                segments=count_segments(len(source), self.config),
-            ))
-        return outputs
+        return [encoder_output(self.config, last_logits[row], memory[row], len(source))
+                for row, source in enumerate(sources)]
 
     def _run_decoder(self, sources, generate, progress) -> list[DecoderOutput]:
         meters = [PerplexityMeter() for _ in sources]
@@ -183,3 +197,14 @@ class RMTModel:
             context = np.append(context, next_id)
         return generated
 
+
+
+def _identity(description: str, config: RMTConfig, initial_memory: np.ndarray) -> str:
+    path = Path(description) if description else None
+    if path is not None and (path / MANIFEST_NAME).is_file():
+        return sha256_file(path / MANIFEST_NAME)
+    if path is not None and path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(initial_memory, dtype="<f4").tobytes())
+    return digest.hexdigest()

@@ -170,3 +170,70 @@ def text_source(text: str, tokenizer: Tokenizer, config: RMTConfig) -> ArraySour
         raise InputError("text is empty; pass some text")
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     return ArraySource(np.asarray(ids, dtype=np.int64), config)
+
+
+class TextStream:
+    """Text arriving in pieces of any size (str, or UTF-8 bytes cut anywhere), tokenized
+    as one text: each piece is tokenized up to its last word end, as ``text_chunks`` cuts,
+    and the unfinished tail waits for more text or ``finish()``."""
+
+    def __init__(self, tokenizer: Tokenizer, tail: str = "", pending: bytes = b"") -> None:
+        self._tokenizer = tokenizer
+        self.tail = tail  # text after the last word end, not tokenized yet
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._decoder.setstate((pending, 0))
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes of a UTF-8 character cut by the end of the last piece."""
+        return self._decoder.getstate()[0]
+
+    def feed(self, piece: str | bytes) -> np.ndarray:
+        """Token ids of the words this piece completes. A piece that is not text raises
+        InputError and changes nothing."""
+        text = self.tail + self._decode(piece)
+        cut = _last_word_end(text)
+        self.tail = text[cut:]
+        return self._encode(text[:cut])
+
+    def peek(self) -> np.ndarray:
+        """Token ids of the tail as if the text ended here; changes nothing."""
+        return self._encode(self.tail)
+
+    def finish(self) -> np.ndarray:
+        """Token ids of the tail: the text ends here."""
+        if self.pending:
+            raise InputError(f"the text ends inside a UTF-8 character (bytes "
+                             f"{self.pending.hex(' ')}); send the rest of the character")
+        ids, self.tail = self._encode(self.tail), ""
+        return ids
+
+    def _decode(self, piece: str | bytes) -> str:
+        if isinstance(piece, str):
+            try:
+                piece.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise InputError(f"text has an unpaired surrogate at character "
+                                 f"{error.start}; pass valid Unicode text") from None
+            if self.pending:
+                raise InputError("a str piece follows bytes that end inside a UTF-8 character;"
+                                 " send the rest of the character as bytes")
+            return piece
+        data = bytes(piece)
+        if b"\x00" in data:
+            raise InputError("the piece contains NUL bytes, so it looks binary; send text")
+        state = self._decoder.getstate()
+        try:
+            return self._decoder.decode(data)
+        except UnicodeDecodeError as error:
+            self._decoder.setstate(state)
+            raw, offset = state[0] + data, error.start - len(state[0])
+            where = f"at offset {offset}" if offset >= 0 else "in a character begun before it"
+            raise InputError(f"the piece is not UTF-8 text (byte 0x{raw[error.start]:02x} "
+                             f"{where}); send UTF-8") from None
+
+    def _encode(self, text: str) -> np.ndarray:
+        if not text:
+            return np.zeros(0, dtype=np.int64)
+        return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids,
+                          dtype=np.int64)

@@ -1,0 +1,351 @@
+"""Stream sessions: a document fed in pieces of any size as it arrives, with a result
+that always equals what ``model.run_one`` gives on everything fed so far.
+
+Text is tokenized up to its last word end and the unfinished word waits (``TextStream``);
+token ids are taken as they come. A segment runs as soon as it is complete. Where a
+segment starts depends on the alignment:
+
+- left (decoders): segments start at 0, s, 2s, ...; one *track* (memory and scorer).
+- right (encoders): the first segment is the short one, so segment starts depend on the
+  final length, which a stream does not know. The session keeps one track per possible
+  length of the first segment (1..s) and advances them together as rows of one batch;
+  the result reads the track whose first segment fits the length so far. That is exact
+  and fixed in size, and costs s rows a segment instead of one. A known length
+  (``total_tokens``) needs one track.
+
+``result()`` never changes the session: the unfinished word is tokenized as if the text
+ended there and whatever has not run yet (a left-aligned short last segment, or the
+tracks' last full segments) runs on a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from rmt_deploy.errors import InputError
+from rmt_deploy.runtime.batcher import Runner, direct_runner
+from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput
+from rmt_deploy.runtime.scoring import PerplexityMeter, softmax
+from rmt_deploy.runtime.state import pack, unpack
+from rmt_deploy.runtime.tokens import ArraySource, TextStream
+from rmt_deploy.segmentation import count_segments, strip_special, usable_tokens
+from rmt_deploy.spec import RMTConfig
+
+if TYPE_CHECKING:
+    from rmt_deploy.runtime.model import RMTModel
+
+STATE_FORMAT = "rmt-deploy-session"
+STATE_VERSION = 1
+#: What a session is fed: text (str or UTF-8 bytes) or token ids.
+Piece = str | bytes | bytearray | Sequence[int] | np.ndarray
+Output = EncoderOutput | DecoderOutput
+
+
+def encoder_output(config: RMTConfig, logits: np.ndarray, memory: np.ndarray,
+                   tokens: int) -> EncoderOutput:
+    """An encoder's result from its last segment's logits."""
+    logits = np.asarray(logits, dtype=np.float32)
+    scores = softmax(logits.astype(np.float64))
+    return EncoderOutput(
+        label=config.labels[int(logits.argmax())],
+        scores={label: float(score) for label, score in zip(config.labels, scores, strict=True)},
+        logits=logits, memory=memory, tokens=tokens, segments=count_segments(tokens, config),
+    )
+
+
+class _Meter(PerplexityMeter):
+    """A perplexity meter whose running state can be saved."""
+
+    @property
+    def last(self) -> np.ndarray | None:
+        return self._last
+
+    @classmethod
+    def restored(cls, nll: float, count: int, last: np.ndarray | None) -> _Meter:
+        meter = cls()
+        meter.nll, meter.count, meter._last = nll, count, last
+        return meter
+
+
+@dataclass
+class _Track:
+    """The recurrence over one segmentation: its first segment has ``first`` tokens,
+    the others ``segment_size``."""
+
+    first: int
+    memory: np.ndarray  # [M, H] after its last segment
+    done: int = 0  # tokens its segments have read
+    logits: np.ndarray | None = None  # encoder: of its last segment
+    meter: _Meter | None = None  # decoder
+
+    def next_end(self, segment_size: int) -> int:
+        return self.done + (self.first if self.done == 0 else segment_size)
+
+    def copy(self) -> _Track:
+        return replace(self, memory=self.memory.copy(), meter=copy.copy(self.meter))
+
+
+class StreamSession:
+    """One document fed in pieces; safe to use from several threads (calls serialize)."""
+
+    def __init__(self, model: RMTModel, *, total_tokens: int | None = None,
+                 runner: Runner | None = None) -> None:
+        """``total_tokens``: the document's length in tokens, where known beforehand
+        (a right-aligned model then runs one track); ``runner``: how steps run (default:
+        at once, in the calling thread; a ``StepBatcher`` batches sessions)."""
+        self.model = model
+        self.config: RMTConfig = model.config
+        if total_tokens is not None and (isinstance(total_tokens, bool) or not isinstance(
+                total_tokens, int) or total_tokens < 1):
+            raise InputError(f"total_tokens must be a positive int or None, got {total_tokens!r}")
+        self.total_tokens = total_tokens
+        self.metadata: dict[str, Any] = {}  # kept with the saved state
+        self._run = runner or direct_runner(model.engine)
+        self._lock = threading.RLock()
+        self._text = TextStream(model.tokenizer) if model.tokenizer is not None else None
+        self._ids = np.zeros(0, dtype=np.int64)  # tokens [_base, tokens) some track needs
+        self._base = 0
+        self._tokens = 0
+        self._final: Output | None = None
+        self._closed = False
+        self._tracks = [self._new_track(first) for first in self._firsts()]
+
+    @property
+    def tokens(self) -> int:
+        """Tokens read so far (special tokens removed; not the unfinished word)."""
+        return self._tokens
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def feed(self, piece: Piece) -> None:
+        """Read a piece: text (str, or UTF-8 bytes cut anywhere) or token ids; runs the
+        segments it completes. A piece that is not text or ids raises InputError and
+        leaves the session as it was."""
+        with self._lock:
+            self._check_open()
+            snapshot = self._snapshot()
+            try:
+                if isinstance(piece, (str, bytes, bytearray)):
+                    if self._text is None:
+                        raise InputError("this model has no tokenizer; feed token ids")
+                    ids = self._text.feed(piece)
+                else:
+                    ids = self._checked_ids(piece)
+                    if self._text is not None:  # ids end the unfinished word
+                        ids = np.concatenate([self._text.finish(), ids])
+                self._accept(ids)
+            except InputError:
+                self._restore_snapshot(snapshot)
+                raise
+
+    def result(self) -> Output | None:
+        """What ``model.run_one`` gives on everything fed so far (the unfinished word
+        counted as a word); None while no token has been read. Changes nothing."""
+        with self._lock:
+            if self._closed:
+                return self._final
+            extra = self._clean(self._text.peek()) if self._text is not None else None
+            return self._outcome(extra)
+
+    def close(self) -> Output | None:
+        """End the document: read the unfinished word, run what is left, free the
+        session; returns the final result (None if no token was read)."""
+        with self._lock:
+            if not self._closed:
+                if self._text is not None:
+                    self._accept(self._text.finish())
+                self._final = self._outcome(None)
+                self._closed = True
+                self._tracks, self._ids = [], self._ids[:0]
+            return self._final
+
+    def save(self, metadata: dict[str, Any] | None = None) -> bytes:
+        """The session's state as bytes (see ``state.py``); ``metadata`` (JSON-ready)
+        replaces the metadata kept with it. ``StreamSession.restore`` reads it back."""
+        with self._lock:
+            self._check_open()
+            if metadata is not None:
+                self.metadata = dict(metadata)
+            header = {
+                "format": STATE_FORMAT, "version": STATE_VERSION,
+                "model": self.model.identity, "variant": self.config.variant,
+                "tokens": self._tokens, "base": self._base, "total_tokens": self.total_tokens,
+                "text_tail": self._text.tail if self._text else "",
+                "text_pending": self._text.pending.hex() if self._text else "",
+                "tracks": [{"first": t.first, "done": t.done,
+                            "nll": t.meter.nll if t.meter else 0.0,
+                            "count": t.meter.count if t.meter else 0} for t in self._tracks],
+                "metadata": self.metadata,
+            }
+            arrays = {"ids": self._ids, "memory": np.stack([t.memory for t in self._tracks])}
+            if self.config.is_encoder:
+                width = len(self.config.labels)
+                arrays["logits"] = np.stack([np.zeros(width, np.float32) if t.logits is None
+                                             else t.logits for t in self._tracks])
+            else:
+                width = self.config.vocab_size
+                arrays["last"] = np.stack([
+                    np.zeros(width) if t.meter.last is None else t.meter.last
+                    for t in self._tracks]).astype(np.float64)
+            return pack(header, arrays)
+
+    @classmethod
+    def restore(cls, model: RMTModel, data: bytes, *, runner: Runner | None = None,
+                name: str = "state") -> StreamSession:
+        """A session from ``save()``'s bytes, on the model that saved it; anything else
+        is an InputError naming ``name``."""
+        header, arrays = unpack(data, name)
+        if header.get("format") != STATE_FORMAT or header.get("version") != STATE_VERSION:
+            raise InputError(f"{name}: not a session state this rmt-deploy reads (format "
+                             f"{header.get('format')!r} version {header.get('version')!r})")
+        if header.get("model") != model.identity:
+            raise InputError(f"{name}: saved from another model (model sha256 "
+                             f"{str(header.get('model'))[:12]}..., this one is "
+                             f"{model.identity[:12]}...); restore it into the model that "
+                             "saved it")
+        try:
+            session = cls(model, total_tokens=header["total_tokens"], runner=runner)
+            session._load(header, arrays)
+        except (KeyError, ValueError, TypeError, IndexError) as error:
+            raise InputError(f"{name}: state is malformed ({type(error).__name__}: {error}); "
+                             "it was not written by this rmt-deploy") from None
+        return session
+
+    # -- internals --------------------------------------------------------------------
+
+    def _load(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        config = self.config
+        tracks = header["tracks"]
+        memory = arrays["memory"]
+        if memory.shape != (len(tracks), config.num_mem_tokens, config.hidden_size):
+            raise ValueError(f"memory has shape {memory.shape}")
+        if [t["first"] for t in tracks] != self._firsts():
+            raise ValueError("tracks do not match the model's segmentation")
+        self._tracks = []
+        for row, saved in enumerate(tracks):
+            track = self._new_track(saved["first"])
+            track.memory, track.done = memory[row].astype(np.float32), int(saved["done"])
+            if track.done:
+                if config.is_encoder:
+                    track.logits = arrays["logits"][row].astype(np.float32)
+                else:
+                    track.meter = _Meter.restored(float(saved["nll"]), int(saved["count"]),
+                                                  arrays["last"][row])
+            self._tracks.append(track)
+        self._tokens, self._base = int(header["tokens"]), int(header["base"])
+        self._ids = arrays["ids"].astype(np.int64)
+        if self._base + len(self._ids) != self._tokens or any(
+                not self._base <= t.done <= self._tokens for t in self._tracks):
+            raise ValueError("token counts do not add up")
+        if self._text is not None:
+            self._text = TextStream(self.model.tokenizer, header["text_tail"],
+                                    bytes.fromhex(header["text_pending"]))
+        self.metadata = dict(header.get("metadata") or {})
+
+    def _firsts(self) -> list[int]:
+        size = self.config.segment_size
+        if self.config.alignment == "left":
+            return [size]
+        if self.total_tokens is not None:
+            return [_first_length(usable_tokens(self.total_tokens, self.config), size)]
+        return list(range(1, size + 1))
+
+    def _new_track(self, first: int) -> _Track:
+        meter = None if self.config.is_encoder else _Meter()
+        return _Track(first, self.model.initial_memory.copy(), meter=meter)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InputError("the session is closed; open a new one")
+
+    def _snapshot(self) -> tuple[str, bytes] | None:
+        return (self._text.tail, self._text.pending) if self._text is not None else None
+
+    def _restore_snapshot(self, snapshot: tuple[str, bytes] | None) -> None:
+        if snapshot is not None:
+            self._text = TextStream(self.model.tokenizer, *snapshot)
+
+    def _checked_ids(self, piece: Any) -> np.ndarray:
+        if not isinstance(piece, (Sequence, np.ndarray)):
+            raise InputError(f"a piece is text (str or UTF-8 bytes) or token ids, got "
+                             f"{type(piece).__name__}")
+        try:
+            source = ArraySource(piece, self.config)
+        except (TypeError, ValueError):
+            raise InputError(f"token ids must be a 1-D sequence of integers, got "
+                             f"{type(piece).__name__}") from None
+        return source.tokens(0, len(source))
+
+    def _clean(self, ids: np.ndarray) -> np.ndarray:
+        """Special tokens stripped, cut to what ``max_n_segments`` leaves room for."""
+        ids = strip_special(ids, self.config)
+        return ids[: usable_tokens(self._tokens + len(ids), self.config) - self._tokens]
+
+    def _accept(self, ids: np.ndarray) -> None:
+        ids = self._clean(ids)
+        if self.total_tokens is not None and self._tokens + len(ids) > self.total_tokens:
+            raise InputError(f"the session was opened for {self.total_tokens} tokens and this "
+                             f"piece brings it to {self._tokens + len(ids)}; open it without "
+                             "total_tokens")
+        if not len(ids):
+            return
+        self._ids = np.concatenate([self._ids, ids])
+        self._tokens += len(ids)
+        size = self.config.segment_size
+        while ready := [t for t in self._tracks if t.next_end(size) <= self._tokens]:
+            self._step(ready, self._ids, self._tokens)
+        low = min(t.done for t in self._tracks)
+        self._ids, self._base = self._ids[low - self._base:], low
+
+    def _step(self, tracks: list[_Track], ids: np.ndarray, end: int) -> None:
+        """Run the next segment of each track (``ids`` start at ``_base``; none past
+        ``end``)."""
+        size = self.config.segment_size
+        segments = [ids[t.done - self._base: min(t.next_end(size), end) - self._base]
+                    for t in tracks]
+        logits, memory = self._run(np.stack([t.memory for t in tracks]), segments)
+        for row, (track, tokens) in enumerate(zip(tracks, segments, strict=True)):
+            track.memory = memory[row]
+            if track.meter is not None:
+                track.meter.add(tokens, logits[row, : len(tokens)])
+            else:
+                track.logits = logits[row]
+            track.done += len(tokens)
+
+    def _outcome(self, extra: np.ndarray | None) -> Output | None:
+        """The result with ``extra`` tokens appended, computed on a copy."""
+        total = self._tokens + (0 if extra is None else len(extra))
+        if total == 0:
+            return None
+        track = self._track_for(total).copy()
+        ids = self._ids if extra is None else np.concatenate([self._ids, extra])
+        while track.done < total:
+            self._step([track], ids, total)
+        if self.config.is_encoder:
+            return encoder_output(self.config, track.logits, track.memory, total)
+        return DecoderOutput(perplexity=track.meter.perplexity, tokens=total,
+                             segments=count_segments(total, self.config), memory=track.memory)
+
+    def _track_for(self, total: int) -> _Track:
+        if self.config.alignment == "left":
+            return self._tracks[0]
+        first = _first_length(total, self.config.segment_size)
+        for track in self._tracks:
+            if track.first == first:
+                return track
+        raise InputError(f"the session was opened for {self.total_tokens} tokens but has "
+                         f"{total}; feed the rest of the document, or open it without "
+                         "total_tokens")
+
+
+def _first_length(total: int, segment_size: int) -> int:
+    """Tokens in the first segment of a right-aligned document of ``total`` tokens."""
+    return (total - 1) % segment_size + 1
