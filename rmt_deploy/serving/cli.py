@@ -1,0 +1,91 @@
+"""Command-line entry points of the serving layer: ``rmt-triton`` writes a Triton model
+repository entry for an export; ``rmt-triton-run`` streams a document to a served model
+and prints what rmt-run prints."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from rmt_deploy.cli import _user_errors
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("repo", type=click.Path(path_type=Path))
+@click.option("--model", "export", type=click.Path(path_type=Path), required=True,
+              help="Export folder written by rmt-export.")
+@click.option("--name", default="rmt", show_default=True, help="Model name in the repository.")
+@click.option("--backend", type=click.Choice(["python", "onnxruntime", "tensorrt"]),
+              default="python", show_default=True,
+              help="python: rmt-deploy's runtime (any tritonserver with the python backend); "
+                   "onnxruntime / tensorrt: the step graph with Triton's implicit state "
+                   "(NGC containers).")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Sequences stepped together in one execution.")
+@click.option("--idle-seconds", type=click.FloatRange(min=0, min_open=True), default=3600.0,
+              show_default=True, help="Release a sequence idle this long.")
+@click.option("--strategy", type=click.Choice(["oldest", "direct"]), default="oldest",
+              show_default=True, help="Triton's sequence batching strategy.")
+@click.option("--max-sequences", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="oldest: sequences open at once per instance.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model instances.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32",
+              show_default=True, help="Which of the export's step graphs to serve.")
+@_user_errors("rmt-triton")
+def triton_main(repo, export, name, backend, max_batch_size, idle_seconds, strategy,
+                max_sequences, instances, precision):
+    """Write REPO/NAME, a Triton model repository entry for an exported RMT."""
+    from rmt_deploy.serving.config import ServingOptions
+    from rmt_deploy.serving.repository import write_repository
+
+    options = ServingOptions(name=name, backend=backend, max_batch_size=max_batch_size,
+                             idle_seconds=idle_seconds, strategy=strategy,
+                             max_candidate_sequences=max_sequences, instances=instances,
+                             precision=precision)
+    folder = write_repository(repo, export, options)
+    click.echo(f"wrote {folder} ({backend} backend); serve it with tritonserver "
+               f"--model-repository {repo}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("input", type=str)
+@click.option("--model", "export", type=click.Path(path_type=Path), required=True,
+              help="The export folder the served model was written from (tokenizer, "
+                   "segmentation).")
+@click.option("--url", default="127.0.0.1:8000", show_default=True, help="Triton HTTP address.")
+@click.option("--name", default="rmt", show_default=True, help="Model name on the server.")
+@click.option("--progress", "progress_file", type=click.Path(path_type=Path),
+              help="Save progress here and resume from it when it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_user_errors("rmt-triton-run")
+def stream_main(input, export, url, name, progress_file, as_json):
+    """Stream INPUT (a text file, '-' for stdin) to a model served by Triton as one
+    sequence and print its answer as rmt-run does."""
+    from rmt_deploy.serving.client import TritonClient
+
+    document = sys.stdin.buffer if input == "-" else Path(input)
+    with TritonClient(export, url, name) as client:
+        result = client.run(document, progress_file)
+    output = result.output
+    report = {"backend": f"triton:{url}/{name}", "tokens": output.tokens,
+              "segments": output.segments, "segments_sent": result.segments_sent,
+              "seconds": round(result.seconds, 4)}
+    if hasattr(output, "label"):
+        report.update(label=output.label, scores=output.scores,
+                      logits=[float(x) for x in output.logits])
+    else:
+        report.update(perplexity=output.perplexity)
+    if as_json:
+        click.echo(json.dumps(report))
+    elif "label" in report:
+        click.echo(f"answer: {output.label} (p={output.scores[output.label]:.4f})")
+    else:
+        click.echo(f"perplexity: {output.perplexity:.4f}")
+    if not as_json:
+        click.echo(f"tokens: {output.tokens:,}  segments: {output.segments:,} "
+                   f"({result.segments_sent:,} sent)  time: {result.seconds:.2f} s  "
+                   f"backend: triton ({url}, {name})")

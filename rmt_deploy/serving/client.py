@@ -1,0 +1,239 @@
+"""A client that streams a long document to an RMT served by Triton: it tokenizes and
+segments exactly as rmt-run does (the runtime's token sources and segmentation), sends
+the segments as one Triton sequence, and returns what rmt-run returns. With a progress
+file it saves where it is and resumes there, against the same or a restarted server.
+
+Encoders: label, scores, logits (and the final memory). Decoders: perplexity
+(generation needs the read graph, which is not served).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from rmt_deploy.errors import InputError
+from rmt_deploy.manifest import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    MEMORY_IN,
+    MEMORY_OUT,
+    read_manifest,
+)
+from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput
+from rmt_deploy.runtime.scoring import PerplexityMeter, softmax
+from rmt_deploy.runtime.tokens import ArraySource, TokenSource, spool_file, text_source
+from rmt_deploy.segmentation import count_segments, segment_range, step_inputs
+from rmt_deploy.serving.errors import ServingError, StateFileError
+from rmt_deploy.serving.identity import MODEL_ID_PARAMETER, model_identity
+from rmt_deploy.serving.progress import (
+    Progress,
+    document_digest,
+    load_progress,
+    save_progress,
+)
+
+#: A document: text, a text file, a binary stream, or token ids (as RMTModel.run takes).
+Document = str | Path | BinaryIO | list[int] | np.ndarray
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """A document answered by Triton. ``output.memory`` is None where the server keeps
+    the memory itself (implicit state)."""
+
+    output: EncoderOutput | DecoderOutput
+    sequence_id: int
+    segments_sent: int  # segments sent in this call (fewer than all after a resume)
+    seconds: float
+
+    @property
+    def segments_per_second(self) -> float:
+        return self.segments_sent / self.seconds if self.seconds > 0 else float("inf")
+
+
+class TritonClient:
+    """Streams documents to one RMT model on one Triton server (HTTP). Not shared
+    between threads: give each thread its own client."""
+
+    def __init__(self, export: str | Path, url: str = "127.0.0.1:8000", model: str = "rmt",
+                 timeout: float = 300.0) -> None:
+        try:
+            import tritonclient.http as http
+            from tritonclient.utils import InferenceServerException
+        except ImportError:
+            raise ServingError("tritonclient is not installed: pip install "
+                               "'rmt-deploy[serving]'") from None
+        self._http, self._server_errors = http, (InferenceServerException, OSError)
+        manifest = read_manifest(export)
+        self.config = manifest.config
+        self.model_id = model_identity(manifest)
+        self.tokenizer = _tokenizer(manifest)
+        self.url, self.model = url, model
+        self._client = http.InferenceServerClient(url, connection_timeout=timeout,
+                                                  network_timeout=timeout)
+        served = self._call(lambda: self._client.get_model_config(model))
+        served_id = served.get("parameters", {}).get(MODEL_ID_PARAMETER, {}).get("string_value")
+        if served_id != self.model_id:
+            raise ServingError(f"model {model!r} at {url} is not the export {export} (model id "
+                               f"{served_id} != {self.model_id}); pass the export it was "
+                               "written from")
+        self.keeps_memory = not any(o["name"] == MEMORY_OUT for o in served.get("output", []))
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> TritonClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, document: Document, progress_file: str | Path | None = None,
+            sequence_id: int | None = None, save_every: int = 1) -> StreamResult:
+        """Stream one document as one sequence. With ``progress_file``, progress is saved
+        every ``save_every`` segments and, if the file exists, the run resumes there."""
+        if progress_file is not None and self.keeps_memory:
+            raise ServingError(f"model {self.model!r} keeps the memory inside Triton (implicit "
+                               "state), so progress cannot be saved; serve it with "
+                               "rmt-triton --backend python to resume runs")
+        started = time.perf_counter()
+        sequence_id = sequence_id or secrets.randbits(63) or 1
+        with ExitStack() as stack:
+            source = self._source(document, stack)
+            digest = document_digest(source, self.config) if progress_file else ""
+            saved = self._resume(progress_file, digest, len(source))
+            run = _Run(self, source, sequence_id, saved)
+            for index in range(run.first, run.total):
+                run.step(index)
+                done = index + 1 - run.first
+                if progress_file is not None and (done % save_every == 0 or
+                                                  index == run.total - 1):
+                    save_progress(progress_file, run.progress(self.model_id, digest))
+        return StreamResult(run.output(), sequence_id, run.total - run.first,
+                            time.perf_counter() - started)
+
+    def _resume(self, progress_file, digest: str, tokens: int) -> Progress | None:
+        if progress_file is None or not Path(progress_file).exists():
+            return None
+        saved = load_progress(progress_file, self.config)
+        if saved.model_id != self.model_id:
+            raise StateFileError(f"{progress_file}: saved from another model (model id "
+                                 f"{saved.model_id}, this one is {self.model_id}); delete it "
+                                 "to start over")
+        if saved.document_sha256 != digest or saved.tokens != tokens:
+            raise StateFileError(f"{progress_file}: saved for another document; pass the "
+                                 "same input or delete the file to start over")
+        return saved
+
+    def _source(self, document: Document, stack: ExitStack) -> TokenSource:
+        if isinstance(document, (str, Path)) or hasattr(document, "read"):
+            if self.tokenizer is None:
+                raise InputError("this export has no tokenizer; pass token ids")
+            if isinstance(document, str):
+                source = text_source(document, self.tokenizer, self.config)
+            else:
+                source = stack.enter_context(spool_file(document, self.tokenizer, self.config))
+        else:
+            source = ArraySource(document, self.config)
+        if len(source) == 0:
+            raise InputError("the document has no tokens after removing special tokens")
+        return source
+
+    def step(self, sequence_id: int, input_ids: np.ndarray, attention_mask: np.ndarray,
+             start: bool, end: bool, memory_in: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One segment of a sequence: logits [1, ...] and, where the server returns it,
+        the new memory [1, M, H]."""
+        http = self._http
+        inputs = []
+        for name, array in ((INPUT_IDS, input_ids), (ATTENTION_MASK, attention_mask),
+                            (MEMORY_IN, memory_in)):
+            if array is not None:
+                array = np.ascontiguousarray(array, dtype=np.float32 if name == MEMORY_IN
+                                             else np.int64)
+                tensor = http.InferInput(name, list(array.shape),
+                                         "FP32" if name == MEMORY_IN else "INT64")
+                tensor.set_data_from_numpy(array)
+                inputs.append(tensor)
+        names = [LOGITS] if self.keeps_memory else [LOGITS, MEMORY_OUT]
+        outputs = [http.InferRequestedOutput(name) for name in names]
+        result = self._call(lambda: self._client.infer(
+            self.model, inputs, outputs=outputs, sequence_id=sequence_id,
+            sequence_start=start, sequence_end=end))
+        memory = None if self.keeps_memory else result.as_numpy(MEMORY_OUT)
+        return result.as_numpy(LOGITS), memory
+
+    def _call(self, request):
+        try:
+            return request()
+        except self._server_errors as error:
+            message = error.message() if hasattr(error, "message") else str(error)
+            raise ServingError(f"Triton at {self.url}, model {self.model!r}: "
+                               f"{(message or type(error).__name__).strip()}") from None
+
+
+class _Run:
+    """One document's segments on the server, and what its answer is built from."""
+
+    def __init__(self, client: TritonClient, source: TokenSource, sequence_id: int,
+                 saved: Progress | None) -> None:
+        self.client, self.source, self.sequence_id = client, source, sequence_id
+        self.config = client.config
+        self.total = count_segments(len(source), self.config)
+        self.first = saved.next_segment if saved else 0
+        self.memory = saved.memory[None] if saved else None
+        self.restore = saved is not None  # the first request carries the saved memory
+        self.logits = saved.logits if saved else None
+        self.next_segment = self.first
+        self.meter = PerplexityMeter()
+        if saved is not None and not self.config.is_encoder:
+            self.meter.add(np.zeros(1, np.int64), saved.logits[None])  # only sets the last row
+            self.meter.nll, self.meter.count = saved.nll, saved.count
+
+    def step(self, index: int) -> None:
+        tokens = self.source.tokens(*segment_range(len(self.source), index, self.config))
+        input_ids, attention_mask = step_inputs([tokens], self.config)
+        logits, self.memory = self.client.step(
+            self.sequence_id, input_ids, attention_mask, start=index == self.first,
+            end=index == self.total - 1, memory_in=self.memory if self.restore else None)
+        self.restore = False
+        if self.config.is_encoder:
+            self.logits = logits[0]
+        else:
+            self.meter.add(tokens, logits[0, : len(tokens)])
+            self.logits = logits[0, len(tokens) - 1]
+        self.next_segment = index + 1
+
+    def progress(self, model_id: str, digest: str) -> Progress:
+        return Progress(model_id, digest, len(self.source), self.next_segment, self.memory[0],
+                        self.logits, self.meter.nll, self.meter.count)
+
+    def output(self) -> EncoderOutput | DecoderOutput:
+        memory = None if self.memory is None else self.memory[0]
+        segments = self.total
+        if not self.config.is_encoder:
+            return DecoderOutput(perplexity=self.meter.perplexity, tokens=len(self.source),
+                                 segments=segments, memory=memory)
+        labels = self.config.labels
+        logits = np.asarray(self.logits, dtype=np.float32)
+        scores = softmax(logits.astype(np.float64))
+        return EncoderOutput(
+            label=labels[int(logits.argmax())],
+            scores={label: float(score) for label, score in zip(labels, scores, strict=True)},
+            logits=logits, memory=memory, tokens=len(self.source), segments=segments)
+
+
+def _tokenizer(manifest):
+    if not manifest.tokenizer:
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(manifest.path(manifest.tokenizer["file"])))

@@ -1,0 +1,146 @@
+"""config.pbtxt of an exported RMT, built as Triton's own ModelConfig message (from
+tritonclient's model_config_pb2), so every field is checked against Triton's schema.
+
+Two kinds of model:
+
+* ``python``: rmt-deploy's runtime in Triton's python backend. The model keeps each
+  sequence's memory by correlation id (CONTROL_SEQUENCE_START / END / CORRID); a
+  request carries one segment, the response returns the logits and the new memory,
+  and an optional ``memory_in`` on a START request restores a saved sequence.
+* ``onnxruntime`` / ``tensorrt`` (NGC containers): the step graph with Triton's
+  implicit state for the memory, initialised from the learned initial memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rmt_deploy.errors import ConfigError
+from rmt_deploy.manifest import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    MEMORY_IN,
+    MEMORY_OUT,
+    STEP_GRAPH,
+    Manifest,
+    TensorSpec,
+)
+from rmt_deploy.serving.identity import MODEL_ID_PARAMETER, model_identity
+
+BACKENDS = ("python", "onnxruntime", "tensorrt")
+STRATEGIES = ("oldest", "direct")
+#: Control inputs of the python-backend model.
+START, END, CORRID = "START", "END", "CORRID"
+#: The learned initial memory, raw little-endian float32, in ``NAME/initial_state/``.
+INITIAL_STATE_FILE = "memory_init.f32"
+#: Where the python-backend model finds its export folder, inside the version folder.
+EXPORT_FOLDER = "export"
+#: The config.pbtxt parameter naming the graphs the python-backend model runs.
+PRECISION_PARAMETER = "rmt_precision"
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """How Triton serves the model."""
+
+    name: str = "rmt"
+    backend: str = "python"
+    max_batch_size: int = 16  # sequences stepped together in one execution
+    idle_seconds: float = 3600.0  # a sequence idle this long is released
+    strategy: str = "oldest"
+    max_candidate_sequences: int = 1024  # oldest: sequences open at once per instance
+    instances: int = 1
+    precision: str = "fp32"  # onnxruntime: which of the export's step graphs
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown Triton backend {self.backend!r}; choose one of "
+                              f"{', '.join(BACKENDS)}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown sequence strategy {self.strategy!r}; choose one of "
+                              f"{', '.join(STRATEGIES)}")
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(f"model name {self.name!r} is not a folder name; pick e.g. rmt")
+        if min(self.max_batch_size, self.max_candidate_sequences, self.instances) < 1:
+            raise ConfigError("max batch size, candidate sequences and instances must be >= 1")
+        if self.idle_seconds <= 0:
+            raise ConfigError(f"idle timeout must be positive, got {self.idle_seconds}")
+
+
+def _pb2():
+    try:
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        raise ConfigError("tritonclient is not installed: pip install "
+                          "'rmt-deploy[serving]'") from None
+    return model_config_pb2
+
+
+def _tensor(pb2, message, spec: TensorSpec) -> None:
+    """Name, Triton data type and dims (batch axis dropped, named axes -1) of a tensor."""
+    types = {"int64": pb2.TYPE_INT64, "float32": pb2.TYPE_FP32, "float16": pb2.TYPE_FP16}
+    message.name = spec.name
+    message.data_type = types[spec.dtype]
+    message.dims.extend(d if isinstance(d, int) else -1 for d in spec.shape[1:])
+
+
+def model_config(manifest: Manifest, options: ServingOptions, graph_key: str = STEP_GRAPH):
+    """The ModelConfig message of one model; ``graph_key`` names the step graph's
+    manifest entry whose tensors it declares."""
+    pb2 = _pb2()
+    spec = manifest.graphs[graph_key]
+    tensors = {t.name: t for t in (*spec.inputs, *spec.outputs)}
+    config = pb2.ModelConfig(name=options.name, max_batch_size=options.max_batch_size)
+    config.backend = options.backend
+    batching = config.sequence_batching
+    batching.max_sequence_idle_microseconds = int(options.idle_seconds * 1e6)
+    if options.strategy == "oldest":
+        batching.oldest.max_candidate_sequences = options.max_candidate_sequences
+        batching.oldest.max_queue_delay_microseconds = 1000
+    else:
+        batching.direct.SetInParent()
+    for name in (INPUT_IDS, ATTENTION_MASK):
+        _tensor(pb2, config.input.add(), tensors[name])
+    _tensor(pb2, config.output.add(), tensors[LOGITS])
+    group = config.instance_group.add(count=options.instances)
+    if options.backend == "python":
+        group.kind = pb2.ModelInstanceGroup.KIND_CPU
+        memory_in = config.input.add()
+        _tensor(pb2, memory_in, tensors[MEMORY_IN])
+        memory_in.optional = True  # only on a START request that restores a sequence
+        _tensor(pb2, config.output.add(), tensors[MEMORY_OUT])
+        _controls(pb2, batching)
+    else:
+        _implicit_state(pb2, batching, tensors[MEMORY_IN])
+    config.parameters[MODEL_ID_PARAMETER].string_value = model_identity(manifest)
+    return config
+
+
+def _controls(pb2, batching) -> None:
+    kinds = pb2.ModelSequenceBatching.Control
+    for name, kind in ((START, kinds.CONTROL_SEQUENCE_START), (END, kinds.CONTROL_SEQUENCE_END)):
+        control = batching.control_input.add(name=name).control.add(kind=kind)
+        control.int32_false_true.extend([0, 1])
+    batching.control_input.add(name=CORRID).control.add(
+        kind=kinds.CONTROL_SEQUENCE_CORRID, data_type=pb2.TYPE_UINT64)
+
+
+def _implicit_state(pb2, batching, memory_in: TensorSpec) -> None:
+    """memory_in / memory_out as Triton-held state, starting from the learned initial
+    memory (not zeros). memory_out is not also listed as an output: with batching, the
+    onnxruntime backend then fails to split the state tensor."""
+    state = batching.state.add(input_name=MEMORY_IN, output_name=MEMORY_OUT,
+                               data_type=pb2.TYPE_FP32)
+    dims = [int(d) for d in memory_in.shape[1:]]
+    state.dims.extend(dims)
+    initial = state.initial_state.add(data_type=pb2.TYPE_FP32, name="memory_init",
+                                      data_file=INITIAL_STATE_FILE)
+    initial.dims.extend(dims)
+
+
+def config_text(config) -> str:
+    """config.pbtxt text of a ModelConfig message."""
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(config)

@@ -1,0 +1,97 @@
+"""Writing a Triton model repository entry for an export folder, atomically: the model
+folder is staged beside its place and renamed in only when complete."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from rmt_deploy.errors import ConfigError, ManifestError
+from rmt_deploy.files import atomic_folder, sha256_file
+from rmt_deploy.manifest import MANIFEST_NAME, STEP_GRAPH, Manifest, graph_key, read_manifest
+from rmt_deploy.serving.config import (
+    EXPORT_FOLDER,
+    INITIAL_STATE_FILE,
+    PRECISION_PARAMETER,
+    ServingOptions,
+    config_text,
+    model_config,
+)
+
+#: The python-backend model, copied into the repository as ``1/model.py``.
+PYTHON_MODEL = Path(__file__).with_name("python_model.py")
+
+
+def write_repository(repo: str | Path, export: str | Path, options: ServingOptions) -> Path:
+    """Write ``REPO/NAME`` (config.pbtxt, version 1, initial state) for the export
+    folder ``export``; other models in ``REPO`` are left as they are. Returns the
+    model folder."""
+    manifest = read_manifest(export)
+    target = Path(repo) / options.name
+    with atomic_folder(target) as stage:
+        version = stage / "1"
+        version.mkdir()
+        if options.backend == "python":
+            key = _graph_key(manifest, options.precision)
+            _copy_export(manifest, version / EXPORT_FOLDER)
+            shutil.copyfile(PYTHON_MODEL, version / "model.py")
+            config = model_config(manifest, options, key)
+            config.parameters[PRECISION_PARAMETER].string_value = options.precision
+        elif options.backend == "onnxruntime":
+            key = _graph_key(manifest, options.precision)
+            shutil.copyfile(manifest.path(manifest.graphs[key].file), version / "model.onnx")
+            config = model_config(manifest, options, key)
+        else:
+            key = _copy_plan(manifest, version / "model.plan", options.max_batch_size)
+            config = model_config(manifest, options, key)
+        if options.backend != "python":
+            _write_initial_state(manifest, stage / "initial_state" / INITIAL_STATE_FILE)
+        (stage / "config.pbtxt").write_text(config_text(config))
+    return target
+
+
+def _graph_key(manifest: Manifest, precision: str) -> str:
+    key = graph_key(STEP_GRAPH, precision)
+    if key not in manifest.graphs:
+        raise ConfigError(f"this export has no {precision} step graph; re-export with "
+                          f"--precision {precision} or serve fp32")
+    return key
+
+
+def _copy_export(manifest: Manifest, folder: Path) -> None:
+    """The files the runtime reads: graphs, initial memory, tokenizer, manifest."""
+    folder.mkdir()
+    files = {spec.file for spec in manifest.graphs.values()}
+    files.add(manifest.initial_memory["file"])
+    if manifest.tokenizer:
+        files.add(manifest.tokenizer["file"])
+    for relative in sorted(files) + [MANIFEST_NAME]:
+        shutil.copyfile(manifest.path(relative), folder / relative)
+
+
+def _copy_plan(manifest: Manifest, target: Path, max_batch_size: int) -> str:
+    """Copy the TensorRT step plan; returns the manifest key of the graph it was built
+    from (whose tensors it has)."""
+    engine = manifest.engines.get(STEP_GRAPH)
+    if engine is None:
+        raise ManifestError("this export has no TensorRT plan; build one with rmt-export "
+                            "--engine on the GPU that will serve it")
+    source = manifest.path(engine["file"])
+    if not source.is_file() or sha256_file(source) != engine["sha256"]:
+        raise ManifestError(f"{source}: missing or changed since rmt-export built it; "
+                            "rebuild it with rmt-export --engine")
+    low, _, high = engine["profile"]["input_ids"]
+    if low[0] != 1 or high[0] < max_batch_size:
+        raise ConfigError(f"the plan's batch profile is {low[0]}..{high[0]}; Triton needs "
+                          f"1..{max_batch_size}: rebuild with rmt-export --engine --batch "
+                          f"1,1,{max_batch_size} or lower --max-batch-size")
+    shutil.copyfile(source, target)
+    return next(key for key, spec in manifest.graphs.items()
+                if spec.file == engine["source_graph"])
+
+
+def _write_initial_state(manifest: Manifest, target: Path) -> None:
+    """The learned initial memory as raw little-endian float32 (row-major [M, H])."""
+    target.parent.mkdir()
+    target.write_bytes(manifest.load_initial_memory().astype("<f4").tobytes())
+
