@@ -141,10 +141,11 @@ class StreamSession:
                     ids = self._checked_ids(piece)
                     if self._text is not None:  # ids end the unfinished word
                         ids = np.concatenate([self._text.finish(), ids])
-                self._accept(ids)
+                ids = self._accepted(ids)
             except InputError:
                 self._restore_snapshot(snapshot)
                 raise
+            self._append(ids)
 
     def result(self) -> Output | None:
         """What ``model.run_one`` gives on everything fed so far (the unfinished word
@@ -161,7 +162,7 @@ class StreamSession:
         with self._lock:
             if not self._closed:
                 if self._text is not None:
-                    self._accept(self._text.finish())
+                    self._append(self._accepted(self._text.finish()))
                 self._final = self._outcome(None)
                 self._closed = True
                 self._tracks, self._ids = [], self._ids[:0]
@@ -289,12 +290,17 @@ class StreamSession:
         ids = strip_special(ids, self.config)
         return ids[: usable_tokens(self._tokens + len(ids), self.config) - self._tokens]
 
-    def _accept(self, ids: np.ndarray) -> None:
+    def _accepted(self, ids: np.ndarray) -> np.ndarray:
+        """The ids the session reads of a piece's ids; raises before reading any."""
         ids = self._clean(ids)
         if self.total_tokens is not None and self._tokens + len(ids) > self.total_tokens:
             raise InputError(f"the session was opened for {self.total_tokens} tokens and this "
                              f"piece brings it to {self._tokens + len(ids)}; open it without "
                              "total_tokens")
+        return ids
+
+    def _append(self, ids: np.ndarray) -> None:
+        """Read ids and run every segment they complete."""
         if not len(ids):
             return
         self._ids = np.concatenate([self._ids, ids])
