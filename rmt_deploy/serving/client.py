@@ -71,7 +71,7 @@ class TritonClient:
         except ImportError:
             raise ServingError("tritonclient is not installed: pip install "
                                "'rmt-deploy[serving]'") from None
-        self._http, self._server_errors = http, (InferenceServerException, OSError)
+        self._http, self._server_error = http, InferenceServerException
         manifest = read_manifest(export)
         self.config = manifest.config
         self.model_id = model_identity(manifest)
@@ -174,10 +174,12 @@ class TritonClient:
     def _call(self, request):
         try:
             return request()
-        except self._server_errors as error:
-            message = error.message() if hasattr(error, "message") else str(error)
+        except OSError as error:
+            raise ServingError(f"cannot reach Triton at {self.url} ({error.strerror or error}); "
+                               "start the server or fix the address") from None
+        except self._server_error as error:
             raise ServingError(f"Triton at {self.url}, model {self.model!r}: "
-                               f"{(message or type(error).__name__).strip()}") from None
+                               f"{(error.message() or 'request failed').strip()}") from None
 
 
 class _Run:
