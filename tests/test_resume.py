@@ -1,0 +1,187 @@
+"""rmt-run --state-file/--resume: a run stopped part-way (killed with SIGKILL, or stopped
+by an injected limit) and resumed gives exactly the answer of an uninterrupted run; a
+state is only resumed with the model and the input it was saved from."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from rmt_deploy.cli import run_main
+from rmt_deploy.errors import InputError
+from rmt_deploy.runtime import open_model
+from rmt_deploy.runtime.resume import run_resumable
+from rmt_deploy.runtime.state import read_state
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+class Stop(Exception):
+    """The injected limit: raised from the progress callback after some saves."""
+
+
+def encoder_text(words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(f"w{rng.randrange(45)}" for _ in range(words)) + "\n"
+
+
+def decoder_text(words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join("".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 4)))
+                    for _ in range(words)) + "\n"
+
+
+@pytest.fixture(scope="module")
+def models(encoder_export, decoder_export):
+    return {"encoder": (open_model(encoder_export, threads=1), encoder_text),
+            "decoder": (open_model(decoder_export, threads=1), decoder_text)}
+
+
+def invoke(*args):
+    result = CliRunner().invoke(run_main, [str(a) for a in args])
+    return result
+
+
+def report(result) -> dict:
+    assert result.exit_code == 0, (result.output, result.exception)
+    return json.loads(result.stdout)
+
+
+def same_answer(got, expected) -> None:
+    if hasattr(expected, "logits"):
+        np.testing.assert_array_equal(got.logits, expected.logits)
+    else:
+        assert got.perplexity == expected.perplexity
+    np.testing.assert_array_equal(got.memory, expected.memory)
+    assert (got.tokens, got.segments) == (expected.tokens, expected.segments)
+
+
+@pytest.mark.parametrize("variant", ["encoder", "decoder"])
+@pytest.mark.parametrize("stop_after", [1, 3])
+def test_stopped_and_resumed_equals_uninterrupted(models, variant, stop_after, tmp_path):
+    model, make_text = models[variant]
+    path = tmp_path / "doc.txt"
+    path.write_text(make_text(173, seed=stop_after))
+    expected = model.run_one(path)
+    state = tmp_path / "run.state"
+    calls = []
+
+    def limit(done, total):
+        calls.append(done)
+        if len(calls) == stop_after:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_resumable(model, path, state_file=state, every=3, progress=limit)
+    assert state.is_file()
+    saved = model.restore_session(read_state(state))
+    assert 0 < saved.tokens < expected.tokens
+    run = run_resumable(model, path, state_file=state, every=3, resume=state)
+    same_answer(run.outputs[0], expected)
+    assert not state.exists()  # a completed run leaves no state behind
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_answer(models, encoder_export,
+                                                              tmp_path):
+    model, make_text = models["encoder"]
+    path = tmp_path / "long.txt"
+    path.write_text(make_text(30_000, seed=7))  # 3,000 segments: a few seconds
+    state = tmp_path / "run.state"
+    command = [sys.executable, "-m", "rmt_deploy.run", str(encoder_export), str(path),
+               "--json", "--threads", "1", "--state-file", str(state), "--state-every", "20"]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert process.poll() is None, "the run ended before it could be killed"
+    time.sleep(0.05)  # let it write a few more states, maybe mid-write
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    part = model.restore_session(read_state(state))  # whole: states are renamed into place
+    assert 0 < part.tokens < 30_000
+    resumed = subprocess.run([*command, "--resume", str(state)], env=ENV,
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    got = json.loads(resumed.stdout)
+    expected = model.run_one(path)
+    np.testing.assert_array_equal(np.float32(got["logits"]), expected.logits)
+    assert got["tokens"] == expected.tokens == 30_000
+    assert not state.exists()
+
+
+def test_cli_state_file_gives_the_plain_answer(encoder_export, tmp_path):
+    path = tmp_path / "doc.txt"
+    path.write_text(encoder_text(95, seed=1))
+    plain = report(invoke(encoder_export, path, "--json", "--threads", "1"))
+    state = tmp_path / "s.state"
+    saved = report(invoke(encoder_export, path, "--json", "--threads", "1", "--state-file",
+                          state, "--state-every", "1"))
+    assert saved["logits"] == plain["logits"] and saved["tokens"] == plain["tokens"] == 95
+    assert not state.exists()
+
+
+def stopped_state(model, path: Path, state: Path) -> Path:
+    def limit(_done, _total):
+        raise Stop
+
+    with pytest.raises(Stop):
+        run_resumable(model, path, state_file=state, every=2, progress=limit)
+    return state
+
+
+def test_resume_checks_the_model_and_the_input(models, encoder_export, decoder_export,
+                                               tmp_path):
+    model, make_text = models["encoder"]
+    path = tmp_path / "doc.txt"
+    path.write_text(make_text(120, seed=3))
+    state = stopped_state(model, path, tmp_path / "s.state")
+    other_input = tmp_path / "other.txt"
+    other_input.write_text(make_text(120, seed=4))  # as long, other words
+    shorter = tmp_path / "shorter.txt"
+    shorter.write_text(make_text(110, seed=3))
+    truncated = tmp_path / "truncated.state"
+    truncated.write_bytes(state.read_bytes()[:-40])
+    session_state = tmp_path / "session.state"
+    session = model.session()
+    session.feed("w1 w2")
+    session_state.write_bytes(session.save())
+    cases = [
+        ((encoder_export, other_input, "--resume", state), "another input"),
+        ((encoder_export, shorter, "--resume", state), "120 tokens"),
+        ((decoder_export, path, "--resume", state), "another model"),
+        ((encoder_export, path, "--resume", truncated), "truncated"),
+        ((encoder_export, path, "--resume", tmp_path / "missing.state"), "no such state"),
+        ((encoder_export, path, "--resume", session_state), "not a state written by rmt-run"),
+        ((encoder_export, path, "--state-file", state, "--generate", "3"), "--generate"),
+    ]
+    for args, words in cases:
+        result = invoke(*args)
+        assert result.exit_code == 1, (args, result.output)
+        message = result.stderr.strip()
+        assert "\n" not in message and "Traceback" not in result.output
+        assert message.startswith("rmt-run: error: ") and words in message, (args, message)
+    assert state.is_file()  # refused resumes leave the state as it was
+    run = run_resumable(model, path, state_file=None, every=2, resume=state)
+    same_answer(run.outputs[0], model.run_one(path))
+
+
+def test_resumable_run_refuses_bad_arguments(models, tmp_path):
+    model, _ = models["encoder"]
+    path = tmp_path / "doc.txt"
+    path.write_text("[CLS] [SEP]\n")
+    with pytest.raises(InputError, match=">= 1"):
+        run_resumable(model, path, state_file=None, every=0)
+    with pytest.raises(InputError, match="no tokens"):
+        run_resumable(model, path, state_file=None, every=1)
