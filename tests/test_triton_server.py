@@ -1,0 +1,259 @@
+"""A real Triton server (the tritonserver binary of .venv-triton, python backend) on
+127.0.0.1, checked against the local runtime on the same exports: one sequence, 16
+concurrent interleaved sequences, a sequence restarted with START, bad requests, and a
+server restart with a client that resumes from its saved progress.
+
+Skipped when .venv-triton is absent (bash scripts/setup_triton.sh), unless
+RMT_REQUIRE_TRITON=1 (CI), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tritonclient.http")
+
+from rmt_deploy.runtime import open_model  # noqa: E402
+from rmt_deploy.segmentation import content_id_range, segment_range, step_inputs  # noqa: E402
+from rmt_deploy.serving.client import TritonClient  # noqa: E402
+from rmt_deploy.serving.config import ServingOptions  # noqa: E402
+from rmt_deploy.serving.errors import ServingError, StateFileError  # noqa: E402
+from rmt_deploy.serving.progress import load_progress, save_progress  # noqa: E402
+from rmt_deploy.serving.repository import write_repository  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = Path(os.environ.get("RMT_TRITON_VENV", ROOT / ".venv-triton"))
+
+
+def _require_venv() -> None:
+    if (VENV / "bin" / "python").is_file():
+        return
+    message = f"no Triton environment at {VENV}: run bash scripts/setup_triton.sh"
+    if os.environ.get("RMT_REQUIRE_TRITON") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class Server:
+    """tritonserver started by scripts/triton_serve.sh, ready when constructed."""
+
+    def __init__(self, repo: Path, log: Path) -> None:
+        http, grpc, metrics = free_ports(3)
+        self.url = f"127.0.0.1:{http}"
+        self.log = log
+        with open(log, "ab") as out:
+            self.process = subprocess.Popen(
+                ["bash", str(ROOT / "scripts" / "triton_serve.sh"), str(repo),
+                 "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port",
+                 str(metrics), "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1",
+                 "--exit-timeout-secs", "5"],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_ready(repo)
+
+    def _wait_ready(self, repo: Path) -> None:
+        import tritonclient.http as http
+
+        client = http.InferenceServerClient(self.url)
+        models = [p.name for p in repo.iterdir()]
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                if all(client.is_model_ready(name) for name in models):
+                    return
+            except Exception:  # not listening yet
+                pass
+            time.sleep(0.2)
+        self.stop()
+        pytest.fail(f"tritonserver did not get ready: {self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def repo(encoder_export, decoder_export, tmp_path_factory) -> Path:
+    _require_venv()
+    repo = tmp_path_factory.mktemp("triton") / "repo"
+    write_repository(repo, encoder_export, ServingOptions(name="enc", max_batch_size=16))
+    write_repository(repo, decoder_export, ServingOptions(name="dec", max_batch_size=4))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(repo, tmp_path_factory):
+    running = Server(repo, tmp_path_factory.mktemp("logs") / "triton.log")
+    yield running
+    running.stop()
+
+
+def documents(config, lengths, seed: int) -> list[list[int]]:
+    low, high = content_id_range(config)
+    rng = np.random.default_rng(seed)
+    return [rng.integers(low, high, size=int(n)).tolist() for n in lengths]
+
+
+def assert_same(served, local) -> None:
+    assert (served.tokens, served.segments) == (local.tokens, local.segments)
+    if hasattr(local, "label"):
+        assert served.label == local.label
+        np.testing.assert_allclose(served.logits, local.logits, atol=1e-5)
+    else:
+        assert served.perplexity == pytest.approx(local.perplexity, rel=1e-5)
+    np.testing.assert_allclose(served.memory, local.memory, atol=1e-5)
+
+
+def test_one_sequence_equals_rmt_run(server, encoder_export, tmp_path):
+    text = " ".join(f"w{i % 40 + 3}" for i in range(333))
+    path = tmp_path / "doc.txt"
+    path.write_text(text)
+    local = open_model(encoder_export).run_one(path)
+    with TritonClient(encoder_export, server.url, "enc") as client:
+        result = client.run(path)
+        assert_same(result.output, local)
+        assert result.segments_sent == local.segments > 20
+        assert_same(client.run(text).output, local)
+
+
+def test_decoder_perplexity_equals_rmt_run(server, decoder_export):
+    (doc,) = documents(open_model(decoder_export).config, [47], seed=1)
+    local = open_model(decoder_export).run_one(doc)
+    with TritonClient(decoder_export, server.url, "dec") as client:
+        assert_same(client.run(doc).output, local)
+
+
+def test_16_concurrent_sequences_do_not_bleed(server, encoder_export):
+    model = open_model(encoder_export)
+    docs = documents(model.config, np.linspace(5, 400, 16), seed=2)
+    local = model.run(docs).outputs
+    served: list = [None] * len(docs)
+
+    def stream(index: int) -> None:
+        with TritonClient(encoder_export, server.url, "enc") as client:
+            served[index] = client.run(docs[index])
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(docs))]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    for result, expected in zip(served, local, strict=True):
+        assert_same(result.output, expected)
+    assert len({result.sequence_id for result in served}) == 16
+    total = sum(result.segments_sent for result in served)
+    with TritonClient(encoder_export, server.url, "enc") as client:
+        single = client.run(docs[-1])
+    print(f"\n16 concurrent sequences: {total} segments in {seconds:.2f} s = "
+          f"{total / seconds:.0f} segments/s; one sequence: {single.segments_per_second:.0f}/s")
+
+
+def test_start_restarts_a_sequence(server, encoder_export):
+    model = open_model(encoder_export)
+    first, second = documents(model.config, [60, 45], seed=3)
+    with TritonClient(encoder_export, server.url, "enc") as client:
+        for index in range(3):  # half a sequence, never ended
+            ids, mask = step_inputs([np.asarray(first[index * 10:(index + 1) * 10])],
+                                    model.config)
+            client.step(77, ids, mask, start=index == 0, end=False)
+        result = client.run(second, sequence_id=77)  # START again on the same id
+    assert_same(result.output, model.run_one(second))
+
+
+def test_bad_requests_fail_clearly_and_disturb_nothing(server, encoder_export, tmp_path):
+    model = open_model(encoder_export)
+    config = model.config
+    (doc,) = documents(config, [55], seed=4)
+    segments = [step_inputs([np.asarray(doc[slice(*segment_range(len(doc), i, config))])],
+                            config) for i in range(6)]
+    with TritonClient(encoder_export, server.url, "enc") as client:
+        for index in range(3):  # sequence 501 is open when the bad requests come
+            client.step(501, *segments[index], start=index == 0, end=False)
+        ids, mask = segments[0]
+        with pytest.raises(ServingError, match="must specify the START flag"):
+            client.step(502, ids, mask, start=False, end=False)
+        wrong = np.zeros((1, config.num_mem_tokens + 1, config.hidden_size), np.float32)
+        with pytest.raises(ServingError, match="memory_in"):
+            client.step(503, ids, mask, start=True, end=False, memory_in=wrong)
+        with pytest.raises(ServingError, match="token ids must lie in"):
+            client.step(504, ids + config.vocab_size, mask, start=True, end=True)
+        # Progress from another model, or truncated: refused before anything is sent.
+        progress = tmp_path / "progress.npz"
+        partial = client.run(doc, progress_file=progress)
+        saved = load_progress(progress, config)
+        save_progress(progress, type(saved)(**{**saved.__dict__, "model_id": "0" * 32}))
+        with pytest.raises(StateFileError, match="saved from another model"):
+            client.run(doc, progress_file=progress)
+        progress.write_bytes(progress.read_bytes()[:300])
+        with pytest.raises(StateFileError, match="damaged or truncated"):
+            client.run(doc, progress_file=progress)
+        with pytest.raises(StateFileError, match="another document"):
+            other = tmp_path / "other.npz"
+            client.run(doc[:-1], progress_file=other)  # writes it
+            client.run(doc, progress_file=other)
+        for index in range(3, 6):  # sequence 501 goes on as if nothing happened
+            logits, memory = client.step(501, *segments[index], start=False, end=index == 5)
+    local = model.run_one(doc)
+    np.testing.assert_allclose(logits[0], local.logits, atol=1e-5)
+    np.testing.assert_allclose(memory[0], local.memory, atol=1e-5)
+    assert_same(partial.output, local)
+
+
+def test_server_restart_resumes_from_saved_progress(repo, encoder_export, tmp_path):
+    model = open_model(encoder_export)
+    (doc,) = documents(model.config, [300], seed=5)
+    progress = tmp_path / "progress.npz"
+    server = Server(repo, tmp_path / "triton.log")
+    try:
+        with TritonClient(encoder_export, server.url, "enc") as client:
+            sent = []
+            step = client.step
+
+            def step_then_crash(*args, **kwargs):
+                if len(sent) == 12:
+                    server.stop()  # the server goes away mid-document
+                sent.append(args[0])
+                return step(*args, **kwargs)
+
+            client.step = step_then_crash
+            with pytest.raises(ServingError, match="cannot reach Triton"):
+                client.run(doc, progress_file=progress)
+        assert load_progress(progress, model.config).next_segment == 12
+    finally:
+        server.stop()
+    restarted = Server(repo, tmp_path / "triton2.log")
+    try:
+        with TritonClient(encoder_export, restarted.url, "enc") as client:
+            result = client.run(doc, progress_file=progress)
+    finally:
+        restarted.stop()
+    local = model.run_one(doc)
+    assert result.segments_sent == local.segments - 12
+    assert_same(result.output, local)
