@@ -60,7 +60,7 @@ def nodes_to_quantize(model, policy: Policy) -> list[str] | None:
     if not layers:
         raise ConfigError("the graph's transformer layers were not recognised (BERT- and "
                           "GPT-2-style names expected); INT8 needs them")
-    edge = {min(layers), max(layers)} if policy.skip_edge_layers and len(layers) > 2 else set()
+    edge = {min(layers), max(layers)} if policy.skip_edge_layers else set()
     chosen = []
     for node in model.graph.node:
         match = LAYER.search(node.name)
@@ -69,4 +69,19 @@ def nodes_to_quantize(model, policy: Policy) -> list[str] | None:
         is_linear = any(name in weights for name in node.input)
         if is_linear or policy.attention_matmuls:
             chosen.append(node.name)
+    if not chosen:
+        raise ConfigError(f"INT8 policy {policy.name} quantizes nothing in this "
+                          f"{len(layers)}-layer model; choose another --int8-policy")
     return chosen
+
+
+def applicable_policies(model) -> list[Policy]:
+    """The policies that quantize something in ``model``."""
+    applicable = []
+    for policy in POLICIES:
+        try:
+            nodes_to_quantize(model, policy)
+        except ConfigError:
+            continue
+        applicable.append(policy)
+    return applicable

@@ -15,12 +15,12 @@ import numpy as np
 
 from rmt_deploy.calibration.collect import CalibrationSteps, collect_steps
 from rmt_deploy.calibration.data import read_corpus
-from rmt_deploy.calibration.policies import POLICIES, Policy, policy_named
+from rmt_deploy.calibration.policies import Policy, applicable_policies, policy_named
 from rmt_deploy.calibration.quantize import int8_graph, prepare
 from rmt_deploy.errors import ValidationError
 from rmt_deploy.export.validate import check_onnx, compare
 from rmt_deploy.files import sha256_file
-from rmt_deploy.manifest import GraphSpec, Manifest, graph_key, step_tensors
+from rmt_deploy.manifest import STEP_GRAPH, GraphSpec, Manifest, graph_key, step_tensors
 from rmt_deploy.runtime.backends.base import StepEngine
 from rmt_deploy.runtime.tokens import ArraySource, TokenSource
 from rmt_deploy.spec import RMTConfig
@@ -41,6 +41,7 @@ class Int8Options:
 def add_int8(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str], stage: Path,
              options: Int8Options, log: Callable[[str], None]) -> None:
     """Write ``*.int8.onnx`` graphs into ``stage`` and record them in ``manifest``."""
+    import onnx
     from tokenizers import Tokenizer
 
     config = manifest.config
@@ -60,7 +61,8 @@ def add_int8(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str], 
         for name, file in graph_files.items():
             prepare(stage / file, prepared[name])
         candidates = ([policy_named(options.policy)] if options.policy != "auto"
-                      else list(POLICIES))
+                      else applicable_policies(onnx.load(str(prepared[STEP_GRAPH]),
+                                                         load_external_data=False)))
         table = {}
         for policy in candidates:
             table[policy.name] = _judge(policy, manifest, fp32, prepared, steps, judge,

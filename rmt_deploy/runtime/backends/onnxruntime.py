@@ -66,8 +66,8 @@ class OnnxRuntimeEngine(StepEngine):
         self.precision = precision
 
     def new_state(self, memory: np.ndarray) -> _State:
-        value = self._ort.OrtValue.ortvalue_from_numpy(
-            np.ascontiguousarray(memory, dtype=np.float32), self.device)
+        value = self._ort.OrtValue.ortvalue_from_numpy(  # a copy: it is written to
+            np.array(memory, dtype=np.float32, order="C"), self.device)
         spare = self._ort.OrtValue.ortvalue_from_shape_and_type(
             memory.shape, np.float32, self.device)
         return _State([value, spare])

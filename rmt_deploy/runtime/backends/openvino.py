@@ -73,7 +73,7 @@ class OpenVinoEngine(StepEngine):
                                        "re-export the model") from None
 
     def new_state(self, memory: np.ndarray) -> _State:
-        buffers = [self._ov.Tensor(np.ascontiguousarray(memory, dtype=np.float32)),
+        buffers = [self._ov.Tensor(np.array(memory, dtype=np.float32, order="C")),  # a copy
                    self._ov.Tensor(self._ov.Type.f32, memory.shape)]
         requests = {name: model.create_infer_request() for name, model in self._compiled.items()}
         return _State(requests, buffers)

@@ -1,0 +1,90 @@
+"""Calibration corpora: read from text or token ids, checked against the model."""
+
+import numpy as np
+import pytest
+
+from rmt_deploy.calibration.data import read_corpus
+from rmt_deploy.errors import InputError
+from rmt_deploy.manifest import read_manifest
+from rmt_deploy.runtime.opener import _tokenizer
+
+
+@pytest.fixture(scope="module")
+def model(encoder_export):
+    manifest = read_manifest(encoder_export)
+    return manifest.config, _tokenizer(manifest)
+
+
+def words(rng, n):
+    return " ".join(f"w{i}" for i in rng.integers(5, 45, n))
+
+
+def test_text_folder_gives_one_document_per_file_and_a_content_hash(model, tmp_path):
+    config, tokenizer = model
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        (tmp_path / f"doc{i}.txt").write_text(words(rng, 40 * config.segment_size))
+    (tmp_path / "notes.md").write_text("ignored: not .txt")
+    corpus = read_corpus(tmp_path, config, tokenizer)
+    assert len(corpus.documents) == 3
+    assert corpus.tokens == 3 * 40 * config.segment_size
+    assert corpus.describe(config)["segments"] == 120
+    again = read_corpus(tmp_path, config, tokenizer)
+    assert again.sha256 == corpus.sha256
+    (tmp_path / "doc1.txt").write_text(words(rng, 40 * config.segment_size))
+    assert read_corpus(tmp_path, config, tokenizer).sha256 != corpus.sha256
+
+
+def test_token_ids_in_npy_and_npz(model, tmp_path):
+    config, _ = model
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "rows.npy", rng.integers(5, 45, (4, 10 * config.segment_size)))
+    np.savez(tmp_path / "more.npz", a=rng.integers(5, 45, 20 * config.segment_size))
+    corpus = read_corpus(tmp_path, config, None)
+    assert sorted(len(d) for d in corpus.documents) == [10 * config.segment_size] * 4 + [
+        20 * config.segment_size]
+
+
+@pytest.mark.parametrize("amount, needed", [((1, 100), "at least 2 documents"),
+                                            ((3, 2), "32 segments")])
+def test_too_little_data_is_an_error(model, tmp_path, amount, needed):
+    config, _ = model
+    documents, segments = amount
+    np.save(tmp_path / "ids.npy",
+            np.random.default_rng(2).integers(5, 45, (documents, segments * config.segment_size)))
+    with pytest.raises(InputError, match=needed):
+        read_corpus(tmp_path / "ids.npy", config, None)
+
+
+def test_text_in_another_tokenizer_is_an_error(model, tmp_path):
+    config, tokenizer = model
+    (tmp_path / "a.txt").write_text("bonjour tout le monde " * 500)
+    with pytest.raises(InputError, match="unknown to the model's tokenizer"):
+        read_corpus(tmp_path, config, tokenizer)
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.full((2, 500), 999), r"must lie in \[0, 53\)"),
+    (np.zeros((2, 3, 400), dtype=np.int64), "shaped"),
+    (np.ones((2, 500)) * 7.0, "dtype float64"),
+])
+def test_ids_of_the_wrong_tokenizer_or_shape_are_errors(model, tmp_path, array, message):
+    config, _ = model
+    np.save(tmp_path / "ids.npy", array)
+    with pytest.raises(InputError, match=message):
+        read_corpus(tmp_path / "ids.npy", config, None)
+
+
+def test_unreadable_or_missing_inputs_are_errors(model, tmp_path):
+    config, tokenizer = model
+    (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(InputError, match="not a readable numpy file"):
+        read_corpus(tmp_path / "bad.npy", config, None)
+    with pytest.raises(InputError, match="no such calibration"):
+        read_corpus(tmp_path / "missing", config, tokenizer)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no .txt"):
+        read_corpus(tmp_path / "empty", config, tokenizer)
+    (tmp_path / "t.txt").write_text("w1 w2")
+    with pytest.raises(InputError, match="no tokenizer"):
+        read_corpus(tmp_path / "t.txt", config, None)

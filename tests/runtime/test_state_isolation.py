@@ -1,0 +1,32 @@
+"""A backend's state owns its buffers: running it never writes into the caller's array."""
+
+import numpy as np
+
+from rmt_deploy.manifest import read_manifest
+from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
+from rmt_deploy.segmentation import step_inputs
+
+
+def engines(manifest):
+    yield OnnxRuntimeEngine(manifest)
+    try:
+        from rmt_deploy.runtime.backends.openvino import OpenVinoEngine
+    except ImportError:
+        return
+    yield OpenVinoEngine(manifest, precision="fp32")
+
+
+def test_new_state_copies_the_memory_it_is_given(encoder_export):
+    manifest = read_manifest(encoder_export)
+    config = manifest.config
+    ids, mask = step_inputs([np.arange(5, 5 + config.segment_size)], config)
+    for engine in engines(manifest):
+        memory = manifest.load_initial_memory()[None]
+        before = memory.copy()
+        state = engine.new_state(memory)
+        for _ in range(3):
+            engine.step(state, ids, mask)
+        np.testing.assert_array_equal(memory, before, err_msg=engine.name)
+        assert not np.allclose(engine.memory(state), before)
+
+
