@@ -65,7 +65,7 @@ class Server:
                 ["bash", str(ROOT / "scripts" / "triton_serve.sh"), str(repo),
                  "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port",
                  str(metrics), "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1",
-                 "--exit-timeout-secs", "5"],
+                 "--exit-timeout-secs", "1"],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready(repo)
 
@@ -141,11 +141,27 @@ def test_one_sequence_equals_rmt_run(server, encoder_export, tmp_path):
         assert_same(client.run(text).output, local)
 
 
-def test_decoder_perplexity_equals_rmt_run(server, decoder_export):
+def test_decoder_perplexity_equals_rmt_run_and_resumes(server, decoder_export, tmp_path):
     (doc,) = documents(open_model(decoder_export).config, [47], seed=1)
     local = open_model(decoder_export).run_one(doc)
+    progress = tmp_path / "progress.npz"
     with TritonClient(decoder_export, server.url, "dec") as client:
         assert_same(client.run(doc).output, local)
+        step, calls = client.step, []
+
+        def stop_after_four(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > 4:
+                raise KeyboardInterrupt  # the client is stopped mid-document
+            return step(*args, **kwargs)
+
+        client.step = stop_after_four
+        with pytest.raises(KeyboardInterrupt):
+            client.run(doc, progress_file=progress)
+        client.step = step
+        resumed = client.run(doc, progress_file=progress)
+    assert resumed.segments_sent == local.segments - 4
+    assert_same(resumed.output, local)
 
 
 def test_16_concurrent_sequences_do_not_bleed(server, encoder_export):
