@@ -1,5 +1,6 @@
-"""Building TensorRT plans (10.x / 11.x API) from an export folder's graphs, FP16 where
-exported, else FP32: strongly typed networks, one optimization profile, a workspace
+"""Building TensorRT plans (10.x / 11.x API) from an export folder's graphs — the
+calibrated Q/DQ INT8 graphs where exported (explicit quantization), else FP16, else
+FP32: strongly typed networks, one optimization profile, a workspace
 limit, and a timing cache reused across builds. The plans and their build facts go into
 the manifest."""
 
@@ -24,6 +25,8 @@ from rmt_deploy.runtime.backends import _cuda
 from rmt_deploy.runtime.backends.tensorrt import import_tensorrt
 from rmt_deploy.runtime.backends.tensorrt_plan import PLAN_FILES, BatchProfile, profile_shapes
 
+ENGINE_PRECISIONS = ("int8", "fp16", "fp32")  # the first the export has is built
+
 
 @dataclass(frozen=True)
 class EngineOptions:
@@ -42,7 +45,8 @@ def build_engines(folder: str | Path, options: EngineOptions | None = None,
     gpu, capability = _cuda.device_name_and_capability()
     logger = trt.Logger(trt.Logger.WARNING)
     for graph in (STEP_GRAPH, READ_GRAPH):
-        spec = manifest.graphs.get(graph_key(graph, "fp16")) or manifest.graphs.get(graph)
+        keys = [graph_key(graph, precision) for precision in ENGINE_PRECISIONS]
+        spec = next((manifest.graphs[key] for key in keys if key in manifest.graphs), None)
         if spec is None:
             continue
         started = time.perf_counter()

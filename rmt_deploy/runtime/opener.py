@@ -18,7 +18,7 @@ def open_model(path: str | Path, backend: str | None = None, threads: int | None
     """Open an export folder, its ONNX graph or TensorRT plan, or a checkpoint (reference
     backend). ``backend`` defaults to the fastest one available for the model;
     ``cuda_graphs`` lets the TensorRT backend replay captured CUDA graphs; ``precision``
-    picks the export's fp32 or fp16 graphs for the ONNX backends.
+    picks the export's fp32, fp16 or int8 graphs for the ONNX backends.
     """
     path = Path(path)
     if backend is not None and backend not in BACKENDS:

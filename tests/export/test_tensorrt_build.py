@@ -157,3 +157,19 @@ def test_a_plan_recorded_for_another_gpu_is_refused_on_open(fake_gpu, tmp_path, 
     with pytest.raises(BackendError, match="built for NVIDIA A100"):
         open_model(folder / "model.plan")
     assert ("deserialize",) not in fake_gpu.calls
+
+
+def test_an_int8_export_builds_its_qdq_graph(fake_gpu, tmp_path, encoder_checkpoint):
+    import numpy as np
+
+    from rmt_deploy.export.pipeline import ExportOptions, export_checkpoint
+    from rmt_deploy.export.tensorrt_build import build_engines
+
+    data = tmp_path / "calibration.npy"
+    np.save(data, np.random.default_rng(0).integers(5, 45, (4, 200)))
+    folder = export_checkpoint(encoder_checkpoint, tmp_path / "enc", ExportOptions(
+        precision="int8", calibration=data, drift_segments=4, int8_policy="linear")).folder
+    manifest = build_engines(folder)
+    assert [call[1] for call in fake_gpu.calls if call[0] == "parse"] == ["model.int8.onnx"]
+    record = manifest.engines["step"]
+    assert record["precision"] == "int8" and record["source_graph"] == "model.int8.onnx"
