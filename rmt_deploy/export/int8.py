@@ -22,7 +22,7 @@ from rmt_deploy.export.validate import check_onnx, compare
 from rmt_deploy.files import sha256_file
 from rmt_deploy.manifest import STEP_GRAPH, GraphSpec, Manifest, graph_key, step_tensors
 from rmt_deploy.runtime.backends.base import StepEngine
-from rmt_deploy.runtime.tokens import ArraySource, TokenSource
+from rmt_deploy.runtime.tokens import ArraySource, TokenSource, manifest_tokenizer
 from rmt_deploy.spec import RMTConfig
 
 HOLD_OUT_EVERY = 4  # every 4th calibration document judges instead of calibrating
@@ -42,12 +42,9 @@ def add_int8(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str], 
              options: Int8Options, log: Callable[[str], None]) -> None:
     """Write ``*.int8.onnx`` graphs into ``stage`` and record them in ``manifest``."""
     import onnx
-    from tokenizers import Tokenizer
 
     config = manifest.config
-    tokenizer = (Tokenizer.from_file(str(manifest.path(manifest.tokenizer["file"])))
-                 if manifest.tokenizer else None)
-    corpus = read_corpus(options.calibration, config, tokenizer)
+    corpus = read_corpus(options.calibration, config, manifest_tokenizer(manifest))
     calibrate, judge = _split(corpus.documents)
     initial_memory = manifest.load_initial_memory()
     steps = collect_steps(fp32, initial_memory, calibrate, options.max_steps)

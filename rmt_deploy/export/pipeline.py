@@ -38,6 +38,7 @@ from rmt_deploy.manifest import (
 )
 from rmt_deploy.model.base import ATTENTION
 from rmt_deploy.model.checkpoint import AuthorsOptions, LoadedCheckpoint, load_checkpoint
+from rmt_deploy.runtime.tokens import plain_tokenizer
 
 GRAPH_FILES = {STEP_GRAPH: "model.onnx", READ_GRAPH: "generate.onnx"}
 TWO_GB = 2**31
@@ -112,7 +113,10 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
     np.save(stage / "memory_init.npy", initial_memory)
     tokenizer = None
     if loaded.tokenizer_json:
-        (stage / "tokenizer.json").write_text(loaded.tokenizer_json)
+        from tokenizers import Tokenizer
+
+        (stage / "tokenizer.json").write_text(
+            plain_tokenizer(Tokenizer.from_str(loaded.tokenizer_json)).to_str())
         tokenizer = {"file": "tokenizer.json", "sha256": sha256_file(stage / "tokenizer.json")}
     manifest = Manifest(
         config=config,

@@ -7,6 +7,7 @@ from pathlib import Path
 from rmt_deploy.errors import BackendError, ManifestError
 from rmt_deploy.manifest import MANIFEST_NAME, STEP_GRAPH, read_manifest
 from rmt_deploy.runtime.model import RMTModel
+from rmt_deploy.runtime.tokens import manifest_tokenizer, plain_tokenizer
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 EXPORT_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
@@ -68,7 +69,7 @@ def _open_export(path: Path, backend: str | None, threads: int | None,
         from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
 
         engine = OnnxRuntimeEngine(manifest, threads=threads, precision=precision)
-    return RMTModel(engine, manifest.load_initial_memory(), _tokenizer(manifest),
+    return RMTModel(engine, manifest.load_initial_memory(), manifest_tokenizer(manifest),
                     description=str(folder))
 
 
@@ -76,14 +77,6 @@ def _has_tensorrt() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorrt") is not None
-
-
-def _tokenizer(manifest):
-    if not manifest.tokenizer:
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(manifest.path(manifest.tokenizer["file"])))
 
 
 def _open_checkpoint(path: Path, backend: str | None, threads: int | None) -> RMTModel:
@@ -97,5 +90,6 @@ def _open_checkpoint(path: Path, backend: str | None, threads: int | None) -> RM
 
     loaded = load_checkpoint(path)
     engine = TorchEngine(loaded.rmt, threads=threads)
-    tokenizer = Tokenizer.from_str(loaded.tokenizer_json) if loaded.tokenizer_json else None
+    tokenizer = (plain_tokenizer(Tokenizer.from_str(loaded.tokenizer_json))
+                 if loaded.tokenizer_json else None)
     return RMTModel(engine, engine.initial_memory(), tokenizer, description=str(path))

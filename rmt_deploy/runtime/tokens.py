@@ -22,6 +22,22 @@ from rmt_deploy.spec import RMTConfig
 CHUNK_BYTES = 16384  # small: a tokenizer holds ~100 bytes per token of a chunk; measured flat RSS
 
 
+def plain_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
+    """``tokenizer`` with its own truncation and padding turned off: the runtime segments
+    inputs of any length itself, and a file's truncation (128 tokens in
+    sentence-transformers models) would silently drop text."""
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def manifest_tokenizer(manifest) -> Tokenizer | None:
+    """The export's tokenizer, plain (see :func:`plain_tokenizer`); None if it has none."""
+    if not manifest.tokenizer:
+        return None
+    return plain_tokenizer(Tokenizer.from_file(str(manifest.path(manifest.tokenizer["file"]))))
+
+
 class TokenSource(Protocol):
     """A document's cleaned token ids, readable by range."""
 

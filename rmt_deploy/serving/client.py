@@ -29,7 +29,13 @@ from rmt_deploy.manifest import (
 )
 from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput
 from rmt_deploy.runtime.scoring import PerplexityMeter, softmax
-from rmt_deploy.runtime.tokens import ArraySource, TokenSource, spool_file, text_source
+from rmt_deploy.runtime.tokens import (
+    ArraySource,
+    TokenSource,
+    manifest_tokenizer,
+    spool_file,
+    text_source,
+)
 from rmt_deploy.segmentation import count_segments, segment_range, step_inputs
 from rmt_deploy.serving.errors import ServingError, StateFileError
 from rmt_deploy.serving.identity import MODEL_ID_PARAMETER, model_identity
@@ -75,7 +81,7 @@ class TritonClient:
         manifest = read_manifest(export)
         self.config = manifest.config
         self.model_id = model_identity(manifest)
-        self.tokenizer = _tokenizer(manifest)
+        self.tokenizer = manifest_tokenizer(manifest)
         self.url, self.model = url, model
         self._client = http.InferenceServerClient(url, connection_timeout=timeout,
                                                   network_timeout=timeout)
@@ -231,11 +237,3 @@ class _Run:
             label=labels[int(logits.argmax())],
             scores={label: float(score) for label, score in zip(labels, scores, strict=True)},
             logits=logits, memory=memory, tokens=len(self.source), segments=segments)
-
-
-def _tokenizer(manifest):
-    if not manifest.tokenizer:
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(manifest.path(manifest.tokenizer["file"])))

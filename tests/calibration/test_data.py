@@ -6,13 +6,13 @@ import pytest
 from rmt_deploy.calibration.data import read_corpus
 from rmt_deploy.errors import InputError
 from rmt_deploy.manifest import read_manifest
-from rmt_deploy.runtime.opener import _tokenizer
+from rmt_deploy.runtime.tokens import manifest_tokenizer
 
 
 @pytest.fixture(scope="module")
 def model(encoder_export):
     manifest = read_manifest(encoder_export)
-    return manifest.config, _tokenizer(manifest)
+    return manifest.config, manifest_tokenizer(manifest)
 
 
 def words(rng, n):
