@@ -127,6 +127,13 @@ def speed(exports: dict[str, Path], authors, segments: int, batches: list[int],
     return rows
 
 
+#: The MiniLM-L6 RMT is untrained: its recurrence amplifies any perturbation (FP16 gives a
+#: memory cosine of 0.93 after 100 segments), so no INT8 policy passes rmt-export's gate
+#: on it (docs/calibration.md has every policy). It is exported with one policy and the
+#: gate off, to measure INT8 speed at this size.
+MINILM_INT8 = "linear-inner"
+
+
 def demo_accuracy(exports: dict[str, Path], segments: int, samples: int) -> list[dict]:
     """The demo task's accuracy and throughput per backend and precision, same samples."""
     from rmt_deploy.demo.evaluate import accuracy
@@ -298,9 +305,10 @@ def main() -> None:
         minilm["fp16"] = minilm["fp32"]
         export_checkpoint(checkpoint, minilm["fp16"], ExportOptions(
             authors=authors, validation_segments=8, precision="fp16", drift_segments=16))
-        export_checkpoint(checkpoint, minilm["int8"], ExportOptions(
+        export_checkpoint(checkpoint, minilm["int8"], ExportOptions(  # see MINILM_INT8
             authors=authors, validation_segments=8, precision="int8", drift_segments=100,
-            calibration=calibration_corpus(folder, demo=False)))
+            calibration=calibration_corpus(folder, demo=False), int8_policy=MINILM_INT8,
+            min_agreement=0.0))
         demo = {"fp32": folder / "demo-fp16", "int8": folder / "demo-int8"}
         demo["fp16"] = demo["fp32"]
         export_checkpoint(DEMO, demo["fp16"], ExportOptions(precision="fp16"))

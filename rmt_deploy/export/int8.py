@@ -161,5 +161,5 @@ def _choose(candidates: list[Policy], table: dict[str, Any], options: Int8Option
         f"no INT8 policy keeps the accuracy: the best ({best.name}) agrees with FP32 on "
         f"{agreement:.2%} of held-out closed-loop predictions, below "
         f"{options.min_agreement:.0%}; try more or longer calibration documents, "
-        "another --int8-policy, or export FP32/FP16 only")
+        "another --int8-policy, or export FP32/FP16 only (--min-agreement lowers the bar)")
 

@@ -1,8 +1,8 @@
 """A tokenizer file's own truncation (sentence-transformers ship 128) never drops text."""
 
+from conftest import bert_tokenizer_json, make_encoder
 from tokenizers import Tokenizer
 
-from conftest import bert_tokenizer_json, make_encoder
 from rmt_deploy.export.pipeline import ExportOptions, export_checkpoint
 from rmt_deploy.model.checkpoint import save_checkpoint
 from rmt_deploy.runtime import open_model
