@@ -139,11 +139,15 @@ def compare(reference: StepEngine, candidate: StepEngine, initial_memory: np.nda
             segments: int = 32, modes: tuple[str, ...] = ("open_loop", "closed_loop"),
             batches: Sequence[Sequence[TokenSource]] | None = None) -> dict[str, Any]:
     """Open- and closed-loop errors of ``candidate`` against ``reference``, over
-    ``batches`` of documents (default: :func:`validation_batches` of ``segments``)."""
+    ``batches`` of documents (default: :func:`validation_batches` of ``segments``);
+    ``segments`` in the result is the longest run's."""
     config = reference.config
     if batches is None:
         batches = [[ArraySource(d, config) for d in docs]
                    for docs in validation_batches(config, segments)]
+    else:
+        segments = max(count_segments(len(source), config)
+                       for sources in batches for source in sources)
     results = {}
     for mode in modes:
         paired = _Paired(reference, candidate, closed_loop=mode == "closed_loop")
@@ -151,8 +155,7 @@ def compare(reference: StepEngine, candidate: StepEngine, initial_memory: np.nda
             run_segments(paired, sources, np.concatenate([initial_memory] * 2, axis=-1),
                          lambda *args: None)
         results[mode] = paired.stats.to_dict()
-    results["segments"] = max(count_segments(len(source), config)
-                              for sources in batches for source in sources)
+    results["segments"] = segments
     results["batches"] = [len(sources) for sources in batches]
     return results
 
