@@ -20,7 +20,7 @@ COPY docker/entrypoint.sh /usr/local/bin/rmt-entrypoint
 # CPU wheel is swapped for the GPU one (both install the same module).
 RUN python -m pip install --upgrade pip \
  && python -m pip install torch --index-url https://download.pytorch.org/whl/cu128 \
- && python -m pip install ".[export]" cuda-python \
+ && python -m pip install ".[export,serving]" cuda-python \
  && python -m pip uninstall -y onnxruntime \
  && python -m pip install onnxruntime-gpu \
  && python -c "import tensorrt, onnxruntime, rmt_deploy; print('tensorrt', tensorrt.__version__, onnxruntime.get_available_providers())"
