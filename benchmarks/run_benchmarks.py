@@ -160,6 +160,8 @@ def int8_summary(export: Path) -> dict:
     record = json.loads((export / "rmt.json").read_text())["validation"]["int8"]
     return {"policy": record["policy"], "calibration": record["calibration"],
             "candidates": {name: {"agreement": row["errors"]["closed_loop"]["agreement"],
+                                  "one_step_memory_cosine":
+                                      row["errors"]["open_loop"]["min_memory_cosine"],
                                   "min_memory_cosine":
                                       row["errors"]["closed_loop"]["min_memory_cosine"],
                                   "memory_max_abs":
@@ -282,11 +284,13 @@ def write_markdown(report: dict, path: Path) -> None:
         segments = next(iter(summary["candidates"].values()))["segments"]
         lines += ["", f"## INT8 policies, {title} (rmt-export --precision int8; closed loop "
                   f"vs FP32 on held-out calibration documents, {segments} segments)", "",
-                  "| policy | agreement | worst memory cosine | memory max abs | speed vs fp32 "
-                  "(batch 1) |", "|---|---|---|---|---|"]
+                  "| policy | agreement | worst memory cosine (one step) | worst memory cosine "
+                  "(closed loop) | memory max abs | speed vs fp32 (batch 1) |",
+                  "|---|---|---|---|---|---|"]
         for name, row in summary["candidates"].items():
             chosen = " (chosen)" if name == summary["policy"] else ""
             lines.append(f"| {name}{chosen} | {row['agreement']:.2%} | "
+                         f"{row['one_step_memory_cosine']:.4f} | "
                          f"{row['min_memory_cosine']:.4f} | {row['memory_max_abs']:.3g} | "
                          f"{row['speedup']:.2f}x |")
     lines += ["", "## Fixed memory: peak RSS of `rmt-run` on the demo model", "",

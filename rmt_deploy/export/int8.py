@@ -111,6 +111,10 @@ def _judge(policy: Policy, manifest: Manifest, fp32: StepEngine, prepared: dict[
         results = compare(fp32, candidate, initial_memory, modes=("closed_loop",),
                           batches=_judging_batches(judge, manifest.config,
                                                    options.drift_segments))
+        # one step from FP32's own memory: the quantization error before it compounds
+        results["open_loop"] = compare(fp32, candidate, initial_memory, modes=("open_loop",),
+                                       batches=_judging_batches(judge, manifest.config, 0)
+                                       )["open_loop"]
         speed = {"fp32_ms": _ms_per_step(fp32, steps), "int8_ms": _ms_per_step(candidate, steps)}
     finally:
         for key in key_graphs:
@@ -122,11 +126,15 @@ def _judge(policy: Policy, manifest: Manifest, fp32: StepEngine, prepared: dict[
 def _judging_batches(judge: list[TokenSource], config: RMTConfig, drift_segments: int
                      ) -> list[list[TokenSource]]:
     """The held-out documents as they are, then one long document that runs through them
-    again and again for ``drift_segments`` segments (recurrence far past their length)."""
+    again and again for ``drift_segments`` segments (recurrence far past their length),
+    if ``drift_segments`` is not 0."""
+    batches = [judge[i : i + 16] for i in range(0, len(judge), 16)]
+    if not drift_segments:
+        return batches
     ids = np.concatenate([document.tokens(0, len(document)) for document in judge])
     repeats = -(-drift_segments * config.segment_size // len(ids))
     long = ArraySource(np.tile(ids, repeats)[: drift_segments * config.segment_size], config)
-    return [judge[i : i + 16] for i in range(0, len(judge), 16)] + [[long]]
+    return [*batches, [long]]
 
 
 def _ms_per_step(engine: StepEngine, steps: CalibrationSteps, repeats: int = 10) -> float:
@@ -142,8 +150,9 @@ def _ms_per_step(engine: StepEngine, steps: CalibrationSteps, repeats: int = 10)
 
 
 def _describe(policy: Policy, row: dict[str, Any]) -> str:
-    drift = row["errors"]["closed_loop"]
-    return (f"int8 {policy.name}: predictions agree {drift['agreement']:.2%}, memory cosine "
+    drift, step = row["errors"]["closed_loop"], row["errors"]["open_loop"]
+    return (f"int8 {policy.name}: one step: memory cosine >= {step['min_memory_cosine']:.4f}; "
+            f"closed loop: predictions agree {drift['agreement']:.2%}, memory cosine "
             f">= {drift['min_memory_cosine']:.4f}, memory max abs "
             f"{drift['max_abs']['memory_out']:.2e} over {row['errors']['segments']} held-out "
             f"segments; {row['int8_ms']:.2f} ms/step vs fp32 {row['fp32_ms']:.2f} "

@@ -61,6 +61,9 @@ def test_every_applicable_policy_is_measured_and_the_choice_recorded(int8_export
         closed = row["errors"]["closed_loop"]
         assert 0 <= closed["agreement"] <= 1 and closed["min_memory_cosine"] <= 1
         assert closed["max_abs"]["memory_out"] > 0  # quantized: not bit-equal to FP32
+        one_step = row["errors"]["open_loop"]  # from FP32's memory each step
+        assert 0 < one_step["max_abs"]["memory_out"] <= closed["max_abs"]["memory_out"]
+        assert closed["min_memory_cosine"] <= one_step["min_memory_cosine"] <= 1
         assert row["int8_ms"] > 0 and row["fp32_ms"] > 0
         assert row["speedup"] == pytest.approx(row["fp32_ms"] / row["int8_ms"], rel=1e-2)
         assert row["errors"]["segments"] == 40
