@@ -71,7 +71,11 @@ def test_every_applicable_policy_is_measured_and_the_choice_recorded(int8_export
     passing = [name for name, row in record["candidates"].items()
                if row["errors"]["closed_loop"]["agreement"] >= record["min_agreement"]]
     assert record["policy"] in passing
-    assert chosen["speedup"] == max(record["candidates"][n]["speedup"] for n in passing)
+    fastest = max(record["candidates"][n]["speedup"] for n in passing)
+    assert chosen["speedup"] >= 0.95 * fastest
+    close = [n for n in passing if record["candidates"][n]["speedup"] >= 0.95 * fastest]
+    assert chosen["errors"]["closed_loop"]["min_memory_cosine"] == max(
+        record["candidates"][n]["errors"]["closed_loop"]["min_memory_cosine"] for n in close)
     calibration = record["calibration"]
     assert calibration["documents"] == 8 and calibration["held_out_documents"] == 2
     assert calibration["steps"] == 6 * 20 and calibration["deepest_segment"] == 19
