@@ -90,6 +90,9 @@ def _positive(_ctx, _param, value):
               "whose closed-loop predictions agree with FP32.")
 @click.option("--calibration-steps", type=click.IntRange(min=8), default=256,
               show_default=True, help="INT8: recorded steps used to calibrate.")
+@click.option("--calibration-method", type=click.Choice(["minmax", "percentile"]),
+              default="minmax", show_default=True, help="INT8: activation ranges from the "
+              "calibration steps' extremes, or their 99.999th percentile (clips outliers).")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True,
               help="Share of closed-loop predictions an FP16/INT8 graph must share with FP32.")
 @click.option("--convert", type=click.Path(path_type=Path), metavar="OUT.pt",
@@ -107,7 +110,8 @@ def _positive(_ctx, _param, value):
 @_user_errors("rmt-export")
 def export_main(checkpoint, output, base_model, input_size, segment_size, labels, atol,
                 closed_loop_atol, validation_segments, precision, drift_segments,
-                calibration, int8_policy, calibration_steps, min_agreement, convert, engine,
+                calibration, int8_policy, calibration_steps, calibration_method,
+                min_agreement, convert, engine,
                 batch_profile,
                 workspace_mb, timing_cache, threads, quiet):
     """Export CHECKPOINT's segment step to a validated ONNX graph and a manifest.
@@ -136,7 +140,8 @@ def export_main(checkpoint, output, base_model, input_size, segment_size, labels
                             validation_segments=validation_segments, threads=threads,
                             precision=precision, drift_segments=drift_segments,
                             calibration=calibration, int8_policy=int8_policy,
-                            calibration_steps=calibration_steps, min_agreement=min_agreement)
+                            calibration_steps=calibration_steps,
+                            calibration_method=calibration_method, min_agreement=min_agreement)
     engine_options = None
     if engine:
         from rmt_deploy.export.tensorrt_build import EngineOptions

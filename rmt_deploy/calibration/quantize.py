@@ -3,7 +3,7 @@ the FP32 graph and the recorded calibration steps.
 
 Activations and weights are signed INT8 with zero point 0 (symmetric), weights per
 output channel: the form TensorRT's explicit quantization consumes, and one ONNX
-Runtime and OpenVINO run on CPU. Ranges are the calibration data's min/max.
+Runtime and OpenVINO run on CPU. Ranges come from the recorded calibration steps.
 """
 
 from __future__ import annotations
@@ -22,8 +22,14 @@ def prepare(source: Path, target: Path) -> None:
     quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
 
 
-def int8_graph(prepared: Path, target: Path, steps: CalibrationSteps, policy: Policy) -> None:
-    """Write the Q/DQ INT8 graph of ``prepared`` under ``policy``."""
+METHODS = ("minmax", "percentile")  # activation ranges: extremes, or 99.999th percentile
+
+
+def int8_graph(prepared: Path, target: Path, steps: CalibrationSteps, policy: Policy,
+               method: str = "minmax") -> None:
+    """Write the Q/DQ INT8 graph of ``prepared`` under ``policy``, with activation ranges
+    from the recorded steps' extremes (``minmax``) or their 99.999th percentile
+    (``percentile``: outliers clipped)."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -47,7 +53,9 @@ def int8_graph(prepared: Path, target: Path, steps: CalibrationSteps, policy: Po
         quantize_static(
             str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-            calibrate_method=CalibrationMethod.MinMax, nodes_to_quantize=nodes,
+            calibrate_method={"minmax": CalibrationMethod.MinMax,
+                              "percentile": CalibrationMethod.Percentile}[method],
+            nodes_to_quantize=nodes,
             op_types_to_quantize=None if policy.everything else ["MatMul", "Gemm"],
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
     finally:

@@ -37,6 +37,7 @@ class Int8Options:
     max_steps: int = 256  # calibration steps kept (a uniform sample over all depths)
     min_agreement: float = 0.99  # closed-loop argmax agreement with FP32 on held-out data
     drift_segments: int = 1000  # the long closed-loop run through the held-out documents
+    method: str = "minmax"  # activation ranges: "minmax" or "percentile" (outliers clipped)
     threads: int | None = None
 
 
@@ -81,7 +82,7 @@ def add_int8(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str], 
         "policy": chosen.name, "policy_description": chosen.description,
         "reference": "fp32 graph on onnxruntime", "min_agreement": options.min_agreement,
         "calibration": {**corpus.describe(config), **steps.describe(),
-                        "held_out_documents": len(judge), "method": "minmax"},
+                        "held_out_documents": len(judge), "method": options.method},
         "candidates": table, **table[chosen.name]["errors"],
     }
 
@@ -102,7 +103,7 @@ def _judge(policy: Policy, manifest: Manifest, fp32: StepEngine, prepared: dict[
     key_graphs = {}
     for name, source in prepared.items():
         target = work / f"{name}.{policy.name}.onnx"
-        int8_graph(source, target, steps, policy)
+        int8_graph(source, target, steps, policy, options.method)
         check_onnx(target)
         inputs, outputs = step_tensors(manifest.config, name)
         key_graphs[graph_key(name, "int8")] = GraphSpec(

@@ -12,6 +12,7 @@ import numpy as np
 
 from rmt_deploy import __version__
 from rmt_deploy.calibration.policies import policy_named
+from rmt_deploy.calibration.quantize import METHODS
 from rmt_deploy.errors import ConfigError, RmtError
 from rmt_deploy.export.folder import check_target
 from rmt_deploy.export.int8 import Int8Options, add_int8
@@ -59,6 +60,7 @@ class ExportOptions:
     calibration: Path | None = None  # INT8: calibration documents (file or folder)
     int8_policy: str = "auto"  # INT8: a policy name, or the most quantized that passes
     calibration_steps: int = 256  # INT8: recorded steps kept for calibration
+    calibration_method: str = "minmax"  # INT8: activation ranges, "minmax" or "percentile"
 
 
 def default_output(checkpoint: Path) -> Path:
@@ -147,9 +149,11 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
         _add_fp16(manifest, candidate, names, stage, options, log)
     elif options.precision == "int8":
         add_int8(manifest, candidate, {name: GRAPH_FILES[name] for name in names}, stage,
-                 Int8Options(options.calibration, options.int8_policy,
-                             options.calibration_steps, options.min_agreement,
-                             options.drift_segments, options.threads), log)
+                 Int8Options(options.calibration, policy=options.int8_policy,
+                             max_steps=options.calibration_steps,
+                             min_agreement=options.min_agreement,
+                             drift_segments=options.drift_segments,
+                             method=options.calibration_method, threads=options.threads), log)
     write_manifest(manifest, stage)
 
 
@@ -165,6 +169,9 @@ def _check_precision(options: ExportOptions) -> None:
             raise ConfigError(f"{options.calibration}: no such calibration file or folder")
         if options.int8_policy != "auto":
             policy_named(options.int8_policy)
+        if options.calibration_method not in METHODS:
+            raise ConfigError(f"unknown calibration method {options.calibration_method!r}; "
+                              f"use one of {', '.join(METHODS)}")
     elif options.calibration is not None:
         raise ConfigError("--calibration is only used with --precision int8")
 

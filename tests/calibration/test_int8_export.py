@@ -31,7 +31,7 @@ def int8_exports(encoder_checkpoint, decoder_checkpoint, tmp_path_factory):
             precision="int8", calibration=encoder_data, drift_segments=40)),
         "decoder": export_checkpoint(decoder_checkpoint, folder / "decoder", ExportOptions(
             precision="int8", calibration=decoder_data, drift_segments=40,
-            int8_policy="linear")),
+            int8_policy="linear", calibration_method="percentile")),
         "data": encoder_data,
     }
 
@@ -82,6 +82,7 @@ def test_every_applicable_policy_is_measured_and_the_choice_recorded(int8_export
     assert len(calibration["sha256"]) == 64 and calibration["tokens"] == 8 * 200
     decoder = int8_exports["decoder"].validation["int8"]
     assert decoder["policy"] == "linear" and list(decoder["candidates"]) == ["linear"]
+    assert calibration["method"] == "minmax" and decoder["calibration"]["method"] == "percentile"
     assert "read_logits" in decoder["closed_loop"]["max_abs"]
 
 
@@ -112,6 +113,8 @@ def test_a_policy_that_loses_accuracy_is_an_error_and_writes_nothing(
     (dict(precision="fp32", calibration="."), "only used with --precision int8"),
     (dict(precision="int8", calibration=".", int8_policy="all"), "unknown INT8 policy"),
     (dict(precision="int4"), "unknown precision"),
+    (dict(precision="int8", calibration=".", calibration_method="entropy"),
+     "unknown calibration method"),
 ])
 def test_bad_int8_options_fail_before_anything_is_written(encoder_checkpoint, tmp_path,
                                                           options, message):
@@ -134,3 +137,29 @@ def test_cli_int8_errors_are_one_line(encoder_checkpoint, tmp_path):
         "--calibration", str(too_little), "-q"])
     assert result.exit_code == 1 and "at least 2 documents" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_percentile_ranges_clip_what_minmax_keeps(encoder_export, tmp_path):
+    from rmt_deploy.calibration.collect import collect_steps
+    from rmt_deploy.calibration.policies import policy_named
+    from rmt_deploy.calibration.quantize import int8_graph, prepare
+    from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
+    from rmt_deploy.runtime.tokens import ArraySource
+
+    manifest = read_manifest(encoder_export)
+    rng = np.random.default_rng(3)
+    sources = [ArraySource(rng.integers(5, 45, 200), manifest.config) for _ in range(4)]
+    steps = collect_steps(OnnxRuntimeEngine(manifest), manifest.load_initial_memory(), sources)
+    prepare(encoder_export / "model.onnx", tmp_path / "prepared.onnx")
+    scales = {}
+    for method in ("minmax", "percentile"):
+        int8_graph(tmp_path / "prepared.onnx", tmp_path / f"{method}.onnx", steps,
+                   policy_named("linear"), method)
+        model = onnx.load(str(tmp_path / f"{method}.onnx"))
+        scales[method] = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+                          if t.name.endswith("_scale") and t.dims == []}
+    assert scales["minmax"].keys() == scales["percentile"].keys()
+    clipped = [name for name in scales["minmax"]
+               if scales["percentile"][name] < scales["minmax"][name] * (1 - 1e-6)]
+    assert clipped and all(scales["percentile"][n] <= scales["minmax"][n] * (1 + 1e-6)
+                           for n in scales["minmax"])
