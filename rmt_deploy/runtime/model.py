@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
@@ -19,15 +18,13 @@ from rmt_deploy.files import sha256_file
 from rmt_deploy.manifest import MANIFEST_NAME
 from rmt_deploy.runtime.backends.base import StepEngine
 from rmt_deploy.runtime.loop import run_segments
-from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput, Run
+from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput, Run, encoder_output
 from rmt_deploy.runtime.scoring import PerplexityMeter
-from rmt_deploy.runtime.session import StreamSession, encoder_output
-from rmt_deploy.runtime.tokens import ArraySource, TokenSource, spool_file, text_source
+from rmt_deploy.runtime.session import StreamSession
+from rmt_deploy.runtime.tokens import Document, TokenSource, document_source
 from rmt_deploy.segmentation import count_segments, segment_range
 from rmt_deploy.spec import RMTConfig
 
-#: A document: text (str), a text file (Path), a binary stream, or token ids.
-Document = str | Path | BinaryIO | Sequence[int] | np.ndarray
 #: ``progress(segments_done, segments_total)``.
 Progress = Callable[[int, int], None]
 
@@ -85,7 +82,9 @@ class RMTModel:
             raise InputError("generation needs a decoder RMT; this model is an encoder")
         started = time.perf_counter()
         with ExitStack() as stack:
-            sources = [self._source(doc, index, stack) for index, doc in enumerate(documents)]
+            sources = [document_source(doc, self.tokenizer, self.config, stack,
+                                       f"document {index}")
+                       for index, doc in enumerate(documents)]
             if self.config.is_encoder:
                 outputs = self._run_encoder(sources, progress)
             else:
@@ -97,26 +96,6 @@ class RMTModel:
                 progress: Progress | None = None) -> EncoderOutput | DecoderOutput:
         """Run a single document."""
         return self.run([document], generate, progress).outputs[0]
-
-    def _source(self, doc: Document, index: int, stack: ExitStack) -> TokenSource:
-        if isinstance(doc, (str, Path)) or hasattr(doc, "read"):
-            if self.tokenizer is None:
-                raise InputError("this model has no tokenizer; pass token ids")
-            if isinstance(doc, str):
-                source = text_source(doc, self.tokenizer, self.config)
-            else:
-                source = stack.enter_context(spool_file(doc, self.tokenizer, self.config))
-        else:
-            try:
-                source = ArraySource(doc, self.config)
-            except (TypeError, ValueError):
-                raise InputError(f"document {index}: expected text, a file path or token "
-                                 f"ids, got {type(doc).__name__}") from None
-            except InputError as error:
-                raise InputError(f"document {index}: {error}") from None
-        if len(source) == 0:
-            raise InputError(f"document {index} has no tokens after removing special tokens")
-        return source
 
     def _tracker(self, sources: Sequence[TokenSource], progress: Progress | None):
         total = max(count_segments(len(s), self.config) for s in sources)

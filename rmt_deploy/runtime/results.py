@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rmt_deploy.runtime.scoring import softmax
+from rmt_deploy.segmentation import count_segments
+from rmt_deploy.spec import RMTConfig
+
 
 @dataclass(frozen=True)
 class EncoderOutput:
@@ -51,3 +55,15 @@ class Run:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+def encoder_output(config: RMTConfig, logits: np.ndarray, memory: np.ndarray,
+                   tokens: int) -> EncoderOutput:
+    """An encoder's result from its last segment's logits."""
+    logits = np.asarray(logits, dtype=np.float32)
+    scores = softmax(logits.astype(np.float64))
+    return EncoderOutput(
+        label=config.labels[int(logits.argmax())],
+        scores={label: float(score) for label, score in zip(config.labels, scores, strict=True)},
+        logits=logits, memory=memory, tokens=tokens, segments=count_segments(tokens, config),
+    )

@@ -30,8 +30,8 @@ import numpy as np
 
 from rmt_deploy.errors import InputError
 from rmt_deploy.runtime.batcher import Runner, direct_runner
-from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput
-from rmt_deploy.runtime.scoring import PerplexityMeter, softmax
+from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput, encoder_output
+from rmt_deploy.runtime.scoring import PerplexityMeter
 from rmt_deploy.runtime.state import pack, unpack
 from rmt_deploy.runtime.tokens import ArraySource, TextStream
 from rmt_deploy.segmentation import count_segments, strip_special, usable_tokens
@@ -45,18 +45,6 @@ STATE_VERSION = 1
 #: What a session is fed: text (str or UTF-8 bytes) or token ids.
 Piece = str | bytes | bytearray | Sequence[int] | np.ndarray
 Output = EncoderOutput | DecoderOutput
-
-
-def encoder_output(config: RMTConfig, logits: np.ndarray, memory: np.ndarray,
-                   tokens: int) -> EncoderOutput:
-    """An encoder's result from its last segment's logits."""
-    logits = np.asarray(logits, dtype=np.float32)
-    scores = softmax(logits.astype(np.float64))
-    return EncoderOutput(
-        label=config.labels[int(logits.argmax())],
-        scores={label: float(score) for label, score in zip(config.labels, scores, strict=True)},
-        logits=logits, memory=memory, tokens=tokens, segments=count_segments(tokens, config),
-    )
 
 
 class _Meter(PerplexityMeter):

@@ -9,6 +9,7 @@ import os
 import tempfile
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -253,3 +254,31 @@ class TextStream:
             return np.zeros(0, dtype=np.int64)
         return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids,
                           dtype=np.int64)
+
+
+#: A document: text, a text file, a binary stream, or token ids.
+Document = str | Path | BinaryIO | Sequence[int] | np.ndarray
+
+
+def document_source(document: Document, tokenizer: Tokenizer | None, config: RMTConfig,
+                    stack: ExitStack, what: str = "the document") -> TokenSource:
+    """The token source of any document; a file is spooled and closed with ``stack``.
+    ``what`` names the document in errors."""
+    if isinstance(document, (str, Path)) or hasattr(document, "read"):
+        if tokenizer is None:
+            raise InputError("this model has no tokenizer; pass token ids")
+        if isinstance(document, str):
+            source = text_source(document, tokenizer, config)
+        else:
+            source = stack.enter_context(spool_file(document, tokenizer, config))
+    else:
+        try:
+            source = ArraySource(document, config)
+        except (TypeError, ValueError):
+            raise InputError(f"{what}: expected text, a file path or token ids, got "
+                             f"{type(document).__name__}") from None
+        except InputError as error:
+            raise InputError(f"{what}: {error}") from None
+    if len(source) == 0:
+        raise InputError(f"{what} has no tokens after removing special tokens")
+    return source

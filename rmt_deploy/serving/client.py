@@ -14,11 +14,9 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
-from rmt_deploy.errors import InputError
 from rmt_deploy.manifest import (
     ATTENTION_MASK,
     INPUT_IDS,
@@ -27,15 +25,9 @@ from rmt_deploy.manifest import (
     MEMORY_OUT,
     read_manifest,
 )
-from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput
-from rmt_deploy.runtime.scoring import PerplexityMeter, softmax
-from rmt_deploy.runtime.tokens import (
-    ArraySource,
-    TokenSource,
-    manifest_tokenizer,
-    spool_file,
-    text_source,
-)
+from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput, encoder_output
+from rmt_deploy.runtime.scoring import PerplexityMeter
+from rmt_deploy.runtime.tokens import Document, TokenSource, document_source, manifest_tokenizer
 from rmt_deploy.segmentation import count_segments, segment_range, step_inputs
 from rmt_deploy.serving.errors import ServingError, StateFileError
 from rmt_deploy.serving.identity import MODEL_ID_PARAMETER, model_identity
@@ -45,9 +37,6 @@ from rmt_deploy.serving.progress import (
     load_progress,
     save_progress,
 )
-
-#: A document: text, a text file, a binary stream, or token ids (as RMTModel.run takes).
-Document = str | Path | BinaryIO | list[int] | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -113,7 +102,7 @@ class TritonClient:
         started = time.perf_counter()
         sequence_id = sequence_id or secrets.randbits(63) or 1
         with ExitStack() as stack:
-            source = self._source(document, stack)
+            source = document_source(document, self.tokenizer, self.config, stack)
             digest = document_digest(source, self.config) if progress_file else ""
             saved = self._resume(progress_file, digest, len(source))
             run = _Run(self, source, sequence_id, saved)
@@ -138,20 +127,6 @@ class TritonClient:
             raise StateFileError(f"{progress_file}: saved for another document; pass the "
                                  "same input or delete the file to start over")
         return saved
-
-    def _source(self, document: Document, stack: ExitStack) -> TokenSource:
-        if isinstance(document, (str, Path)) or hasattr(document, "read"):
-            if self.tokenizer is None:
-                raise InputError("this export has no tokenizer; pass token ids")
-            if isinstance(document, str):
-                source = text_source(document, self.tokenizer, self.config)
-            else:
-                source = stack.enter_context(spool_file(document, self.tokenizer, self.config))
-        else:
-            source = ArraySource(document, self.config)
-        if len(source) == 0:
-            raise InputError("the document has no tokens after removing special tokens")
-        return source
 
     def step(self, sequence_id: int, input_ids: np.ndarray, attention_mask: np.ndarray,
              start: bool, end: bool, memory_in: np.ndarray | None = None
@@ -230,10 +205,4 @@ class _Run:
         if not self.config.is_encoder:
             return DecoderOutput(perplexity=self.meter.perplexity, tokens=len(self.source),
                                  segments=segments, memory=memory)
-        labels = self.config.labels
-        logits = np.asarray(self.logits, dtype=np.float32)
-        scores = softmax(logits.astype(np.float64))
-        return EncoderOutput(
-            label=labels[int(logits.argmax())],
-            scores={label: float(score) for label, score in zip(labels, scores, strict=True)},
-            logits=logits, memory=memory, tokens=len(self.source), segments=segments)
+        return encoder_output(self.config, self.logits, memory, len(self.source))
