@@ -12,15 +12,13 @@ import argparse
 import contextlib
 import json
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 
 from rmt_deploy.runtime import open_model
 from rmt_deploy.segmentation import content_id_range
-from rmt_deploy.serving.client import TritonClient
+from rmt_deploy.serving.client import TritonClient, stream_concurrently
 
 
 class _Stop(Exception):
@@ -47,19 +45,7 @@ def main() -> None:
     with TritonClient(args.model, args.url, args.name) as client:
         single = client.run(docs[-1])
         keeps_memory = client.keeps_memory
-    served: list = [None] * len(docs)
-
-    def stream(index: int) -> None:
-        with TritonClient(args.model, args.url, args.name) as client:
-            served[index] = client.run(docs[index])
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(docs))]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
+    served, seconds = stream_concurrently(args.model, args.url, args.name, docs)
     segments = sum(result.segments_sent for result in served)
     key = "logits" if config.is_encoder else "perplexity"
     differences = [np.abs(np.asarray(getattr(s.output, key)) - getattr(o, key)).max()

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ pytest.importorskip("tritonclient.http")
 
 from rmt_deploy.runtime import open_model  # noqa: E402
 from rmt_deploy.segmentation import content_id_range, segment_range, step_inputs  # noqa: E402
-from rmt_deploy.serving.client import TritonClient  # noqa: E402
+from rmt_deploy.serving.client import TritonClient, stream_concurrently  # noqa: E402
 from rmt_deploy.serving.config import ServingOptions  # noqa: E402
 from rmt_deploy.serving.errors import ServingError, StateFileError  # noqa: E402
 from rmt_deploy.serving.progress import load_progress, save_progress  # noqa: E402
@@ -168,19 +167,7 @@ def test_16_concurrent_sequences_do_not_bleed(server, encoder_export):
     model = open_model(encoder_export)
     docs = documents(model.config, np.linspace(5, 400, 16), seed=2)
     local = model.run(docs).outputs
-    served: list = [None] * len(docs)
-
-    def stream(index: int) -> None:
-        with TritonClient(encoder_export, server.url, "enc") as client:
-            served[index] = client.run(docs[index])
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(docs))]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
+    served, seconds = stream_concurrently(encoder_export, server.url, "enc", docs)
     for result, expected in zip(served, local, strict=True):
         assert_same(result.output, expected)
     assert len({result.sequence_id for result in served}) == 16

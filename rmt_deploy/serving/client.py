@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +164,21 @@ class TritonClient:
             raise ServingError(f"Triton at {self.url}, model {self.model!r}: "
                                f"{(error.message() or 'request failed').strip()}") from None
 
+
+
+def stream_concurrently(export: str | Path, url: str, model: str,
+                        documents: Sequence[Document]) -> tuple[list[StreamResult], float]:
+    """Stream every document as its own sequence, all at once (a client and a thread
+    each); returns the results in order and the wall-clock seconds it took."""
+
+    def stream(document: Document) -> StreamResult:
+        with TritonClient(export, url, model) as client:
+            return client.run(document)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, len(documents))) as pool:
+        results = list(pool.map(stream, documents))
+    return results, time.perf_counter() - started
 
 class _Run:
     """One document's segments on the server, and what its answer is built from."""
