@@ -15,6 +15,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from rmt_deploy.errors import InputError
+from rmt_deploy.files import sha256_file
 from rmt_deploy.runtime.tokens import ArraySource, TokenSource, spool_file
 from rmt_deploy.segmentation import count_segments
 from rmt_deploy.spec import RMTConfig
@@ -54,7 +55,7 @@ def read_corpus(path: str | Path, config: RMTConfig, tokenizer: Tokenizer | None
     digest = hashlib.sha256()
     documents: list[TokenSource] = []
     for file in files:
-        digest.update(file.name.encode() + b"\0" + _file_digest(file) + b"\0")
+        digest.update(f"{file.name}\0{sha256_file(file)}\0".encode())
         if file.suffix in ID_SUFFIXES:
             documents.extend(_id_documents(file, config))
         else:
@@ -75,14 +76,6 @@ def _corpus_files(path: Path) -> list[Path]:
     return files
 
 
-def _file_digest(file: Path) -> bytes:
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.digest()
-
-
 def _text_document(file: Path, config: RMTConfig, tokenizer: Tokenizer | None) -> TokenSource:
     if tokenizer is None:
         raise InputError(f"{file}: the model has no tokenizer to read text with; give "
@@ -90,8 +83,7 @@ def _text_document(file: Path, config: RMTConfig, tokenizer: Tokenizer | None) -
     source = spool_file(file, tokenizer, config)
     unknown = tokenizer.token_to_id(_unknown_token(tokenizer) or "")
     if unknown is not None and len(source):
-        ids = np.concatenate(list(_blocks(source)))
-        share = float(np.mean(ids == unknown))
+        share = sum(int((block == unknown).sum()) for block in _blocks(source)) / len(source)
         if share > MAX_UNKNOWN_SHARE:
             raise InputError(f"{file}: {share:.0%} of its tokens are unknown to the model's "
                              "tokenizer; calibrate with text like the model's own input")
