@@ -7,7 +7,8 @@ from __future__ import annotations
 import hashlib
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,22 @@ MAX_UNKNOWN_SHARE = 0.05  # more unknown tokens than this: text in another token
 
 @dataclass(frozen=True)
 class CalibrationCorpus:
-    """Documents to roll the recurrence over, and what identifies them."""
+    """Documents to roll the recurrence over, and what identifies them. Text documents
+    are spooled to temporary files: close the corpus (or use it in ``with``)."""
 
     documents: list[TokenSource]
     source: str
     sha256: str
+    _spooled: ExitStack = field(default_factory=ExitStack, repr=False)
+
+    def close(self) -> None:
+        self._spooled.close()
+
+    def __enter__(self) -> CalibrationCorpus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def tokens(self) -> int:
@@ -54,14 +66,19 @@ def read_corpus(path: str | Path, config: RMTConfig, tokenizer: Tokenizer | None
     files = _corpus_files(path)
     digest = hashlib.sha256()
     documents: list[TokenSource] = []
-    for file in files:
-        digest.update(f"{file.name}\0{sha256_file(file)}\0".encode())
-        if file.suffix in ID_SUFFIXES:
-            documents.extend(_id_documents(file, config))
-        else:
-            documents.append(_text_document(file, config, tokenizer))
-    corpus = CalibrationCorpus(documents, path.name, digest.hexdigest())
-    _check_amount(corpus, config, min_documents, min_segments)
+    with ExitStack() as spooled:
+        for file in files:
+            digest.update(f"{file.name}\0{sha256_file(file)}\0".encode())
+            if file.suffix in ID_SUFFIXES:
+                documents.extend(_id_documents(file, config))
+            else:
+                documents.append(_text_document(file, config, tokenizer, spooled))
+        corpus = CalibrationCorpus(documents, path.name, digest.hexdigest(), spooled.pop_all())
+    try:
+        _check_amount(corpus, config, min_documents, min_segments)
+    except InputError:
+        corpus.close()
+        raise
     return corpus
 
 
@@ -76,11 +93,12 @@ def _corpus_files(path: Path) -> list[Path]:
     return files
 
 
-def _text_document(file: Path, config: RMTConfig, tokenizer: Tokenizer | None) -> TokenSource:
+def _text_document(file: Path, config: RMTConfig, tokenizer: Tokenizer | None,
+                   spooled: ExitStack) -> TokenSource:
     if tokenizer is None:
         raise InputError(f"{file}: the model has no tokenizer to read text with; give "
                          "token ids (.npy/.npz) instead")
-    source = spool_file(file, tokenizer, config)
+    source = spooled.enter_context(spool_file(file, tokenizer, config))
     unknown = tokenizer.token_to_id(_unknown_token(tokenizer) or "")
     if unknown is not None and len(source):
         share = sum(int((block == unknown).sum()) for block in _blocks(source)) / len(source)

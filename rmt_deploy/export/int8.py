@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from rmt_deploy.calibration.collect import CalibrationSteps, collect_steps
-from rmt_deploy.calibration.data import read_corpus
+from rmt_deploy.calibration.data import CalibrationCorpus, read_corpus
 from rmt_deploy.calibration.policies import Policy, applicable_policies, policy_named
 from rmt_deploy.calibration.quantize import int8_graph, prepare
 from rmt_deploy.errors import ValidationError
@@ -44,10 +44,18 @@ class Int8Options:
 def add_int8(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str], stage: Path,
              options: Int8Options, log: Callable[[str], None]) -> None:
     """Write ``*.int8.onnx`` graphs into ``stage`` and record them in ``manifest``."""
+    with read_corpus(options.calibration, manifest.config,
+                     manifest_tokenizer(manifest)) as corpus:
+        _calibrate(manifest, fp32, graph_files, stage, options, corpus, log)
+
+
+def _calibrate(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str],
+               stage: Path, options: Int8Options, corpus: CalibrationCorpus,
+               log: Callable[[str], None]) -> None:
+    """Record calibration steps, quantize under every candidate policy, judge, keep one."""
     import onnx
 
     config = manifest.config
-    corpus = read_corpus(options.calibration, config, manifest_tokenizer(manifest))
     calibrate, judge = _split(corpus.documents)
     initial_memory = manifest.load_initial_memory()
     steps = collect_steps(fp32, initial_memory, calibrate, options.max_steps)
@@ -89,9 +97,9 @@ def add_int8(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str], 
 
 def _split(documents: Sequence[TokenSource]) -> tuple[list[TokenSource], list[TokenSource]]:
     documents = [document for document in documents if len(document)]
-    judge = documents[HOLD_OUT_EVERY - 1 :: HOLD_OUT_EVERY] or documents[-1:]
-    calibrate = [document for document in documents if all(document is not j for j in judge)]
-    return calibrate, judge
+    held = set(range(HOLD_OUT_EVERY - 1, len(documents), HOLD_OUT_EVERY)) or {len(documents) - 1}
+    return ([d for i, d in enumerate(documents) if i not in held],
+            [d for i, d in enumerate(documents) if i in held])
 
 
 def _judge(policy: Policy, manifest: Manifest, fp32: StepEngine, prepared: dict[str, Path],

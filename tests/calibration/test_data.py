@@ -25,14 +25,15 @@ def test_text_folder_gives_one_document_per_file_and_a_content_hash(model, tmp_p
     for i in range(3):
         (tmp_path / f"doc{i}.txt").write_text(words(rng, 40 * config.segment_size))
     (tmp_path / "notes.md").write_text("ignored: not .txt")
-    corpus = read_corpus(tmp_path, config, tokenizer)
-    assert len(corpus.documents) == 3
-    assert corpus.tokens == 3 * 40 * config.segment_size
-    assert corpus.describe(config)["segments"] == 120
-    again = read_corpus(tmp_path, config, tokenizer)
-    assert again.sha256 == corpus.sha256
+    with read_corpus(tmp_path, config, tokenizer) as corpus:
+        assert len(corpus.documents) == 3
+        assert corpus.tokens == 3 * 40 * config.segment_size
+        assert corpus.describe(config)["segments"] == 120
+    with read_corpus(tmp_path, config, tokenizer) as again:
+        assert again.sha256 == corpus.sha256
     (tmp_path / "doc1.txt").write_text(words(rng, 40 * config.segment_size))
-    assert read_corpus(tmp_path, config, tokenizer).sha256 != corpus.sha256
+    with read_corpus(tmp_path, config, tokenizer) as changed:
+        assert changed.sha256 != corpus.sha256
 
 
 def test_token_ids_in_npy_and_npz(model, tmp_path):
@@ -88,3 +89,22 @@ def test_unreadable_or_missing_inputs_are_errors(model, tmp_path):
     (tmp_path / "t.txt").write_text("w1 w2")
     with pytest.raises(InputError, match="no tokenizer"):
         read_corpus(tmp_path / "t.txt", config, None)
+
+
+def test_closing_the_corpus_removes_its_spooled_text(model, tmp_path):
+    import glob
+    import tempfile
+
+    config, tokenizer = model
+    pattern = f"{tempfile.gettempdir()}/rmt-tokens-*.i32"
+    before = set(glob.glob(pattern))
+    rng = np.random.default_rng(4)
+    for i in range(2):
+        (tmp_path / f"doc{i}.txt").write_text(words(rng, 20 * config.segment_size))
+    with read_corpus(tmp_path, config, tokenizer) as corpus:
+        assert len(set(glob.glob(pattern)) - before) == 2 and corpus.tokens > 0
+    assert set(glob.glob(pattern)) - before == set()
+    (tmp_path / "doc9.txt").write_text("w5 w6")  # still too little: refused, nothing left
+    with pytest.raises(InputError):
+        read_corpus(tmp_path, config, tokenizer, min_segments=10**6)
+    assert set(glob.glob(pattern)) - before == set()
