@@ -1,15 +1,23 @@
 """Writing files and folders so that a failure or a kill never leaves a half-written
-one where a complete one is expected. Also file hashing. Standard library only."""
+one where a complete one is expected. Also file hashing. Standard library only.
+
+Work in progress is a hidden sibling named ``.NAME.TAG-PID-RANDOM`` (TAG: ``tmp``,
+``partial`` or ``old``); one whose process is gone (killed with SIGKILL) is removed by
+the next write of the same NAME."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+_HIDDEN = re.compile(r"\.(?P<name>.+)\.(?P<tag>tmp|partial|old)-(?P<pid>[1-9][0-9]*)-"
+                     r"[0-9a-f]{12}")
 
 
 def _umask() -> int:
@@ -26,8 +34,54 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (through links, ``..``, hard links)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def is_within(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it, links and ``..`` resolved."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
 def _hidden_sibling(path: Path, tag: str) -> Path:
-    return path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex[:12]}"
+    return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def is_leftover(path: str | Path) -> bool:
+    """Whether ``path`` is the work in progress of a process that is gone."""
+    match = _HIDDEN.fullmatch(Path(path).name)
+    return match is not None and not _alive(int(match["pid"]))
+
+
+def remove_leftovers(path: str | Path, tags: tuple[str, ...]) -> None:
+    """Remove the hidden siblings of ``path`` with one of ``tags`` left by dead processes;
+    nothing else is touched."""
+    path = Path(path)
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for sibling in path.parent.iterdir():
+            match = _HIDDEN.fullmatch(sibling.name)
+            if (match is None or match["name"] != path.name or match["tag"] not in tags
+                    or _alive(int(match["pid"]))):
+                continue
+            if sibling.is_dir() and not sibling.is_symlink():
+                shutil.rmtree(sibling, ignore_errors=True)
+            else:
+                sibling.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -36,6 +90,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     block succeeds and is removed when it fails. The file gets the umask's usual mode."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path, ("tmp",))
     temp = _hidden_sibling(path, "tmp")
     os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
@@ -46,15 +101,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_folder(out: str | Path) -> Iterator[Path]:
+def atomic_folder(out: str | Path, check: Callable[[], None] | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; it replaces ``out`` (and whatever was
-    there) when the block succeeds and is removed when it fails."""
+    there) when the block succeeds and is removed when it fails. ``check`` runs just
+    before the replacement; raising there keeps ``out`` as it is."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out, ("partial", "old"))
     stage = _hidden_sibling(out, "partial")
     stage.mkdir(mode=0o777 & ~_umask())
     try:
         yield stage
+        if check is not None:
+            check()
         old = None
         if out.exists():
             old = _hidden_sibling(out, "old")
