@@ -78,12 +78,13 @@ def export_checkpoint(
     checkpoint = Path(checkpoint)
     options = options or ExportOptions()
     out = Path(out) if out is not None else default_output(checkpoint)
-    check_target(out)  # before the (slow) load: a refused target fails fast, silently
+    sources = (checkpoint, options.authors.base_model, options.calibration)
+    check_target(out, sources)  # before the (slow) load: a refused target fails fast, silently
     _check_precision(options)
     loaded = load_checkpoint(checkpoint, options.authors)
     log(f"loaded {checkpoint} ({loaded.format}, {loaded.rmt.rmt_config.variant}, "
         f"M={loaded.rmt.rmt_config.num_mem_tokens})")
-    with atomic_folder(out) as stage:
+    with atomic_folder(out, check=lambda: check_target(out, sources)) as stage:
         _write_export(loaded, checkpoint, stage, options, log)
     return read_manifest(out)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -408,7 +409,6 @@ def test_an_empty_existing_folder_is_a_valid_target(tmp_path):
 
 def test_reexport_replaces_an_existing_export(encoder_export, tmp_path):
     out = shutil.copytree(encoder_export, tmp_path / "out")
-    (out / "stale.txt").write_text("from an older export")
     old_step = sha256(out / "model.onnx")
     checkpoint = own_checkpoint(tmp_path / "ckpt", 7)
     manifest = export_checkpoint(checkpoint, out, FAST)
@@ -451,3 +451,135 @@ def test_default_output_folder_is_beside_the_checkpoint(tmp_path):
         "my.decoder-export", "my.decoder.pt"]
     assert {p.name for p in manifest.folder.iterdir()} == DECODER_FILES - {"tokenizer.json"}
     assert manifest.source["checkpoint"] == "my.decoder.pt"
+
+
+# ---------------------------------------------------------------- what a target may hold
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def not_loaded(monkeypatch) -> None:
+    """Make loading the checkpoint fail loudly: a refused target must not get that far."""
+    import rmt_deploy.export.pipeline as pipeline
+
+    def load(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the target was refused")
+
+    monkeypatch.setattr(pipeline, "load_checkpoint", load)
+
+
+def test_an_export_holding_other_files_is_refused_and_named(encoder_export, tmp_path,
+                                                            monkeypatch):
+    out = shutil.copytree(encoder_export, tmp_path / "out")
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        (out / name).write_text(name)
+    (out / "sub").mkdir()
+    (out / "sub" / "e.bin").write_bytes(b"e")
+    (out / "empty").mkdir()
+    before = snapshot(out)
+    not_loaded(monkeypatch)
+    with pytest.raises(RmtError) as info:
+        export_checkpoint(own_checkpoint(tmp_path / "ckpt", 1), out, FAST)
+    message = str(info.value)
+    assert "a.txt, b.txt, c.txt +3 more" in message and "move them out" in message
+    assert snapshot(out) == before and (out / "empty").is_dir()
+
+
+@pytest.mark.parametrize("inside", ["checkpoint", "base model", "calibration"])
+def test_an_export_folder_holding_an_input_is_refused(encoder_export, tmp_path, inside,
+                                                      monkeypatch):
+    out = shutil.copytree(encoder_export, tmp_path / "out")
+    checkpoint = own_checkpoint(tmp_path / "ckpt", 1)
+    options = FAST
+    if inside == "checkpoint":
+        checkpoint = Path(shutil.copy(checkpoint, out / "model_best.pth"))
+    elif inside == "base model":
+        options = ExportOptions(authors=AuthorsOptions(base_model=out), threads=1)
+    else:
+        options = ExportOptions(calibration=out / "model.onnx", threads=1)
+    before = snapshot(out)
+    not_loaded(monkeypatch)
+    with pytest.raises(RmtError, match="an input of this export"):
+        export_checkpoint(checkpoint, out, options)
+    assert snapshot(out) == before
+    with pytest.raises(RmtError, match="an input of this export"):
+        export_checkpoint(checkpoint, checkpoint, options)  # -o the checkpoint itself
+
+
+@pytest.mark.parametrize("target", ["cwd", "parent", "home", "root", "dot-dot", "link"])
+def test_the_current_folder_home_and_their_parents_are_refused(tmp_path, monkeypatch, target):
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "notes.txt").write_text("keep")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "link").symlink_to(work)
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    out = {"cwd": Path("."), "parent": Path(".."), "home": tmp_path / "home", "root": Path("/"),
+           "dot-dot": Path("sub/.."), "link": tmp_path / "link"}[target]
+    not_loaded(monkeypatch)
+    what = "home folder" if target == "home" else "current folder"
+    with pytest.raises(RmtError, match=f"the {what} or a folder above it"):
+        export_checkpoint(tmp_path / "absent.pt", out, FAST)
+    assert (work / "notes.txt").read_text() == "keep"
+
+
+def test_a_file_added_during_the_export_keeps_the_old_export(encoder_export, tmp_path):
+    out = shutil.copytree(encoder_export, tmp_path / "out")
+    before = snapshot(out)
+
+    def meanwhile(message: str) -> None:  # the user saves a file there mid-export
+        (out / "notes.txt").write_text("mine")
+
+    with pytest.raises(RmtError, match="notes.txt"):
+        export_checkpoint(own_checkpoint(tmp_path / "ckpt", 1), out, FAST, meanwhile)
+    assert snapshot(out) == {**before, "notes.txt": b"mine"}
+    assert hidden_leftovers(tmp_path) == []
+
+
+def test_every_file_the_manifest_names_may_be_replaced(encoder_export, tmp_path):
+    out = shutil.copytree(encoder_export, tmp_path / "out")
+    manifest = json.loads((out / "rmt.json").read_text())
+    manifest["engines"] = {"step": {"file": "model.plan", "sha256": "0" * 64}}
+    manifest["graphs"]["step"]["external"] = [{"file": "weights/step.data"}]
+    (out / "rmt.json").write_text(json.dumps(manifest))
+    (out / "model.plan").write_bytes(b"plan")
+    (out / "weights").mkdir()
+    (out / "weights" / "step.data").write_bytes(b"data")
+    (out / f".rmt.json.tmp-{dead_pid()}-0123456789ab").write_text("left by a kill")
+    export_checkpoint(own_checkpoint(tmp_path / "ckpt", 1), out, FAST)
+    assert {p.name for p in out.iterdir()} == ENCODER_FILES - {"tokenizer.json"}
+
+
+def test_a_folder_with_a_foreign_rmt_json_is_not_an_export(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "rmt.json").write_text('{"format": "something else", "file": "rmt.json"}')
+    not_loaded(monkeypatch)
+    with pytest.raises(RmtError, match="not an rmt-export folder"):
+        export_checkpoint(tmp_path / "absent.pt", out, FAST)
+
+
+def test_work_left_by_a_killed_export_is_removed_and_nothing_else(tmp_path):
+    checkpoint = own_checkpoint(tmp_path / "ckpt", 1)
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    gone, alive = dead_pid(), os.getpid()
+    stale = [f".out.partial-{gone}-0123456789ab", f".out.old-{gone}-0123456789ab"]
+    kept = [f".out.partial-{alive}-0123456789ab",  # a live process's
+            f".other.partial-{gone}-0123456789ab",  # another folder's
+            f".out.partial-{gone}-notours", f".out.partial-{gone}", "out.partial-1-0123456789ab",
+            f".out.tmp-{gone}-0123456789ab"]  # a file's, not a folder's
+    for name in stale + kept:
+        (exports / name).mkdir()
+        (exports / name / "model.onnx").write_bytes(b"half")
+    export_checkpoint(checkpoint, exports / "out", FAST)
+    assert sorted(p.name for p in exports.iterdir()) == sorted(kept + ["out"])
