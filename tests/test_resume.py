@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,3 +186,137 @@ def test_resumable_run_refuses_bad_arguments(models, tmp_path):
         run_resumable(model, path, state_file=None, every=0)
     with pytest.raises(InputError, match="no tokens"):
         run_resumable(model, path, state_file=None, every=1)
+
+
+# ---------------------------------------------------------------- what a state file may replace
+
+
+def refused(result, *fragments) -> str:
+    assert result.exit_code == 1, (result.output, result.exception)
+    message = result.stderr.strip()
+    assert "\n" not in message and message.startswith("rmt-run: error: "), message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    return message
+
+
+@pytest.fixture
+def export_copy(encoder_export, tmp_path) -> Path:
+    return Path(shutil.copytree(encoder_export, tmp_path / "export"))
+
+
+def _notes(tmp, export, doc):
+    (tmp / "notes.txt").write_text("my notes\n")
+    return export, tmp / "notes.txt", "not a state saved by rmt-run"
+
+
+def _the_input(tmp, export, doc):
+    return export, doc, "which this run reads"
+
+
+def _input_through_a_link(tmp, export, doc):
+    (tmp / "link.state").symlink_to(doc)
+    return export, tmp / "link.state", "which this run reads"
+
+
+def _the_manifest(tmp, export, doc):
+    return export, export / "rmt.json", "inside the export folder"
+
+
+def _a_graph_of_the_model_file(tmp, export, doc):
+    return export / "model.onnx", export / "memory_init.npy", "inside the export folder"
+
+
+def _a_new_file_in_the_export(tmp, export, doc):
+    return export, export / "run.state", "inside the export folder"
+
+
+def _the_model_file(tmp, export, doc):
+    return export / "model.onnx", export / "model.onnx", "which this run reads"
+
+
+def _a_folder(tmp, export, doc):
+    (tmp / "states").mkdir()
+    return export, tmp / "states", "is a folder"
+
+
+STATE_CASES = [_notes, _the_input, _input_through_a_link, _the_manifest,
+               _a_graph_of_the_model_file, _a_new_file_in_the_export, _the_model_file, _a_folder]
+
+
+@pytest.mark.parametrize("case", STATE_CASES, ids=[c.__name__.strip("_") for c in STATE_CASES])
+def test_state_file_refuses_what_rmt_run_did_not_write(case, export_copy, tmp_path,
+                                                       monkeypatch):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(encoder_text(60, seed=2))
+    model, state, words = case(tmp_path, export_copy, doc)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    import rmt_deploy.runtime as runtime
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was opened before the state file was checked")
+
+    monkeypatch.setattr(runtime, "open_model", never)
+    refused(invoke(model, doc, "--state-file", state, "--threads", "1"), str(state), words)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_run_resumable_refuses_a_file_that_is_not_a_state(models, tmp_path):
+    model, make_text = models["encoder"]
+    path = tmp_path / "doc.txt"
+    path.write_text(make_text(40, seed=1))
+    (tmp_path / "notes.txt").write_text("notes")
+    for state, words in ((tmp_path / "notes.txt", "not a state"), (path, "this run reads")):
+        with pytest.raises(InputError, match=words):
+            run_resumable(model, path, state_file=state, every=1)
+    assert (tmp_path / "notes.txt").read_text() == "notes"
+    assert path.read_text() == make_text(40, seed=1)
+
+
+def test_resume_of_a_file_that_is_not_a_state_is_one_line(encoder_export, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(encoder_text(40, seed=1))
+    (tmp_path / "notes.txt").write_text("notes")
+    refused(invoke(encoder_export, doc, "--resume", tmp_path / "notes.txt"),
+            "not an rmt-deploy session state")
+    assert (tmp_path / "notes.txt").read_text() == "notes"
+
+
+def test_a_resumed_state_is_removed_even_without_a_new_save(models, tmp_path):
+    model, make_text = models["encoder"]
+    path = tmp_path / "doc.txt"
+    path.write_text(make_text(95, seed=5))
+    state = stopped_state(model, path, tmp_path / "s.state")
+    run = run_resumable(model, path, state_file=state, every=1000, resume=state)
+    same_answer(run.outputs[0], model.run_one(path))
+    assert not state.exists()
+
+
+def test_an_old_state_not_written_by_this_run_is_kept(models, tmp_path):
+    model, make_text = models["encoder"]
+    path = tmp_path / "doc.txt"
+    path.write_text(make_text(95, seed=5))
+    state = stopped_state(model, path, tmp_path / "s.state")
+    saved = state.read_bytes()
+    run_resumable(model, path, state_file=state, every=1000)  # too short to save
+    assert state.read_bytes() == saved
+
+
+@pytest.mark.parametrize("when", ["between saves", "after the last save"])
+def test_a_file_put_in_place_of_the_state_during_the_run_is_kept(models, tmp_path, when):
+    model, make_text = models["encoder"]
+    path = tmp_path / "doc.txt"
+    path.write_text(make_text(95, seed=5))  # 10 segments
+    state = tmp_path / "s.state"
+
+    def meanwhile(done, total):
+        if (done == 2) if when == "between saves" else (done == total):
+            state.unlink()
+            state.write_text("the user's file\n")
+
+    if when == "between saves":
+        with pytest.raises(InputError, match="replaced by another file during the run"):
+            run_resumable(model, path, state_file=state, every=2, progress=meanwhile)
+    else:
+        run_resumable(model, path, state_file=state, every=2, progress=meanwhile)
+    assert state.read_text() == "the user's file\n"

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
 from rmt_deploy.errors import InputError
+from rmt_deploy.files import is_within, same_file
+from rmt_deploy.manifest import MANIFEST_NAME
 from rmt_deploy.runtime.model import Progress, RMTModel
 from rmt_deploy.runtime.results import Run
 from rmt_deploy.runtime.session import StreamSession
-from rmt_deploy.runtime.state import read_state, write_state
+from rmt_deploy.runtime.state import MAGIC, read_state, write_state
 from rmt_deploy.runtime.tokens import TokenSource, spool_file
 from rmt_deploy.segmentation import count_segments
 
@@ -30,6 +33,9 @@ def run_resumable(model: RMTModel, document: Path | BinaryIO, *, state_file: Pat
         raise InputError(f"state every N segments needs N >= 1, got {every}")
     if model.tokenizer is None:
         raise InputError("this model has no tokenizer; rmt-run reads text")
+    if state_file is not None:
+        check_state_file(state_file, [document] if isinstance(document, Path) else [])
+    state = _OwnState(state_file, resume)
     started = time.perf_counter()
     with spool_file(document, model.tokenizer, model.config) as source:
         total = len(source)
@@ -51,16 +57,76 @@ def run_resumable(model: RMTModel, document: Path | BinaryIO, *, state_file: Pat
                 session.feed(ids)
             position = end
             if state_file is not None and position < total:
-                write_state(state_file, session.save({"input": {
+                state.save(session.save({"input": {
                     "tokens": total, "read": position, "sha256": digest.hexdigest()}}))
             if progress is not None:
                 progress(count_segments(position, model.config) if position < total
                          else segments, segments)
         output = session.close()
-    if state_file is not None:
-        state_file.unlink(missing_ok=True)
+    state.remove()
     return Run([output], model.backend, getattr(model.engine, "precision", "fp32"),
                time.perf_counter() - started)
+
+
+def check_state_file(path: Path, keep: Iterable[Path] = ()) -> None:
+    """Refuse a state file that would replace, then delete, what rmt-run did not write: a
+    folder, an existing file that is not a saved state, one of ``keep`` (the input, the
+    model) or a path inside an export folder among them."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give --state-file a file name such as "
+                         "run.state")
+    for kept in keep:
+        if same_file(path, kept):
+            raise InputError(f"{path}: is {kept}, which this run reads; give --state-file "
+                             "a new file name such as run.state")
+        folder = _export_folder(kept)
+        if folder is not None and is_within(path, folder):
+            raise InputError(f"{path}: is inside the export folder {folder}; give "
+                             "--state-file a file outside it")
+    if path.exists() and not _is_state(path):
+        raise InputError(f"{path}: exists and is not a state saved by rmt-run; give "
+                         "--state-file a new file name")
+
+
+class _OwnState:
+    """A run's state file: saved only over what was there when the run started or the
+    run's own last save, and deleted at the end only if it is still the file this run
+    saved (or resumed from), never a file put there since."""
+
+    def __init__(self, path: Path | None, resume: Path | None) -> None:
+        self.path = path
+        self._last = _identity(path) if path is not None else None
+        self._mine = path is not None and resume is not None and same_file(path, resume)
+
+    def save(self, data: bytes) -> None:
+        if _identity(self.path) not in (None, self._last):
+            raise InputError(f"{self.path}: replaced by another file during the run, which is "
+                             "left as it is; run again with another --state-file")
+        write_state(self.path, data)
+        self._last, self._mine = _identity(self.path), True
+
+    def remove(self) -> None:
+        if self._mine and _identity(self.path) == self._last:
+            self.path.unlink()
+
+
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _is_state(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(len(MAGIC)) == MAGIC
+
+
+def _export_folder(model: Path) -> Path | None:
+    """The export folder ``model`` is or lies in (a model file's folder with rmt.json)."""
+    folder = model if model.is_dir() else model.parent
+    return folder if (folder / MANIFEST_NAME).is_file() else None
 
 
 def _resumed(model: RMTModel, path: Path, source: TokenSource, digest) -> StreamSession:
