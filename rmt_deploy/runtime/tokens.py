@@ -1,11 +1,10 @@
 """Input to token ids in fixed memory: text is read in chunks cut at word boundaries,
-tokenized, stripped of special tokens and spooled to a temporary file of int32 ids, so
-a run over millions of tokens holds only the segment it is working on."""
+tokenized, stripped of special tokens and spooled to an anonymous temporary file of
+int32 ids, so a run over millions of tokens holds only the segment it is working on."""
 
 from __future__ import annotations
 
 import codecs
-import os
 import tempfile
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
@@ -71,22 +70,21 @@ class ArraySource:
 
 
 class SpooledSource:
-    """Token ids spooled to a temporary file while the text is tokenized."""
+    """Token ids spooled to an anonymous temporary file while the text is tokenized: the
+    file has no name, so nothing is left behind even if the process is killed."""
 
     def __init__(self, pieces: Iterable[np.ndarray], config: RMTConfig) -> None:
-        handle, self._path = tempfile.mkstemp(prefix="rmt-tokens-", suffix=".i32")
+        self._file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
         count = 0
         try:
-            with os.fdopen(handle, "wb") as out:
-                for piece in pieces:
-                    piece = strip_special(piece, config).astype(np.int32)
-                    out.write(piece.tobytes())
-                    count += len(piece)
-            self._count = usable_tokens(count, config)
-            self._file = open(self._path, "rb")  # noqa: SIM115 - closed by close()
+            for piece in pieces:
+                piece = strip_special(piece, config).astype(np.int32)
+                self._file.write(piece.tobytes())
+                count += len(piece)
         except BaseException:
-            os.unlink(self._path)
+            self._file.close()
             raise
+        self._count = usable_tokens(count, config)
 
     def __len__(self) -> int:
         return self._count
@@ -97,8 +95,6 @@ class SpooledSource:
 
     def close(self) -> None:
         self._file.close()
-        if os.path.exists(self._path):
-            os.unlink(self._path)
 
     def __enter__(self) -> SpooledSource:
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import random
 import tempfile
 
@@ -266,27 +267,39 @@ def test_special_tokens_are_stripped_by_both_sources(encoder_side, spool_dir):
         assert all_ids(source).tolist() == expected
 
 
-def test_spooled_source_removes_its_temp_file(encoder_side, spool_dir):
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+
+
+@needs_proc
+def test_spooled_tokens_leave_no_file_even_while_open(encoder_side, spool_dir):
+    # The spool file has no name at all, so not even SIGKILL can leave it behind.
     tokenizer, config = encoder_side
+    before = open_descriptors()
     source = spool_file(io.BytesIO(b"w1 w2 w3"), tokenizer, config)
-    files = list(spool_dir.iterdir())
-    assert len(files) == 1 and files[0].name.startswith("rmt-tokens-")
-    assert files[0].stat().st_size == 3 * 4  # three int32 ids
+    assert list(spool_dir.iterdir()) == []
+    assert open_descriptors() == before + 1
+    assert all_ids(source).tolist() == [tokenizer.token_to_id(w) for w in ("w1", "w2", "w3")]
     source.close()
-    assert list(spool_dir.iterdir()) == []
+    assert open_descriptors() == before
     source.close()  # closing twice is harmless
-    with spool_file(io.BytesIO(b"w1 w2"), tokenizer, config):
-        assert len(list(spool_dir.iterdir())) == 1
-    assert list(spool_dir.iterdir()) == []
+    with spool_file(io.BytesIO(b"w1 w2"), tokenizer, config) as source:
+        assert len(source) == 2 and list(spool_dir.iterdir()) == []
+    assert open_descriptors() == before and list(spool_dir.iterdir()) == []
 
 
-def test_spooled_source_removes_its_temp_file_on_error(encoder_side, spool_dir):
+@needs_proc
+def test_spooled_source_closes_its_file_on_error(encoder_side, spool_dir):
     tokenizer, config = encoder_side
     data = b"w1 w2 " * 50 + b"\xff w3"
+    before = open_descriptors()
     with pytest.raises(InputError):
         SpooledSource(tokenize_chunks(text_chunks(io.BytesIO(data), "t", 8), tokenizer),
                       config)
-    assert list(spool_dir.iterdir()) == []
+    assert open_descriptors() == before and list(spool_dir.iterdir()) == []
 
 
 def test_sources_keep_the_head_of_max_n_segments(encoder_side, spool_dir):
