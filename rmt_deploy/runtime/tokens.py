@@ -5,6 +5,7 @@ int32 ids, so a run over millions of tokens holds only the segment it is working
 from __future__ import annotations
 
 import codecs
+import re
 import tempfile
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
@@ -20,6 +21,7 @@ from rmt_deploy.segmentation import strip_special, usable_tokens
 from rmt_deploy.spec import RMTConfig
 
 CHUNK_BYTES = 16384  # small: a tokenizer holds ~100 bytes per token of a chunk; measured flat RSS
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def plain_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
@@ -78,6 +80,7 @@ class SpooledSource:
         count = 0
         try:
             for piece in pieces:
+                check_tokenizer_ids(piece, config)
                 piece = strip_special(piece, config).astype(np.int32)
                 self._file.write(piece.tobytes())
                 count += len(piece)
@@ -101,6 +104,14 @@ class SpooledSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_tokenizer_ids(ids: np.ndarray, config: RMTConfig) -> None:
+    """Raise InputError if the tokenizer gave an id outside the model's vocabulary."""
+    if ids.size and ids.max() >= config.vocab_size:
+        raise InputError(f"token id {ids.max()} from the tokenizer is outside the model's "
+                         f"vocabulary [0, {config.vocab_size}): the tokenizer does not belong "
+                         "to this model; re-export it")
 
 
 def text_chunks(stream: BinaryIO, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
@@ -151,6 +162,15 @@ def _is_break(char: str) -> bool:
     return char.isspace() and (char in "\t\n\r" or unicodedata.category(char) != "Cc")
 
 
+def check_unicode(text: str) -> None:
+    """Raise InputError if ``text`` holds a surrogate, which is not Unicode text (UTF-8
+    cannot encode it and tokenizers refuse it)."""
+    surrogate = _SURROGATE.search(text)
+    if surrogate:
+        raise InputError(f"text has an unpaired surrogate at character {surrogate.start()}; "
+                         "pass valid Unicode text")
+
+
 def tokenize_chunks(chunks: Iterable[str], tokenizer: Tokenizer) -> Iterator[np.ndarray]:
     for chunk in chunks:
         yield np.asarray(tokenizer.encode(chunk, add_special_tokens=False).ids, dtype=np.int64)
@@ -179,10 +199,12 @@ def text_source(text: str, tokenizer: Tokenizer, config: RMTConfig) -> ArraySour
     """A source for text held in memory."""
     if not isinstance(text, str):
         raise InputError(f"text must be a str, got {type(text).__name__}")
+    check_unicode(text)
     if not text.strip():
         raise InputError("text is empty; pass some text")
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
-    return ArraySource(np.asarray(ids, dtype=np.int64), config)
+    ids = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    check_tokenizer_ids(ids, config)
+    return ArraySource(ids, config)
 
 
 class TextStream:
@@ -223,11 +245,7 @@ class TextStream:
 
     def _decode(self, piece: str | bytes) -> str:
         if isinstance(piece, str):
-            try:
-                piece.encode("utf-8")
-            except UnicodeEncodeError as error:
-                raise InputError(f"text has an unpaired surrogate at character "
-                                 f"{error.start}; pass valid Unicode text") from None
+            check_unicode(piece)
             if self.pending:
                 raise InputError("a str piece follows bytes that end inside a UTF-8 character;"
                                  " send the rest of the character as bytes")

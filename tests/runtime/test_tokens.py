@@ -18,6 +18,7 @@ from rmt_deploy.model.checkpoint import load_checkpoint
 from rmt_deploy.runtime.tokens import (
     ArraySource,
     SpooledSource,
+    TextStream,
     spool_file,
     text_chunks,
     text_source,
@@ -353,3 +354,39 @@ def test_array_source_refuses_ids_outside_the_vocabulary(encoder_side, bad):
         ArraySource([5, bad, 6], config)
     message = one_line(error)
     assert f"[0, {config.vocab_size})" in message and str(bad) in message
+
+
+# -- ids from the tokenizer ---------------------------------------------------------------
+
+
+def test_ids_past_the_vocabulary_from_the_tokenizer_are_refused(encoder_side, spool_dir):
+    tokenizer, config = encoder_side
+    bigger = Tokenizer.from_str(tokenizer.to_str())
+    bigger.add_tokens([f"extra{i}" for i in range(10)])
+    top = bigger.token_to_id("extra9")
+    assert top >= config.vocab_size
+    text = "w1 w2 " * 30 + "extra9 w3"
+    expected = f"token id {top} from the tokenizer is outside the model's vocabulary " \
+               f"[0, {config.vocab_size})"
+    with pytest.raises(InputError) as error:
+        text_source(text, bigger, config)
+    assert expected in one_line(error) and "re-export" in one_line(error)
+    with pytest.raises(InputError) as error:
+        spool_file(io.BytesIO(text.encode()), bigger, config)
+    assert expected in one_line(error)
+    assert list(spool_dir.iterdir()) == []
+    # ids below the top are read as they are
+    assert len(text_source("w1 w2 w3", bigger, config)) == 3
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("abc\ud800def", 3), ("\udfff", 0), ("w1 w2 \ud83d\ude00", 6)])
+def test_text_with_surrogates_is_refused(encoder_side, text, where):
+    tokenizer, config = encoder_side
+    with pytest.raises(InputError) as error:
+        text_source(text, tokenizer, config)
+    message = one_line(error)
+    assert f"surrogate at character {where}" in message and "Unicode" in message
+    with pytest.raises(InputError) as error:
+        TextStream(tokenizer).feed(text)
+    assert one_line(error) == message
