@@ -1,13 +1,24 @@
 """Command-line entry points: parse, call one library function, print. Errors caused by
-input are one line on stderr and a non-zero exit, never a traceback."""
+input are one line on stderr and a non-zero exit, never a traceback.
+
+Exit status: 0 done; 1 an error (one line on stderr says what to fix); 2 a usage error;
+70 an internal error, a bug (``RMT_DEBUG=1`` shows its traceback); 130 interrupted
+(Ctrl-C); 143 terminated (SIGTERM). An interrupted command removes what it had half
+written."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import io
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
+from typing import BinaryIO, NoReturn
 
 import click
 
@@ -15,32 +26,116 @@ from rmt_deploy.calibration.policies import POLICY_NAMES
 from rmt_deploy.errors import RmtError
 from rmt_deploy.spec import PAPER_LABELS
 
+EX_SOFTWARE = 70  # sysexits.h: an internal error
+EXIT_STATUS = ("Exit status: 0 done, 1 error (one line on stderr), 2 usage error, 70 "
+               "internal error (a bug; RMT_DEBUG=1 shows the traceback), 130 interrupted, "
+               "143 terminated.")
+SETTINGS = {"help_option_names": ["-h", "--help"]}
 
-def _user_errors(name: str):
-    """Map RmtError (and interrupts) to a one-line message and an exit code."""
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every cleanup runs on the way out."""
+
+
+def _terminate(_signum, _frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut a cleanup
+    raise Terminated
+
+
+def _user_errors(name: str, doing: str, prints: bool = True):
+    """Map RmtError, interrupts and host errors to a one-line message and an exit code;
+    anything else is a bug, reported in one line naming ``doing`` (what the command
+    does) with exit status 70. ``prints``: the command writes its result on stdout, which
+    must be usable."""
 
     def decorate(command):
         @functools.wraps(command)
         def wrapper(*args, **kwargs):
+            previous = signal.signal(signal.SIGTERM, _terminate)
             try:
+                if prints:
+                    _require_stdout()
                 return command(*args, **kwargs)
             except RmtError as error:
-                click.echo(f"{name}: error: {error}", err=True)
-                sys.exit(1)
+                _fail(name, f"error: {error}", 1)
             except KeyboardInterrupt:
-                click.echo(f"{name}: interrupted", err=True)
-                sys.exit(130)
-            except BrokenPipeError:
-                sys.exit(1)
+                _fail(name, "interrupted", 130)
+            except Terminated:
+                _fail(name, "terminated", 143)
             except OSError as error:  # permission denied, disk full, ...: the host's state
                 where = f"{error.filename}: " if error.filename else ""
-                click.echo(f"{name}: error: {where}{error.strerror or error}; check the path "
-                           "and its permissions and free space", err=True)
-                sys.exit(1)
+                _fail(name, f"error: {where}{error.strerror or error}; check the path and "
+                      "its permissions and free space", 1)
+            except (click.ClickException, click.exceptions.Exit, click.Abort):
+                raise
+            except Exception as error:
+                if os.environ.get("RMT_DEBUG", "") not in ("", "0"):
+                    raise
+                _fail(name, f"internal error while {doing}: {type(error).__name__}: "
+                      f"{_one_line(error)} (a bug; run again with RMT_DEBUG=1 to see the "
+                      "traceback)", EX_SOFTWARE)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
 
         return wrapper
 
     return decorate
+
+
+def _fail(name: str, message: str, code: int) -> NoReturn:
+    click.echo(f"{name}: {message}", err=True)
+    sys.exit(code)
+
+
+def _one_line(error: Exception, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _usable(stream, modes: tuple[int, ...]) -> bool:
+    """Whether a standard stream is open on a descriptor opened for one of ``modes``."""
+    if stream is None:  # the descriptor was closed when Python started
+        return False
+    try:
+        return (fcntl.fcntl(stream.fileno(), fcntl.F_GETFL) & os.O_ACCMODE) in modes
+    except io.UnsupportedOperation:  # an in-memory stream (click's test runner)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _require_stdout() -> None:
+    if not _usable(sys.stdout, (os.O_WRONLY, os.O_RDWR)):
+        raise RmtError("stdout is closed or not writable, so the result would be lost; run "
+                       "again with stdout open (redirect it to a file to keep the result)")
+
+
+def stdin_stream() -> BinaryIO:
+    """stdin as bytes, for INPUT '-'; a closed stdin is a one-line error."""
+    if not _usable(sys.stdin, (os.O_RDONLY, os.O_RDWR)):
+        raise RmtError("stdin is closed or not readable; pipe the text in, or give INPUT as "
+                       "a file")
+    return sys.stdin.buffer
+
+
+def echo(message: str) -> None:
+    """Print a line of the result on stdout; a stdout that fails (a closed pipe) is a
+    one-line error, not a lost result."""
+    try:
+        click.echo(message)
+        sys.stdout.flush()
+    except OSError as error:
+        _silence_stdout()
+        raise RmtError(f"cannot write the result to stdout ({error.strerror or error}); run "
+                       "again with stdout open") from None
+
+
+def _silence_stdout() -> None:
+    """Point the broken stdout at /dev/null: Python's flush at exit would fail again."""
+    with contextlib.suppress(OSError, ValueError):  # ValueError: no descriptor (tests)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _labels(_ctx, _param, value: str | None) -> tuple[str, ...]:
@@ -58,7 +153,7 @@ def _positive(_ctx, _param, value):
     return value
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=SETTINGS, epilog=EXIT_STATUS)
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Export folder [default: CHECKPOINT-export beside the checkpoint].")
@@ -97,6 +192,7 @@ def _positive(_ctx, _param, value):
               help="Share of closed-loop predictions an FP16/INT8 graph must share with FP32.")
 @click.option("--convert", type=click.Path(path_type=Path), metavar="OUT.pt",
               help="Only convert the checkpoint to rmt-deploy's own format and stop.")
+@click.option("--overwrite", is_flag=True, help="--convert: replace OUT.pt if it exists.")
 @click.option("--engine", is_flag=True,
               help="Also build TensorRT plans (needs TensorRT and an NVIDIA GPU).")
 @click.option("--batch", "batch_profile", default="1,1,8", show_default=True,
@@ -107,35 +203,38 @@ def _positive(_ctx, _param, value):
               help="TensorRT timing cache file, reused and updated across builds.")
 @click.option("--threads", type=int, callback=_positive, help="CPU threads.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
-@_user_errors("rmt-export")
+@_user_errors("rmt-export", "exporting the checkpoint", prints=False)
 def export_main(checkpoint, output, base_model, input_size, segment_size, labels, atol,
                 closed_loop_atol, validation_segments, precision, drift_segments,
                 calibration, int8_policy, calibration_steps, calibration_method,
-                min_agreement, convert, engine,
+                min_agreement, convert, overwrite, engine,
                 batch_profile,
                 workspace_mb, timing_cache, threads, quiet):
     """Export CHECKPOINT's segment step to a validated ONNX graph and a manifest.
 
     CHECKPOINT is an rmt-deploy checkpoint (.pt/.safetensors), or an authors' checkpoint
-    (BERT model_best.pth or GPT-2 pytorch_model.bin) with --base-model.
+    (BERT model_best.pth or GPT-2 pytorch_model.bin) with --base-model. An existing -o
+    folder is replaced only if it is an export holding nothing else.
     """
-    from rmt_deploy.export.pipeline import ExportOptions, export_checkpoint
-    from rmt_deploy.export.validate import Tolerance
-    from rmt_deploy.model.checkpoint import AuthorsOptions, load_checkpoint, save_checkpoint
+    from rmt_deploy.export.folder import check_file_target, check_target
 
     log = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
+    # the targets are checked first: a refused one fails fast, before the slow imports
+    if convert is not None:
+        check_file_target(convert, checkpoint, base_model, overwrite)
+    elif output is not None:
+        check_target(output, (checkpoint, base_model, calibration))
+    from rmt_deploy.model.checkpoint import AuthorsOptions, load_checkpoint, save_checkpoint
+
     authors = AuthorsOptions(base_model, input_size, segment_size, labels)
     if convert is not None:
-        from rmt_deploy.export.folder import check_parents
-
-        if convert.is_dir():
-            raise RmtError(f"{convert}: is a folder; give --convert a file name such as "
-                           "model.pt")
-        check_parents(convert)
         loaded = load_checkpoint(checkpoint, authors)
         save_checkpoint(loaded.rmt, convert, loaded.tokenizer_json)
         log(f"converted {checkpoint} ({loaded.format}) to {convert}")
         return
+    from rmt_deploy.export.pipeline import ExportOptions, export_checkpoint
+    from rmt_deploy.export.validate import Tolerance
+
     options = ExportOptions(authors=authors, tolerance=Tolerance(atol, closed_loop_atol),
                             validation_segments=validation_segments, threads=threads,
                             precision=precision, drift_segments=drift_segments,
@@ -186,7 +285,7 @@ def _progress_printer(stream):
     return show
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=SETTINGS, epilog=EXIT_STATUS)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("input", type=str)
 @click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "torch"]),
@@ -198,13 +297,14 @@ def _progress_printer(stream):
               help="Decoders: greedily generate N tokens after the input.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--threads", type=int, callback=_positive, help="CPU threads.")
-@click.option("--state-file", type=click.Path(path_type=Path, dir_okay=False),
-              help="Save the run's state to this file as it goes (removed when it completes).")
+@click.option("--state-file", type=click.Path(path_type=Path),
+              help="Save the run's state to this file as it goes (removed when it completes); "
+                   "an existing file must be a state rmt-run saved.")
 @click.option("--state-every", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Segments between two saves of --state-file.")
-@click.option("--resume", type=click.Path(path_type=Path, dir_okay=False),
+@click.option("--resume", type=click.Path(path_type=Path),
               help="Continue a run from the state it saved (same MODEL and INPUT).")
-@_user_errors("rmt-run")
+@_user_errors("rmt-run", "running the model")
 def run_main(model, input, backend, cuda_graphs, precision, generate, as_json, threads,
              state_file, state_every, resume):
     """Run MODEL over INPUT, a text file of any length ('-' for stdin).
@@ -212,15 +312,19 @@ def run_main(model, input, backend, cuda_graphs, precision, generate, as_json, t
     MODEL is an export folder, its model.onnx or model.plan, or a checkpoint (reference
     backend). With --state-file a run killed part-way continues with --resume.
     """
-    from rmt_deploy.runtime import open_model
-
     resumable = state_file is not None or resume is not None
     if resumable and generate:
         raise RmtError("--generate cannot be combined with --state-file or --resume; run "
                        "without them to generate")
+    document = stdin_stream() if input == "-" else Path(input)
+    if state_file is not None:
+        from rmt_deploy.runtime.resume import check_state_file
+
+        check_state_file(state_file, document if input != "-" else None, model)
+    from rmt_deploy.runtime import open_model
+
     rmt = open_model(model, backend=backend, threads=threads, cuda_graphs=cuda_graphs,
                      precision=precision)
-    document = sys.stdin.buffer if input == "-" else Path(input)
     if resumable:
         from rmt_deploy.runtime.resume import run_resumable
 
@@ -242,20 +346,20 @@ def run_main(model, input, backend, cuda_graphs, precision, generate, as_json, t
         if generate:
             report.update(generated=output.generated, generated_ids=output.generated_ids)
     if as_json:
-        click.echo(json.dumps(report))
+        echo(json.dumps(report))
         return
     if rmt.config.is_encoder:
-        click.echo(f"answer: {output.label} (p={output.scores[output.label]:.4f})")
+        echo(f"answer: {output.label} (p={output.scores[output.label]:.4f})")
     else:
-        click.echo(f"perplexity: {output.perplexity:.4f}")
+        echo(f"perplexity: {output.perplexity:.4f}")
         if generate:
-            click.echo(f"generated: {output.generated!r}")
-    click.echo(f"tokens: {run.tokens:,}  segments: {run.segments:,}  time: {run.seconds:.2f} s"
+            echo(f"generated: {output.generated!r}")
+    echo(f"tokens: {run.tokens:,}  segments: {run.segments:,}  time: {run.seconds:.2f} s"
                f"  tokens/s: {run.tokens_per_second:,.0f}  backend: {run.backend} "
                f"({run.precision})")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings=SETTINGS, epilog=EXIT_STATUS)
 def demo_main():
     """The demo task: fact memorization over long noise (the RMT paper's task)."""
 
@@ -268,20 +372,20 @@ def demo_main():
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--mode", type=click.Choice(["memorize", "detect"]), default="memorize",
               show_default=True, help="Fact at the start, or at a random position.")
-@_user_errors("rmt-demo")
+@_user_errors("rmt-demo", "generating samples")
 def demo_generate(out_dir, tokens, samples, seed, mode):
     """Write sample_NNNNN.txt inputs and their answers (answers.tsv) to OUT_DIR."""
     from rmt_deploy.demo.task import write_inputs
 
     paths = write_inputs(out_dir, samples, tokens, seed, mode)
-    click.echo(f"wrote {len(paths)} sample(s) of {tokens:,} tokens and answers.tsv to {out_dir}")
+    echo(f"wrote {len(paths)} sample(s) of {tokens:,} tokens and answers.tsv to {out_dir}")
 
 
 @demo_main.command("train")
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True, callback=_positive)
-@_user_errors("rmt-demo")
+@_user_errors("rmt-demo", "training")
 def demo_train(output, seed, threads):
     """Train the demo encoder RMT on CPU (segment curriculum) and save it to OUTPUT."""
     import torch
@@ -291,7 +395,7 @@ def demo_train(output, seed, threads):
     torch.set_num_threads(threads)
     options = TrainOptions(seed=seed)
     save_demo(train(options, log=lambda m: click.echo(m, err=True)), output, options)
-    click.echo(f"saved {output}")
+    echo(f"saved {output}")
 
 
 @demo_main.command("evaluate")
@@ -307,7 +411,7 @@ def demo_train(output, seed, threads):
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
               show_default=True, help="Which of the export's graphs to run.")
 @click.option("--threads", type=int, callback=_positive)
-@_user_errors("rmt-demo")
+@_user_errors("rmt-demo", "evaluating the model")
 def demo_evaluate(model, segment_counts, samples, seed, mode, batch, backend, precision,
                   threads):
     """Accuracy of MODEL on fresh samples, by input length (prints JSON lines)."""
@@ -318,7 +422,7 @@ def demo_evaluate(model, segment_counts, samples, seed, mode, batch, backend, pr
     for count in segment_counts:
         started = time.perf_counter()
         value = accuracy(rmt, count, samples, seed, mode, batch)
-        click.echo(json.dumps({
+        echo(json.dumps({
             "segments": count, "tokens": count * rmt.config.segment_size, "samples": samples,
             "mode": mode, "accuracy": value, "backend": rmt.backend,
             "precision": getattr(rmt.engine, "precision", "fp32"),

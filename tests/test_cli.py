@@ -532,3 +532,102 @@ def test_a_bad_batch_profile_fails_before_exporting(encoder_checkpoint, tmp_path
     result = invoke(export_main, encoder_checkpoint, "-o", out, "--engine", "--batch", "4,2,8")
     assert result.exit_code == 1 and "--batch" in result.stderr
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- --convert targets
+
+
+def test_convert_refuses_to_replace_without_overwrite(encoder_checkpoint, tmp_path):
+    out = tmp_path / "old.pt"
+    out.write_bytes(b"an older conversion")
+    result = invoke(export_main, encoder_checkpoint, "--convert", out)
+    cli_error(result, "rmt-export", "old.pt: exists", "--overwrite")
+    assert out.read_bytes() == b"an older conversion"
+    ok(invoke(export_main, encoder_checkpoint, "--convert", out, "--overwrite"))
+    assert load_checkpoint(out).format == "rmt-deploy"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.pt"]
+
+
+def test_convert_refuses_its_input_an_export_and_the_base_model(encoder_export, tmp_path):
+    path, base, _ = authors_bert(tmp_path / "authors")
+    export = shutil.copytree(encoder_export, tmp_path / "export")
+    options = ["--base-model", base, "--overwrite"]
+    for target, words in ((path, "is the checkpoint being converted"),
+                          (export / "model.onnx", "inside the export folder"),
+                          (export / "new.pt", "inside the export folder"),
+                          (base / "config.json", "inside the base model")):
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        cli_error(invoke(export_main, path, *options, "--convert", target), "rmt-export",
+                  words)
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+# ---------------------------------------------------------------- the last-resort handler
+
+
+def _broken(*args, **kwargs):
+    raise ValueError("a bug\nover two lines")
+
+
+@pytest.mark.parametrize("command, args, target, doing", [
+    (run_main, ["MODEL", "INPUT"], "rmt_deploy.runtime.open_model", "running the model"),
+    (export_main, ["CKPT", "-q"], "rmt_deploy.export.pipeline.export_checkpoint",
+     "exporting the checkpoint"),
+    (demo_main, ["generate", "OUT", "--tokens", "20"], "rmt_deploy.demo.task.write_inputs",
+     "generating samples"),
+])
+def test_an_unexpected_error_is_one_line_naming_the_operation(command, args, target, doing,
+                                                              monkeypatch, encoder_export,
+                                                              encoder_checkpoint, tmp_path):
+    monkeypatch.setattr(target, _broken)
+    monkeypatch.delenv("RMT_DEBUG", raising=False)
+    (tmp_path / "in.txt").write_text(ENCODER_TEXT)
+    values = {"MODEL": encoder_export, "INPUT": tmp_path / "in.txt",
+              "CKPT": encoder_checkpoint, "OUT": tmp_path / "out"}
+    args = [values.get(a, a) for a in args]
+    result = invoke(command, *args)
+    assert result.exit_code == 70, result.output
+    assert isinstance(result.exception, SystemExit)
+    name = {run_main: "rmt-run", export_main: "rmt-export", demo_main: "rmt-demo"}[command]
+    assert result.stderr.splitlines() == [
+        f"{name}: internal error while {doing}: ValueError: a bug over two lines (a bug; run "
+        "again with RMT_DEBUG=1 to see the traceback)"]
+    monkeypatch.setenv("RMT_DEBUG", "1")
+    result = invoke(command, *args)
+    assert isinstance(result.exception, ValueError)  # re-raised: the traceback shows
+
+
+def test_serving_commands_have_the_last_resort_handler(monkeypatch, encoder_export, tmp_path):
+    from rmt_deploy.serving.cli import triton_main
+
+    monkeypatch.setattr("rmt_deploy.serving.repository.write_repository", _broken)
+    monkeypatch.delenv("RMT_DEBUG", raising=False)
+    result = invoke(triton_main, tmp_path / "repo", "--model", encoder_export)
+    assert result.exit_code == 70
+    assert result.stderr.startswith("rmt-triton: internal error while writing the repository "
+                                    "entry: ValueError: a bug over two lines")
+
+
+@pytest.mark.parametrize("command", [export_main, run_main, demo_main])
+def test_help_documents_the_exit_status(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    assert "70 internal error" in text and "RMT_DEBUG=1" in text and "143 terminated" in text
+
+
+def test_sigterm_becomes_an_exit_143_and_the_handler_is_restored(monkeypatch, encoder_export,
+                                                                  tmp_path):
+    import signal
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr("rmt_deploy.runtime.open_model", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    (tmp_path / "in.txt").write_text(ENCODER_TEXT)
+    result = invoke(run_main, encoder_export, tmp_path / "in.txt")
+    assert result.exit_code == 143
+    assert result.stderr == "rmt-run: terminated\n"
+    assert signal.getsignal(signal.SIGTERM) is before

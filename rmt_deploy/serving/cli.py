@@ -1,19 +1,20 @@
 """Command-line entry points of the serving layer: ``rmt-triton`` writes a Triton model
 repository entry for an export; ``rmt-triton-run`` streams a document to a served model
-and prints what rmt-run prints."""
+and prints what rmt-run prints. Exit status as rmt-run's (``rmt_deploy.cli``): 1 an
+error, 70 an internal error (``RMT_DEBUG=1`` shows its traceback), 130 interrupted, 143
+terminated."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from rmt_deploy.cli import _user_errors
+from rmt_deploy.cli import EXIT_STATUS, SETTINGS, _user_errors, echo, stdin_stream
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=SETTINGS, epilog=EXIT_STATUS)
 @click.argument("repo", type=click.Path(path_type=Path))
 @click.option("--model", "export", type=click.Path(path_type=Path), required=True,
               help="Export folder written by rmt-export.")
@@ -35,7 +36,7 @@ from rmt_deploy.cli import _user_errors
               help="Model instances.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32",
               show_default=True, help="Which of the export's step graphs to serve.")
-@_user_errors("rmt-triton")
+@_user_errors("rmt-triton", "writing the repository entry")
 def triton_main(repo, export, name, backend, max_batch_size, idle_seconds, strategy,
                 max_sequences, instances, precision):
     """Write REPO/NAME, a Triton model repository entry for an exported RMT."""
@@ -47,11 +48,11 @@ def triton_main(repo, export, name, backend, max_batch_size, idle_seconds, strat
                              max_candidate_sequences=max_sequences, instances=instances,
                              precision=precision)
     folder = write_repository(repo, export, options)
-    click.echo(f"wrote {folder} ({backend} backend); serve it with tritonserver "
-               f"--model-repository {repo}")
+    echo(f"wrote {folder} ({backend} backend); serve it with tritonserver "
+         f"--model-repository {repo}")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=SETTINGS, epilog=EXIT_STATUS)
 @click.argument("input", type=str)
 @click.option("--model", "export", type=click.Path(path_type=Path), required=True,
               help="The export folder the served model was written from (tokenizer, "
@@ -61,13 +62,13 @@ def triton_main(repo, export, name, backend, max_batch_size, idle_seconds, strat
 @click.option("--progress", "progress_file", type=click.Path(path_type=Path),
               help="Save progress here and resume from it when it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-@_user_errors("rmt-triton-run")
+@_user_errors("rmt-triton-run", "streaming the document")
 def stream_main(input, export, url, name, progress_file, as_json):
     """Stream INPUT (a text file, '-' for stdin) to a model served by Triton as one
     sequence and print its answer as rmt-run does."""
     from rmt_deploy.serving.client import TritonClient
 
-    document = sys.stdin.buffer if input == "-" else Path(input)
+    document = stdin_stream() if input == "-" else Path(input)
     with TritonClient(export, url, name) as client:
         result = client.run(document, progress_file)
     output = result.output
@@ -80,12 +81,12 @@ def stream_main(input, export, url, name, progress_file, as_json):
     else:
         report.update(perplexity=output.perplexity)
     if as_json:
-        click.echo(json.dumps(report))
+        echo(json.dumps(report))
     elif "label" in report:
-        click.echo(f"answer: {output.label} (p={output.scores[output.label]:.4f})")
+        echo(f"answer: {output.label} (p={output.scores[output.label]:.4f})")
     else:
-        click.echo(f"perplexity: {output.perplexity:.4f}")
+        echo(f"perplexity: {output.perplexity:.4f}")
     if not as_json:
-        click.echo(f"tokens: {output.tokens:,}  segments: {output.segments:,} "
-                   f"({result.segments_sent:,} sent)  time: {result.seconds:.2f} s  "
-                   f"backend: triton ({url}, {name})")
+        echo(f"tokens: {output.tokens:,}  segments: {output.segments:,} "
+             f"({result.segments_sent:,} sent)  time: {result.seconds:.2f} s  "
+             f"backend: triton ({url}, {name})")
