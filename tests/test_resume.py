@@ -211,12 +211,12 @@ def _notes(tmp, export, doc):
 
 
 def _the_input(tmp, export, doc):
-    return export, doc, "which this run reads"
+    return export, doc, "is the input of this run"
 
 
 def _input_through_a_link(tmp, export, doc):
     (tmp / "link.state").symlink_to(doc)
-    return export, tmp / "link.state", "which this run reads"
+    return export, tmp / "link.state", "is the input of this run"
 
 
 def _the_manifest(tmp, export, doc):
@@ -232,7 +232,7 @@ def _a_new_file_in_the_export(tmp, export, doc):
 
 
 def _the_model_file(tmp, export, doc):
-    return export / "model.onnx", export / "model.onnx", "which this run reads"
+    return export / "model.onnx", export / "model.onnx", "is the model of this run"
 
 
 def _a_folder(tmp, export, doc):
@@ -266,7 +266,7 @@ def test_run_resumable_refuses_a_file_that_is_not_a_state(models, tmp_path):
     path = tmp_path / "doc.txt"
     path.write_text(make_text(40, seed=1))
     (tmp_path / "notes.txt").write_text("notes")
-    for state, words in ((tmp_path / "notes.txt", "not a state"), (path, "this run reads")):
+    for state, words in ((tmp_path / "notes.txt", "not a state"), (path, "the input")):
         with pytest.raises(InputError, match=words):
             run_resumable(model, path, state_file=state, every=1)
     assert (tmp_path / "notes.txt").read_text() == "notes"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,7 +33,7 @@ def run_resumable(model: RMTModel, document: Path | BinaryIO, *, state_file: Pat
     if model.tokenizer is None:
         raise InputError("this model has no tokenizer; rmt-run reads text")
     if state_file is not None:
-        check_state_file(state_file, [document] if isinstance(document, Path) else [])
+        check_state_file(state_file, document if isinstance(document, Path) else None)
     state = _OwnState(state_file, resume)
     started = time.perf_counter()
     with spool_file(document, model.tokenizer, model.config) as source:
@@ -68,21 +67,22 @@ def run_resumable(model: RMTModel, document: Path | BinaryIO, *, state_file: Pat
                time.perf_counter() - started)
 
 
-def check_state_file(path: Path, keep: Iterable[Path] = ()) -> None:
+def check_state_file(path: Path, document: Path | None = None,
+                     model: Path | None = None) -> None:
     """Refuse a state file that would replace, then delete, what rmt-run did not write: a
-    folder, an existing file that is not a saved state, one of ``keep`` (the input, the
-    model) or a path inside an export folder among them."""
+    folder, an existing file that is not a saved state, the run's input ``document``, its
+    ``model`` or a path inside the model's export folder."""
     if path.is_dir():
         raise InputError(f"{path}: is a folder; give --state-file a file name such as "
                          "run.state")
-    for kept in keep:
-        if same_file(path, kept):
-            raise InputError(f"{path}: is {kept}, which this run reads; give --state-file "
-                             "a new file name such as run.state")
-        folder = _export_folder(kept)
-        if folder is not None and is_within(path, folder):
-            raise InputError(f"{path}: is inside the export folder {folder}; give "
-                             "--state-file a file outside it")
+    for what, read in (("input", document), ("model", model)):
+        if read is not None and same_file(path, read):
+            raise InputError(f"{path}: is the {what} of this run; give --state-file a new "
+                             "file name such as run.state")
+    folder = _export_folder(model) if model is not None else None
+    if folder is not None and is_within(path, folder):
+        raise InputError(f"{path}: is inside the export folder {folder}; give --state-file a "
+                         "file outside it")
     if path.exists() and not _is_state(path):
         raise InputError(f"{path}: exists and is not a state saved by rmt-run; give "
                          "--state-file a new file name")
