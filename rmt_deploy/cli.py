@@ -243,8 +243,8 @@ def export_main(checkpoint, output, base_model, input_size, segment_size, labels
                             calibration_method=calibration_method, min_agreement=min_agreement)
     engine_options = None
     if engine:
+        from rmt_deploy.contract import BatchProfile
         from rmt_deploy.export.tensorrt_build import EngineOptions
-        from rmt_deploy.runtime.backends.tensorrt_plan import BatchProfile
 
         engine_options = EngineOptions(BatchProfile.parse(batch_profile), workspace_mb,
                                        timing_cache)

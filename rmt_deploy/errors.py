@@ -28,3 +28,7 @@ class ValidationError(RmtError):
 
 class BackendError(RmtError):
     """A runtime backend is unavailable or cannot run the model."""
+
+
+class NumericError(RmtError):
+    """A model produced NaN or infinity: its weights, export or state are damaged."""

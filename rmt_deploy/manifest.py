@@ -7,12 +7,14 @@ reads it without importing the exporter. numpy only.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rmt_deploy.contract import STEP, Tensor, variant, variant_names
 from rmt_deploy.errors import ConfigError, ManifestError
 from rmt_deploy.files import atomic_path, sha256_file
 from rmt_deploy.spec import RMTConfig
@@ -20,16 +22,9 @@ from rmt_deploy.spec import RMTConfig
 MANIFEST_NAME = "rmt.json"
 MANIFEST_FORMAT = "rmt-deploy-export"
 MANIFEST_VERSION = 1
+MAX_MANIFEST_BYTES = 8 << 20  # a manifest is a few KB; anything this big is not one
+MAX_JSON_DEPTH = 32
 
-# Tensor names of the step contract.
-INPUT_IDS = "input_ids"
-ATTENTION_MASK = "attention_mask"
-MEMORY_IN = "memory_in"
-MEMORY_OUT = "memory_out"
-LOGITS = "logits"
-
-STEP_GRAPH = "step"  # (input_ids, attention_mask, memory_in) -> (logits, memory_out)
-READ_GRAPH = "read"  # decoder only: (input_ids, attention_mask, memory_in) -> logits
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -38,18 +33,10 @@ def graph_key(graph: str, precision: str = "fp32") -> str:
     return graph if precision == "fp32" else f"{graph}.{precision}"
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # numpy dtype name
-    shape: tuple[int | str, ...]  # str: a named dynamic axis
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
-        return cls(data["name"], data["dtype"], tuple(data["shape"]))
+def split_key(key: str) -> tuple[str, str]:
+    """Inverse of :func:`graph_key`: ``(graph, precision)``."""
+    graph, _, precision = key.partition(".")
+    return graph, precision or "fp32"
 
 
 @dataclass(frozen=True)
@@ -57,41 +44,34 @@ class GraphSpec:
     file: str  # relative to the export folder
     sha256: str
     precision: str  # fp32, fp16, bf16 or int8
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    data: tuple[dict[str, str], ...] = ()  # external weight files: {"file", "sha256"}
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "file": self.file, "sha256": self.sha256, "precision": self.precision,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
+            "data": [dict(entry) for entry in self.data],
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphSpec:
         return cls(
             data["file"], data["sha256"], data["precision"],
-            tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
-            tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
+            tuple(Tensor.from_dict(t) for t in data["inputs"]),
+            tuple(Tensor.from_dict(t) for t in data["outputs"]),
+            tuple({"file": e["file"], "sha256": e["sha256"]} for e in data.get("data", [])),
         )
 
 
-def step_tensors(config: RMTConfig, graph: str) -> tuple[tuple[TensorSpec, ...], ...]:
-    """The inputs and outputs of a graph of the step contract."""
-    m, h = config.num_mem_tokens, config.hidden_size
-    positions: int | str = config.input_size if config.is_encoder else "tokens"
-    inputs = (
-        TensorSpec(INPUT_IDS, "int64", ("batch", positions)),
-        TensorSpec(ATTENTION_MASK, "int64", ("batch", positions)),
-        TensorSpec(MEMORY_IN, "float32", ("batch", m, h)),
-    )
-    if config.is_encoder:
-        logits = TensorSpec(LOGITS, "float32", ("batch", len(config.labels)))
-    else:
-        logits = TensorSpec(LOGITS, "float32", ("batch", positions, config.vocab_size))
-    outputs = (logits,) if graph == READ_GRAPH else (logits, TensorSpec(MEMORY_OUT, "float32",
-                                                                         ("batch", m, h)))
-    return inputs, outputs
+def graph_spec(config: RMTConfig, graph: str, path: Path, precision: str = "fp32",
+               data: tuple[dict[str, str], ...] = ()) -> GraphSpec:
+    """The manifest entry of a graph file written for variant ``graph`` of the contract."""
+    contract = variant(config, graph)
+    return GraphSpec(path.name, sha256_file(path), precision, contract.inputs,
+                     contract.outputs, data)
 
 
 @dataclass
@@ -99,7 +79,7 @@ class Manifest:
     """Everything a runtime needs: it guesses nothing."""
 
     config: RMTConfig
-    graphs: dict[str, GraphSpec]  # STEP_GRAPH, and READ_GRAPH for decoders
+    graphs: dict[str, GraphSpec]  # by graph_key: "step", "read", "step.fp16", ...
     initial_memory: dict[str, Any]  # file, sha256, shape, dtype
     tokenizer: dict[str, Any] | None  # file, sha256
     source: dict[str, Any]  # checkpoint name, sha256, format
@@ -127,33 +107,56 @@ class Manifest:
             raise ManifestError("manifest has no folder; read it with read_manifest()")
         return self.folder / relative
 
+    def files(self) -> dict[str, str]:
+        """Every file the manifest lists (graphs, their weight data, initial memory,
+        tokenizer, plans): relative name -> sha256."""
+        entries = [(g.file, g.sha256) for g in self.graphs.values()]
+        entries += [(d["file"], d["sha256"]) for g in self.graphs.values() for d in g.data]
+        entries.append((self.initial_memory["file"], self.initial_memory["sha256"]))
+        if self.tokenizer:
+            entries.append((self.tokenizer["file"], self.tokenizer["sha256"]))
+        entries += [(plan["file"], plan["sha256"]) for plan in self.engines.values()]
+        return dict(entries)
+
     def load_initial_memory(self) -> np.ndarray:
-        """The learned initial memory, [M, H] float32."""
-        memory = np.load(self.path(self.initial_memory["file"]), allow_pickle=False)
+        """The learned initial memory, [M, H] float32, finite."""
+        name = self.initial_memory["file"]
+        try:
+            memory = np.load(self.path(name), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise ManifestError(f"{name}: not a readable .npy array ({error}); re-export "
+                                "the model") from None
         expected = (self.config.num_mem_tokens, self.config.hidden_size)
-        if memory.shape != expected:
-            raise ManifestError(f"{self.initial_memory['file']}: shape {memory.shape}, "
-                                f"expected {expected}; re-export the model")
-        return memory.astype(np.float32)
+        if not isinstance(memory, np.ndarray) or memory.dtype != np.float32 or \
+                memory.shape != expected:
+            raise ManifestError(f"{name}: {getattr(memory, 'dtype', type(memory).__name__)} "
+                                f"{getattr(memory, 'shape', '')}, expected float32 {expected}; "
+                                "re-export the model")
+        if not np.isfinite(memory).all():
+            raise ManifestError(f"{name}: the initial memory holds NaN or infinity; "
+                                "re-export the model from a healthy checkpoint")
+        return memory
 
 
 def write_manifest(manifest: Manifest, folder: Path) -> Path:
     """Write ``rmt.json`` atomically."""
     target = folder / MANIFEST_NAME
     with atomic_path(target) as temp:
-        temp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+        temp.write_text(json.dumps(manifest.to_dict(), indent=2, allow_nan=False) + "\n")
     return target
 
 
 def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
-    """Read and check an export folder: every file present, every hash matching."""
+    """Read and check an export folder: a bounded JSON manifest whose config agrees with
+    the graphs' declared tensors, every file a plain name inside the folder, present and
+    matching its sha256."""
     folder = Path(folder)
     path = folder / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{folder}: no {MANIFEST_NAME} there; pass a folder written by "
                             "rmt-export")
+    data = _read_json(path)
     try:
-        data = json.loads(path.read_text())
         if data.get("format") != MANIFEST_FORMAT:
             raise ManifestError(f"{path}: not an rmt-deploy manifest")
         if data.get("format_version") != MANIFEST_VERSION:
@@ -161,35 +164,99 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
                                 f"supported (this rmt-deploy reads {MANIFEST_VERSION}); re-export")
         manifest = Manifest(
             config=RMTConfig.from_dict(data["rmt_config"]),
-            graphs={k: GraphSpec.from_dict(v) for k, v in data["graphs"].items()},
-            initial_memory=data["initial_memory"],
-            tokenizer=data.get("tokenizer"),
+            graphs={str(k): GraphSpec.from_dict(v) for k, v in data["graphs"].items()},
+            initial_memory=dict(data["initial_memory"]),
+            tokenizer=dict(data["tokenizer"]) if data.get("tokenizer") else None,
             source=data.get("source", {}),
             exporter=data.get("exporter", {}),
             validation=data.get("validation", {}),
-            engines=data.get("engines", {}),
+            engines={str(k): dict(v) for k, v in data.get("engines", {}).items()},
             folder=folder,
         )
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ManifestError(f"{path}: not valid JSON ({error}); re-export the model") from None
-    except (KeyError, TypeError, AttributeError) as error:
-        raise ManifestError(f"{path}: damaged manifest (missing {error}); re-export") from None
+        files = manifest.files()
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
+        raise ManifestError(f"{path}: damaged manifest ({type(error).__name__}: {error}); "
+                            "re-export") from None
     except ConfigError as error:
         raise ManifestError(f"{path}: {error}") from None
-    if STEP_GRAPH not in manifest.graphs:
-        raise ManifestError(f"{path}: no '{STEP_GRAPH}' graph listed; re-export the model")
+    if STEP not in manifest.graphs:
+        raise ManifestError(f"{path}: no '{STEP}' graph listed; re-export the model")
+    _check_graphs(manifest, path)
+    for name in files:
+        _check_plain_name(name, path)
     if verify:
-        _verify_files(manifest)
+        _verify_files(manifest, files)
     return manifest
 
 
-def _verify_files(manifest: Manifest) -> None:
-    entries = [(g.file, g.sha256) for g in manifest.graphs.values()]
-    entries.append((manifest.initial_memory["file"], manifest.initial_memory["sha256"]))
-    if manifest.tokenizer:
-        entries.append((manifest.tokenizer["file"], manifest.tokenizer["sha256"]))
-    for relative, expected in entries:
+def _read_json(path: Path) -> dict[str, Any]:
+    """The manifest's JSON, bounded in size and depth."""
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: {path.stat().st_size:,} bytes, too large to be a "
+                            "manifest; re-export the model")
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ManifestError(f"{path}: not valid JSON ({error}); re-export the model") from None
+    except RecursionError:
+        data = None
+    if not isinstance(data, dict) or _depth(data) > MAX_JSON_DEPTH:
+        raise ManifestError(f"{path}: not a manifest (a JSON object nested at most "
+                            f"{MAX_JSON_DEPTH} deep); re-export the model")
+    return data
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    if level > MAX_JSON_DEPTH:
+        return level
+    children = value.values() if isinstance(value, dict) else (
+        value if isinstance(value, list) else ())
+    return max((_depth(child, level + 1) for child in children), default=level)
+
+
+def _check_graphs(manifest: Manifest, path: Path) -> None:
+    """Each graph is a variant of the contract, with the tensors the config implies."""
+    config = manifest.config
+    for key, spec in manifest.graphs.items():
+        graph, precision = split_key(key)
+        if graph not in variant_names(config) or precision not in PRECISIONS or (
+                precision != "fp32" and spec.precision != precision):
+            raise ManifestError(f"{path}: graph {key!r} ({spec.precision}) is not one a "
+                                f"{config.variant} RMT has; re-export the model")
+        contract = variant(config, graph)
+        for kind, declared, expected in (("input", spec.inputs, contract.inputs),
+                                         ("output", spec.outputs, contract.outputs)):
+            if declared != expected:
+                raise ManifestError(f"{path}: graph {key!r} declares {kind}s "
+                                    f"{_tensors_text(declared)}, but its rmt_config implies "
+                                    f"{_tensors_text(expected)}; re-export the model")
+    record = manifest.initial_memory
+    expected = [config.num_mem_tokens, config.hidden_size]
+    if record.get("shape") != expected or record.get("dtype") != "float32":
+        raise ManifestError(f"{path}: initial_memory is {record.get('dtype')} "
+                            f"{record.get('shape')}, the config implies float32 {expected}; "
+                            "re-export the model")
+
+
+def _tensors_text(tensors: tuple[Tensor, ...]) -> str:
+    return ", ".join(f"{t.name} {t.dtype}[{', '.join(map(str, t.shape))}]" for t in tensors)
+
+
+def _check_plain_name(name: Any, path: Path) -> None:
+    if not isinstance(name, str) or not name or name in (".", "..") or \
+            os.path.basename(name) != name or "\\" in name or "\0" in name:
+        raise ManifestError(f"{path}: lists the file {name!r}, which is not a plain name "
+                            "inside the export folder; the manifest was tampered with, "
+                            "re-export the model")
+
+
+def _verify_files(manifest: Manifest, files: dict[str, str]) -> None:
+    folder = manifest.folder.resolve()
+    for relative, expected in files.items():
         file = manifest.path(relative)
+        if file.is_symlink() and file.resolve().parent != folder:
+            raise ManifestError(f"{file}: a link that leaves the export folder; copy the "
+                                "file in or re-export the model")
         if not file.is_file():
             raise ManifestError(f"{file}: missing from the export folder; re-export the model")
         if sha256_file(file) != expected:

@@ -3,6 +3,8 @@ runtime all read. Plain data, no torch."""
 
 from __future__ import annotations
 
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -49,6 +51,7 @@ class RMTConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (task, training)
 
     def __post_init__(self) -> None:
+        self._check_types()
         self._check()
 
     @classmethod
@@ -122,6 +125,13 @@ class RMTConfig:
     def is_encoder(self) -> bool:
         return self.variant == ENCODER
 
+    def _check_types(self) -> None:
+        """Every field holds the type it is declared with (a manifest is untrusted data)."""
+        for name, hint in typing.get_type_hints(RMTConfig).items():
+            if not _is_instance(getattr(self, name), hint):
+                raise ConfigError(f"invalid RMT config: {name} is "
+                                  f"{getattr(self, name)!r}, expected {_type_text(hint)}")
+
     def _check(self) -> None:
         def bad(message: str) -> ConfigError:
             return ConfigError(f"invalid RMT config: {message}")
@@ -158,6 +168,14 @@ class RMTConfig:
                 raise bad(f"labels must be distinct, got {','.join(self.labels)}")
         elif self.input_size != 2 * self.num_mem_tokens + self.segment_size:
             raise bad("a decoder's input_size must be 2 * num_mem_tokens + segment_size")
+        special = {"pad_token_id": [self.pad_token_id], "cls_token_id": [self.cls_token_id],
+                   "sep_token_id": [self.sep_token_id], "eos_token_id": [self.eos_token_id],
+                   "strip_token_ids": self.strip_token_ids, "mem_token_ids": self.mem_token_ids}
+        for name, ids in special.items():
+            outside = [i for i in ids if i is not None and not 0 <= i < self.vocab_size]
+            if outside:
+                raise bad(f"{name} {outside[0]} lies outside the vocabulary "
+                          f"[0, {self.vocab_size})")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -181,3 +199,24 @@ class RMTConfig:
             return cls(**values)
         except TypeError as error:
             raise ConfigError(f"invalid RMT config: {error}") from None
+
+
+def _is_instance(value: Any, hint: Any) -> bool:
+    """``isinstance`` for the field types of RMTConfig (bool is not an int here)."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_is_instance(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, tuple) and all(_is_instance(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_text(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")

@@ -16,10 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from engines import WrappedEngine
 
 from rmt_deploy.errors import InputError
 from rmt_deploy.runtime import SessionPool, StreamSession, open_model
 from rmt_deploy.runtime.batcher import StepBatcher
+from rmt_deploy.runtime.stepper import Stepper
 
 PUNCTUATION = (",", ".", "!", "?", "'", "(", ")", "-")
 MULTIBYTE = ("é", "日本", "😀", "naïve", "Ω")
@@ -376,27 +378,19 @@ def test_pool_sessions_from_threads_equal_one_by_one(model, batch):
         assert_same(final, theirs)
 
 
-class GatedEngine:
+class GatedEngine(WrappedEngine):
     """The real engine, whose first step waits until the test opens the gate."""
 
     def __init__(self, engine):
-        self._engine = engine
-        self.config = engine.config
+        super().__init__(engine)
         self.entered, self.gate = threading.Event(), threading.Event()
         self.batches: list[int] = []
 
-    def new_state(self, memory):
-        return self._engine.new_state(memory)
-
-    def memory(self, state):
-        return self._engine.memory(state)
-
-    def step(self, state, input_ids, attention_mask):
+    def before_step(self, input_ids):
         if not self.batches:
             self.entered.set()
             self.gate.wait(timeout=30)
         self.batches.append(len(input_ids))
-        return self._engine.step(state, input_ids, attention_mask)
 
 
 def test_batcher_runs_waiting_sessions_as_one_step(decoder_model):
@@ -404,13 +398,18 @@ def test_batcher_runs_waiting_sessions_as_one_step(decoder_model):
     batcher = StepBatcher(engine)
     size = decoder_model.config.segment_size
     segments = [np.arange(5 + row, 5 + row + size) for row in range(5)]
-    memory = np.stack([decoder_model.initial_memory] * 5)
-    expected = [batcher_free(decoder_model, memory[row: row + 1], segments[row: row + 1])
-                for row in range(5)]
-    results: dict[int, tuple] = {}
+    with Stepper(decoder_model.engine) as alone:
+        expected = []
+        for row in range(5):
+            alone.add(row, decoder_model.initial_memory)
+            expected.append((alone.step([row], segments[row: row + 1]), None))
+            expected[-1] = (expected[-1][0], alone.memory(row))
+    for row in range(5):
+        batcher.add(row, decoder_model.initial_memory)
+    results: dict[int, np.ndarray] = {}
 
     def call(row: int) -> None:
-        results[row] = batcher.run(memory[row: row + 1], segments[row: row + 1])
+        results[row] = batcher.step([row], segments[row: row + 1])
 
     first = threading.Thread(target=call, args=(0,))
     first.start()
@@ -423,18 +422,13 @@ def test_batcher_runs_waiting_sessions_as_one_step(decoder_model):
     engine.gate.set()
     for thread in [first, *others]:
         thread.join()
-    batcher.shutdown()
+    memory = batcher.memories(range(5))
+    batcher.close()
     assert engine.batches == [1, 4]
     assert (batcher.steps, batcher.rows) == (2, 5)
     for row in range(5):
-        np.testing.assert_array_equal(results[row][0], expected[row][0])
-        np.testing.assert_array_equal(results[row][1], expected[row][1])
-
-
-def batcher_free(model, memory, segments):
-    from rmt_deploy.runtime.batcher import direct_runner
-
-    return direct_runner(model.engine)(memory, segments)
+        np.testing.assert_array_equal(results[row], expected[row][0])
+        np.testing.assert_array_equal(memory[row], expected[row][1])
 
 
 def test_pool_errors(encoder_model):
@@ -461,7 +455,6 @@ def test_pool_errors(encoder_model):
         assert_same(pool.close("doc-1"), encoder_model.run_one("w1 w2 w3"))
         with pytest.raises(InputError, match="unknown session 'doc-1'"):
             pool.feed("doc-1", "w5")
-    late = pool.open()
     with pytest.raises(InputError) as error:
-        pool.feed(late, "w1 w2")
+        pool.open()
     assert "shut down" in one_line(error)

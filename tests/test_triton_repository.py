@@ -12,9 +12,11 @@ pytest.importorskip("tritonclient.grpc")
 from google.protobuf import text_format  # noqa: E402
 from tritonclient.grpc import model_config_pb2 as pb2  # noqa: E402
 
-from rmt_deploy.manifest import STEP_GRAPH, read_manifest  # noqa: E402
+from rmt_deploy.contract import STEP  # noqa: E402
+from rmt_deploy.manifest import read_manifest  # noqa: E402
 from rmt_deploy.runtime import open_model  # noqa: E402
 from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine  # noqa: E402
+from rmt_deploy.runtime.options import RuntimeOptions  # noqa: E402
 from rmt_deploy.segmentation import content_id_range, segment_bounds, step_inputs  # noqa: E402
 from rmt_deploy.serving.cli import triton_main  # noqa: E402
 from rmt_deploy.serving.errors import ServingError  # noqa: E402
@@ -49,7 +51,7 @@ def test_python_backend_repository(export_fixture, request, tmp_path):
     assert result.exit_code == 0, result.output
     folder = tmp_path / "repo" / "m"
     config, manifest = read_config(folder), read_manifest(export)
-    graph = manifest.graphs[STEP_GRAPH]
+    graph = manifest.graphs[STEP]
     assert (config.name, config.backend, config.max_batch_size) == ("m", "python", 4)
     assert declared(config.input) == expected(graph.inputs, {"input_ids", "attention_mask",
                                                              "memory_in"})
@@ -66,7 +68,7 @@ def test_python_backend_repository(export_fixture, request, tmp_path):
     assert not config.sequence_batching.state  # python backend: implicit state is not honoured
     assert config.parameters["rmt_model_id"].string_value == model_identity(manifest)
     assert (folder / "1" / "model.py").read_text() == PYTHON_MODEL.read_text()
-    assert read_manifest(folder / "1" / "export").graphs[STEP_GRAPH].sha256 == graph.sha256
+    assert read_manifest(folder / "1" / "export").graphs[STEP].sha256 == graph.sha256
 
 
 @pytest.mark.parametrize("export_fixture", ["encoder_export", "decoder_export"])
@@ -77,7 +79,7 @@ def test_onnxruntime_repository_initial_state(export_fixture, request, tmp_path)
     assert result.exit_code == 0, result.output
     folder = tmp_path / "rmt"
     config, manifest = read_config(folder), read_manifest(export)
-    graph = manifest.graphs[STEP_GRAPH]
+    graph = manifest.graphs[STEP]
     m, h = manifest.config.num_mem_tokens, manifest.config.hidden_size
     assert config.backend == "onnxruntime"
     assert declared(config.input) == expected(graph.inputs, {"input_ids", "attention_mask"})
@@ -132,7 +134,8 @@ def segments_of(ids, config):
 @pytest.fixture(scope="module")
 def store_parts(encoder_export):
     manifest = read_manifest(encoder_export)
-    return OnnxRuntimeEngine(manifest, threads=1), manifest.load_initial_memory()
+    return (OnnxRuntimeEngine(manifest, RuntimeOptions(threads=1)),
+            manifest.load_initial_memory())
 
 
 def documents(config, lengths, seed):
@@ -173,7 +176,7 @@ def test_store_rejects_bad_requests_without_disturbing_others(store_parts):
     (ids, mask), = list(segments_of(documents(config, (5,), seed=4)[0], config))
     m, h = config.num_mem_tokens, config.hidden_size
     assert isinstance(store.execute([StepRequest(1, True, False, ids, mask)])[0], StepResult)
-    before = store._memory[1].copy()
+    before = store.stepper.memory(1)
     bad = [
         StepRequest(2, False, False, ids, mask),  # never started
         StepRequest(3, False, False, ids, mask, np.zeros((1, m, h), np.float32)),
@@ -189,13 +192,13 @@ def test_store_rejects_bad_requests_without_disturbing_others(store_parts):
     assert "only allowed on its START request" in messages[1]
     assert "the state is from another model" in messages[2]
     assert "NaN" in messages[3]
-    assert "positions, this model takes" in messages[4]
+    assert "input_ids has shape" in messages[4]
     assert "token ids must lie in" in messages[5]
     assert all(isinstance(r, ServingError) for r in results[:-1])
     assert isinstance(results[-1], StepResult) and len(store) == 1
-    state = engine.new_state(before[None])
-    engine.step(state, ids, mask)
-    np.testing.assert_allclose(store._memory[1], engine.memory(state)[0], atol=1e-6)
+    with engine.new_state(before[None]) as state:
+        state.step(ids, mask)
+        np.testing.assert_allclose(store.stepper.memory(1), state.memory()[0], atol=1e-6)
 
 
 def test_store_forgets_idle_sequences(store_parts):

@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from rmt_deploy.manifest import ATTENTION_MASK, INPUT_IDS, MEMORY_IN
-from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.contract import ATTENTION_MASK, INPUT_IDS, MEMORY_IN
+from rmt_deploy.runtime.backends.base import EngineState, StepEngine
 from rmt_deploy.runtime.loop import run_segments
+from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.runtime.tokens import TokenSource
 
 
@@ -40,21 +41,37 @@ class CalibrationSteps:
 
 
 class _Recorder(StepEngine):
-    """Passes steps to the FP32 engine and keeps each row's inputs for the sampler."""
+    """The FP32 engine, with states that keep each step's inputs for the sampler."""
 
     def __init__(self, engine: StepEngine) -> None:
         self.engine, self.config, self.name = engine, engine.config, engine.name
         self.last: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
-    def new_state(self, memory: np.ndarray) -> Any:
-        return self.engine.new_state(memory)
+    def new_state(self, memory: np.ndarray) -> _RecordingState:
+        return _RecordingState(self, self.engine.new_state(memory))
 
-    def memory(self, state: Any) -> np.ndarray:
-        return self.engine.memory(state)
 
-    def step(self, state: Any, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        self.last = (input_ids.copy(), attention_mask.copy(), self.engine.memory(state))
-        return self.engine.step(state, input_ids, attention_mask)
+class _RecordingState(EngineState):
+    def __init__(self, recorder: _Recorder, state: EngineState) -> None:
+        super().__init__(state.batch)
+        self._recorder, self._state = recorder, state
+
+    def load(self, memory: np.ndarray) -> None:
+        self._state.load(memory)
+
+    def memory(self) -> np.ndarray:
+        return self._state.memory()
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+             logits: bool = True) -> np.ndarray | None:
+        """Records the step's inputs, the memory it receives included (read from the
+        engine before the step: calibration needs every step's memory)."""
+        self._recorder.last = (input_ids.copy(), attention_mask.copy(), self._state.memory())
+        return self._state.step(input_ids, attention_mask, logits=False)
+
+    def close(self) -> None:
+        self._state.close()
+        super().close()
 
 
 class _Reservoir:
@@ -76,7 +93,7 @@ class _Reservoir:
 def _sampling_callback(recorder: _Recorder, reservoir: _Reservoir, n_rows: int):
     depth = [0] * n_rows
 
-    def on_step(rows: list[int], _segments, _mask, _logits) -> None:
+    def on_step(rows: list[int], _segments, _logits) -> None:
         input_ids, attention_mask, memory = recorder.last
         for position, row in enumerate(rows):
             reservoir.offer((input_ids[position], attention_mask[position], memory[position],
@@ -95,8 +112,11 @@ def collect_steps(engine: StepEngine, initial_memory: np.ndarray,
     reservoir = _Reservoir(max_steps, seed)
     for start in range(0, len(documents), batch_size):
         group = documents[start : start + batch_size]
-        run_segments(recorder, group, initial_memory,
-                     _sampling_callback(recorder, reservoir, len(group)))
+        with Stepper(recorder) as stepper:
+            for row in range(len(group)):
+                stepper.add(row, initial_memory)
+            run_segments(stepper, group, _sampling_callback(recorder, reservoir, len(group)),
+                         wants_logits=lambda _active: False)
     kept = sorted(reservoir.kept, key=lambda record: record[3])
     return CalibrationSteps(
         np.stack([r[0] for r in kept]).astype(np.int64),

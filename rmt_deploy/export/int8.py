@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,12 @@ from rmt_deploy.calibration.collect import CalibrationSteps, collect_steps
 from rmt_deploy.calibration.data import CalibrationCorpus, read_corpus
 from rmt_deploy.calibration.policies import Policy, applicable_policies, policy_named
 from rmt_deploy.calibration.quantize import int8_graph, prepare
+from rmt_deploy.contract import STEP
 from rmt_deploy.errors import ValidationError
 from rmt_deploy.export.validate import check_onnx, compare
-from rmt_deploy.files import sha256_file
-from rmt_deploy.manifest import STEP_GRAPH, GraphSpec, Manifest, graph_key, step_tensors
+from rmt_deploy.manifest import Manifest, graph_key, graph_spec
 from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.runtime.tokens import ArraySource, TokenSource, manifest_tokenizer
 from rmt_deploy.spec import RMTConfig
 
@@ -69,7 +70,7 @@ def _calibrate(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str]
         for name, file in graph_files.items():
             prepare(stage / file, prepared[name])
         candidates = ([policy_named(options.policy)] if options.policy != "auto"
-                      else applicable_policies(onnx.load(str(prepared[STEP_GRAPH]),
+                      else applicable_policies(onnx.load(str(prepared[STEP]),
                                                          load_external_data=False)))
         table = {}
         for policy in candidates:
@@ -81,9 +82,7 @@ def _calibrate(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str]
         for name, file in graph_files.items():
             target = stage / Path(file).with_suffix(".int8.onnx").name
             shutil.move(work / f"{name}.{chosen.name}.onnx", target)
-            inputs, outputs = step_tensors(config, name)
-            manifest.graphs[graph_key(name, "int8")] = GraphSpec(
-                target.name, sha256_file(target), "int8", inputs, outputs)
+            manifest.graphs[graph_key(name, "int8")] = graph_spec(config, name, target, "int8")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     manifest.validation["int8"] = {
@@ -107,18 +106,19 @@ def _judge(policy: Policy, manifest: Manifest, fp32: StepEngine, prepared: dict[
            work: Path, options: Int8Options) -> dict[str, Any]:
     """Quantize under ``policy``; its closed-loop errors on held-out data and its speed."""
     from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
+    from rmt_deploy.runtime.options import RuntimeOptions
 
     key_graphs = {}
     for name, source in prepared.items():
         target = work / f"{name}.{policy.name}.onnx"
         int8_graph(source, target, steps, policy, options.method)
         check_onnx(target)
-        inputs, outputs = step_tensors(manifest.config, name)
-        key_graphs[graph_key(name, "int8")] = GraphSpec(
-            f"{work.name}/{target.name}", sha256_file(target), "int8", inputs, outputs)
+        spec = graph_spec(manifest.config, name, target, "int8")
+        key_graphs[graph_key(name, "int8")] = replace(spec, file=f"{work.name}/{target.name}")
     manifest.graphs.update(key_graphs)
     try:
-        candidate = OnnxRuntimeEngine(manifest, threads=options.threads, precision="int8")
+        candidate = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=options.threads,
+                                                               precision="int8"))
         results = compare(fp32, candidate, initial_memory, modes=("closed_loop",),
                           batches=_judging_batches(judge, manifest.config,
                                                    options.drift_segments))
@@ -152,15 +152,17 @@ def _ms_per_step(fp32: StepEngine, int8: StepEngine, steps: CalibrationSteps,
                  repeats: int = 15) -> dict[str, float]:
     """Median milliseconds of a batch-1 step on recorded inputs, FP32 and INT8 timed in
     turn so that a change in the machine's load falls on both."""
-    engines = {"fp32_ms": fp32, "int8_ms": int8}
-    states = {key: engine.new_state(steps.memory_in[:1]) for key, engine in engines.items()}
-    times: dict[str, list[float]] = {key: [] for key in engines}
-    for i in range(repeats + 2):
-        j = i % len(steps)
-        for key, engine in engines.items():
-            started = time.perf_counter()
-            engine.step(states[key], steps.input_ids[j : j + 1], steps.attention_mask[j : j + 1])
-            times[key].append(time.perf_counter() - started)
+    times: dict[str, list[float]] = {"fp32_ms": [], "int8_ms": []}
+    with Stepper(fp32) as reference, Stepper(int8) as candidate:
+        steppers = {"fp32_ms": reference, "int8_ms": candidate}
+        for stepper in steppers.values():
+            stepper.add(0, steps.memory_in[0])
+        for i in range(repeats + 2):
+            j = i % len(steps)
+            for key, stepper in steppers.items():
+                started = time.perf_counter()
+                stepper.run([0], steps.input_ids[j : j + 1], steps.attention_mask[j : j + 1])
+                times[key].append(time.perf_counter() - started)
     return {key: float(np.median(values[2:]) * 1e3) for key, values in times.items()}
 
 
@@ -174,9 +176,13 @@ def _describe(policy: Policy, row: dict[str, Any]) -> str:
             f"({row['speedup']:.2f}x)")
 
 
+def _passes(errors: dict[str, Any], min_agreement: float) -> bool:
+    return errors["closed_loop"]["agreement"] >= min_agreement and not any(
+        sum(errors[mode].get("non_finite", {}).values()) for mode in ("open_loop", "closed_loop"))
+
+
 def _choose(candidates: list[Policy], table: dict[str, Any], options: Int8Options) -> Policy:
-    passing = [p for p in candidates
-               if table[p.name]["errors"]["closed_loop"]["agreement"] >= options.min_agreement]
+    passing = [p for p in candidates if _passes(table[p.name]["errors"], options.min_agreement)]
     if passing:  # the fastest; within timing noise of it, the one that drifts least
         fastest = max(table[p.name]["speedup"] for p in passing)
         close = [p for p in passing if table[p.name]["speedup"] >= fastest * (1 - SPEED_NOISE)]

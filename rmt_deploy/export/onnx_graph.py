@@ -8,15 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmt_deploy.manifest import (
-    ATTENTION_MASK,
-    INPUT_IDS,
-    LOGITS,
-    MEMORY_IN,
-    MEMORY_OUT,
-    READ_GRAPH,
-    STEP_GRAPH,
-)
+from rmt_deploy.contract import READ, variant
 from rmt_deploy.model.decoder import DecoderReadStep
 from rmt_deploy.segmentation import content_id_range, step_inputs
 
@@ -41,19 +33,15 @@ def trace_inputs(rmt: torch.nn.Module, seed: int = 0) -> tuple[torch.Tensor, ...
 
 def export_graph(rmt: torch.nn.Module, path: Path, graph: str,
                  opset: int = DEFAULT_OPSET) -> None:
-    """Write the step graph (or, for decoders, the read graph) to ``path``."""
-    config = rmt.rmt_config
-    module = DecoderReadStep(rmt) if graph == READ_GRAPH else rmt
-    outputs = [LOGITS] if graph == READ_GRAPH else [LOGITS, MEMORY_OUT]
-    token_axes = {0: "batch"} if config.is_encoder else {0: "batch", 1: "tokens"}
-    dynamic_axes = {INPUT_IDS: token_axes, ATTENTION_MASK: token_axes, MEMORY_IN: {0: "batch"},
-                    LOGITS: token_axes if not config.is_encoder else {0: "batch"}}
-    if graph == STEP_GRAPH:
-        dynamic_axes[MEMORY_OUT] = {0: "batch"}
+    """Write variant ``graph`` of the step contract to ``path``, its tensor names and
+    dynamic axes as the contract declares them."""
+    contract = variant(rmt.rmt_config, graph)
+    module = DecoderReadStep(rmt) if graph == READ else rmt
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer notes on Python-side shape arithmetic
         torch.onnx.export(
             module.eval(), trace_inputs(rmt), str(path), dynamo=False, opset_version=opset,
-            input_names=[INPUT_IDS, ATTENTION_MASK, MEMORY_IN], output_names=outputs,
-            dynamic_axes=dynamic_axes, do_constant_folding=True,
+            input_names=[t.name for t in contract.inputs],
+            output_names=[t.name for t in contract.outputs],
+            dynamic_axes=contract.dynamic_axes(), do_constant_folding=True,
         )

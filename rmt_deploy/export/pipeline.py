@@ -13,6 +13,7 @@ import numpy as np
 from rmt_deploy import __version__
 from rmt_deploy.calibration.policies import policy_named
 from rmt_deploy.calibration.quantize import METHODS
+from rmt_deploy.contract import variants
 from rmt_deploy.errors import ConfigError, RmtError
 from rmt_deploy.export.folder import check_target
 from rmt_deploy.export.int8 import Int8Options, add_int8
@@ -28,20 +29,16 @@ from rmt_deploy.export.validate import (
 from rmt_deploy.files import atomic_folder, sha256_file
 from rmt_deploy.manifest import (
     PRECISIONS,
-    READ_GRAPH,
-    STEP_GRAPH,
-    GraphSpec,
     Manifest,
     graph_key,
+    graph_spec,
     read_manifest,
-    step_tensors,
     write_manifest,
 )
 from rmt_deploy.model.base import ATTENTION
 from rmt_deploy.model.checkpoint import AuthorsOptions, LoadedCheckpoint, load_checkpoint
 from rmt_deploy.runtime.tokens import plain_tokenizer
 
-GRAPH_FILES = {STEP_GRAPH: "model.onnx", READ_GRAPH: "generate.onnx"}
 TWO_GB = 2**31
 
 
@@ -96,19 +93,19 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
 
     from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
     from rmt_deploy.runtime.backends.torch import TorchEngine
+    from rmt_deploy.runtime.options import RuntimeOptions
 
     rmt, config = loaded.rmt, loaded.rmt.rmt_config
     graphs = {}
-    names = [STEP_GRAPH] if config.is_encoder else [STEP_GRAPH, READ_GRAPH]
-    for name in names:
-        path = stage / GRAPH_FILES[name]
+    contracts = variants(config)
+    for name, contract in contracts.items():
+        path = stage / contract.file
         export_graph(rmt, path, name, options.opset)
         if path.stat().st_size >= TWO_GB:
             raise RmtError(f"{path.name} is over 2 GB, the limit of a single-file ONNX graph; "
                            "models this large are not supported yet")
         check_onnx(path)
-        inputs, outputs = step_tensors(config, name)
-        graphs[name] = GraphSpec(path.name, sha256_file(path), "fp32", inputs, outputs)
+        graphs[name] = graph_spec(config, name, path)
         log(f"wrote {path.name} ({path.stat().st_size / 1e6:.1f} MB), ONNX checks passed")
 
     reference = TorchEngine(rmt, threads=options.threads)
@@ -135,7 +132,7 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
         },
         folder=stage,
     )
-    candidate = OnnxRuntimeEngine(manifest, threads=options.threads)
+    candidate = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=options.threads))
     results = compare(reference, candidate, initial_memory, options.validation_segments)
     results["runtime"] = "onnxruntime " + _ort_version()
     results["tolerance"] = {"open_loop": options.tolerance.open_loop,
@@ -147,9 +144,9 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
     enforce(results, options.tolerance)
     manifest.validation = {"fp32": results}
     if options.precision == "fp16":
-        _add_fp16(manifest, candidate, names, stage, options, log)
+        _add_fp16(manifest, candidate, list(contracts), stage, options, log)
     elif options.precision == "int8":
-        add_int8(manifest, candidate, {name: GRAPH_FILES[name] for name in names}, stage,
+        add_int8(manifest, candidate, {name: c.file for name, c in contracts.items()}, stage,
                  Int8Options(options.calibration, policy=options.int8_policy,
                              max_steps=options.calibration_steps,
                              min_agreement=options.min_agreement,
@@ -181,18 +178,18 @@ def _add_fp16(manifest: Manifest, fp32: Any, names: list[str], stage: Path,
               options: ExportOptions, log: Callable[[str], None]) -> None:
     """Write, check and judge the FP16 graphs against the validated FP32 ones."""
     from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
+    from rmt_deploy.runtime.options import RuntimeOptions
 
     config = manifest.config
     for name in names:
-        source = stage / GRAPH_FILES[name]
+        source = stage / manifest.graphs[name].file
         target = source.with_suffix(".fp16.onnx")
         fp16_graph(source, target)
         check_onnx(target)
-        inputs, outputs = step_tensors(config, name)
-        manifest.graphs[graph_key(name, "fp16")] = GraphSpec(
-            target.name, sha256_file(target), "fp16", inputs, outputs)
+        manifest.graphs[graph_key(name, "fp16")] = graph_spec(config, name, target, "fp16")
         log(f"wrote {target.name} ({target.stat().st_size / 1e6:.1f} MB), ONNX checks passed")
-    candidate = OnnxRuntimeEngine(manifest, threads=options.threads, precision="fp16")
+    candidate = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=options.threads,
+                                                           precision="fp16"))
     results = compare(fp32, candidate, manifest.load_initial_memory(),
                       options.drift_segments, modes=("closed_loop",))
     results["reference"] = "fp32 graph on onnxruntime"

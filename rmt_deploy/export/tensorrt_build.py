@@ -11,19 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rmt_deploy.contract import BatchProfile, profile_shapes, variant, variant_names
 from rmt_deploy.errors import BackendError
 from rmt_deploy.files import atomic_path, sha256_file
-from rmt_deploy.manifest import (
-    READ_GRAPH,
-    STEP_GRAPH,
-    Manifest,
-    graph_key,
-    read_manifest,
-    write_manifest,
-)
+from rmt_deploy.manifest import Manifest, graph_key, read_manifest, write_manifest
 from rmt_deploy.runtime.backends import _cuda
 from rmt_deploy.runtime.backends.tensorrt import import_tensorrt
-from rmt_deploy.runtime.backends.tensorrt_plan import PLAN_FILES, BatchProfile, profile_shapes
 
 ENGINE_PRECISIONS = ("int8", "fp16", "fp32")  # the first the export has is built
 
@@ -44,14 +37,14 @@ def build_engines(folder: str | Path, options: EngineOptions | None = None,
     manifest = read_manifest(folder)
     gpu, capability = _cuda.device_name_and_capability()
     logger = trt.Logger(trt.Logger.WARNING)
-    for graph in (STEP_GRAPH, READ_GRAPH):
+    for graph in variant_names(manifest.config):
         keys = [graph_key(graph, precision) for precision in ENGINE_PRECISIONS]
         spec = next((manifest.graphs[key] for key in keys if key in manifest.graphs), None)
         if spec is None:
             continue
         started = time.perf_counter()
         plan = _build(trt, logger, manifest.path(spec.file), manifest, graph, options)
-        target = manifest.path(PLAN_FILES[graph])
+        target = manifest.path(variant(manifest.config, graph).plan_file)
         with atomic_path(target) as temp:
             temp.write_bytes(plan)
         manifest.engines[graph] = {

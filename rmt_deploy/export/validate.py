@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 
 from rmt_deploy.errors import ValidationError
-from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.runtime.backends.base import EngineState, StepEngine
 from rmt_deploy.runtime.loop import run_segments
+from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.runtime.tokens import ArraySource, TokenSource
 from rmt_deploy.segmentation import content_id_range, count_segments
 from rmt_deploy.spec import RMTConfig
@@ -29,23 +30,31 @@ class Tolerance:
 
 @dataclass
 class ErrorStats:
-    """Largest absolute error per output, and the worst cosine of memory slots."""
+    """Largest absolute error per output, the worst cosine of memory slots, and how many
+    values of each output were not finite on either side (those count in no other
+    figure, so every figure stays a finite number)."""
 
     max_abs: dict[str, float] = field(default_factory=dict)
     min_memory_cosine: float = 1.0
     agreeing: int = 0  # predictions (argmax of the logits) equal on both sides
     predictions: int = 0
+    non_finite: dict[str, int] = field(default_factory=dict)
 
     def update(self, name: str, expected: np.ndarray, actual: np.ndarray) -> None:
-        error = float(np.max(np.abs(expected.astype(np.float64) - actual)))
+        expected, actual = expected.astype(np.float64), actual.astype(np.float64)
+        finite = np.isfinite(expected) & np.isfinite(actual)
+        self.non_finite[name] = self.non_finite.get(name, 0) + int(finite.size - finite.sum())
+        error = float(np.max(np.abs(expected - actual)[finite], initial=0.0))
         self.max_abs[name] = max(self.max_abs.get(name, 0.0), error)
 
     def update_memory(self, expected: np.ndarray, actual: np.ndarray) -> None:
         self.update("memory_out", expected, actual)
         a, b = expected.astype(np.float64), actual.astype(np.float64)
+        finite = (np.isfinite(a) & np.isfinite(b)).all(-1)
+        a, b = a[finite], b[finite]
         cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
                                     + 1e-30)
-        self.min_memory_cosine = min(self.min_memory_cosine, float(cosine.min()))
+        self.min_memory_cosine = min(self.min_memory_cosine, float(cosine.min(initial=1.0)))
 
     def update_agreement(self, expected: np.ndarray, actual: np.ndarray) -> None:
         same = expected.argmax(-1) == actual.argmax(-1)
@@ -58,7 +67,7 @@ class ErrorStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {"max_abs": self.max_abs, "min_memory_cosine": self.min_memory_cosine,
-                "agreement": self.agreement}
+                "agreement": self.agreement, "non_finite": self.non_finite}
 
 
 def check_onnx(path: Path) -> None:
@@ -78,8 +87,9 @@ def check_onnx(path: Path) -> None:
 class _Paired(StepEngine):
     """Runs the reference and the candidate in lockstep and records their differences.
 
-    Its memory is both sides' memory side by side on the last axis, so the shared loop's
-    per-row bookkeeping carries each side's own memory.
+    Its memory is both sides' memory side by side on the last axis, so the stepper's
+    per-row bookkeeping carries each side's own memory. In open loop the candidate is
+    given the reference's memory before every step.
     """
 
     name = "paired"
@@ -89,34 +99,48 @@ class _Paired(StepEngine):
         self.reference, self.candidate = reference, candidate
         self.closed_loop = closed_loop
         self.stats = ErrorStats()
-        self._h = self.config.hidden_size
 
-    def new_state(self, memory: np.ndarray) -> list[Any]:
-        h = self._h
-        return [self.reference.new_state(memory[..., :h]),
-                self.candidate.new_state(memory[..., h:])]
+    def new_state(self, memory: np.ndarray) -> _PairedState:
+        h = self.config.hidden_size
+        return _PairedState(self, self.reference.new_state(memory[..., :h]),
+                            self.candidate.new_state(memory[..., h:]))
 
-    def memory(self, state: list[Any]) -> np.ndarray:
-        return np.concatenate([self.reference.memory(state[0]),
-                               self.candidate.memory(state[1])], axis=-1)
 
-    def step(self, state: list[Any], input_ids: np.ndarray, attention_mask: np.ndarray):
-        if not self.closed_loop:
-            state[1] = self.candidate.new_state(self.reference.memory(state[0]))
-        if not self.config.is_encoder:
-            self.stats.update("read_logits",
-                              self.reference.read(state[0], input_ids, attention_mask),
-                              self.candidate.read(state[1], input_ids, attention_mask))
-        expected = self.reference.step(state[0], input_ids, attention_mask)
-        actual = self.candidate.step(state[1], input_ids, attention_mask)
-        keep = attention_mask.astype(bool)
-        if not self.config.is_encoder:  # padded positions' logits are not used
+class _PairedState(EngineState):
+    def __init__(self, paired: _Paired, reference: EngineState, candidate: EngineState):
+        super().__init__(reference.batch)
+        self._paired, self.reference, self.candidate = paired, reference, candidate
+
+    def load(self, memory: np.ndarray) -> None:
+        h = self._paired.config.hidden_size
+        self.reference.load(memory[..., :h])
+        self.candidate.load(memory[..., h:])
+
+    def memory(self) -> np.ndarray:
+        return np.concatenate([self.reference.memory(), self.candidate.memory()], axis=-1)
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+             logits: bool = True) -> np.ndarray:
+        paired, stats = self._paired, self._paired.stats
+        if not paired.closed_loop:
+            self.candidate.load(self.reference.memory())
+        if not paired.config.is_encoder:
+            stats.update("read_logits", self.reference.read(input_ids, attention_mask),
+                         self.candidate.read(input_ids, attention_mask))
+        expected = self.reference.step(input_ids, attention_mask)
+        actual = self.candidate.step(input_ids, attention_mask)
+        if not paired.config.is_encoder:  # padded positions' logits are not used
+            keep = attention_mask.astype(bool)
             expected, actual = expected[keep], actual[keep]
-        self.stats.update("logits", expected, actual)
-        self.stats.update_agreement(expected, actual)
-        self.stats.update_memory(self.reference.memory(state[0]),
-                                 self.candidate.memory(state[1]))
+        stats.update("logits", expected, actual)
+        stats.update_agreement(expected, actual)
+        stats.update_memory(self.reference.memory(), self.candidate.memory())
         return expected
+
+    def close(self) -> None:
+        self.reference.close()
+        self.candidate.close()
+        super().close()
 
 
 def validation_batches(config: RMTConfig, segments: int, seed: int = 0) -> list[list[np.ndarray]]:
@@ -149,20 +173,35 @@ def compare(reference: StepEngine, candidate: StepEngine, initial_memory: np.nda
         segments = max(count_segments(len(source), config)
                        for sources in batches for source in sources)
     results = {}
+    both = np.concatenate([initial_memory] * 2, axis=-1)
     for mode in modes:
         paired = _Paired(reference, candidate, closed_loop=mode == "closed_loop")
         for sources in batches:
-            run_segments(paired, sources, np.concatenate([initial_memory] * 2, axis=-1),
-                         lambda *args: None)
+            with Stepper(paired) as stepper:
+                for row in range(len(sources)):
+                    stepper.add(row, both)
+                run_segments(stepper, sources, lambda *args: None)
         results[mode] = paired.stats.to_dict()
     results["segments"] = segments
     results["batches"] = [len(sources) for sources in batches]
     return results
 
 
+def enforce_finite(results: dict[str, Any], what: str) -> None:
+    """Raise ValidationError when either side produced NaN or infinity anywhere."""
+    for mode in ("open_loop", "closed_loop"):
+        for name, count in results.get(mode, {}).get("non_finite", {}).items():
+            if count:
+                raise ValidationError(
+                    f"{what}: {count} value(s) of {name} are NaN or infinite in the "
+                    f"{mode.replace('_', ' ')} run; the weights or the graph are damaged "
+                    "(check the checkpoint for NaN/Inf weights)")
+
+
 def enforce_agreement(results: dict[str, Any], minimum: float, what: str) -> None:
-    """Raise ValidationError when a reduced-precision graph's closed-loop predictions
-    agree with FP32 less often than ``minimum``."""
+    """Raise ValidationError when a reduced-precision graph produced non-finite values or
+    its closed-loop predictions agree with FP32 less often than ``minimum``."""
+    enforce_finite(results, what)
     agreement = results["closed_loop"]["agreement"]
     if agreement < minimum:
         raise ValidationError(
@@ -172,7 +211,9 @@ def enforce_agreement(results: dict[str, Any], minimum: float, what: str) -> Non
 
 
 def enforce(results: dict[str, Any], tolerance: Tolerance) -> None:
-    """Raise ValidationError when any error exceeds its tolerance."""
+    """Raise ValidationError when any value is not finite or any error exceeds its
+    tolerance."""
+    enforce_finite(results, "validation")
     for mode, limit in (("open_loop", tolerance.open_loop), ("closed_loop",
                                                              tolerance.closed_loop)):
         for name, error in results[mode]["max_abs"].items():

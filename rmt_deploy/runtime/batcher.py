@@ -1,55 +1,61 @@
-"""Running segment steps for sessions: directly in the caller's thread, or batched across
-sessions by one scheduler thread (each track's memory is one row of the batch)."""
+"""Where stream sessions keep and step their rows: a stepper of their own (steps run in
+the caller's thread), or a :class:`StepBatcher` shared by many sessions, whose scheduler
+thread runs the steps of all of them batched together on one stepper."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from rmt_deploy.errors import InputError
 from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.segmentation import step_inputs
 
-#: ``run(memory [rows, M, H], segments) -> (logits, new memory)``: one step of some rows.
-Runner = Callable[[np.ndarray, list[np.ndarray]], tuple[np.ndarray, np.ndarray]]
 
+class Rows(Protocol):
+    """What a session needs of the rows its tracks live in (a :class:`Stepper` is one)."""
 
-def direct_runner(engine: StepEngine) -> Runner:
-    """Run each step at once, in the calling thread."""
+    def add(self, key: Hashable, memory: np.ndarray) -> None: ...
 
-    def run(memory: np.ndarray, segments: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        input_ids, attention_mask = step_inputs(segments, engine.config)
-        state = engine.new_state(memory)
-        logits = engine.step(state, input_ids, attention_mask)
-        return logits, engine.memory(state)
+    def remove(self, key: Hashable) -> None: ...
 
-    return run
+    def memory(self, key: Hashable) -> np.ndarray: ...
+
+    def memories(self, keys: Sequence[Hashable]) -> np.ndarray: ...
+
+    def step(self, keys: Sequence[Hashable], segments: Sequence[np.ndarray],
+             logits: bool = True) -> np.ndarray | None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
 class _Request:
-    memory: np.ndarray
+    keys: list[Hashable]
     input_ids: np.ndarray
     attention_mask: np.ndarray
+    logits: bool
     done: threading.Event = field(default_factory=threading.Event)
-    logits: np.ndarray | None = None
-    new_memory: np.ndarray | None = None
+    result: np.ndarray | None = None
     error: BaseException | None = None
 
 
 class StepBatcher:
-    """A Runner shared by many sessions: callers block in :meth:`run` while a scheduler
+    """Rows shared by many sessions: callers block in :meth:`step` while a scheduler
     thread takes every request waiting, groups those of equal step width (up to
-    ``max_rows`` rows, a larger request alone) and runs each group as one step. Requests
-    gather while the previous step runs, so nothing waits on a timer."""
+    ``max_rows`` rows, a larger request alone) and runs each group as one step of one
+    stepper. Requests gather while the previous step runs, so nothing waits on a timer;
+    sessions that step together each round keep their memory resident."""
 
     def __init__(self, engine: StepEngine, max_rows: int = 64) -> None:
         if max_rows < 1:
             raise InputError(f"max_rows must be >= 1, got {max_rows}")
-        self._engine = engine
+        self.stepper = Stepper(engine)
         self._max_rows = max_rows
         self._queue: list[_Request] = []
         self._wake = threading.Condition()
@@ -58,9 +64,24 @@ class StepBatcher:
         self.steps = 0  # batched steps run
         self.rows = 0  # rows they held
 
-    def run(self, memory: np.ndarray, segments: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        input_ids, attention_mask = step_inputs(segments, self._engine.config)
-        request = _Request(np.asarray(memory, dtype=np.float32), input_ids, attention_mask)
+    def add(self, key: Hashable, memory: np.ndarray) -> None:
+        if self._stopped:
+            raise InputError("the session pool is shut down; open a new one")
+        self.stepper.add(key, memory)
+
+    def remove(self, key: Hashable) -> None:
+        self.stepper.remove(key)
+
+    def memory(self, key: Hashable) -> np.ndarray:
+        return self.stepper.memory(key)
+
+    def memories(self, keys: Sequence[Hashable]) -> np.ndarray:
+        return self.stepper.memories(keys)
+
+    def step(self, keys: Sequence[Hashable], segments: Sequence[np.ndarray],
+             logits: bool = True) -> np.ndarray | None:
+        input_ids, attention_mask = step_inputs(segments, self.stepper.config)
+        request = _Request(list(keys), input_ids, attention_mask, logits)
         with self._wake:
             if self._stopped:
                 raise InputError("the session pool is shut down; open a new one")
@@ -73,16 +94,17 @@ class StepBatcher:
         request.done.wait()
         if request.error is not None:
             raise request.error
-        return request.logits, request.new_memory
+        return request.result
 
-    def shutdown(self) -> None:
-        """Finish the requests waiting, then stop the scheduler thread."""
+    def close(self) -> None:
+        """Finish the requests waiting, stop the scheduler thread, free the stepper."""
         with self._wake:
             self._stopped = True
             self._wake.notify()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+        self.stepper.close()
 
     def _serve(self) -> None:
         while True:
@@ -102,7 +124,7 @@ class StepBatcher:
         for same in by_width.values():
             group: list[_Request] = []
             for request in same:
-                if group and sum(len(r.memory) for r in group) + len(request.memory) > \
+                if group and sum(len(r.keys) for r in group) + len(request.keys) > \
                         self._max_rows:
                     yield group
                     group = []
@@ -111,16 +133,17 @@ class StepBatcher:
 
     def _execute(self, group: list[_Request]) -> None:
         try:
-            state = self._engine.new_state(np.concatenate([r.memory for r in group]))
-            logits = self._engine.step(state, np.concatenate([r.input_ids for r in group]),
-                                       np.concatenate([r.attention_mask for r in group]))
-            memory = self._engine.memory(state)
+            result = self.stepper.run(
+                [key for r in group for key in r.keys],
+                np.concatenate([r.input_ids for r in group]),
+                np.concatenate([r.attention_mask for r in group]),
+                logits=any(r.logits for r in group))
             self.steps += 1
-            self.rows += len(memory)
+            self.rows += sum(len(r.keys) for r in group)
             start = 0
             for request in group:
-                end = start + len(request.memory)
-                request.logits, request.new_memory = logits[start:end], memory[start:end]
+                end = start + len(request.keys)
+                request.result = result[start:end] if request.logits else None
                 start = end
         except Exception as error:  # the engine's own: raised again in each caller's thread
             for request in group:

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from rmt_deploy.errors import BackendError, InputError
+from rmt_deploy.errors import BackendError, InputError, NumericError
 from rmt_deploy.files import sha256_file
 from rmt_deploy.manifest import MANIFEST_NAME
 from rmt_deploy.runtime.backends.base import StepEngine
-from rmt_deploy.runtime.loop import run_segments
+from rmt_deploy.runtime.loop import last_segments, run_segments
 from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput, Run, encoder_output
 from rmt_deploy.runtime.scoring import PerplexityMeter
 from rmt_deploy.runtime.session import StreamSession
+from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.runtime.tokens import Document, TokenSource, document_source
 from rmt_deploy.segmentation import count_segments, segment_range
 from rmt_deploy.spec import RMTConfig
@@ -109,16 +110,27 @@ class RMTModel:
 
         return advance
 
+    def _stepper(self, rows: int) -> Stepper:
+        """A stepper whose rows 0..rows-1 start from the initial memory."""
+        stepper = Stepper(self.engine)
+        for row in range(rows):
+            stepper.add(row, self.initial_memory)
+        return stepper
+
     def _run_encoder(self, sources, progress) -> list[EncoderOutput]:
         last_logits: list[np.ndarray | None] = [None] * len(sources)
         advance = self._tracker(sources, progress)
 
-        def keep_last(rows, _segments, _mask, logits):
-            for position, row in enumerate(rows):
-                last_logits[row] = logits[position]
+        def keep_last(rows, _segments, logits):
+            if logits is not None:
+                for position, row in enumerate(rows):
+                    last_logits[row] = logits[position]
             advance()
 
-        memory = run_segments(self.engine, sources, self.initial_memory, keep_last)
+        with self._stepper(len(sources)) as stepper:
+            run_segments(stepper, sources, keep_last, wants_logits=last_segments)
+            memory = stepper.memories(range(len(sources)))
+        self._check_finite(memory, last_logits)
         return [encoder_output(self.config, last_logits[row], memory[row], len(source))
                 for row, source in enumerate(sources)]
 
@@ -126,32 +138,34 @@ class RMTModel:
         meters = [PerplexityMeter() for _ in sources]
         advance = self._tracker(sources, progress)
 
-        def score(rows, segments, _mask, logits):
+        def score(rows, segments, logits):
             for position, row in enumerate(rows):
                 tokens = segments[position]
                 meters[row].add(tokens, logits[position, : len(tokens)])
             advance()
 
-        memory = run_segments(self.engine, sources, self.initial_memory, score,
-                              skip_last=bool(generate))
+        with self._stepper(len(sources)) as stepper:
+            run_segments(stepper, sources, score, skip_last=bool(generate))
+            memory = stepper.memories(range(len(sources)))
+            generated = [self._generate(stepper, row, source, meters[row], generate)
+                         if generate else [] for row, source in enumerate(sources)]
+        self._check_finite(memory, [np.array(meter.nll) for meter in meters])
         outputs = []
         for row, source in enumerate(sources):
-            generated: list[int] = []
-            if generate:
-                generated = self._generate(source, memory[row], meters[row], generate)
-            text = self.tokenizer.decode(generated) if self.tokenizer and generated else None
+            text = (self.tokenizer.decode(generated[row])
+                    if self.tokenizer and generated[row] else None)
             outputs.append(DecoderOutput(
                 perplexity=meters[row].perplexity, tokens=len(source),
                 segments=count_segments(len(source), self.config), memory=memory[row],
-                generated_ids=generated, generated=text,
+                generated_ids=generated[row], generated=text,
             ))
         if generate:
             advance()  # every row's last segment, read while generating
         return outputs
 
-    def _generate(self, source: TokenSource, memory: np.ndarray, meter: PerplexityMeter,
-                  max_new_tokens: int) -> list[int]:
-        """Read the last segment without write slots, then extend it greedily."""
+    def _generate(self, stepper: Stepper, row: int, source: TokenSource,
+                  meter: PerplexityMeter, max_new_tokens: int) -> list[int]:
+        """Read the row's last segment without write slots, then extend it greedily."""
         config = self.config
         last = count_segments(len(source), config) - 1
         tokens = source.tokens(*segment_range(len(source), last, config))
@@ -162,11 +176,10 @@ class RMTModel:
                 f"model's {limit} positions; ask for at most "
                 f"{limit - config.num_mem_tokens - len(tokens) + 1}"
             )
-        state = self.engine.new_state(memory[None])
         context = tokens.astype(np.int64)
         generated: list[int] = []
         for _ in range(max_new_tokens):
-            logits = self.engine.read(state, context[None], np.ones((1, len(context)), np.int64))
+            logits = stepper.read(row, context[None], np.ones((1, len(context)), np.int64))
             if not generated:
                 meter.add(tokens, logits[0, : len(tokens)])
             next_id = int(logits[0, -1].argmax())
@@ -176,6 +189,15 @@ class RMTModel:
             context = np.append(context, next_id)
         return generated
 
+    @staticmethod
+    def _check_finite(memory: np.ndarray, results: Sequence[np.ndarray | None]) -> None:
+        """A run whose memory or results (logits, log-likelihoods) are not finite has no
+        answer: say so."""
+        if not np.isfinite(memory).all() or not all(
+                np.isfinite(row).all() for row in results if row is not None):
+            raise NumericError("the model produced NaN or infinity (in its memory or "
+                               "logits); the export or its weights are damaged: re-export "
+                               "it, or check the checkpoint with rmt-export")
 
 
 def _identity(description: str, config: RMTConfig, initial_memory: np.ndarray) -> str:

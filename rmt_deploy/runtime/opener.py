@@ -2,94 +2,110 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 from pathlib import Path
+from typing import Any
 
+from rmt_deploy.contract import STEP
 from rmt_deploy.errors import BackendError, ManifestError
-from rmt_deploy.manifest import MANIFEST_NAME, STEP_GRAPH, read_manifest
+from rmt_deploy.manifest import MANIFEST_NAME, Manifest, read_manifest
+from rmt_deploy.runtime.backends.base import StepEngine
 from rmt_deploy.runtime.model import RMTModel
+from rmt_deploy.runtime.options import RuntimeOptions
 from rmt_deploy.runtime.tokens import manifest_tokenizer, plain_tokenizer
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-EXPORT_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
-BACKENDS = (*EXPORT_BACKENDS, "torch")
 
 
-def open_model(path: str | Path, backend: str | None = None, threads: int | None = None,
-               cuda_graphs: bool = False, precision: str = "fp32") -> RMTModel:
+def open_model(path: str | Path, options: RuntimeOptions | None = None,
+               **overrides: Any) -> RMTModel:
     """Open an export folder, its ONNX graph or TensorRT plan, or a checkpoint (reference
-    backend). ``backend`` defaults to the fastest one available for the model;
-    ``cuda_graphs`` lets the TensorRT backend replay captured CUDA graphs; ``precision``
-    picks the export's fp32, fp16 or int8 graphs for the ONNX backends.
+    backend). ``options`` (or its fields as keywords: ``backend``, ``precision``,
+    ``threads``, ``cuda_graphs``) say how; the backend defaults to the fastest one
+    available for the model.
     """
+    try:
+        options = dataclasses.replace(options or RuntimeOptions(), **overrides)
+    except TypeError as error:
+        raise BackendError(f"open_model: {error}; see RuntimeOptions") from None
     path = Path(path)
-    if backend is not None and backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if not path.exists():
         raise BackendError(f"{path}: no such file or folder; pass an export folder, "
                            "model.onnx or a checkpoint")
     if path.suffix == ".plan":
-        if backend not in (None, "tensorrt"):
+        if options.backend not in (None, "tensorrt"):
             raise BackendError(f"{path}: a TensorRT plan runs on the tensorrt backend; pass "
-                               f"the export folder to use {backend}")
-        return _open_export(path, "tensorrt", threads, cuda_graphs, precision)
+                               f"the export folder to use {options.backend}")
+        return _open_export(path, dataclasses.replace(options, backend="tensorrt"))
     if path.is_dir() or path.suffix == ".onnx":
-        return _open_export(path, backend, threads, cuda_graphs, precision)
+        return _open_export(path, options)
     if path.suffix in CHECKPOINT_SUFFIXES:
-        return _open_checkpoint(path, backend, threads)
+        return _open_checkpoint(path, options)
     raise BackendError(f"{path}: not a model rmt-run knows (expected an export folder, "
                        f"model.onnx, or a checkpoint {'/'.join(CHECKPOINT_SUFFIXES)})")
 
 
-def _open_export(path: Path, backend: str | None, threads: int | None,
-                 cuda_graphs: bool, precision: str) -> RMTModel:
+def _open_export(path: Path, options: RuntimeOptions) -> RMTModel:
     folder = path if path.is_dir() else path.parent
     if not (folder / MANIFEST_NAME).is_file():
         raise ManifestError(f"{path}: no {MANIFEST_NAME} beside it, so it is not an "
                             "rmt-export folder; export the checkpoint with rmt-export")
     manifest = read_manifest(folder)
-    if path.suffix == ".onnx" and manifest.path(manifest.graphs[STEP_GRAPH].file) != path:
+    if path.suffix == ".onnx" and manifest.path(manifest.graphs[STEP].file) != path:
         raise ManifestError(f"{path}: not the step graph listed in {folder / MANIFEST_NAME}; "
                             "pass the export folder")
-    if path.suffix == ".plan" and (STEP_GRAPH not in manifest.engines or manifest.path(
-            manifest.engines[STEP_GRAPH]["file"]) != path):
+    if path.suffix == ".plan" and (STEP not in manifest.engines or manifest.path(
+            manifest.engines[STEP]["file"]) != path):
         raise ManifestError(f"{path}: not the plan listed in {folder / MANIFEST_NAME}; "
                             "rebuild it with rmt-export --engine")
-    backend = backend or ("tensorrt" if manifest.engines and _has_tensorrt() else "onnxruntime")
+    backend = options.backend or (
+        "tensorrt" if manifest.engines and importlib.util.find_spec("tensorrt") else
+        "onnxruntime")
     if backend == "torch":
         raise BackendError("the torch backend runs checkpoints; pass the checkpoint file")
-    if backend == "tensorrt":
+    tokenizer = manifest_tokenizer(manifest)
+    _check_tokenizer(tokenizer, manifest)
+    engine = _engine(manifest, dataclasses.replace(options, backend=backend))
+    return RMTModel(engine, manifest.load_initial_memory(), tokenizer, description=str(folder))
+
+
+def _engine(manifest: Manifest, options: RuntimeOptions) -> StepEngine:
+    if options.backend == "tensorrt":
         from rmt_deploy.runtime.backends.tensorrt import TensorRTEngine
 
-        engine = TensorRTEngine(manifest, cuda_graphs=cuda_graphs)
-    elif backend == "openvino":
+        return TensorRTEngine(manifest, options)
+    if options.backend == "openvino":
         from rmt_deploy.runtime.backends.openvino import OpenVinoEngine
 
-        engine = OpenVinoEngine(manifest, threads=threads, graphs=precision)
-    else:
-        from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
+        return OpenVinoEngine(manifest, options)
+    from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
 
-        engine = OnnxRuntimeEngine(manifest, threads=threads, precision=precision)
-    return RMTModel(engine, manifest.load_initial_memory(), manifest_tokenizer(manifest),
-                    description=str(folder))
+    return OnnxRuntimeEngine(manifest, options)
 
 
-def _has_tensorrt() -> bool:
-    import importlib.util
+def _check_tokenizer(tokenizer: Any, manifest: Manifest) -> None:
+    """A tokenizer that makes ids past the model's vocabulary belongs to another model."""
+    if tokenizer is None:
+        return
+    size = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+    if size > manifest.config.vocab_size:
+        raise ManifestError(f"{manifest.path(manifest.tokenizer['file'])}: the tokenizer has "
+                            f"{size} ids, the model's vocabulary {manifest.config.vocab_size}; "
+                            "it belongs to another model: re-export")
 
-    return importlib.util.find_spec("tensorrt") is not None
 
-
-def _open_checkpoint(path: Path, backend: str | None, threads: int | None) -> RMTModel:
-    if backend not in (None, "torch"):
+def _open_checkpoint(path: Path, options: RuntimeOptions) -> RMTModel:
+    if options.backend not in (None, "torch"):
         raise BackendError(f"a checkpoint runs on the torch backend; export it with "
-                           f"rmt-export to use {backend}")
+                           f"rmt-export to use {options.backend}")
     from tokenizers import Tokenizer
 
     from rmt_deploy.model.checkpoint import load_checkpoint
     from rmt_deploy.runtime.backends.torch import TorchEngine
 
     loaded = load_checkpoint(path)
-    engine = TorchEngine(loaded.rmt, threads=threads)
+    engine = TorchEngine(loaded.rmt, threads=options.threads)
     tokenizer = (plain_tokenizer(Tokenizer.from_str(loaded.tokenizer_json))
                  if loaded.tokenizer_json else None)
     return RMTModel(engine, engine.initial_memory(), tokenizer, description=str(path))

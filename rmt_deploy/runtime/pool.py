@@ -27,11 +27,11 @@ class SessionPool:
     def open(self, session_id: str | None = None, *, total_tokens: int | None = None) -> str:
         """Start a session; returns its id (a new random one unless given)."""
         return self._add(StreamSession(self.model, total_tokens=total_tokens,
-                                       runner=self._runner()), session_id)
+                                       rows=self.batcher), session_id)
 
     def restore(self, data: bytes, session_id: str | None = None) -> str:
         """Start a session from saved state (``save``); returns its id."""
-        return self._add(StreamSession.restore(self.model, data, runner=self._runner()),
+        return self._add(StreamSession.restore(self.model, data, rows=self.batcher),
                          session_id)
 
     def get(self, session_id: str) -> StreamSession:
@@ -59,11 +59,13 @@ class SessionPool:
         return output
 
     def shutdown(self) -> None:
-        """Forget every session and stop the batching thread."""
+        """Close every session, stop the batching thread and free its engine states."""
         with self._lock:
-            self._sessions.clear()
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            session.discard()
         if self.batcher is not None:
-            self.batcher.shutdown()
+            self.batcher.close()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -76,9 +78,6 @@ class SessionPool:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
-
-    def _runner(self):
-        return self.batcher.run if self.batcher is not None else None
 
     def _add(self, session: StreamSession, session_id: str | None) -> str:
         if session_id is None:

@@ -22,17 +22,20 @@ from __future__ import annotations
 
 import copy
 import threading
+import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rmt_deploy.errors import InputError
-from rmt_deploy.runtime.batcher import Runner, direct_runner
+from rmt_deploy.errors import InputError, NumericError
+from rmt_deploy.runtime.batcher import Rows
 from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput, encoder_output
 from rmt_deploy.runtime.scoring import PerplexityMeter
 from rmt_deploy.runtime.state import pack, unpack
+from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.runtime.tokens import ArraySource, TextStream
 from rmt_deploy.segmentation import count_segments, strip_special, usable_tokens
 from rmt_deploy.spec import RMTConfig
@@ -64,10 +67,10 @@ class _Meter(PerplexityMeter):
 @dataclass
 class _Track:
     """The recurrence over one segmentation: its first segment has ``first`` tokens,
-    the others ``segment_size``."""
+    the others ``segment_size``. Its memory is row ``key`` of the session's rows."""
 
     first: int
-    memory: np.ndarray  # [M, H] after its last segment
+    key: tuple[str, int]
     done: int = 0  # tokens its segments have read
     logits: np.ndarray | None = None  # encoder: of its last segment
     meter: _Meter | None = None  # decoder
@@ -76,17 +79,18 @@ class _Track:
         return self.done + (self.first if self.done == 0 else segment_size)
 
     def copy(self) -> _Track:
-        return replace(self, memory=self.memory.copy(), meter=copy.copy(self.meter))
+        return replace(self, meter=copy.copy(self.meter))
 
 
 class StreamSession:
     """One document fed in pieces; safe to use from several threads (calls serialize)."""
 
     def __init__(self, model: RMTModel, *, total_tokens: int | None = None,
-                 runner: Runner | None = None) -> None:
+                 rows: Rows | None = None) -> None:
         """``total_tokens``: the document's length in tokens, where known beforehand
-        (a right-aligned model then runs one track); ``runner``: how steps run (default:
-        at once, in the calling thread; a ``StepBatcher`` batches sessions)."""
+        (a right-aligned model then runs one track); ``rows``: where the tracks' memory
+        lives and steps (default: a stepper of its own, stepping in the calling thread;
+        a ``StepBatcher`` batches sessions)."""
         self.model = model
         self.config: RMTConfig = model.config
         if total_tokens is not None and (isinstance(total_tokens, bool) or not isinstance(
@@ -94,7 +98,10 @@ class StreamSession:
             raise InputError(f"total_tokens must be a positive int or None, got {total_tokens!r}")
         self.total_tokens = total_tokens
         self.metadata: dict[str, Any] = {}  # kept with the saved state
-        self._run = runner or direct_runner(model.engine)
+        self._rows: Rows = rows if rows is not None else Stepper(model.engine)
+        session_id = uuid.uuid4().hex  # names this session's rows among shared rows
+        keys = [(session_id, first) for first in self._firsts()]
+        self._release = weakref.finalize(self, _release_rows, self._rows, keys, rows is None)
         self._lock = threading.RLock()
         self._text = TextStream(model.tokenizer) if model.tokenizer is not None else None
         self._ids = np.zeros(0, dtype=np.int64)  # tokens [_base, tokens) some track needs
@@ -102,7 +109,7 @@ class StreamSession:
         self._tokens = 0
         self._final: Output | None = None
         self._closed = False
-        self._tracks = [self._new_track(first) for first in self._firsts()]
+        self._tracks = [self._new_track(key, model.initial_memory) for key in keys]
 
     @property
     def tokens(self) -> int:
@@ -151,18 +158,37 @@ class StreamSession:
             if not self._closed:
                 if self._text is not None:
                     self._append(self._accepted(self._text.finish()))
-                self._final = self._outcome(None)
-                self._closed = True
-                self._tracks, self._ids = [], self._ids[:0]
+                try:
+                    self._final = self._outcome(None)
+                finally:
+                    self.discard()
             return self._final
+
+    def discard(self) -> None:
+        """End the session without a result and free it (``close()`` gives the result)."""
+        with self._lock:
+            self._closed = True
+            self._release()
+            self._tracks, self._ids = [], self._ids[:0]
+
+    def __enter__(self) -> StreamSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Leaving a ``with`` block frees the session; call ``close()`` in it for the
+        final result."""
+        self.discard()
 
     def save(self, metadata: dict[str, Any] | None = None) -> bytes:
         """The session's state as bytes (see ``state.py``); ``metadata`` (JSON-ready)
         replaces the metadata kept with it. ``StreamSession.restore`` reads it back."""
         with self._lock:
             self._check_open()
-            if metadata is not None:
-                self.metadata = dict(metadata)
+            kept = self.metadata if metadata is None else dict(metadata)
+            memory = self._rows.memories([t.key for t in self._tracks])
+            if not np.isfinite(memory).all():
+                raise NumericError("the session's memory holds NaN or infinity, so its state "
+                                   "is not worth saving; the model or its inputs are damaged")
             header = {
                 "format": STATE_FORMAT, "version": STATE_VERSION,
                 "model": self.model.identity, "variant": self.config.variant,
@@ -172,9 +198,9 @@ class StreamSession:
                 "tracks": [{"first": t.first, "done": t.done,
                             "nll": t.meter.nll if t.meter else 0.0,
                             "count": t.meter.count if t.meter else 0} for t in self._tracks],
-                "metadata": self.metadata,
+                "metadata": kept,
             }
-            arrays = {"ids": self._ids, "memory": np.stack([t.memory for t in self._tracks])}
+            arrays = {"ids": self._ids, "memory": memory}
             if self.config.is_encoder:
                 width = len(self.config.labels)
                 arrays["logits"] = np.stack([np.zeros(width, np.float32) if t.logits is None
@@ -184,10 +210,16 @@ class StreamSession:
                 arrays["last"] = np.stack([
                     np.zeros(width) if t.meter.last is None else t.meter.last
                     for t in self._tracks]).astype(np.float64)
-            return pack(header, arrays)
+            try:
+                data = pack(header, arrays)
+            except (TypeError, ValueError) as error:
+                raise InputError(f"the state metadata cannot be saved ({error}); pass a dict "
+                                 "of JSON values (str, numbers, lists, dicts)") from None
+            self.metadata = kept
+            return data
 
     @classmethod
-    def restore(cls, model: RMTModel, data: bytes, *, runner: Runner | None = None,
+    def restore(cls, model: RMTModel, data: bytes, *, rows: Rows | None = None,
                 name: str = "state") -> StreamSession:
         """A session from ``save()``'s bytes, on the model that saved it; anything else
         is an InputError naming ``name``."""
@@ -200,10 +232,13 @@ class StreamSession:
                              f"{str(header.get('model'))[:12]}..., this one is "
                              f"{model.identity[:12]}...); restore it into the model that "
                              "saved it")
+        session = None
         try:
-            session = cls(model, total_tokens=header["total_tokens"], runner=runner)
+            session = cls(model, total_tokens=header["total_tokens"], rows=rows)
             session._load(header, arrays)
-        except (KeyError, ValueError, TypeError, IndexError) as error:
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as error:
+            if session is not None:
+                session._release()
             raise InputError(f"{name}: state is malformed ({type(error).__name__}: {error}); "
                              "it was not written by this rmt-deploy") from None
         return session
@@ -211,33 +246,46 @@ class StreamSession:
     # -- internals --------------------------------------------------------------------
 
     def _load(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Take a saved state, checked against this model, in place of the fresh tracks."""
         config = self.config
         tracks = header["tracks"]
-        memory = arrays["memory"]
-        if memory.shape != (len(tracks), config.num_mem_tokens, config.hidden_size):
-            raise ValueError(f"memory has shape {memory.shape}")
-        if [t["first"] for t in tracks] != self._firsts():
+        width = len(config.labels) if config.is_encoder else config.vocab_size
+        _check_array(arrays, "memory", (len(tracks), config.num_mem_tokens, config.hidden_size))
+        _check_array(arrays, "logits" if config.is_encoder else "last", (len(tracks), width))
+        ids = arrays["ids"]
+        if ids.ndim != 1 or (ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size)):
+            raise ValueError(f"token ids of shape {ids.shape} outside [0, {config.vocab_size})")
+        if [t["first"] for t in tracks] != [t.first for t in self._tracks]:
             raise ValueError("tracks do not match the model's segmentation")
-        self._tracks = []
-        for row, saved in enumerate(tracks):
-            track = self._new_track(saved["first"])
-            track.memory, track.done = memory[row].astype(np.float32), int(saved["done"])
+        fresh, self._tracks = self._tracks, []
+        for row, (saved, old) in enumerate(zip(tracks, fresh, strict=True)):
+            self._rows.remove(old.key)
+            track = self._new_track(old.key, arrays["memory"][row])
+            track.done = _count(saved["done"])
             if track.done:
                 if config.is_encoder:
                     track.logits = arrays["logits"][row].astype(np.float32)
                 else:
-                    track.meter = _Meter.restored(float(saved["nll"]), int(saved["count"]),
+                    nll = float(saved["nll"])
+                    if not np.isfinite(nll):
+                        raise ValueError("a log-likelihood is not finite")
+                    track.meter = _Meter.restored(nll, _count(saved["count"]),
                                                   arrays["last"][row])
             self._tracks.append(track)
-        self._tokens, self._base = int(header["tokens"]), int(header["base"])
-        self._ids = arrays["ids"].astype(np.int64)
+        self._tokens, self._base = _count(header["tokens"]), _count(header["base"])
+        self._ids = ids.astype(np.int64)
         if self._base + len(self._ids) != self._tokens or any(
                 not self._base <= t.done <= self._tokens for t in self._tracks):
             raise ValueError("token counts do not add up")
         if self._text is not None:
+            if not isinstance(header["text_tail"], str):
+                raise ValueError("the unfinished text is not a str")
             self._text = TextStream(self.model.tokenizer, header["text_tail"],
                                     bytes.fromhex(header["text_pending"]))
-        self.metadata = dict(header.get("metadata") or {})
+        metadata = header.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise ValueError("metadata is not a dict")
+        self.metadata = dict(metadata)
 
     def _firsts(self) -> list[int]:
         size = self.config.segment_size
@@ -247,9 +295,9 @@ class StreamSession:
             return [_first_length(usable_tokens(self.total_tokens, self.config), size)]
         return list(range(1, size + 1))
 
-    def _new_track(self, first: int) -> _Track:
-        meter = None if self.config.is_encoder else _Meter()
-        return _Track(first, self.model.initial_memory.copy(), meter=meter)
+    def _new_track(self, key: tuple[str, int], memory: np.ndarray) -> _Track:
+        self._rows.add(key, memory)
+        return _Track(key[1], key, meter=None if self.config.is_encoder else _Meter())
 
     def _check_open(self) -> None:
         if self._closed:
@@ -295,19 +343,18 @@ class StreamSession:
         self._tokens += len(ids)
         size = self.config.segment_size
         while ready := [t for t in self._tracks if t.next_end(size) <= self._tokens]:
-            self._step(ready, self._ids, self._tokens)
+            self._step(self._rows, ready, self._ids, self._tokens)
         low = min(t.done for t in self._tracks)
         self._ids, self._base = self._ids[low - self._base:], low
 
-    def _step(self, tracks: list[_Track], ids: np.ndarray, end: int) -> None:
-        """Run the next segment of each track (``ids`` start at ``_base``; none past
-        ``end``)."""
+    def _step(self, rows: Rows, tracks: list[_Track], ids: np.ndarray, end: int) -> None:
+        """Run the next segment of each track in ``rows`` (``ids`` start at ``_base``; none
+        past ``end``)."""
         size = self.config.segment_size
         segments = [ids[t.done - self._base: min(t.next_end(size), end) - self._base]
                     for t in tracks]
-        logits, memory = self._run(np.stack([t.memory for t in tracks]), segments)
+        logits = rows.step([t.key for t in tracks], segments)
         for row, (track, tokens) in enumerate(zip(tracks, segments, strict=True)):
-            track.memory = memory[row]
             if track.meter is not None:
                 track.meter.add(tokens, logits[row, : len(tokens)])
             else:
@@ -321,12 +368,22 @@ class StreamSession:
             return None
         track = self._track_for(total).copy()
         ids = self._ids if extra is None else np.concatenate([self._ids, extra])
-        while track.done < total:
-            self._step([track], ids, total)
+        memory = self._rows.memory(track.key)
+        if track.done < total:  # the rest runs on a copy: the session stays as it is
+            with Stepper(self.model.engine) as scratch:
+                scratch.add(track.key, memory)
+                while track.done < total:
+                    self._step(scratch, [track], ids, total)
+                memory = scratch.memory(track.key)
+        if not np.isfinite(memory).all() or (track.logits is not None and not np.isfinite(
+                track.logits).all()) or (track.meter is not None and not np.isfinite(
+                track.meter.nll)):
+            raise NumericError("the model produced NaN or infinity (in its memory or "
+                               "logits); the export or its weights are damaged: re-export it")
         if self.config.is_encoder:
-            return encoder_output(self.config, track.logits, track.memory, total)
+            return encoder_output(self.config, track.logits, memory, total)
         return DecoderOutput(perplexity=track.meter.perplexity, tokens=total,
-                             segments=count_segments(total, self.config), memory=track.memory)
+                             segments=count_segments(total, self.config), memory=memory)
 
     def _track_for(self, total: int) -> _Track:
         if self.config.alignment == "left":
@@ -338,6 +395,28 @@ class StreamSession:
         raise InputError(f"the session was opened for {self.total_tokens} tokens but has "
                          f"{total}; feed the rest of the document, or open it without "
                          "total_tokens")
+
+
+def _release_rows(rows: Rows, keys: list[tuple[str, int]], owned: bool) -> None:
+    """Free a session's rows: its own stepper, or its rows among shared ones."""
+    if owned:
+        rows.close()
+    else:
+        for key in keys:
+            rows.remove(key)
+
+
+def _check_array(arrays: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> None:
+    array = arrays[name]
+    if array.shape != shape or not np.isfinite(array).all():
+        raise ValueError(f"{name} has shape {array.shape} (this model's: {shape}) or holds "
+                         "NaN or infinity")
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a count")
+    return value
 
 
 def _first_length(total: int, segment_size: int) -> int:

@@ -19,14 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rmt_deploy.manifest import (
-    ATTENTION_MASK,
-    INPUT_IDS,
-    LOGITS,
-    MEMORY_IN,
-    MEMORY_OUT,
-    read_manifest,
-)
+from rmt_deploy.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, MEMORY_IN, MEMORY_OUT
+from rmt_deploy.manifest import read_manifest
 from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput, encoder_output
 from rmt_deploy.runtime.scoring import PerplexityMeter
 from rmt_deploy.runtime.tokens import Document, TokenSource, document_source, manifest_tokenizer
@@ -109,10 +103,11 @@ class TritonClient:
             saved = self._resume(progress_file, digest, len(source))
             run = _Run(self, source, sequence_id, saved)
             for index in range(run.first, run.total):
-                run.step(index)
                 done = index + 1 - run.first
-                if progress_file is not None and (done % save_every == 0 or
-                                                  index == run.total - 1):
+                last = index == run.total - 1
+                saving = progress_file is not None and (done % save_every == 0 or last)
+                run.step(index, want_memory=saving or last)
+                if saving:
                     save_progress(progress_file, run.progress(self.model_id, digest))
         return StreamResult(run.output(), sequence_id, run.total - run.first,
                             time.perf_counter() - started)
@@ -131,10 +126,10 @@ class TritonClient:
         return saved
 
     def step(self, sequence_id: int, input_ids: np.ndarray, attention_mask: np.ndarray,
-             start: bool, end: bool, memory_in: np.ndarray | None = None
-             ) -> tuple[np.ndarray, np.ndarray | None]:
-        """One segment of a sequence: logits [1, ...] and, where the server returns it,
-        the new memory [1, M, H]."""
+             start: bool, end: bool, memory_in: np.ndarray | None = None,
+             want_memory: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """One segment of a sequence: logits [1, ...] and, where asked and the server
+        returns it, the new memory [1, M, H]."""
         http = self._http
         inputs = []
         for name, array in ((INPUT_IDS, input_ids), (ATTENTION_MASK, attention_mask),
@@ -146,13 +141,13 @@ class TritonClient:
                                          "FP32" if name == MEMORY_IN else "INT64")
                 tensor.set_data_from_numpy(array)
                 inputs.append(tensor)
-        names = [LOGITS] if self.keeps_memory else [LOGITS, MEMORY_OUT]
+        returns_memory = want_memory and not self.keeps_memory
+        names = [LOGITS, MEMORY_OUT] if returns_memory else [LOGITS]
         outputs = [http.InferRequestedOutput(name) for name in names]
         result = self._call(lambda: self._client.infer(
             self.model, inputs, outputs=outputs, sequence_id=sequence_id,
             sequence_start=start, sequence_end=end))
-        memory = None if self.keeps_memory else result.as_numpy(MEMORY_OUT)
-        return result.as_numpy(LOGITS), memory
+        return result.as_numpy(LOGITS), result.as_numpy(MEMORY_OUT) if returns_memory else None
 
     def _call(self, request):
         try:
@@ -198,12 +193,15 @@ class _Run:
             self.meter.add(np.zeros(1, np.int64), saved.logits[None])  # only sets the last row
             self.meter.nll, self.meter.count = saved.nll, saved.count
 
-    def step(self, index: int) -> None:
+    def step(self, index: int, want_memory: bool) -> None:
         tokens = self.source.tokens(*segment_range(len(self.source), index, self.config))
         input_ids, attention_mask = step_inputs([tokens], self.config)
-        logits, self.memory = self.client.step(
+        logits, memory = self.client.step(
             self.sequence_id, input_ids, attention_mask, start=index == self.first,
-            end=index == self.total - 1, memory_in=self.memory if self.restore else None)
+            end=index == self.total - 1, memory_in=self.memory if self.restore else None,
+            want_memory=want_memory)
+        if want_memory:
+            self.memory = memory
         self.restore = False
         if self.config.is_encoder:
             self.logits = logits[0]

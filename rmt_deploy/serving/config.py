@@ -15,17 +15,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rmt_deploy.errors import ConfigError
-from rmt_deploy.manifest import (
+from rmt_deploy.contract import (
     ATTENTION_MASK,
     INPUT_IDS,
     LOGITS,
     MEMORY_IN,
     MEMORY_OUT,
-    STEP_GRAPH,
-    Manifest,
-    TensorSpec,
+    STEP,
+    Tensor,
 )
+from rmt_deploy.errors import ConfigError
+from rmt_deploy.manifest import Manifest
 from rmt_deploy.serving.identity import MODEL_ID_PARAMETER, model_identity
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
@@ -77,7 +77,7 @@ def _pb2():
     return model_config_pb2
 
 
-def _tensor(pb2, message, spec: TensorSpec) -> None:
+def _tensor(pb2, message, spec: Tensor) -> None:
     """Name, Triton data type and dims (batch axis dropped, named axes -1) of a tensor."""
     types = {"int64": pb2.TYPE_INT64, "float32": pb2.TYPE_FP32, "float16": pb2.TYPE_FP16}
     message.name = spec.name
@@ -85,7 +85,7 @@ def _tensor(pb2, message, spec: TensorSpec) -> None:
     message.dims.extend(d if isinstance(d, int) else -1 for d in spec.shape[1:])
 
 
-def model_config(manifest: Manifest, options: ServingOptions, graph_key: str = STEP_GRAPH):
+def model_config(manifest: Manifest, options: ServingOptions, graph_key: str = STEP):
     """The ModelConfig message of one model; ``graph_key`` names the step graph's
     manifest entry whose tensors it declares."""
     pb2 = _pb2()
@@ -126,7 +126,7 @@ def _controls(pb2, batching) -> None:
         kind=kinds.CONTROL_SEQUENCE_CORRID, data_type=pb2.TYPE_UINT64)
 
 
-def _implicit_state(pb2, batching, memory_in: TensorSpec) -> None:
+def _implicit_state(pb2, batching, memory_in: Tensor) -> None:
     """memory_in / memory_out as Triton-held state, starting from the learned initial
     memory (not zeros). memory_out is not also listed as an output: with batching, the
     onnxruntime backend then fails to split the state tensor."""

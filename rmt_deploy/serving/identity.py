@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import hashlib
 
-from rmt_deploy.manifest import STEP_GRAPH, Manifest
+from rmt_deploy.contract import STEP
+from rmt_deploy.manifest import Manifest
 
 #: Name of the config.pbtxt parameter that carries the identity to clients.
 MODEL_ID_PARAMETER = "rmt_model_id"
@@ -15,6 +16,6 @@ MODEL_ID_PARAMETER = "rmt_model_id"
 def model_identity(manifest: Manifest) -> str:
     """A short hex digest of the step graph and the initial memory of an export."""
     digest = hashlib.sha256()
-    digest.update(manifest.graphs[STEP_GRAPH].sha256.encode())
+    digest.update(manifest.graphs[STEP].sha256.encode())
     digest.update(manifest.initial_memory["sha256"].encode())
     return digest.hexdigest()[:32]

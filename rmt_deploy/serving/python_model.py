@@ -10,15 +10,10 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from rmt_deploy.manifest import (
-    ATTENTION_MASK,
-    INPUT_IDS,
-    LOGITS,
-    MEMORY_IN,
-    MEMORY_OUT,
-    read_manifest,
-)
+from rmt_deploy.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, MEMORY_IN, MEMORY_OUT
+from rmt_deploy.manifest import read_manifest
 from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
+from rmt_deploy.runtime.options import RuntimeOptions
 from rmt_deploy.serving.config import CORRID, END, EXPORT_FOLDER, PRECISION_PARAMETER, START
 from rmt_deploy.serving.sequences import SequenceStore, StepRequest, StepResult
 
@@ -33,7 +28,7 @@ class TritonPythonModel:
             "string_value", "fp32")
         idle = int(config["sequence_batching"]["max_sequence_idle_microseconds"]) / 1e6
         manifest = read_manifest(folder)
-        engine = OnnxRuntimeEngine(manifest, precision=precision, device="cpu")
+        engine = OnnxRuntimeEngine(manifest, RuntimeOptions(precision=precision), device="cpu")
         self.store = SequenceStore(engine, manifest.load_initial_memory(), idle)
 
     def execute(self, requests: list) -> list:
@@ -41,6 +36,7 @@ class TritonPythonModel:
         return [_response(result) for result in results]
 
     def finalize(self) -> None:
+        self.store.close()
         self.store = None
 
 
@@ -57,13 +53,15 @@ def _step_request(request) -> StepRequest:
         input_ids=_input(request, INPUT_IDS),
         attention_mask=_input(request, ATTENTION_MASK),
         memory_in=_input(request, MEMORY_IN),
+        wants_memory=MEMORY_OUT in request.requested_output_names(),
     )
 
 
 def _response(result):
     if isinstance(result, StepResult):
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor(LOGITS, np.ascontiguousarray(result.logits, dtype=np.float32)),
-            pb_utils.Tensor(MEMORY_OUT, np.ascontiguousarray(result.memory, dtype=np.float32)),
-        ])
+        tensors = [pb_utils.Tensor(LOGITS, np.ascontiguousarray(result.logits, np.float32))]
+        if result.memory is not None:
+            tensors.append(pb_utils.Tensor(MEMORY_OUT,
+                                           np.ascontiguousarray(result.memory, np.float32)))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result)))

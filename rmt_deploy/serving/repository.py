@@ -6,9 +6,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from rmt_deploy.contract import STEP
 from rmt_deploy.errors import ConfigError, ManifestError
 from rmt_deploy.files import atomic_folder, sha256_file
-from rmt_deploy.manifest import MANIFEST_NAME, STEP_GRAPH, Manifest, graph_key, read_manifest
+from rmt_deploy.manifest import MANIFEST_NAME, Manifest, graph_key, read_manifest
 from rmt_deploy.serving.config import (
     EXPORT_FOLDER,
     INITIAL_STATE_FILE,
@@ -51,7 +52,7 @@ def write_repository(repo: str | Path, export: str | Path, options: ServingOptio
 
 
 def _graph_key(manifest: Manifest, precision: str) -> str:
-    key = graph_key(STEP_GRAPH, precision)
+    key = graph_key(STEP, precision)
     if key not in manifest.graphs:
         raise ConfigError(f"this export has no {precision} step graph; re-export with "
                           f"--precision {precision} or serve fp32")
@@ -59,20 +60,16 @@ def _graph_key(manifest: Manifest, precision: str) -> str:
 
 
 def _copy_export(manifest: Manifest, folder: Path) -> None:
-    """The files the runtime reads: graphs, initial memory, tokenizer, manifest."""
+    """Every file the manifest lists (the runtime verifies them all), and the manifest."""
     folder.mkdir()
-    files = {spec.file for spec in manifest.graphs.values()}
-    files.add(manifest.initial_memory["file"])
-    if manifest.tokenizer:
-        files.add(manifest.tokenizer["file"])
-    for relative in sorted(files) + [MANIFEST_NAME]:
+    for relative in sorted(manifest.files()) + [MANIFEST_NAME]:
         shutil.copyfile(manifest.path(relative), folder / relative)
 
 
 def _copy_plan(manifest: Manifest, target: Path, max_batch_size: int) -> str:
     """Copy the TensorRT step plan; returns the manifest key of the graph it was built
     from (whose tensors it has)."""
-    engine = manifest.engines.get(STEP_GRAPH)
+    engine = manifest.engines.get(STEP)
     if engine is None:
         raise ManifestError("this export has no TensorRT plan; build one with rmt-export "
                             "--engine on the GPU that will serve it")

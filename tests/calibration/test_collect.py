@@ -25,8 +25,8 @@ def rolled_alone(engine, initial_memory, source):
     for index in range(count_segments(len(source), config)):
         ids, mask = step_inputs([source.tokens(*segment_range(len(source), index, config))],
                                 config)
-        steps.append((ids[0], mask[0], engine.memory(state)[0].copy()))
-        engine.step(state, ids, mask)
+        steps.append((ids[0], mask[0], state.memory()[0].copy()))
+        state.step(ids, mask)
     return steps
 
 

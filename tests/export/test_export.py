@@ -204,19 +204,15 @@ def test_manifest_hashes_are_checked_on_read(encoder_export, tmp_path):
 def test_closed_loop_validation_runs_the_recorded_number_of_segments(encoder_checkpoint):
     from rmt_deploy.export.validate import compare
 
+    from engines import CountingEngine
+
     rmt = load_checkpoint(encoder_checkpoint).rmt
-    calls = []
-
-    class Counting(TorchEngine):
-        def step(self, state, input_ids, attention_mask):
-            calls.append(len(input_ids))
-            return super().step(state, input_ids, attention_mask)
-
     reference = TorchEngine(rmt, threads=1)
-    results = compare(reference, Counting(rmt, threads=1), reference.initial_memory(), 32)
+    counting = CountingEngine(TorchEngine(rmt, threads=1))
+    results = compare(reference, counting, reference.initial_memory(), 32)
     assert results["segments"] == 32
-    assert len(calls) >= 2 * 32  # open and closed loop each step through >= 32 segments
-    assert {1, 3} <= set(calls)  # batches of one and three rows
+    assert counting.counts["steps"] >= 2 * 32  # open and closed loop each step through >= 32 segments
+    assert {1, 3} <= set(counting.batches)  # batches of one and three rows
     for mode in ("open_loop", "closed_loop"):  # the same engine: no error at all
         assert set(results[mode]["max_abs"]) == {"logits", "memory_out"}
         assert all(error == 0.0 for error in results[mode]["max_abs"].values())

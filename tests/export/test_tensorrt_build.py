@@ -1,6 +1,7 @@
 """The TensorRT builder's calls, against a stand-in for the tensorrt module that records
 them (TensorRT itself cannot be installed on the CPU machines)."""
 
+import hashlib
 import json
 import shutil
 import sys
@@ -113,7 +114,7 @@ def test_builds_fp16_plans_with_one_profile_and_records_them(fake_gpu, tmp_path,
                                                              decoder_checkpoint):
     from rmt_deploy.export.pipeline import ExportOptions, export_checkpoint
     from rmt_deploy.export.tensorrt_build import EngineOptions, build_engines
-    from rmt_deploy.runtime.backends.tensorrt_plan import BatchProfile
+    from rmt_deploy.contract import BatchProfile
 
     folder = export_checkpoint(decoder_checkpoint, tmp_path / "dec",
                                ExportOptions(precision="fp16", drift_segments=4)).folder
@@ -151,6 +152,7 @@ def test_a_plan_recorded_for_another_gpu_is_refused_on_open(fake_gpu, tmp_path, 
     (folder / "model.plan").write_bytes(b"plan")
     data = json.loads((folder / MANIFEST_NAME).read_text())
     data["engines"] = {"step": {"file": "model.plan", "tensorrt": "10.13.0",
+                                "sha256": hashlib.sha256(b"plan").hexdigest(),
                                 "gpu": "NVIDIA A100", "compute_capability": "8.0"}}
     (folder / MANIFEST_NAME).write_text(json.dumps(data))
     monkeypatch.setattr(_cuda, "device_name_and_capability", lambda: ("NVIDIA H200", "9.0"))

@@ -17,7 +17,7 @@ from rmt_deploy.runtime.backends.openvino import OpenVinoEngine, cpu_precision  
 @pytest.mark.parametrize("export", ["encoder_export", "decoder_export"])
 def test_openvino_fp32_matches_onnxruntime_open_and_closed_loop(export, request):
     manifest = read_manifest(request.getfixturevalue(export))
-    errors = compare(OnnxRuntimeEngine(manifest), OpenVinoEngine(manifest, precision="fp32"),
+    errors = compare(OnnxRuntimeEngine(manifest), OpenVinoEngine(manifest, compute="fp32"),
                      manifest.load_initial_memory(), segments=32)
     for mode in ("open_loop", "closed_loop"):
         assert errors[mode]["max_abs"]["memory_out"] < 1e-4

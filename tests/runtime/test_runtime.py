@@ -16,7 +16,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from rmt_deploy.errors import BackendError, InputError, ManifestError, RmtError
+from rmt_deploy.errors import BackendError, ConfigError, InputError, ManifestError, RmtError
 from rmt_deploy.files import sha256_file
 from rmt_deploy.manifest import MANIFEST_NAME
 from rmt_deploy.model.checkpoint import load_checkpoint
@@ -299,7 +299,12 @@ def test_open_errors(tmp_path, encoder_export, decoder_export, encoder_checkpoin
         (text, {}, BackendError, "not a model"),
         (tmp_path / "missing", {}, BackendError, "no such file"),
         (tmp_path / "missing.onnx", {}, BackendError, "no such file"),
-        (encoder_export, {"backend": "tensorflow"}, BackendError, "unknown backend"),
+        (encoder_export, {"backend": "tensorflow"}, ConfigError, "unknown backend"),
+        (encoder_export, {"threads": 10**5}, ConfigError, "this host has"),
+        (encoder_export, {"precision": "int4"}, ConfigError, "unknown precision"),
+        (encoder_export, {"cuda_graphs": True, "backend": "openvino"}, ConfigError,
+         "TensorRT feature"),
+        (encoder_export, {"colour": "red"}, BackendError, "RuntimeOptions"),
         (encoder_export, {"backend": "torch"}, BackendError, "checkpoint"),
         (encoder_export / "model.onnx", {"backend": "torch"}, BackendError, "checkpoint"),
         (encoder_checkpoint, {"backend": "onnxruntime"}, BackendError, "rmt-export"),

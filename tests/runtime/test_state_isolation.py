@@ -13,7 +13,7 @@ def engines(manifest):
         from rmt_deploy.runtime.backends.openvino import OpenVinoEngine
     except ImportError:
         return
-    yield OpenVinoEngine(manifest, precision="fp32")
+    yield OpenVinoEngine(manifest, compute="fp32")
 
 
 def test_new_state_copies_the_memory_it_is_given(encoder_export):
@@ -23,10 +23,10 @@ def test_new_state_copies_the_memory_it_is_given(encoder_export):
     for engine in engines(manifest):
         memory = manifest.load_initial_memory()[None]
         before = memory.copy()
-        state = engine.new_state(memory)
-        for _ in range(3):
-            engine.step(state, ids, mask)
-        np.testing.assert_array_equal(memory, before, err_msg=engine.name)
-        assert not np.allclose(engine.memory(state), before)
+        with engine.new_state(memory) as state:
+            for _ in range(3):
+                state.step(ids, mask)
+            np.testing.assert_array_equal(memory, before, err_msg=engine.name)
+            assert not np.allclose(state.memory(), before)
 
 

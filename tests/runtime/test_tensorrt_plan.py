@@ -1,48 +1,14 @@
-"""What feeds TensorRT, tested without it: profiles, compatibility checks, and the clear
-message where TensorRT is missing."""
+"""What feeds TensorRT, tested without it: compatibility checks, and the clear message
+where TensorRT is missing (profiles: tests/test_contract.py)."""
 
 import importlib.util
 
 import pytest
-from conftest import make_decoder, make_encoder
 
-from rmt_deploy.errors import BackendError, ConfigError
-from rmt_deploy.manifest import ATTENTION_MASK, INPUT_IDS, MEMORY_IN, READ_GRAPH, STEP_GRAPH
-from rmt_deploy.runtime.backends.tensorrt_plan import (
-    BatchProfile,
-    check_compatible,
-    profile_shapes,
-)
+from rmt_deploy.errors import BackendError
+from rmt_deploy.runtime.backends.tensorrt_plan import check_compatible
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
-
-
-def test_encoder_profile_fixes_the_segment_and_spans_the_batch():
-    config = make_encoder(input_size=16, num_mem_tokens=3).rmt_config
-    shapes = profile_shapes(config, STEP_GRAPH, BatchProfile(1, 4, 8))
-    assert shapes[INPUT_IDS] == ((1, 16), (4, 16), (8, 16))
-    assert shapes[ATTENTION_MASK] == shapes[INPUT_IDS]
-    assert shapes[MEMORY_IN] == ((1, 3, 32), (4, 3, 32), (8, 3, 32))
-
-
-def test_decoder_profiles_leave_room_for_short_segments_and_generation():
-    config = make_decoder(num_mem_tokens=2, segment_size=5).rmt_config
-    step = profile_shapes(config, STEP_GRAPH, BatchProfile(1, 2, 4))
-    assert step[INPUT_IDS] == ((1, 1), (2, 5), (4, 5))
-    read = profile_shapes(config, READ_GRAPH, BatchProfile(1, 1, 1), max_new_tokens=100)
-    assert read[INPUT_IDS] == ((1, 1), (1, 5), (1, 64 - 2))  # capped by 64 positions
-
-
-@pytest.mark.parametrize(("text", "expected"), [("8", (1, 8, 8)), ("1,4,16", (1, 4, 16))])
-def test_batch_option_parses(text, expected):
-    profile = BatchProfile.parse(text)
-    assert (profile.min, profile.opt, profile.max) == expected
-
-
-@pytest.mark.parametrize("text", ["0", "4,2,8", "1,2", "a"])
-def test_bad_batch_options_say_how_to_fix(text):
-    with pytest.raises(ConfigError, match="--batch"):
-        BatchProfile.parse(text)
 
 
 RECORD = {"file": "model.plan", "tensorrt": "10.13.0", "gpu": "NVIDIA H200",

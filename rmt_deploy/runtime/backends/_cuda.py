@@ -1,9 +1,11 @@
 """The few CUDA runtime calls the TensorRT backend needs, through NVIDIA's cuda-python:
-a stream, device buffers, pinned host arrays, async copies and graph capture."""
+a stream, device buffers, pinned host arrays, async copies and graph capture. Everything
+allocated here has a ``free()``; ``Allocations`` frees a group of them at once."""
 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -79,18 +81,25 @@ class DeviceBuffer:
         call(cudart().cudaFree(self.ptr))
 
 
-def pinned_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """A numpy array in page-locked host memory (fast, truly async copies)."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    ptr = int(call(cudart().cudaMallocHost(max(nbytes, 1))))
-    raw = (ctypes.c_byte * max(nbytes, 1)).from_address(ptr)
-    return np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+class PinnedArray:
+    """A numpy array (``.array``) in page-locked host memory: fast, truly async copies."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any) -> None:
+        count = int(np.prod(shape))
+        nbytes = max(count * np.dtype(dtype).itemsize, 1)
+        self.ptr = int(call(cudart().cudaMallocHost(nbytes)))
+        raw = (ctypes.c_byte * nbytes).from_address(self.ptr)
+        self.array = np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+    def free(self) -> None:
+        self.array = None
+        call(cudart().cudaFreeHost(self.ptr))
 
 
 class CapturedGraph:
     """A CUDA graph of the work ``launch(stream)`` enqueues, replayed with ``replay``."""
 
-    def __init__(self, stream: Stream, launch) -> None:
+    def __init__(self, stream: Stream, launch: Callable[[Stream], Any]) -> None:
         rt = cudart()
         call(rt.cudaStreamBeginCapture(
             stream.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
@@ -101,3 +110,22 @@ class CapturedGraph:
 
     def replay(self, stream: Stream) -> None:
         call(cudart().cudaGraphLaunch(self._exec, stream.handle))
+
+    def free(self) -> None:
+        call(cudart().cudaGraphExecDestroy(self._exec))
+
+
+class Allocations:
+    """Things with ``free()``, freed together, last allocated first. Calling the object
+    frees them; it holds no reference to their owner, so it can be its finalizer."""
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+
+    def add(self, item: Any) -> Any:
+        self._items.append(item)
+        return item
+
+    def __call__(self) -> None:
+        while self._items:
+            self._items.pop().free()

@@ -1,14 +1,17 @@
-"""What a backend is: an engine that runs one step, with memory in its own buffers."""
+"""What a backend is: an engine that runs one step of the contract, and the states that
+hold a stream's memory in the engine's own buffers between steps."""
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
+from rmt_deploy.contract import READ, STEP, Tensor
 from rmt_deploy.errors import BackendError
-from rmt_deploy.manifest import READ_GRAPH, STEP_GRAPH, Manifest, graph_key
+from rmt_deploy.manifest import Manifest, graph_key
 from rmt_deploy.spec import RMTConfig
 
 NO_READ_GRAPH = ("this export has no read graph (generation needs a decoder exported by "
@@ -16,40 +19,85 @@ NO_READ_GRAPH = ("this export has no read graph (generation needs a decoder expo
 
 
 def precision_graphs(manifest: Manifest, precision: str) -> dict[str, str]:
-    """Manifest keys of the step (and read) graphs of one precision."""
-    keys = {graph: graph_key(graph, precision) for graph in (STEP_GRAPH, READ_GRAPH)}
-    if keys[STEP_GRAPH] not in manifest.graphs:
+    """Manifest keys of the graphs of one precision that the export has, by variant."""
+    if graph_key(STEP, precision) not in manifest.graphs:
         available = sorted({spec.precision for spec in manifest.graphs.values()})
         raise BackendError(f"this export has no {precision} graph (it has "
                            f"{', '.join(available)}); re-export with --precision {precision}")
-    return keys
+    keys = {graph: graph_key(graph, precision) for graph in (STEP, READ)}
+    return {graph: key for graph, key in keys.items() if key in manifest.graphs}
+
+
+def check_io(where: str, declared: tuple[Tensor, ...], actual: dict[str, tuple[str, tuple]],
+             kind: str) -> None:
+    """Refuse a graph whose ``actual`` inputs or outputs (name -> (dtype, shape), dims the
+    graph leaves open as str or None) differ from what the manifest declares: another
+    name, dtype or rank, or a fixed size other than the declared one."""
+    names = [t.name for t in declared]
+    if sorted(actual) != sorted(names):
+        raise BackendError(f"{where}: the graph's {kind}s are {', '.join(sorted(actual))}, the "
+                           f"manifest declares {', '.join(names)}; re-export the model")
+    for tensor in declared:
+        dtype, shape = actual[tensor.name]
+        if dtype != tensor.dtype or len(shape) != len(tensor.shape) or any(
+                isinstance(found, int) and found != expected
+                for found, expected in zip(shape, tensor.shape, strict=True)):
+            raise BackendError(f"{where}: {kind} {tensor.name} is {dtype} {shape} in the graph, "
+                               f"the manifest declares {tensor.dtype} {list(tensor.shape)}; "
+                               "re-export the model")
+
+
+class EngineState(ABC):
+    """The memory of ``batch`` rows in an engine's buffers (two of them, swapped each step,
+    where the backend allows it), with what its steps reuse (bindings, requests, contexts).
+    A state is used by one thread at a time; ``close()`` frees it (a finalizer does too,
+    as a backstop)."""
+
+    def __init__(self, batch: int, free: Callable[[], None] | None = None) -> None:
+        self.batch = batch
+        self._finalizer = weakref.finalize(self, free) if free is not None else None
+        self.closed = False
+
+    @abstractmethod
+    def load(self, memory: np.ndarray) -> None:
+        """Make ``memory`` [batch, M, H] float32 the state's memory (a copy)."""
+
+    @abstractmethod
+    def memory(self) -> np.ndarray:
+        """A host copy of the current memory [batch, M, H]."""
+
+    @abstractmethod
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+             logits: bool = True) -> np.ndarray | None:
+        """Run one segment: the memory goes in, the new memory replaces it. Returns the
+        logits on the host, or None with ``logits=False`` (nothing copied to the host)."""
+
+    def read(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Decoders: logits of ``[memory ; tokens]`` with no write slots; the memory is left
+        unchanged."""
+        raise BackendError(NO_READ_GRAPH)
+
+    def close(self) -> None:
+        """Free the backend's buffers; the state cannot be used after."""
+        self.closed = True
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self) -> EngineState:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class StepEngine(ABC):
-    """Runs the segment step of one model.
-
-    An engine is shared (thread-safe); the memory of a run lives in a state object the
-    engine creates, holding the backend's own buffers (two of them, swapped each step,
-    where the backend allows it).
-    """
+    """Runs the segment step of one model; shared between threads. Each stream keeps its
+    memory in a state the engine creates (:meth:`new_state`)."""
 
     name: str
     config: RMTConfig
+    precision: str = "fp32"
 
     @abstractmethod
-    def new_state(self, memory: np.ndarray) -> Any:
-        """Backend buffers holding ``memory`` [batch, M, H] float32."""
-
-    @abstractmethod
-    def memory(self, state: Any) -> np.ndarray:
-        """A host copy of the state's current memory."""
-
-    @abstractmethod
-    def step(self, state: Any, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Run one segment: the state's memory goes in, the new memory replaces it.
-        Returns the logits on the host."""
-
-    def read(self, state: Any, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Decoder only: logits of ``[memory ; tokens]`` with no write slots; the memory is
-        left unchanged."""
-        raise NotImplementedError(f"the {self.name} backend has no read graph")
+    def new_state(self, memory: np.ndarray) -> EngineState:
+        """A state of ``len(memory)`` rows holding ``memory`` [batch, M, H] (a copy)."""

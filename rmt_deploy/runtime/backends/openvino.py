@@ -1,25 +1,33 @@
 """OpenVINO backend for CPUs: the same ONNX graph, compiled for the host CPU, in BF16
-where the CPU computes it natively (AMX / AVX-512 BF16) and FP32 elsewhere."""
+where the CPU computes it natively (AMX / AVX-512 BF16) and FP32 elsewhere.
+
+A state holds one infer request per graph and two memory tensors swapped each step."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from rmt_deploy.errors import BackendError
-from rmt_deploy.manifest import (
+from rmt_deploy.contract import (
     ATTENTION_MASK,
     INPUT_IDS,
     LOGITS,
     MEMORY_IN,
     MEMORY_OUT,
-    READ_GRAPH,
-    STEP_GRAPH,
-    Manifest,
+    READ,
+    STEP,
 )
-from rmt_deploy.runtime.backends.base import NO_READ_GRAPH, StepEngine, precision_graphs
+from rmt_deploy.errors import BackendError
+from rmt_deploy.manifest import Manifest
+from rmt_deploy.runtime.backends.base import (
+    NO_READ_GRAPH,
+    EngineState,
+    StepEngine,
+    check_io,
+    precision_graphs,
+)
+from rmt_deploy.runtime.options import RuntimeOptions
 
 
 def cpu_precision() -> str:
@@ -30,77 +38,102 @@ def cpu_precision() -> str:
     return "bf16" if "BF16" in capabilities else "fp32"
 
 
-@dataclass
-class _State:
-    requests: dict[str, Any]  # one infer request per graph: requests are not thread-safe
-    buffers: list[Any]  # two ov.Tensor [batch, M, H]: memory_in / memory_out, swapped
-    parity: int = 0
-
-
 class OpenVinoEngine(StepEngine):
     name = "openvino"
 
-    def __init__(self, manifest: Manifest, threads: int | None = None,
-                 precision: str | None = None, graphs: str = "fp32") -> None:
-        """``precision``: what OpenVINO computes in (default: bf16 where the CPU has it);
-        ``graphs``: which of the export's graphs to compile (fp32 or fp16 weights)."""
+    def __init__(self, manifest: Manifest, options: RuntimeOptions | None = None,
+                 compute: str | None = None) -> None:
+        """``compute``: what OpenVINO computes in (default: bf16 where the CPU has it);
+        ``options.precision``: which of the export's graphs to compile."""
         try:
             import openvino as ov
         except ImportError:
             raise BackendError("openvino is not installed: pip install openvino") from None
+        options = options or RuntimeOptions()
         self._ov = ov
         self.config = manifest.config
-        self.precision = precision or cpu_precision()
-        if self.precision not in ("fp32", "bf16"):
-            raise BackendError(f"the openvino backend runs fp32 or bf16, not {self.precision}")
-        options: dict[str, Any] = {
-            "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
+        self.compute = compute or cpu_precision()
+        if self.compute not in ("fp32", "bf16"):
+            raise BackendError(f"the openvino backend computes fp32 or bf16, not {self.compute}")
+        self.precision = options.precision if options.precision != "fp32" else self.compute
+        settings: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": "bf16" if self.compute == "bf16" else "f32",
             "PERFORMANCE_HINT": "LATENCY",
         }
-        if threads:
-            options["INFERENCE_NUM_THREADS"] = threads
+        if options.threads:
+            settings["INFERENCE_NUM_THREADS"] = options.threads
         core = ov.Core()
-        self._compiled = {}
-        for name, key in precision_graphs(manifest, graphs).items():
-            if key in manifest.graphs:
-                path = manifest.path(manifest.graphs[key].file)
-                try:
-                    self._compiled[name] = core.compile_model(core.read_model(str(path)), "CPU",
-                                                              options)
-                except RuntimeError as error:
-                    first = str(error).strip().splitlines()[0][:200]
-                    raise BackendError(f"{path}: OpenVINO cannot compile it ({first}); "
-                                       "re-export the model") from None
+        self.compiled: dict[str, Any] = {}
+        for graph, key in precision_graphs(manifest, options.precision).items():
+            spec = manifest.graphs[key]
+            path = manifest.path(spec.file)
+            try:
+                model = core.read_model(str(path))
+                compiled = core.compile_model(model, "CPU", settings)
+            except RuntimeError as error:
+                first = str(error).strip().splitlines()[0][:200]
+                raise BackendError(f"{path}: OpenVINO cannot compile it ({first}); "
+                                   "re-export the model") from None
+            for kind, declared, ports in (("input", spec.inputs, model.inputs),
+                                          ("output", spec.outputs, model.outputs)):
+                check_io(str(path), declared, {p.get_any_name(): _describe(p) for p in ports},
+                         kind)
+            self.compiled[graph] = compiled
 
     def new_state(self, memory: np.ndarray) -> _State:
-        buffers = [self._ov.Tensor(np.array(memory, dtype=np.float32, order="C")),  # a copy
-                   self._ov.Tensor(self._ov.Type.f32, memory.shape)]
-        requests = {name: model.create_infer_request() for name, model in self._compiled.items()}
-        return _State(requests, buffers)
+        state = _State(self, len(memory))
+        state.load(memory)
+        return state
 
-    def memory(self, state: _State) -> np.ndarray:
-        return np.array(state.buffers[state.parity].data, copy=True)
 
-    def _feed(self, request: Any, state: _State, input_ids: np.ndarray,
-              attention_mask: np.ndarray) -> None:
-        ov = self._ov
+def _describe(port: Any) -> tuple[str, tuple]:
+    dtype = {"i64": "int64", "f32": "float32", "f16": "float16"}.get(
+        port.get_element_type().get_type_name(), port.get_element_type().get_type_name())
+    shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+    return dtype, shape
+
+
+class _State(EngineState):
+    def __init__(self, engine: OpenVinoEngine, batch: int) -> None:
+        super().__init__(batch)
+        ov, config = engine._ov, engine.config
+        self._engine = engine
+        shape = (batch, config.num_mem_tokens, config.hidden_size)
+        self._buffers = [ov.Tensor(ov.Type.f32, shape) for _ in range(2)]
+        self._parity = 0
+        self._requests = {name: model.create_infer_request()  # requests are not thread-safe
+                          for name, model in engine.compiled.items()}
+
+    def load(self, memory: np.ndarray) -> None:
+        self._buffers[self._parity].data[...] = memory
+
+    def memory(self) -> np.ndarray:
+        return np.array(self._buffers[self._parity].data, copy=True)
+
+    def _run(self, graph: str, input_ids: np.ndarray, attention_mask: np.ndarray) -> Any:
+        ov, request = self._engine._ov, self._requests[graph]
         request.set_tensor(INPUT_IDS, ov.Tensor(np.ascontiguousarray(input_ids, np.int64)))
         request.set_tensor(ATTENTION_MASK,
                            ov.Tensor(np.ascontiguousarray(attention_mask, np.int64)))
-        request.set_tensor(MEMORY_IN, state.buffers[state.parity])
-
-    def step(self, state: _State, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        request = state.requests[STEP_GRAPH]
-        self._feed(request, state, input_ids, attention_mask)
-        request.set_tensor(MEMORY_OUT, state.buffers[1 - state.parity])
+        request.set_tensor(MEMORY_IN, self._buffers[self._parity])
+        if graph == STEP:
+            request.set_tensor(MEMORY_OUT, self._buffers[1 - self._parity])
         request.infer()
-        state.parity ^= 1
-        return np.array(request.get_tensor(LOGITS).data, dtype=np.float32)
+        return request
 
-    def read(self, state: _State, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        request = state.requests.get(READ_GRAPH)
-        if request is None:
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+             logits: bool = True) -> np.ndarray | None:
+        request = self._run(STEP, input_ids, attention_mask)
+        self._parity ^= 1
+        return np.array(request.get_tensor(LOGITS).data, dtype=np.float32) if logits else None
+
+    def read(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        if READ not in self._requests:
             raise BackendError(NO_READ_GRAPH)
-        self._feed(request, state, input_ids, attention_mask)
-        request.infer()
+        request = self._run(READ, input_ids, attention_mask)
         return np.array(request.get_tensor(LOGITS).data, dtype=np.float32)
+
+    def close(self) -> None:
+        self._requests.clear()
+        self._buffers.clear()
+        super().close()

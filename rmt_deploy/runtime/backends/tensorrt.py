@@ -1,33 +1,35 @@
-"""TensorRT backend: a serialized plan run with name-based I/O on its own CUDA stream.
+"""TensorRT backend: serialized plans run with name-based I/O on a state's own CUDA
+stream.
 
-Memory lives in two device buffers swapped every segment (never aliased), so it never
-crosses to the host between segments; token ids go up through pinned host arrays; the
-logits come down. Optionally each (shape, buffer parity) is captured once as a CUDA
-graph and replayed. Written against the TensorRT 10.x / 11.x Python API.
+A state owns, for its whole life, one execution context per plan, the two device buffers
+its memory swaps between each segment (never aliased, so memory never crosses to the
+host between segments), pinned staging for the token ids and logits, and, with CUDA
+graphs, one captured graph per (graph, shape, buffer parity), replayed after the first
+step. ``close()`` frees all of it. Written against the TensorRT 10.x / 11.x Python API.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from rmt_deploy.errors import BackendError
-from rmt_deploy.manifest import (
+from rmt_deploy.contract import (
     ATTENTION_MASK,
     INPUT_IDS,
     LOGITS,
     MEMORY_IN,
     MEMORY_OUT,
-    READ_GRAPH,
-    STEP_GRAPH,
-    Manifest,
+    READ,
+    STEP,
 )
+from rmt_deploy.errors import BackendError
+from rmt_deploy.manifest import Manifest
 from rmt_deploy.runtime.backends import _cuda
-from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.runtime.backends.base import EngineState, StepEngine, check_io
 from rmt_deploy.runtime.backends.tensorrt_plan import check_compatible
+from rmt_deploy.runtime.options import RuntimeOptions
 
 
 def import_tensorrt() -> Any:
@@ -47,120 +49,150 @@ class _Plan:
     outputs: dict[str, Any]  # output name -> numpy dtype
 
 
-@dataclass
-class _State:
-    contexts: dict[str, Any]  # one execution context per plan (contexts are not thread-safe)
-    stream: Any
-    batch: int
-    memory: list[Any]  # two device buffers [batch, M, H] float32, swapped each step
-    parity: int = 0
-    staging: dict[tuple, Any] = field(default_factory=dict)  # (name, shape) -> pinned/device
-    graphs: dict[tuple, Any] = field(default_factory=dict)  # (graph, shape, parity) -> graph
-
-
 class TensorRTEngine(StepEngine):
     name = "tensorrt"
 
-    def __init__(self, manifest: Manifest, cuda_graphs: bool = False) -> None:
+    def __init__(self, manifest: Manifest, options: RuntimeOptions | None = None) -> None:
         trt = import_tensorrt()
-        self._trt = trt
+        options = options or RuntimeOptions(backend="tensorrt")
+        self.trt = trt
         self.config = manifest.config
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs = options.cuda_graphs
         gpu, capability = _cuda.device_name_and_capability()
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
-        self._plans: dict[str, _Plan] = {}
-        for graph in (STEP_GRAPH, READ_GRAPH):
+        self.plans: dict[str, _Plan] = {}
+        for graph in (STEP, READ):
             record = manifest.engines.get(graph)
             if record is None:
                 continue
             check_compatible(record, trt.__version__, gpu, capability)
-            engine = runtime.deserialize_cuda_engine(Path(manifest.path(record["file"]))
-                                                     .read_bytes())
+            engine = runtime.deserialize_cuda_engine(manifest.path(record["file"]).read_bytes())
             if engine is None:
                 raise BackendError(f"{record['file']}: TensorRT could not deserialize it; "
                                    "rebuild it with rmt-export --engine")
-            outputs = {}
-            for index in range(engine.num_io_tensors):
-                name = engine.get_tensor_name(index)
-                if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-                    outputs[name] = trt.nptype(engine.get_tensor_dtype(name))
-            self._plans[graph] = _Plan(engine, outputs)
-        if STEP_GRAPH not in self._plans:
+            self.plans[graph] = self._plan(engine, manifest, record)
+        if STEP not in self.plans:
             raise BackendError("this export has no TensorRT plan; build one with "
                                "rmt-export --engine")
-        self.precision = manifest.engines[STEP_GRAPH].get("precision", "fp16")
+        self.precision = manifest.engines[STEP].get("precision", "fp16")
+
+    def _plan(self, engine: Any, manifest: Manifest, record: dict[str, Any]) -> _Plan:
+        trt = self.trt
+        spec = next(s for s in manifest.graphs.values() if s.file == record["source_graph"])
+        tensors = {"input": {}, "output": {}}
+        for index in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(index)
+            kind = "output" if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT else "input"
+            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name
+            shape = tuple(None if d < 0 else d for d in engine.get_tensor_shape(name))
+            tensors[kind][name] = (dtype, shape)
+        check_io(record["file"], spec.inputs, tensors["input"], "input")
+        check_io(record["file"], spec.outputs, tensors["output"], "output")
+        return _Plan(engine, {name: np.dtype(dtype) for name, (dtype, _) in
+                              tensors["output"].items()})
 
     def new_state(self, memory: np.ndarray) -> _State:
-        stream = _cuda.Stream()
-        host = np.ascontiguousarray(memory, dtype=np.float32)
-        buffers = [_cuda.DeviceBuffer(host.nbytes), _cuda.DeviceBuffer(host.nbytes)]
-        buffers[0].upload(host, stream)
-        contexts = {name: plan.engine.create_execution_context()
-                    for name, plan in self._plans.items()}
-        return _State(contexts, stream, host.shape[0], buffers)
+        state = _State(self, len(memory))
+        state.load(memory)
+        return state
 
-    def memory(self, state: _State) -> np.ndarray:
-        m, h = self.config.num_mem_tokens, self.config.hidden_size
-        host = np.empty((state.batch, m, h), np.float32)
-        state.memory[state.parity].download(host, state.stream)
-        state.stream.synchronize()
+
+class _Context:
+    """An execution context, released on ``free()``."""
+
+    def __init__(self, engine: Any) -> None:
+        self.context = engine.create_execution_context()
+
+    def free(self) -> None:
+        self.context = None
+
+
+class _State(EngineState):
+    def __init__(self, engine: TensorRTEngine, batch: int) -> None:
+        allocations = _cuda.Allocations()
+        super().__init__(batch, free=allocations)
+        self._engine, self._allocations = engine, allocations
+        config = engine.config
+        self._memory_shape = (batch, config.num_mem_tokens, config.hidden_size)
+        nbytes = int(np.prod(self._memory_shape)) * 4
+        self._stream = allocations.add(_cuda.Stream())
+        self._buffers = [allocations.add(_cuda.DeviceBuffer(nbytes)) for _ in range(2)]
+        self._parity = 0
+        self._contexts = {name: allocations.add(_Context(plan.engine)).context
+                          for name, plan in engine.plans.items()}
+        self._staging: dict[tuple, tuple[np.ndarray, _cuda.DeviceBuffer]] = {}
+        self._graphs: dict[tuple, _cuda.CapturedGraph] = {}
+
+    def load(self, memory: np.ndarray) -> None:
+        host = np.ascontiguousarray(memory, dtype=np.float32)
+        self._buffers[self._parity].upload(host, self._stream)
+        self._stream.synchronize()
+
+    def memory(self) -> np.ndarray:
+        host = np.empty(self._memory_shape, np.float32)
+        self._buffers[self._parity].download(host, self._stream)
+        self._stream.synchronize()
         return host
 
-    def _staging(self, state: _State, name: str, shape: tuple[int, ...], dtype) -> tuple:
-        key = (name, shape)
-        if key not in state.staging:
-            host = _cuda.pinned_array(shape, dtype)
-            state.staging[key] = (host, _cuda.DeviceBuffer(host.nbytes))
-        return state.staging[key]
+    def _stage(self, key: tuple, shape: tuple[int, ...], dtype: Any
+               ) -> tuple[np.ndarray, _cuda.DeviceBuffer]:
+        """A pinned host array and a device buffer of one tensor shape, kept for reuse."""
+        if key not in self._staging:
+            host = self._allocations.add(_cuda.PinnedArray(shape, dtype))
+            device = self._allocations.add(_cuda.DeviceBuffer(host.array.nbytes))
+            self._staging[key] = (host.array, device)
+        return self._staging[key]
 
-    def _run(self, graph: str, state: _State, input_ids: np.ndarray,
-             attention_mask: np.ndarray, write: bool) -> np.ndarray:
-        context, plan = state.contexts[graph], self._plans[graph]
-        ids_host, ids_dev = self._staging(state, INPUT_IDS, input_ids.shape, np.int64)
-        mask_host, mask_dev = self._staging(state, ATTENTION_MASK, input_ids.shape, np.int64)
+    def _run(self, graph: str, input_ids: np.ndarray, attention_mask: np.ndarray,
+             logits: bool) -> np.ndarray | None:
+        context, plan = self._contexts[graph], self._engine.plans[graph]
+        shape = tuple(input_ids.shape)
+        ids_host, ids_dev = self._stage((INPUT_IDS, shape), shape, np.int64)
+        mask_host, mask_dev = self._stage((ATTENTION_MASK, shape), shape, np.int64)
         ids_host[...] = input_ids
         mask_host[...] = attention_mask
-        ids_dev.upload(ids_host, state.stream)
-        mask_dev.upload(mask_host, state.stream)
-        m, h = self.config.num_mem_tokens, self.config.hidden_size
-        context.set_input_shape(INPUT_IDS, input_ids.shape)
-        context.set_input_shape(ATTENTION_MASK, input_ids.shape)
-        context.set_input_shape(MEMORY_IN, (state.batch, m, h))
+        ids_dev.upload(ids_host, self._stream)
+        mask_dev.upload(mask_host, self._stream)
+        context.set_input_shape(INPUT_IDS, shape)
+        context.set_input_shape(ATTENTION_MASK, shape)
+        context.set_input_shape(MEMORY_IN, self._memory_shape)
         logits_shape = tuple(context.get_tensor_shape(LOGITS))
-        logits_host, logits_dev = self._staging(state, (graph, LOGITS), logits_shape,
-                                                plan.outputs[LOGITS])
+        logits_host, logits_dev = self._stage((graph, LOGITS, logits_shape), logits_shape,
+                                              plan.outputs[LOGITS])
         context.set_tensor_address(INPUT_IDS, ids_dev.ptr)
         context.set_tensor_address(ATTENTION_MASK, mask_dev.ptr)
-        context.set_tensor_address(MEMORY_IN, state.memory[state.parity].ptr)
+        context.set_tensor_address(MEMORY_IN, self._buffers[self._parity].ptr)
         context.set_tensor_address(LOGITS, logits_dev.ptr)
-        if write:
-            context.set_tensor_address(MEMORY_OUT, state.memory[1 - state.parity].ptr)
-        self._execute(graph, state, context, input_ids.shape)
-        logits_dev.download(logits_host, state.stream)
-        state.stream.synchronize()
-        return np.array(logits_host, dtype=np.float32)
+        if graph == STEP:
+            context.set_tensor_address(MEMORY_OUT, self._buffers[1 - self._parity].ptr)
+        self._execute((graph, shape, self._parity), context)
+        if logits:
+            logits_dev.download(logits_host, self._stream)
+        self._stream.synchronize()
+        return np.array(logits_host, dtype=np.float32) if logits else None
 
-    def _execute(self, graph: str, state: _State, context: Any, shape: tuple) -> None:
-        if not self.cuda_graphs:
-            if not context.execute_async_v3(state.stream.ptr):
+    def _execute(self, key: tuple, context: Any) -> None:
+        """Run the enqueued step; with CUDA graphs, capture it the first time a (graph,
+        shape, parity) runs and replay it after."""
+        if not self._engine.cuda_graphs:
+            if not context.execute_async_v3(self._stream.ptr):
                 raise BackendError("TensorRT failed to run the step (see its log above)")
             return
-        key = (graph, shape, state.parity)
-        if key not in state.graphs:
-            context.execute_async_v3(state.stream.ptr)  # lazy initialisation, outside capture
-            state.graphs[key] = _cuda.CapturedGraph(
-                state.stream, lambda stream: context.execute_async_v3(stream.ptr))
-            state.stream.synchronize()  # the uncaptured run already did this step's work
+        if key in self._graphs:
+            self._graphs[key].replay(self._stream)
             return
-        state.graphs[key].replay(state.stream)
+        context.execute_async_v3(self._stream.ptr)  # lazy initialisation, outside capture
+        self._graphs[key] = self._allocations.add(_cuda.CapturedGraph(
+            self._stream, lambda stream: context.execute_async_v3(stream.ptr)))
 
-    def step(self, state: _State, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        logits = self._run(STEP_GRAPH, state, input_ids, attention_mask, write=True)
-        state.parity ^= 1
-        return logits
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+             logits: bool = True) -> np.ndarray | None:
+        result = self._run(STEP, input_ids, attention_mask, logits)
+        self._parity ^= 1
+        return result
 
-    def read(self, state: _State, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        if READ_GRAPH not in self._plans:
+    def read(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        if READ not in self._contexts:
             raise BackendError("this export has no generate.plan; rebuild with --engine")
-        return self._run(READ_GRAPH, state, input_ids, attention_mask, write=False)
+        return self._run(READ, input_ids, attention_mask, True)

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.runtime.backends.base import EngineState, StepEngine
 
 
 class TorchEngine(StepEngine):
@@ -17,7 +17,7 @@ class TorchEngine(StepEngine):
         """``half`` runs the model in fp16 (on a GPU); memory stays fp32 between steps."""
         import torch
 
-        self._torch = torch
+        self.torch = torch
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
@@ -26,29 +26,42 @@ class TorchEngine(StepEngine):
         self.precision = "fp16" if half else "fp32"
 
     def initial_memory(self) -> np.ndarray:
-        with self._torch.no_grad():
+        with self.torch.no_grad():
             return self.rmt.initial_memory(1)[0].float().cpu().numpy()
 
-    def _tensor(self, array: np.ndarray) -> Any:
-        return self._torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+    def tensor(self, array: np.ndarray) -> Any:
+        return self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
-    def new_state(self, memory: np.ndarray) -> dict[str, Any]:
-        return {"memory": self._tensor(np.asarray(memory, dtype=np.float32))}
+    def new_state(self, memory: np.ndarray) -> _State:
+        state = _State(self, len(memory))
+        state.load(memory)
+        return state
 
-    def memory(self, state: dict[str, Any]) -> np.ndarray:
-        return state["memory"].cpu().numpy().copy()
 
-    def step(self, state: dict[str, Any], input_ids: np.ndarray,
-             attention_mask: np.ndarray) -> np.ndarray:
-        with self._torch.no_grad():
-            logits, memory = self.rmt(self._tensor(input_ids), self._tensor(attention_mask),
-                                      state["memory"])
-        state["memory"] = memory.float()
-        return logits.float().cpu().numpy()
+class _State(EngineState):
+    def __init__(self, engine: TorchEngine, batch: int) -> None:
+        super().__init__(batch)
+        self._engine = engine
+        self._memory: Any = None
 
-    def read(self, state: dict[str, Any], input_ids: np.ndarray,
-             attention_mask: np.ndarray) -> np.ndarray:
-        with self._torch.no_grad():
-            logits = self.rmt.read(self._tensor(input_ids), self._tensor(attention_mask),
-                                   state["memory"])
-        return logits.float().cpu().numpy()
+    def load(self, memory: np.ndarray) -> None:
+        self._memory = self._engine.tensor(np.array(memory, dtype=np.float32))
+
+    def memory(self) -> np.ndarray:
+        return self._memory.cpu().numpy().copy()
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+             logits: bool = True) -> np.ndarray | None:
+        engine = self._engine
+        with engine.torch.no_grad():
+            result, memory = engine.rmt(engine.tensor(input_ids), engine.tensor(attention_mask),
+                                        self._memory)
+        self._memory = memory.float()
+        return result.float().cpu().numpy() if logits else None
+
+    def read(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        engine = self._engine
+        with engine.torch.no_grad():
+            result = engine.rmt.read(engine.tensor(input_ids), engine.tensor(attention_mask),
+                                     self._memory)
+        return result.float().cpu().numpy()

@@ -1,0 +1,46 @@
+"""How a model is opened, as one frozen object checked in one place; each backend reads
+the fields it needs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from rmt_deploy.errors import ConfigError
+from rmt_deploy.manifest import PRECISIONS
+
+EXPORT_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+BACKENDS = (*EXPORT_BACKENDS, "torch")
+
+
+def host_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    backend: str | None = None  # None: the fastest available for the model
+    precision: str = "fp32"  # which of the export's graphs: fp32, fp16 or int8
+    threads: int | None = None  # CPU threads of the engine (None: the backend's default)
+    cuda_graphs: bool = False  # TensorRT: capture each step shape once, replay it after
+
+    def __post_init__(self) -> None:
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}; choose one of "
+                              f"{', '.join(BACKENDS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of "
+                              f"{', '.join(PRECISIONS)}")
+        if self.threads is not None:
+            cpus = host_cpus()
+            if isinstance(self.threads, bool) or not isinstance(self.threads, int) or \
+                    not 1 <= self.threads <= cpus:
+                raise ConfigError(f"threads {self.threads!r}: this host has {cpus} CPU"
+                                  f"{'s' if cpus > 1 else ''}; pass 1 to {cpus}")
+        if self.cuda_graphs and self.backend not in (None, "tensorrt"):
+            raise ConfigError("CUDA graphs are a TensorRT feature; drop --cuda-graphs or use "
+                              "the tensorrt backend")

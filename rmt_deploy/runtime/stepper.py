@@ -1,0 +1,162 @@
+"""The one place segments are stepped. A :class:`Stepper` holds the memory of a set of
+keyed rows (the documents of a run, the tracks of a session, the sequences a server
+keeps) for their whole life, in the engine's own buffers between steps.
+
+The rows of the last step stay resident in one engine state; stepping the same rows
+again moves no memory. Memory crosses to the host only when a caller asks for it
+(:meth:`Stepper.memory`) or when a step takes other rows than the last (their memory is
+then gathered into a state of the new size, kept for reuse). Every path that steps
+segments goes through here: ``RMTModel.run``, stream sessions, the session pool's
+batcher, the Triton python backend, export validation and calibration recording.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+
+from rmt_deploy.errors import InputError
+from rmt_deploy.runtime.backends.base import EngineState, StepEngine
+from rmt_deploy.segmentation import step_inputs
+
+MAX_STATES = 8  # engine states kept for reuse, one per batch size, least recently used out
+
+
+class Stepper:
+    """Rows by key, their memory, and the engine states that step them. Thread-safe: calls
+    serialize. Close it (or use it in ``with``) to free the engine states."""
+
+    def __init__(self, engine: StepEngine) -> None:
+        self.engine = engine
+        self.config = engine.config
+        self._host: dict[Hashable, np.ndarray] = {}  # every live row's memory, as last synced
+        self._rows: list[Hashable] = []  # the rows of the resident state, in its order
+        self._state: EngineState | None = None
+        self._stale = False  # the resident state's memory is newer than the host copies
+        self._states: OrderedDict[int, EngineState] = OrderedDict()  # by batch size
+        self._lock = threading.RLock()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._host)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._host
+
+    def add(self, key: Hashable, memory: np.ndarray) -> None:
+        """A new row whose memory is ``memory`` [M, H] (copied)."""
+        with self._lock:
+            self._check_open()
+            if key in self._host:
+                raise InputError(f"row {key!r} is already stepped here; remove it first")
+            if key in self._rows:  # removed while resident: the state's copy is the old row
+                if self._stale:
+                    self._sync()
+                self._state, self._rows = None, []
+            self._host[key] = np.array(memory, dtype=np.float32)
+
+    def remove(self, key: Hashable) -> None:
+        """Forget a row (nothing happens if it is not there)."""
+        with self._lock:
+            self._host.pop(key, None)
+
+    def memory(self, key: Hashable) -> np.ndarray:
+        """A host copy of one row's memory [M, H]."""
+        return self.memories([key])[0]
+
+    def memories(self, keys: Sequence[Hashable]) -> np.ndarray:
+        """Host copies of some rows' memory [len(keys), M, H]: one transfer at most."""
+        with self._lock:
+            if self._stale and any(key in self._rows for key in keys):
+                self._sync()
+            return np.stack([self._host[self._known(key)] for key in keys])
+
+    def step(self, keys: Sequence[Hashable], segments: Sequence[np.ndarray],
+             logits: bool = True) -> np.ndarray | None:
+        """One segment of each row ``keys[i]``: ``segments[i]`` (content token ids). Returns
+        the logits in ``keys`` order, or None with ``logits=False``."""
+        input_ids, attention_mask = step_inputs(segments, self.config)
+        return self.run(keys, input_ids, attention_mask, logits)
+
+    def run(self, keys: Sequence[Hashable], input_ids: np.ndarray,
+            attention_mask: np.ndarray, logits: bool = True) -> np.ndarray | None:
+        """:meth:`step` with the step's tensors already laid out."""
+        with self._lock:
+            state, order = self._resident(keys)
+            if order is not None:  # the resident rows in another order: permute, not reload
+                input_ids, attention_mask = input_ids[order], attention_mask[order]
+            self._stale = True
+            result = state.step(input_ids, attention_mask, logits)
+            if result is not None and order is not None:
+                result = result[np.argsort(order)]
+            return result
+
+    def read(self, key: Hashable, input_ids: np.ndarray,
+             attention_mask: np.ndarray) -> np.ndarray:
+        """Decoders: logits of ``[memory ; tokens]`` for one row, without writing memory."""
+        with self._lock:
+            state, _ = self._resident([key])
+            return state.read(input_ids, attention_mask)
+
+    def close(self) -> None:
+        """Free every engine state; rows are forgotten."""
+        with self._lock:
+            self._closed = True
+            for state in self._states.values():
+                state.close()
+            self._states.clear()
+            self._state, self._rows, self._host = None, [], {}
+
+    def __enter__(self) -> Stepper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals --------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InputError("this stepper is closed; open a new run or session")
+
+    def _known(self, key: Hashable) -> Hashable:
+        if key not in self._host:
+            raise InputError(f"row {key!r} is not stepped here (never added, or removed)")
+        return key
+
+    def _resident(self, keys: Sequence[Hashable]) -> tuple[EngineState, np.ndarray | None]:
+        """The state holding exactly ``keys``' rows, and the permutation from ``keys``
+        order to the state's (None: same order)."""
+        self._check_open()
+        keys = [self._known(key) for key in keys]
+        if len(set(keys)) != len(keys):
+            raise InputError("a step takes each row at most once")
+        if self._state is not None and len(keys) == len(self._rows):
+            if keys == self._rows:
+                return self._state, None
+            if set(keys) == set(self._rows):
+                position = {key: i for i, key in enumerate(keys)}
+                return self._state, np.array([position[key] for key in self._rows])
+        if self._stale:
+            self._sync()
+        memory = np.stack([self._host[key] for key in keys])
+        state = self._states.pop(len(keys), None)
+        if state is None:
+            state = self.engine.new_state(memory)
+        else:
+            state.load(memory)
+        self._states[len(keys)] = state
+        while len(self._states) > MAX_STATES:
+            self._states.popitem(last=False)[1].close()
+        self._state, self._rows = state, keys
+        return state, None
+
+    def _sync(self) -> None:
+        """Copy the resident state's memory to the host copies of its live rows."""
+        for key, memory in zip(self._rows, self._state.memory(), strict=True):
+            if key in self._host:
+                self._host[key] = memory
+        self._stale = False

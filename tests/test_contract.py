@@ -1,0 +1,112 @@
+"""The step contract: every variant's tensors, dynamic axes and profile ranges derive from
+the config, and the runtime's input checks name what is wrong."""
+
+import numpy as np
+import pytest
+from conftest import make_decoder, make_encoder
+
+from rmt_deploy.contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    MEMORY_IN,
+    MEMORY_OUT,
+    READ,
+    STEP,
+    BatchProfile,
+    check_feed,
+    profile_shapes,
+    variant,
+    variant_names,
+)
+from rmt_deploy.errors import ConfigError, InputError
+
+
+@pytest.fixture(scope="module")
+def encoder_config():
+    return make_encoder(input_size=16, num_mem_tokens=3).rmt_config
+
+
+@pytest.fixture(scope="module")
+def decoder_config():
+    return make_decoder(num_mem_tokens=2, segment_size=5).rmt_config
+
+
+def test_variants_of_each_kind(encoder_config, decoder_config):
+    assert variant_names(encoder_config) == (STEP,)
+    assert variant_names(decoder_config) == (STEP, READ)
+    with pytest.raises(ConfigError, match="has no 'read' graph"):
+        variant(encoder_config, READ)
+
+
+def test_encoder_step_tensors(encoder_config):
+    step = variant(encoder_config, STEP)
+    assert [(t.name, t.dtype, t.shape) for t in step.inputs] == [
+        (INPUT_IDS, "int64", ("batch", 16)), (ATTENTION_MASK, "int64", ("batch", 16)),
+        (MEMORY_IN, "float32", ("batch", 3, 32))]
+    assert [(t.name, t.shape) for t in step.outputs] == [
+        (LOGITS, ("batch", 3)), (MEMORY_OUT, ("batch", 3, 32))]
+    assert step.writes_memory
+    assert step.dynamic_axes() == {INPUT_IDS: {0: "batch"}, ATTENTION_MASK: {0: "batch"},
+                                   MEMORY_IN: {0: "batch"}, LOGITS: {0: "batch"},
+                                   MEMORY_OUT: {0: "batch"}}
+
+
+def test_decoder_read_has_no_memory_out(decoder_config):
+    read = variant(decoder_config, READ)
+    assert [t.name for t in read.outputs] == [LOGITS]
+    assert not read.writes_memory
+    assert read.dynamic_axes()[LOGITS] == {0: "batch", 1: "tokens"}
+    assert (read.file, read.plan_file) == ("generate.onnx", "generate.plan")
+
+
+def test_encoder_profile_fixes_the_segment_and_spans_the_batch(encoder_config):
+    shapes = profile_shapes(encoder_config, STEP, BatchProfile(1, 4, 8))
+    assert shapes[INPUT_IDS] == ((1, 16), (4, 16), (8, 16))
+    assert shapes[ATTENTION_MASK] == shapes[INPUT_IDS]
+    assert shapes[MEMORY_IN] == ((1, 3, 32), (4, 3, 32), (8, 3, 32))
+
+
+def test_decoder_profiles_leave_room_for_short_segments_and_generation(decoder_config):
+    step = profile_shapes(decoder_config, STEP, BatchProfile(1, 2, 4))
+    assert step[INPUT_IDS] == ((1, 1), (2, 5), (4, 5))
+    read = profile_shapes(decoder_config, READ, BatchProfile(1, 1, 1), max_new_tokens=100)
+    assert read[INPUT_IDS] == ((1, 1), (1, 5), (1, 64 - 2))  # capped by 64 positions
+
+
+@pytest.mark.parametrize(("text", "expected"), [("8", (1, 8, 8)), ("1,4,16", (1, 4, 16))])
+def test_batch_option_parses(text, expected):
+    profile = BatchProfile.parse(text)
+    assert (profile.min, profile.opt, profile.max) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "4,2,8", "1,2", "a"])
+def test_bad_batch_options_say_how_to_fix(text):
+    with pytest.raises(ConfigError, match="--batch"):
+        BatchProfile.parse(text)
+
+
+def feed(ids, mask=None, memory=None):
+    ids = np.asarray(ids)
+    return {INPUT_IDS: ids, ATTENTION_MASK: np.ones_like(ids) if mask is None else mask,
+            MEMORY_IN: np.zeros((len(ids), 2, 32), np.float32) if memory is None else memory}
+
+
+def test_a_valid_decoder_feed_passes(decoder_config):
+    check_feed(decoder_config, STEP, feed(np.array([[1, 2, 3]], np.int64)))
+
+
+@pytest.mark.parametrize(("make", "words"), [
+    (lambda: feed(np.array([[1, 2]], np.int32)), "input_ids is int32"),
+    (lambda: feed(np.ones((1, 6), np.int64)), "tokens 6; the model takes 1 to 5"),
+    (lambda: feed(np.ones((1, 3), np.int64), mask=np.ones((1, 4), np.int64)),
+     "the same for every input"),
+    (lambda: feed(np.ones((1, 3), np.int64), memory=np.zeros((1, 3, 32), np.float32)),
+     "memory_in has shape"),
+    (lambda: feed(np.full((1, 3), 60, np.int64)), "token ids must lie in \\[0, 60\\)"),
+    (lambda: feed(np.ones((1, 3), np.int64), mask=np.full((1, 3), 2, np.int64)), "0 or 1"),
+    (lambda: {INPUT_IDS: np.ones((1, 3), np.int64)}, "attention_mask is missing"),
+])
+def test_a_bad_feed_names_what_is_wrong(decoder_config, make, words):
+    with pytest.raises(InputError, match=words):
+        check_feed(decoder_config, STEP, make())
