@@ -1,13 +1,13 @@
-"""Input to token ids in fixed memory: text is read in chunks cut at word boundaries,
-tokenized, stripped of special tokens and spooled to an anonymous temporary file of
-int32 ids, so a run over millions of tokens holds only the segment it is working on."""
+"""Input to token ids in fixed memory and linear time: text is read in chunks cut at word
+boundaries, tokenized, stripped of special tokens and spooled to an anonymous temporary
+file of int32 ids, so a run over millions of tokens holds only the segment it is working
+on."""
 
 from __future__ import annotations
 
 import codecs
 import re
 import tempfile
-import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -21,6 +21,18 @@ from rmt_deploy.segmentation import strip_special, usable_tokens
 from rmt_deploy.spec import RMTConfig
 
 CHUNK_BYTES = 16384  # small: a tokenizer holds ~100 bytes per token of a chunk; measured flat RSS
+#: The longest run without a word end that is kept whole; any tokenizer's words are far
+#: shorter (WordPiece makes a word of over 100 characters [UNK]).
+MAX_WORD_CHARS = 1 << 16
+
+#: Whitespace every tokenizer splits words at: the characters ``str.isspace`` accepts but
+#: the controls that count as spaces to Python (form feed, vertical tab, U+001C-U+001F,
+#: U+0085), which BERT-style normalizers delete, joining the words around them. A regex
+#: character class; a test checks it against every code point.
+_BREAKS = "\t\n\r \xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_WORD_END = re.compile(rf"\S[{_BREAKS}]")  # a word end is at the break
+_WORD_END_REVERSED = re.compile(rf"[{_BREAKS}]\S")  # the same, on reversed text
+_SPACE_PAIR = re.compile(r"\s\s")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -114,18 +126,122 @@ def check_tokenizer_ids(ids: np.ndarray, config: RMTConfig) -> None:
                          "to this model; re-export it")
 
 
+class WordCutter:
+    """Text pushed in pieces of any size, handed back in chunks that end where a word ends
+    (a non-space character followed by whitespace in ``_BREAKS``), so tokenizing chunk by
+    chunk equals tokenizing the whole text; the text after the last cut is held.
+
+    A run of over ``MAX_WORD_CHARS`` characters without a word end is cut anyway, between
+    its last two whitespace characters in a row within reach, else after ``MAX_WORD_CHARS``
+    characters, so the held text stays small: such a run is tokenized in pieces, but no
+    tokenizer has words that long. Where the text is cut depends on the text alone, not on
+    how it is pushed, and each character is scanned a fixed number of times."""
+
+    def __init__(self, held: str = "") -> None:
+        self._parts = [held] if held else []  # joined only when read or cut
+        self._size = len(held)
+
+    @property
+    def held(self) -> str:
+        """The text after the last cut: ``WordCutter(held)`` goes on as this one does."""
+        text = "".join(self._parts)
+        self._parts = [text] if text else []
+        return text
+
+    def push(self, text: str) -> list[str]:
+        """The chunks ``text`` completes."""
+        chunks: list[str] = []
+        for start in range(0, len(text), MAX_WORD_CHARS):
+            chunks += self._push(text[start : start + MAX_WORD_CHARS])
+        return chunks
+
+    def finish(self) -> list[str]:
+        """The chunks of the held text: the text ends here."""
+        chunks = self._cut_long()
+        if self._size:
+            chunks.append(self._release())
+        return chunks
+
+    def _push(self, text: str) -> list[str]:
+        # text has at most MAX_WORD_CHARS characters, so only the run before its first
+        # word end can be too long.
+        ends = _word_ends(self._parts[-1][-1] if self._parts else "", text)
+        first, last = ends or (len(text), len(text))
+        self._hold(text[:first])
+        chunks = self._cut_long()
+        if ends:
+            self._hold(text[first:last])
+            chunks.append(self._release())
+        self._hold(text[last:])
+        return chunks
+
+    def _hold(self, text: str) -> None:
+        if text:
+            self._parts.append(text)
+            self._size += len(text)
+
+    def _release(self) -> str:
+        text = self.held
+        self._parts, self._size = [], 0
+        return text
+
+    def _cut_long(self) -> list[str]:
+        """Chunks cut off the held text (which has no word end) while it is too long."""
+        if self._size <= MAX_WORD_CHARS:
+            return []
+        held, start, chunks = self.held, 0, []
+        while len(held) - start > MAX_WORD_CHARS:
+            window = held[start : start + MAX_WORD_CHARS + 1]
+            pair = _SPACE_PAIR.search(window[::-1])
+            cut = start + (len(window) - 1 - pair.start() if pair else MAX_WORD_CHARS)
+            chunks.append(held[start:cut])
+            start = cut
+        self._parts, self._size = [], 0
+        self._hold(held[start:])
+        return chunks
+
+
+def _word_ends(before: str, text: str) -> tuple[int, int] | None:
+    """Indexes in ``text`` of its first and last word ends (None if it has none);
+    ``before`` is the character before ``text``, or ""."""
+    edge = before + text
+    first = _WORD_END.search(edge)
+    if first is None:
+        return None
+    last = len(edge) - 1 - _WORD_END_REVERSED.search(edge[::-1]).start()
+    return first.start() + 1 - len(before), last - len(before)
+
+
+def word_chunks(pieces: Iterable[str]) -> Iterator[str]:
+    """The chunks a :class:`WordCutter` cuts the text made of ``pieces`` into."""
+    cutter = WordCutter()
+    for piece in pieces:
+        yield from cutter.push(piece)
+    yield from cutter.finish()
+
+
 def text_chunks(stream: BinaryIO, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
-    """UTF-8 text in chunks that end where a word ends (a non-space character followed by
-    whitespace), so tokenizing chunk by chunk equals tokenizing the whole text."""
+    """UTF-8 text in chunks that end where a word ends, as :class:`WordCutter` cuts, so
+    tokenizing chunk by chunk equals tokenizing the whole text."""
+    seen_text = False
+    for chunk in word_chunks(_utf8_blocks(stream, name, chunk_bytes)):
+        seen_text = seen_text or not chunk.isspace()
+        yield chunk
+    if not seen_text:
+        raise InputError(f"{name}: input is empty; pass a file with text in it")
+
+
+def _utf8_blocks(stream: BinaryIO, name: str, chunk_bytes: int) -> Iterator[str]:
+    """The stream's text block by block; NUL bytes or bad UTF-8 raise InputError."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    carry, offset, seen_text = "", 0, False
+    offset = 0
     while True:
         block = stream.read(chunk_bytes)
         if b"\x00" in block:
             raise InputError(f"{name}: contains NUL bytes, so it looks binary; pass a text file")
         pending = decoder.getstate()[0]  # bytes of a character cut by the previous block
         try:
-            text = carry + decoder.decode(block, final=not block)
+            text = decoder.decode(block, final=not block)
         except UnicodeDecodeError as error:
             # error.start counts from the pending bytes, which the decoder reads first.
             data = pending + block
@@ -133,33 +249,10 @@ def text_chunks(stream: BinaryIO, name: str, chunk_bytes: int = CHUNK_BYTES) -> 
                 f"{name}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
                 f"{offset - len(pending) + error.start}); convert it, e.g. iconv -t UTF-8"
             ) from None
-        offset += len(block)
+        yield text
         if not block:
-            if text:
-                seen_text = seen_text or bool(text.strip())
-                yield text
-            break
-        cut = _last_word_end(text)
-        carry = text[cut:]
-        if cut:
-            seen_text = seen_text or bool(text[:cut].strip())
-            yield text[:cut]
-    if not seen_text:
-        raise InputError(f"{name}: input is empty; pass a file with text in it")
-
-
-def _last_word_end(text: str) -> int:
-    for index in range(len(text) - 1, 0, -1):
-        if _is_break(text[index]) and not text[index - 1].isspace():
-            return index
-    return 0
-
-
-def _is_break(char: str) -> bool:
-    """Whitespace every tokenizer splits words at: not the control characters that count
-    as spaces to Python (form feed, vertical tab, U+001C-U+001F, U+0085), which BERT-style
-    normalizers delete, joining the words around them."""
-    return char.isspace() and (char in "\t\n\r" or unicodedata.category(char) != "Cc")
+            return
+        offset += len(block)
 
 
 def check_unicode(text: str) -> None:
@@ -174,6 +267,10 @@ def check_unicode(text: str) -> None:
 def tokenize_chunks(chunks: Iterable[str], tokenizer: Tokenizer) -> Iterator[np.ndarray]:
     for chunk in chunks:
         yield np.asarray(tokenizer.encode(chunk, add_special_tokens=False).ids, dtype=np.int64)
+
+
+def _encode_chunks(chunks: Iterable[str], tokenizer: Tokenizer) -> np.ndarray:
+    return np.concatenate([np.zeros(0, np.int64), *tokenize_chunks(chunks, tokenizer)])
 
 
 def spool_file(path: str | Path | BinaryIO, tokenizer: Tokenizer, config: RMTConfig,
@@ -196,27 +293,34 @@ def spool_file(path: str | Path | BinaryIO, tokenizer: Tokenizer, config: RMTCon
 
 
 def text_source(text: str, tokenizer: Tokenizer, config: RMTConfig) -> ArraySource:
-    """A source for text held in memory."""
+    """A source for text held in memory, cut into chunks as a file of it is, so both give
+    the same ids."""
     if not isinstance(text, str):
         raise InputError(f"text must be a str, got {type(text).__name__}")
     check_unicode(text)
-    if not text.strip():
+    if not text or text.isspace():
         raise InputError("text is empty; pass some text")
-    ids = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    ids = _encode_chunks(word_chunks([text]), tokenizer)
     check_tokenizer_ids(ids, config)
     return ArraySource(ids, config)
 
 
 class TextStream:
     """Text arriving in pieces of any size (str, or UTF-8 bytes cut anywhere), tokenized
-    as one text: each piece is tokenized up to its last word end, as ``text_chunks`` cuts,
-    and the unfinished tail waits for more text or ``finish()``."""
+    as one text: the pieces go through a :class:`WordCutter`, as ``text_chunks`` cuts a
+    file, and its held text waits for more text or ``finish()``."""
 
     def __init__(self, tokenizer: Tokenizer, tail: str = "", pending: bytes = b"") -> None:
         self._tokenizer = tokenizer
-        self.tail = tail  # text after the last word end, not tokenized yet
+        self._cutter = WordCutter(tail)
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._decoder.setstate((pending, 0))
+
+    @property
+    def tail(self) -> str:
+        """Text after the last cut, not tokenized yet (at most ``MAX_WORD_CHARS``
+        characters): ``TextStream(tokenizer, tail, pending)`` goes on as this one does."""
+        return self._cutter.held
 
     @property
     def pending(self) -> bytes:
@@ -224,24 +328,20 @@ class TextStream:
         return self._decoder.getstate()[0]
 
     def feed(self, piece: str | bytes) -> np.ndarray:
-        """Token ids of the words this piece completes. A piece that is not text raises
+        """Token ids of the chunks this piece completes. A piece that is not text raises
         InputError and changes nothing."""
-        text = self.tail + self._decode(piece)
-        cut = _last_word_end(text)
-        self.tail = text[cut:]
-        return self._encode(text[:cut])
+        return _encode_chunks(self._cutter.push(self._decode(piece)), self._tokenizer)
 
     def peek(self) -> np.ndarray:
         """Token ids of the tail as if the text ended here; changes nothing."""
-        return self._encode(self.tail)
+        return _encode_chunks(WordCutter(self.tail).finish(), self._tokenizer)
 
     def finish(self) -> np.ndarray:
         """Token ids of the tail: the text ends here."""
         if self.pending:
             raise InputError(f"the text ends inside a UTF-8 character (bytes "
                              f"{self.pending.hex(' ')}); send the rest of the character")
-        ids, self.tail = self._encode(self.tail), ""
-        return ids
+        return _encode_chunks(self._cutter.finish(), self._tokenizer)
 
     def _decode(self, piece: str | bytes) -> str:
         if isinstance(piece, str):
@@ -262,12 +362,6 @@ class TextStream:
             where = f"at offset {offset}" if offset >= 0 else "in a character begun before it"
             raise InputError(f"the piece is not UTF-8 text (byte 0x{raw[error.start]:02x} "
                              f"{where}); send UTF-8") from None
-
-    def _encode(self, text: str) -> np.ndarray:
-        if not text:
-            return np.zeros(0, dtype=np.int64)
-        return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids,
-                          dtype=np.int64)
 
 
 #: A document: text, a text file, a binary stream, or token ids.

@@ -1,5 +1,6 @@
-"""Input to token ids: chunked reading equals whole-text tokenization, input errors are
-one-line InputErrors, and the spooled and in-memory sources agree."""
+"""Input to token ids: chunked reading equals whole-text tokenization, in linear time and
+fixed memory whatever the text holds; input errors are one-line InputErrors, and the
+spooled and in-memory sources agree."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import dataclasses
 import io
 import os
 import random
+import sys
 import tempfile
+import time
+import unicodedata
 
 import numpy as np
 import pytest
@@ -15,14 +19,18 @@ from tokenizers import Tokenizer
 
 from rmt_deploy.errors import InputError
 from rmt_deploy.model.checkpoint import load_checkpoint
+from rmt_deploy.runtime import tokens
 from rmt_deploy.runtime.tokens import (
+    MAX_WORD_CHARS,
     ArraySource,
     SpooledSource,
     TextStream,
+    WordCutter,
     spool_file,
     text_chunks,
     text_source,
     tokenize_chunks,
+    word_chunks,
 )
 
 CHUNK_SIZES = (1, 2, 3, 7, 64, 1 << 20)
@@ -131,7 +139,155 @@ def test_a_long_word_across_many_blocks_stays_whole(decoder_side):
     assert chunked_ids(text, tokenizer, 4) == whole_ids(text, tokenizer)
 
 
-# -- input errors -------------------------------------------------------------------------
+# -- long runs without a word end --------------------------------------------------------
+
+
+def is_break(char: str) -> bool:
+    """Whitespace tokenizers split at: not the controls BERT deletes, joining words."""
+    return char.isspace() and (char in "\t\n\r" or unicodedata.category(char) != "Cc")
+
+
+def test_words_end_at_every_break_and_only_there():
+    whitespace = "".join(filter(str.isspace, map(chr, range(sys.maxunicode + 1))))
+    assert len(whitespace) > 20
+    for char in whitespace:
+        expected = ["a"] if is_break(char) else []
+        assert WordCutter().push(f"a{char}b") == expected, hex(ord(char))
+        assert WordCutter("a").push(f"{char}b") == expected, hex(ord(char))
+        assert WordCutter().push(f" {char}b") == [], hex(ord(char))  # no word before it
+
+
+def word_ends(text: str) -> list[int]:
+    return [i for i in range(1, len(text)) if is_break(text[i]) and not text[i - 1].isspace()]
+
+
+def rule_cuts(text: str, cap: int) -> list[int]:
+    """Where the documented rule cuts besides word ends: a run from the last cut to the
+    next word end longer than ``cap`` is cut at its last whitespace pair within ``cap``,
+    else after ``cap`` characters."""
+    cuts, start = [], 0
+    for end in [*word_ends(text), len(text)]:
+        while end - start > cap:
+            pairs = [i for i in range(start + 1, start + cap + 1)
+                     if text[i - 1].isspace() and text[i].isspace()]
+            start = pairs[-1] if pairs else start + cap
+            cuts.append(start)
+        start = end
+    return cuts
+
+
+def cuts_off_word_ends(chunks: list[str], text: str) -> list[int]:
+    assert "".join(chunks) == text
+    assert all(chunks)
+    ends = set(word_ends(text))
+    positions = np.cumsum([len(chunk) for chunk in chunks[:-1]]).tolist()
+    return [p for p in positions if p not in ends]
+
+
+def random_pieces(rng: random.Random, text: str) -> list[str]:
+    cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 30))))
+    return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_long_runs_are_cut_where_the_text_says_however_it_is_pushed(monkeypatch, seed):
+    monkeypatch.setattr(tokens, "MAX_WORD_CHARS", 8)
+    rng = random.Random(seed)
+    for _ in range(30):
+        runs = [rng.choice("ab \t\n\x0c\u3000") * rng.choice([1, 1, 2, 5, 9, 17, 30])
+                for _ in range(rng.randint(1, 12))]
+        text = "".join(runs)
+        expected = rule_cuts(text, 8)
+        for pieces in ([text], list(text), random_pieces(rng, text)):
+            chunks = list(word_chunks(pieces))
+            assert cuts_off_word_ends(chunks, text) == expected, (text, pieces)
+            assert max(len(chunk) for chunk in chunks) <= 2 * 8  # held + one slice
+
+
+def test_normal_text_is_only_cut_at_word_ends(side):
+    _, _, word = side
+    text = random_text(random.Random(3), word, 300)
+    pieces = random_pieces(random.Random(4), text)
+    assert cuts_off_word_ends(list(word_chunks(pieces)), text) == []
+
+
+def test_held_text_stays_bounded(decoder_side):
+    # a run without a word end: a long word, spaces, control spaces between words
+    tokenizer, _ = decoder_side
+    for run in ("x" * 300_000, " " * 300_000, "ab\x0c" * 100_000):
+        stream = TextStream(tokenizer)
+        longest = 0
+        for start in range(0, len(run), 4096):
+            stream.feed(run[start : start + 4096])
+            longest = max(longest, len(stream.tail))
+        assert longest <= MAX_WORD_CHARS
+
+
+def giant_text() -> str:
+    return ("w1 w2 " + "x" * (2 * MAX_WORD_CHARS + 123) + " w3" + " " * (3 * MAX_WORD_CHARS)
+            + "w4\n" + "\t " * MAX_WORD_CHARS + "w5 " + "y" * (MAX_WORD_CHARS + 1) + "\n")
+
+
+def test_giant_words_read_the_same_from_a_str_a_file_and_a_stream(side, spool_dir):
+    tokenizer, config, _ = side
+    text = giant_text()
+    expected = all_ids(text_source(text, tokenizer, config))
+    for chunk_bytes in (4096, 7777, 1 << 20):
+        with SpooledSource(tokenize_chunks(text_chunks(io.BytesIO(text.encode()), "t",
+                                                       chunk_bytes), tokenizer),
+                           config) as source:
+            np.testing.assert_array_equal(all_ids(source), expected)
+    for size in (1000, 50_000, len(text)):
+        stream = TextStream(tokenizer)
+        ids = [stream.feed(text[i : i + size]) for i in range(0, len(text), size)]
+        np.testing.assert_array_equal(np.concatenate([*ids, stream.finish()]), expected)
+
+
+def test_a_stream_rebuilt_from_its_tail_goes_on_the_same(decoder_side):
+    tokenizer, _ = decoder_side
+    data = giant_text().encode()
+    stream = TextStream(tokenizer)
+    expected = np.concatenate([stream.feed(data), stream.finish()])
+    stream, ids = TextStream(tokenizer), []
+    for start in range(0, len(data), 9999):  # pieces cut inside characters, too
+        ids.append(stream.feed(data[start : start + 9999]))
+        stream = TextStream(tokenizer, stream.tail, stream.pending)
+    np.testing.assert_array_equal(np.concatenate([*ids, stream.finish()]), expected)
+
+
+def best_time(read, repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        read()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def feed_in_pieces(tokenizer: Tokenizer, text: str, size: int = 1024) -> None:
+    stream = TextStream(tokenizer)
+    for start in range(0, len(text), size):
+        stream.feed(text[start : start + size])
+    stream.finish()
+
+
+@pytest.mark.parametrize("run", ["x", " ", "ab\x0c", "w1 "])
+def test_reading_takes_linear_time_whatever_the_text(decoder_side, run):
+    # 4x the text must take about 4x the time (a quadratic read takes 16x)
+    tokenizer, _ = decoder_side
+
+    def read(n: int) -> float:
+        text = run * (n // len(run)) + "w1"
+        data = text.encode()
+        chunked = best_time(lambda: sum(1 for _ in text_chunks(io.BytesIO(data), "t")))
+        streamed = best_time(lambda: feed_in_pieces(tokenizer, text[: n // 4]))
+        return chunked + streamed
+
+    small, large = read(1 << 18), read(1 << 20)
+    print(f"{run!r}: {small:.3f} s, 4x the text {large:.3f} s")
+    assert large < 7 * small + 0.05, (small, large)
+
+
 
 
 def read_all(data: bytes, chunk_bytes: int = 64) -> list[str]:
