@@ -58,10 +58,10 @@ def segments_per_second(model: RMTModel, batch: int, segments: int = 200) -> flo
 
 def tensorrt_checks(folder: Path, checkpoint: Path, options: AuthorsOptions,
                     samples: int, demo: bool) -> dict:
+    from rmt_deploy.contract import BatchProfile
     from rmt_deploy.export.tensorrt_build import EngineOptions, build_engines
     from rmt_deploy.runtime import open_model
     from rmt_deploy.runtime.backends.tensorrt import TensorRTEngine
-    from rmt_deploy.contract import BatchProfile
 
     export = export_checkpoint(checkpoint, folder, ExportOptions(authors=options))
     manifest = build_engines(export.folder, EngineOptions(batch=BatchProfile(1, 8, 8),

@@ -36,7 +36,7 @@ from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput, encoder_out
 from rmt_deploy.runtime.scoring import PerplexityMeter
 from rmt_deploy.runtime.state import pack, unpack
 from rmt_deploy.runtime.stepper import Stepper
-from rmt_deploy.runtime.tokens import ArraySource, TextStream
+from rmt_deploy.runtime.tokens import ArraySource, TextStream, check_tokenizer_ids
 from rmt_deploy.segmentation import count_segments, strip_special, usable_tokens
 from rmt_deploy.spec import RMTConfig
 
@@ -322,7 +322,9 @@ class StreamSession:
         return source.tokens(0, len(source))
 
     def _clean(self, ids: np.ndarray) -> np.ndarray:
-        """Special tokens stripped, cut to what ``max_n_segments`` leaves room for."""
+        """Checked against the vocabulary, special tokens stripped, cut to what
+        ``max_n_segments`` leaves room for."""
+        check_tokenizer_ids(ids, self.config)
         ids = strip_special(ids, self.config)
         return ids[: usable_tokens(self._tokens + len(ids), self.config) - self._tokens]
 

@@ -112,9 +112,9 @@ def fake_gpu(monkeypatch):
 
 def test_builds_fp16_plans_with_one_profile_and_records_them(fake_gpu, tmp_path,
                                                              decoder_checkpoint):
+    from rmt_deploy.contract import BatchProfile
     from rmt_deploy.export.pipeline import ExportOptions, export_checkpoint
     from rmt_deploy.export.tensorrt_build import EngineOptions, build_engines
-    from rmt_deploy.contract import BatchProfile
 
     folder = export_checkpoint(decoder_checkpoint, tmp_path / "dec",
                                ExportOptions(precision="fp16", drift_segments=4)).folder
