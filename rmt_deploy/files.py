@@ -59,6 +59,8 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # another user's process
         return True
+    except OverflowError:  # too large to be a pid: not ours to judge, so kept
+        return True
     return True
 
 
@@ -72,16 +74,20 @@ def remove_leftovers(path: str | Path, tags: tuple[str, ...]) -> None:
     """Remove the hidden siblings of ``path`` with one of ``tags`` left by dead processes;
     nothing else is touched."""
     path = Path(path)
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        for sibling in path.parent.iterdir():
-            match = _HIDDEN.fullmatch(sibling.name)
-            if (match is None or match["name"] != path.name or match["tag"] not in tags
-                    or _alive(int(match["pid"]))):
-                continue
-            if sibling.is_dir() and not sibling.is_symlink():
-                shutil.rmtree(sibling, ignore_errors=True)
-            else:
-                sibling.unlink(missing_ok=True)
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:  # best effort: a folder that cannot be listed keeps its leftovers
+        return
+    for sibling in siblings:
+        match = _HIDDEN.fullmatch(sibling.name)
+        if (match is None or match["name"] != path.name or match["tag"] not in tags
+                or _alive(int(match["pid"]))):
+            continue
+        if sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):  # another user's, say
+                sibling.unlink()
 
 
 @contextlib.contextmanager

@@ -573,6 +573,7 @@ def test_work_left_by_a_killed_export_is_removed_and_nothing_else(tmp_path):
     kept = [f".out.partial-{alive}-0123456789ab",  # a live process's
             f".other.partial-{gone}-0123456789ab",  # another folder's
             f".out.partial-{gone}-notours", f".out.partial-{gone}", "out.partial-1-0123456789ab",
+            f".out.partial-{10**30}-0123456789ab",  # no such pid can exist
             f".out.tmp-{gone}-0123456789ab"]  # a file's, not a folder's
     for name in stale + kept:
         (exports / name).mkdir()
