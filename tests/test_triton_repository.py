@@ -124,6 +124,20 @@ def test_rewrite_replaces_only_its_model(encoder_export, decoder_export, tmp_pat
         decoder_export).config.vocab_size
 
 
+def test_a_folder_rmt_triton_did_not_write_is_never_replaced(encoder_export, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    assert rmt_triton(tmp_path, "--model", encoder_export, "--name", "m").exit_code == 0
+    (tmp_path / "m" / "1" / "mine.txt").write_text("keep me too")
+    for name, words in (("notes", "is not a model folder written by rmt-triton"),
+                        ("m", "holds 1/mine.txt, which rmt-triton did not write")):
+        result = rmt_triton(tmp_path, "--model", encoder_export, "--name", name)
+        assert result.exit_code == 1 and words in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    assert (tmp_path / "m" / "1" / "mine.txt").read_text() == "keep me too"
+
+
 # The sequence store, driven directly.
 
 def segments_of(ids, config):

@@ -1,4 +1,4 @@
-"""Turning step logits into results: encoder scores, decoder perplexity, greedy tokens."""
+"""Turning step logits into results: softmax scores and decoder perplexity."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rmt_deploy.contract import STEP
 from rmt_deploy.errors import ConfigError, ManifestError
+from rmt_deploy.export.folder import foreign_files
 from rmt_deploy.files import atomic_folder, sha256_file
 from rmt_deploy.manifest import MANIFEST_NAME, Manifest, graph_key, read_manifest
 from rmt_deploy.serving.config import (
@@ -18,6 +19,7 @@ from rmt_deploy.serving.config import (
     config_text,
     model_config,
 )
+from rmt_deploy.serving.identity import MODEL_ID_PARAMETER
 
 #: The python-backend model, copied into the repository as ``1/model.py``.
 PYTHON_MODEL = Path(__file__).with_name("python_model.py")
@@ -29,7 +31,8 @@ def write_repository(repo: str | Path, export: str | Path, options: ServingOptio
     model folder."""
     manifest = read_manifest(export)
     target = Path(repo) / options.name
-    with atomic_folder(target) as stage:
+    _check_replaceable(target)
+    with atomic_folder(target, check=lambda: _check_replaceable(target)) as stage:
         version = stage / "1"
         version.mkdir()
         if options.backend == "python":
@@ -49,6 +52,37 @@ def write_repository(repo: str | Path, export: str | Path, options: ServingOptio
             _write_initial_state(manifest, stage / "initial_state" / INITIAL_STATE_FILE)
         (stage / "config.pbtxt").write_text(config_text(config))
     return target
+
+
+#: What a model folder written by rmt-triton holds, besides the export in 1/export/.
+_ENTRY_FILES = {"config.pbtxt", "1/model.py", "1/model.onnx", "1/model.plan",
+                f"initial_state/{INITIAL_STATE_FILE}"}
+
+
+def _check_replaceable(target: Path) -> None:
+    """Refuse to replace ``target`` unless it is a model folder rmt-triton wrote, holding
+    nothing else."""
+    if not target.exists():
+        return
+    if not target.is_dir() or target.is_symlink():
+        raise ConfigError(f"{target}: exists and is not a model folder; pick another --name")
+    config = target / "config.pbtxt"
+    if not config.is_file() or MODEL_ID_PARAMETER not in config.read_text(errors="replace"):
+        raise ConfigError(f"{target}: is not a model folder written by rmt-triton; pick "
+                          "another --name or move it away")
+    export = target / "1" / EXPORT_FOLDER
+    foreign = [f"1/{EXPORT_FOLDER}/{name}" for name in foreign_files(export)] \
+        if export.is_dir() else []
+    for path in target.rglob("*"):
+        relative = path.relative_to(target).as_posix()
+        if path.is_file() and relative not in _ENTRY_FILES and not relative.startswith(
+                f"1/{EXPORT_FOLDER}/"):
+            foreign.append(relative)
+    if foreign:
+        raise ConfigError(f"{target}: holds {', '.join(sorted(foreign)[:3])}"
+                          f"{f' +{len(foreign) - 3} more' if len(foreign) > 3 else ''}, "
+                          "which rmt-triton did not write; move them out or pick another "
+                          "--name")
 
 
 def _graph_key(manifest: Manifest, precision: str) -> str:

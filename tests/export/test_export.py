@@ -202,16 +202,16 @@ def test_manifest_hashes_are_checked_on_read(encoder_export, tmp_path):
 
 
 def test_closed_loop_validation_runs_the_recorded_number_of_segments(encoder_checkpoint):
-    from rmt_deploy.export.validate import compare
-
     from engines import CountingEngine
+
+    from rmt_deploy.export.validate import compare
 
     rmt = load_checkpoint(encoder_checkpoint).rmt
     reference = TorchEngine(rmt, threads=1)
     counting = CountingEngine(TorchEngine(rmt, threads=1))
     results = compare(reference, counting, reference.initial_memory(), 32)
     assert results["segments"] == 32
-    assert counting.counts["steps"] >= 2 * 32  # open and closed loop each step through >= 32 segments
+    assert counting.counts["steps"] >= 2 * 32  # open and closed loop: >= 32 segments each
     assert {1, 3} <= set(counting.batches)  # batches of one and three rows
     for mode in ("open_loop", "closed_loop"):  # the same engine: no error at all
         assert set(results[mode]["max_abs"]) == {"logits", "memory_out"}

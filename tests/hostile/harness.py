@@ -33,11 +33,9 @@ import torch
 from conftest import make_encoder, write_bert_folder
 
 BIN = Path(sys.executable).parent
-#: ORT_DISABLE_TELEMETRY: onnxruntime's telemetry otherwise keeps a session file (.ses)
-#: in TMPDIR, which is not rmt-deploy's to remove.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8",
-       "ORT_DISABLE_TELEMETRY": "1"}
-ENV.pop("RMT_DEBUG", None)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+for _name in ("RMT_DEBUG", "ORT_DISABLE_TELEMETRY"):  # rmt-deploy sets the latter itself
+    ENV.pop(_name, None)
 #: 25 words of the tiny encoder's vocabulary: 3 segments.
 TEXT = " ".join(f"w{(7 * i) % 45}" for i in range(25)) + "\n"
 #: 3,000 segments: a run that takes a few seconds, long enough to be interrupted.
