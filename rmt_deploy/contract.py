@@ -24,6 +24,7 @@ LOGITS = "logits"
 
 # Graph variants.
 STEP = "step"  # reads a segment, writes the memory, returns the logits
+WRITE = "write"  # the step without its head: the memory only (segments nobody reads)
 READ = "read"  # decoders: [memory ; tokens] without write slots, logits only (generation)
 
 # Dynamic axes.
@@ -103,7 +104,7 @@ class BatchProfile:
 
 def variant_names(config: RMTConfig) -> tuple[str, ...]:
     """The variants an RMT of this config is exported as, the step first."""
-    return (STEP,) if config.is_encoder else (STEP, READ)
+    return (STEP, WRITE) if config.is_encoder else (STEP, WRITE, READ)
 
 
 def variants(config: RMTConfig) -> dict[str, Variant]:
@@ -127,8 +128,9 @@ def variant(config: RMTConfig, name: str) -> Variant:
     else:
         logits = Tensor(LOGITS, "float32", (BATCH, positions, config.vocab_size))
     memory = Tensor(MEMORY_OUT, "float32", (BATCH, m, h))
-    files = {STEP: ("model.onnx", "model.plan"), READ: ("generate.onnx", "generate.plan")}
-    outputs = (logits,) if name == READ else (logits, memory)
+    files = {STEP: ("model.onnx", "model.plan"), WRITE: ("write.onnx", "write.plan"),
+             READ: ("generate.onnx", "generate.plan")}
+    outputs = {STEP: (logits, memory), WRITE: (memory,), READ: (logits,)}[name]
     return Variant(name, *files[name], inputs, outputs)
 
 

@@ -13,6 +13,7 @@ from rmt_deploy.contract import (
     MEMORY_OUT,
     READ,
     STEP,
+    WRITE,
     BatchProfile,
     check_feed,
     profile_shapes,
@@ -33,8 +34,8 @@ def decoder_config():
 
 
 def test_variants_of_each_kind(encoder_config, decoder_config):
-    assert variant_names(encoder_config) == (STEP,)
-    assert variant_names(decoder_config) == (STEP, READ)
+    assert variant_names(encoder_config) == (STEP, WRITE)
+    assert variant_names(decoder_config) == (STEP, WRITE, READ)
     with pytest.raises(ConfigError, match="has no 'read' graph"):
         variant(encoder_config, READ)
 
@@ -50,6 +51,14 @@ def test_encoder_step_tensors(encoder_config):
     assert step.dynamic_axes() == {INPUT_IDS: {0: "batch"}, ATTENTION_MASK: {0: "batch"},
                                    MEMORY_IN: {0: "batch"}, LOGITS: {0: "batch"},
                                    MEMORY_OUT: {0: "batch"}}
+
+
+def test_the_write_variant_returns_the_memory_only(encoder_config, decoder_config):
+    for config in (encoder_config, decoder_config):
+        write, step = variant(config, WRITE), variant(config, STEP)
+        assert write.inputs == step.inputs and write.outputs == step.outputs[1:]
+        assert write.writes_memory and (write.file, write.plan_file) == ("write.onnx",
+                                                                         "write.plan")
 
 
 def test_decoder_read_has_no_memory_out(decoder_config):

@@ -12,7 +12,7 @@ import numpy as np
 
 from rmt_deploy.contract import ATTENTION_MASK, INPUT_IDS, MEMORY_IN
 from rmt_deploy.runtime.backends.base import EngineState, StepEngine
-from rmt_deploy.runtime.loop import run_segments
+from rmt_deploy.runtime.loop import never, run_segments
 from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.runtime.tokens import TokenSource
 
@@ -116,7 +116,7 @@ def collect_steps(engine: StepEngine, initial_memory: np.ndarray,
             for row in range(len(group)):
                 stepper.add(row, initial_memory)
             run_segments(stepper, group, _sampling_callback(recorder, reservoir, len(group)),
-                         wants_logits=lambda _active: False)
+                         wants_logits=never)
     kept = sorted(reservoir.kept, key=lambda record: record[3])
     return CalibrationSteps(
         np.stack([r[0] for r in kept]).astype(np.int64),

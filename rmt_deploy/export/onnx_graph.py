@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmt_deploy.contract import READ, variant
-from rmt_deploy.model.decoder import DecoderReadStep
+from rmt_deploy.contract import READ, STEP, WRITE, variant
+from rmt_deploy.model.base import StepVariant
 from rmt_deploy.segmentation import content_id_range, step_inputs
 
 DEFAULT_OPSET = 17  # LayerNormalization is one node from 17 on
@@ -36,7 +36,7 @@ def export_graph(rmt: torch.nn.Module, path: Path, graph: str,
     """Write variant ``graph`` of the step contract to ``path``, its tensor names and
     dynamic axes as the contract declares them."""
     contract = variant(rmt.rmt_config, graph)
-    module = DecoderReadStep(rmt) if graph == READ else rmt
+    module = StepVariant(rmt, {STEP: "forward", WRITE: "write", READ: "read"}[graph])
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer notes on Python-side shape arithmetic
         torch.onnx.export(

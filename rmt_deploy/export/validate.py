@@ -4,6 +4,7 @@ given the reference memory) and closed loop (each side feeding back its own memo
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from rmt_deploy.contract import WRITE
 from rmt_deploy.errors import ValidationError
 from rmt_deploy.runtime.backends.base import EngineState, StepEngine
-from rmt_deploy.runtime.loop import run_segments
+from rmt_deploy.runtime.loop import every_step, never, run_segments
 from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.runtime.tokens import ArraySource, TokenSource
 from rmt_deploy.segmentation import content_id_range, count_segments
@@ -47,8 +49,9 @@ class ErrorStats:
         error = float(np.max(np.abs(expected - actual)[finite], initial=0.0))
         self.max_abs[name] = max(self.max_abs.get(name, 0.0), error)
 
-    def update_memory(self, expected: np.ndarray, actual: np.ndarray) -> None:
-        self.update("memory_out", expected, actual)
+    def update_memory(self, expected: np.ndarray, actual: np.ndarray,
+                      name: str = "memory_out") -> None:
+        self.update(name, expected, actual)
         a, b = expected.astype(np.float64), actual.astype(np.float64)
         finite = (np.isfinite(a) & np.isfinite(b)).all(-1)
         a, b = a[finite], b[finite]
@@ -120,10 +123,18 @@ class _PairedState(EngineState):
         return np.concatenate([self.reference.memory(), self.candidate.memory()], axis=-1)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-             logits: bool = True) -> np.ndarray:
+             logits: bool = True) -> np.ndarray | None:
+        """The step of both sides; with ``logits=False`` the candidate runs its write
+        graph and only the memory is compared (as ``write_memory_out``)."""
         paired, stats = self._paired, self._paired.stats
         if not paired.closed_loop:
             self.candidate.load(self.reference.memory())
+        if not logits:
+            self.reference.step(input_ids, attention_mask)
+            self.candidate.step(input_ids, attention_mask, logits=False)
+            stats.update_memory(self.reference.memory(), self.candidate.memory(),
+                                "write_memory_out")
+            return None
         if not paired.config.is_encoder:
             stats.update("read_logits", self.reference.read(input_ids, attention_mask),
                          self.candidate.read(input_ids, attention_mask))
@@ -164,7 +175,9 @@ def compare(reference: StepEngine, candidate: StepEngine, initial_memory: np.nda
             batches: Sequence[Sequence[TokenSource]] | None = None) -> dict[str, Any]:
     """Open- and closed-loop errors of ``candidate`` against ``reference``, over
     ``batches`` of documents (default: :func:`validation_batches` of ``segments``);
-    ``segments`` in the result is the longest run's."""
+    ``segments`` in the result is the longest run's. Where the candidate has a write
+    graph, each mode runs the documents twice: through its step graph, then through its
+    write graph (``write_memory_out``)."""
     config = reference.config
     if batches is None:
         batches = [[ArraySource(d, config) for d in docs]
@@ -174,13 +187,14 @@ def compare(reference: StepEngine, candidate: StepEngine, initial_memory: np.nda
                        for sources in batches for source in sources)
     results = {}
     both = np.concatenate([initial_memory] * 2, axis=-1)
+    passes = [every_step] + ([never] if WRITE in candidate.graphs else [])
     for mode in modes:
         paired = _Paired(reference, candidate, closed_loop=mode == "closed_loop")
-        for sources in batches:
+        for wants_logits, sources in itertools.product(passes, batches):
             with Stepper(paired) as stepper:
                 for row in range(len(sources)):
                     stepper.add(row, both)
-                run_segments(stepper, sources, lambda *args: None)
+                run_segments(stepper, sources, lambda *args: None, wants_logits=wants_logits)
         results[mode] = paired.stats.to_dict()
     results["segments"] = segments
     results["batches"] = [len(sources) for sources in batches]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import transformers
 
 from rmt_deploy.errors import CheckpointError
@@ -36,3 +37,16 @@ def build_encoder_base(config: transformers.PretrainedConfig) -> transformers.Pr
 def build_decoder_base(config: transformers.PretrainedConfig) -> transformers.PreTrainedModel:
     """A causal language model (GPT-2) with random weights."""
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION)
+
+
+class StepVariant(torch.nn.Module):
+    """One method of an RMT (``forward``, ``write``, ``read``) as a module of its own, for
+    export: ``forward(input_ids, attention_mask, memory)`` calls it."""
+
+    def __init__(self, rmt: torch.nn.Module, method: str) -> None:
+        super().__init__()
+        self.rmt, self.method = rmt, method
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                memory: torch.Tensor):
+        return getattr(self.rmt, self.method)(input_ids, attention_mask, memory)

@@ -31,14 +31,13 @@ class DecoderRMT(nn.Module):
         """The learned initial memory, repeated over the batch."""
         return self.memory.unsqueeze(0).expand(batch_size, -1, -1)
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, memory: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _segment(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 memory: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The base model's inputs for ``[memory ; tokens ; memory]``."""
         m = self.rmt_config.num_mem_tokens
         batch, length = input_ids.shape
         tokens = self.model.get_input_embeddings()(input_ids)
         memory = memory.to(tokens.dtype)
-        embeds = torch.cat([memory, tokens, memory], dim=1)
         slots = torch.arange(m, device=input_ids.device)
         lengths = attention_mask.sum(dim=1, keepdim=True)
         positions = torch.cat(
@@ -50,14 +49,25 @@ class DecoderRMT(nn.Module):
             dim=1,
         )
         ones = torch.ones(batch, m, dtype=attention_mask.dtype, device=attention_mask.device)
-        out = self.model(
-            inputs_embeds=embeds,
-            attention_mask=torch.cat([ones, attention_mask, ones], dim=1),
-            position_ids=positions,
-            output_hidden_states=True,
-            use_cache=False,
-        )
+        return {"inputs_embeds": torch.cat([memory, tokens, memory], dim=1),
+                "attention_mask": torch.cat([ones, attention_mask, ones], dim=1),
+                "position_ids": positions, "use_cache": False}
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, memory: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        m, length = self.rmt_config.num_mem_tokens, input_ids.shape[1]
+        out = self.model(**self._segment(input_ids, attention_mask, memory),
+                         output_hidden_states=True)
         return out.logits[:, m : m + length], out.hidden_states[-1][:, m + length :]
+
+    def write(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, memory: torch.Tensor
+    ) -> torch.Tensor:
+        """The new memory alone: the step without the LM head."""
+        m, length = self.rmt_config.num_mem_tokens, input_ids.shape[1]
+        out = self.model.base_model(**self._segment(input_ids, attention_mask, memory))
+        return out.last_hidden_state[:, m + length :]
 
     def read(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, memory: torch.Tensor
@@ -76,16 +86,3 @@ class DecoderRMT(nn.Module):
             use_cache=False,
         )
         return out.logits[:, m:]
-
-
-class DecoderReadStep(nn.Module):
-    """``DecoderRMT.read`` as a module of its own, for export."""
-
-    def __init__(self, rmt: DecoderRMT) -> None:
-        super().__init__()
-        self.rmt = rmt
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, memory: torch.Tensor
-    ) -> torch.Tensor:
-        return self.rmt.read(input_ids, attention_mask, memory)

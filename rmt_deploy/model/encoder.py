@@ -29,16 +29,31 @@ class EncoderRMT(nn.Module):
         memory = self.model.get_input_embeddings().weight[ids]
         return memory.unsqueeze(0).expand(batch_size, -1, -1)
 
+    def _embeds(self, input_ids: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        m = self.rmt_config.num_mem_tokens
+        embeds = self.model.get_input_embeddings()(input_ids)
+        return torch.cat([embeds[:, :1], memory.to(embeds.dtype), embeds[:, 1 + m :]], dim=1)
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, memory: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.rmt_config.num_mem_tokens
-        embeds = self.model.get_input_embeddings()(input_ids)
-        embeds = torch.cat([embeds[:, :1], memory.to(embeds.dtype), embeds[:, 1 + m :]], dim=1)
         out = self.model(
-            inputs_embeds=embeds,
+            inputs_embeds=self._embeds(input_ids, memory),
             attention_mask=attention_mask,
             token_type_ids=torch.zeros_like(input_ids),
             output_hidden_states=True,
         )
         return out.logits, out.hidden_states[-1][:, 1 : 1 + m]
+
+    def write(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, memory: torch.Tensor
+    ) -> torch.Tensor:
+        """The new memory alone: the step without the classifier."""
+        m = self.rmt_config.num_mem_tokens
+        out = self.model.base_model(
+            inputs_embeds=self._embeds(input_ids, memory),
+            attention_mask=attention_mask,
+            token_type_ids=torch.zeros_like(input_ids),
+        )
+        return out.last_hidden_state[:, 1 : 1 + m]

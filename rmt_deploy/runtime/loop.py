@@ -24,6 +24,11 @@ def every_step(_active: list[tuple[int, int, int]]) -> bool:
     return True
 
 
+def never(_active: list[tuple[int, int, int]]) -> bool:
+    """No step's logits are read (only the memory: write graphs run where there are)."""
+    return False
+
+
 def last_segments(active: list[tuple[int, int, int]]) -> bool:
     """Only steps where some row reads its last segment (encoders: the classifier)."""
     return any(index == count - 1 for _, index, count in active)

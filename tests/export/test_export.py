@@ -20,12 +20,13 @@ from conftest import make_decoder, make_encoder, write_bert_folder, write_gpt2_f
 from tokenizers import Tokenizer
 
 import rmt_deploy
+from rmt_deploy.contract import READ, STEP, WRITE, variants
 from rmt_deploy.errors import ManifestError, RmtError, ValidationError
 from rmt_deploy.export.pipeline import ExportOptions, default_output, export_checkpoint
 from rmt_deploy.export.validate import Tolerance
 from rmt_deploy.manifest import read_manifest
+from rmt_deploy.model.base import StepVariant
 from rmt_deploy.model.checkpoint import AuthorsOptions, load_checkpoint, save_checkpoint
-from rmt_deploy.model.decoder import DecoderReadStep
 from rmt_deploy.runtime import RMTModel, open_model
 from rmt_deploy.runtime.backends.torch import TorchEngine
 from rmt_deploy.runtime.tokens import plain_tokenizer
@@ -38,7 +39,7 @@ torch.set_num_threads(1)  # a training job shares this machine's two cores
 FAST = ExportOptions(validation_segments=3, threads=1)
 FAILING = ExportOptions(tolerance=Tolerance(open_loop=1e-30, closed_loop=1e-30),
                         validation_segments=2, threads=1)
-ENCODER_FILES = {"model.onnx", "rmt.json", "memory_init.npy", "tokenizer.json"}
+ENCODER_FILES = {"model.onnx", "write.onnx", "rmt.json", "memory_init.npy", "tokenizer.json"}
 DECODER_FILES = ENCODER_FILES | {"generate.onnx"}
 LABELS = ("a", "b", "c")
 
@@ -128,7 +129,8 @@ def test_export_folder_and_manifest(variant, request):
 
     # tensor names and shapes: batch dynamic; decoder tokens dynamic, encoder positions fixed
     graphs = data["graphs"]
-    assert set(graphs) == ({"step"} if variant == "encoder" else {"step", "read"})
+    assert set(graphs) == ({"step", "write"} if variant == "encoder"
+                           else {"step", "write", "read"})
     positions = config.input_size if variant == "encoder" else "tokens"
     ids_shape = ["batch", positions]
     logits_shape = (["batch", len(config.labels)] if variant == "encoder"
@@ -142,6 +144,9 @@ def test_export_folder_and_manifest(variant, request):
     assert step["outputs"] == [
         {"name": "logits", "dtype": "float32", "shape": logits_shape},
         {"name": "memory_out", "dtype": "float32", "shape": ["batch", m, h]}]
+    write = graphs["write"]
+    assert write["file"] == "write.onnx"
+    assert write["inputs"] == step["inputs"] and write["outputs"] == step["outputs"][1:]
     if variant == "decoder":
         read = graphs["read"]
         assert read["file"] == "generate.onnx"
@@ -178,7 +183,8 @@ def test_export_folder_and_manifest(variant, request):
     assert results["runtime"] == f"onnxruntime {ort.__version__}"
     tolerance = results["tolerance"]
     assert tolerance == {"open_loop": 1e-4, "closed_loop": 1e-3}
-    outputs = {"logits", "memory_out"} | ({"read_logits"} if variant == "decoder" else set())
+    outputs = {"logits", "memory_out", "write_memory_out"} | (
+        {"read_logits"} if variant == "decoder" else set())
     for mode in ("open_loop", "closed_loop"):
         errors = results[mode]["max_abs"]
         assert set(errors) == outputs, mode
@@ -241,9 +247,9 @@ def test_onnx_graphs_are_valid_and_batch_dynamic(variant, request):
     folder = request.getfixturevalue(f"{variant}_export")
     rmt = load_checkpoint(request.getfixturevalue(f"{variant}_checkpoint")).rmt
     config = rmt.rmt_config
-    files = ["model.onnx"] if variant == "encoder" else ["model.onnx", "generate.onnx"]
-    for file in files:
-        step = file == "model.onnx"
+    methods = {STEP: "forward", WRITE: "write", READ: "read"}
+    for graph, contract in variants(config).items():
+        file, names = contract.file, [t.name for t in contract.outputs]
         model = onnx.load(folder / file)
         onnx.checker.check_model(model, full_check=True)
         opsets = {entry.domain: entry.version for entry in model.opset_import}
@@ -252,17 +258,18 @@ def test_onnx_graphs_are_valid_and_batch_dynamic(variant, request):
         outputs = {value.name: dims(value) for value in model.graph.output}
         assert [value.name for value in model.graph.input] == [
             "input_ids", "attention_mask", "memory_in"]
-        assert [value.name for value in model.graph.output] == (
-            ["logits", "memory_out"] if step else ["logits"])
+        assert [value.name for value in model.graph.output] == names
         for name, shape in {**inputs, **outputs}.items():
             assert isinstance(shape[0], str) and shape[0], (file, name, shape)  # symbolic
         assert inputs["memory_in"][1:] == [config.num_mem_tokens, config.hidden_size]
         if variant == "encoder":
             assert inputs["input_ids"][1] == config.input_size
-            assert outputs["logits"][1:] == [len(config.labels)]
+            if "logits" in names:
+                assert outputs["logits"][1:] == [len(config.labels)]
         else:
             assert isinstance(inputs["input_ids"][1], str)  # tokens axis dynamic
-            assert outputs["logits"][2] == config.vocab_size
+            if "logits" in names:
+                assert outputs["logits"][2] == config.vocab_size
 
         session = ort.InferenceSession(str(folder / file), providers=["CPUExecutionProvider"])
         widths = [config.segment_size] if variant == "encoder" else [config.segment_size, 2]
@@ -275,13 +282,14 @@ def test_onnx_graphs_are_valid_and_batch_dynamic(variant, request):
                 with torch.no_grad():
                     args = (torch.from_numpy(ids), torch.from_numpy(mask),
                             torch.from_numpy(memory))
-                    want = rmt(*args) if step else (DecoderReadStep(rmt)(*args),)
-                assert len(got) == len(want) == (2 if step else 1)
+                    want = StepVariant(rmt, methods[graph])(*args)
+                want = want if isinstance(want, tuple) else (want,)
+                assert len(got) == len(want) == len(names)
                 keep = mask.astype(bool)
                 for index, (a, b) in enumerate(zip(got, want, strict=True)):
                     b = b.numpy()
                     assert a.shape == b.shape and a.shape[0] == batch
-                    if variant == "decoder" and index == 0:  # padded positions are unused
+                    if variant == "decoder" and names[index] == "logits":  # padding unused
                         a, b = a[keep], b[keep]
                     np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
                 results[batch] = (ids, mask, memory, got)
@@ -293,7 +301,8 @@ def test_onnx_graphs_are_valid_and_batch_dynamic(variant, request):
                                            "attention_mask": mask[row:row + 1, :real],
                                            "memory_in": memory[row:row + 1]})
                 for index, (a, b) in enumerate(zip(alone, got, strict=True)):
-                    b = b[row][:real] if variant == "decoder" and index == 0 else b[row]
+                    b = b[row][:real] if variant == "decoder" and names[index] == "logits" \
+                        else b[row]
                     np.testing.assert_allclose(a[0], b, atol=1e-5, rtol=0)
 
 

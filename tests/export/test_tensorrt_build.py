@@ -122,7 +122,7 @@ def test_builds_fp16_plans_with_one_profile_and_records_them(fake_gpu, tmp_path,
     manifest = build_engines(folder, EngineOptions(BatchProfile(1, 2, 4), 512, cache,
                                                    max_new_tokens=8))
     parsed = [call[1] for call in fake_gpu.calls if call[0] == "parse"]
-    assert parsed == ["model.fp16.onnx", "generate.fp16.onnx"]
+    assert parsed == ["model.fp16.onnx", "write.fp16.onnx", "generate.fp16.onnx"]
     assert ("create_network", 1) in fake_gpu.calls  # STRONGLY_TYPED
     assert ("workspace", "workspace", 512 << 20) in fake_gpu.calls
     shapes = [call for call in fake_gpu.calls if call[0] == "set_shape"]
@@ -136,6 +136,7 @@ def test_builds_fp16_plans_with_one_profile_and_records_them(fake_gpu, tmp_path,
         "10.13.0", "NVIDIA H200", "9.0")
     assert (folder / "model.plan").read_bytes() == b"plan-bytes"
     assert manifest.engines["read"]["file"] == "generate.plan"
+    assert manifest.engines["write"]["file"] == "write.plan"
     # a second build reuses the timing cache
     build_engines(folder, EngineOptions(timing_cache=cache))
     assert ("timing_cache_in", b"timing-cache") in fake_gpu.calls
@@ -172,6 +173,7 @@ def test_an_int8_export_builds_its_qdq_graph(fake_gpu, tmp_path, encoder_checkpo
     folder = export_checkpoint(encoder_checkpoint, tmp_path / "enc", ExportOptions(
         precision="int8", calibration=data, drift_segments=4, int8_policy="linear")).folder
     manifest = build_engines(folder)
-    assert [call[1] for call in fake_gpu.calls if call[0] == "parse"] == ["model.int8.onnx"]
+    assert [call[1] for call in fake_gpu.calls if call[0] == "parse"] == [
+        "model.int8.onnx", "write.int8.onnx"]
     record = manifest.engines["step"]
     assert record["precision"] == "int8" and record["source_graph"] == "model.int8.onnx"

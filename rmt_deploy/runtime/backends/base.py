@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from rmt_deploy.contract import READ, STEP, Tensor
+from rmt_deploy.contract import READ, STEP, WRITE, Tensor
 from rmt_deploy.errors import BackendError
 from rmt_deploy.manifest import Manifest, graph_key
 from rmt_deploy.spec import RMTConfig
@@ -24,7 +24,7 @@ def precision_graphs(manifest: Manifest, precision: str) -> dict[str, str]:
         available = sorted({spec.precision for spec in manifest.graphs.values()})
         raise BackendError(f"this export has no {precision} graph (it has "
                            f"{', '.join(available)}); re-export with --precision {precision}")
-    keys = {graph: graph_key(graph, precision) for graph in (STEP, READ)}
+    keys = {graph: graph_key(graph, precision) for graph in (STEP, WRITE, READ)}
     return {graph: key for graph, key in keys.items() if key in manifest.graphs}
 
 
@@ -70,7 +70,8 @@ class EngineState(ABC):
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              logits: bool = True) -> np.ndarray | None:
         """Run one segment: the memory goes in, the new memory replaces it. Returns the
-        logits on the host, or None with ``logits=False`` (nothing copied to the host)."""
+        logits on the host, or None with ``logits=False``: then the write graph runs
+        where the export has one (no head, nothing copied to the host)."""
 
     def read(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Decoders: logits of ``[memory ; tokens]`` with no write slots; the memory is left
@@ -97,6 +98,7 @@ class StepEngine(ABC):
     name: str
     config: RMTConfig
     precision: str = "fp32"
+    graphs: frozenset[str] = frozenset({STEP})  # the contract's variants it runs
 
     @abstractmethod
     def new_state(self, memory: np.ndarray) -> EngineState:

@@ -18,6 +18,7 @@ from rmt_deploy.contract import (
     MEMORY_OUT,
     READ,
     STEP,
+    WRITE,
 )
 from rmt_deploy.errors import BackendError
 from rmt_deploy.manifest import Manifest
@@ -75,6 +76,7 @@ class OnnxRuntimeEngine(StepEngine):
                 check_io(str(path), declared, {a.name: (_TYPES.get(a.type, a.type),
                                                         tuple(a.shape)) for a in actual}, kind)
             self.sessions[graph] = session
+        self.graphs = frozenset(self.sessions)
 
     def new_state(self, memory: np.ndarray) -> _State:
         state = _State(self, len(memory))
@@ -94,13 +96,15 @@ class _Binding:
         self.session = engine.sessions[graph]
         self.binding = self.session.io_binding()
         self.ids, self.mask = engine.ortvalue(shape, np.int64), engine.ortvalue(shape, np.int64)
-        logits_shape = ((shape[0], len(config.labels)) if config.is_encoder
-                        else (*shape, config.vocab_size))
-        self.logits = engine.ortvalue(logits_shape, np.float32)
         self.binding.bind_ortvalue_input(INPUT_IDS, self.ids)
         self.binding.bind_ortvalue_input(ATTENTION_MASK, self.mask)
         self.binding.bind_ortvalue_input(MEMORY_IN, memory_in)
-        self.binding.bind_ortvalue_output(LOGITS, self.logits)
+        self.logits = None
+        if graph != WRITE:
+            logits_shape = ((shape[0], len(config.labels)) if config.is_encoder
+                            else (*shape, config.vocab_size))
+            self.logits = engine.ortvalue(logits_shape, np.float32)
+            self.binding.bind_ortvalue_output(LOGITS, self.logits)
         if memory_out is not None:
             self.binding.bind_ortvalue_output(MEMORY_OUT, memory_out)
 
@@ -109,7 +113,7 @@ class _Binding:
         self.ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
         self.mask.update_inplace(np.ascontiguousarray(attention_mask, dtype=np.int64))
         self.session.run_with_iobinding(self.binding)
-        return self.logits.numpy().copy() if logits else None
+        return self.logits.numpy().copy() if logits and self.logits is not None else None
 
 
 class _State(EngineState):
@@ -125,10 +129,10 @@ class _State(EngineState):
     def _binding(self, graph: str, shape: tuple[int, int]) -> _Binding:
         key = (graph, shape[1], self._parity)
         if key not in self._bindings:
-            memory_out = self._buffers[1 - self._parity] if graph == STEP else None
+            memory_out = self._buffers[1 - self._parity] if graph != READ else None
             binding = _Binding(self._engine, graph, self._buffers[self._parity], memory_out,
                                shape)
-            if graph != STEP:  # generation reads ever longer contexts: nothing to reuse
+            if graph == READ:  # generation reads ever longer contexts: nothing to reuse
                 return binding
             self._bindings[key] = binding
         return self._bindings[key]
@@ -142,7 +146,8 @@ class _State(EngineState):
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              logits: bool = True) -> np.ndarray | None:
-        result = self._binding(STEP, input_ids.shape).run(input_ids, attention_mask, logits)
+        graph = WRITE if not logits and WRITE in self._engine.sessions else STEP
+        result = self._binding(graph, input_ids.shape).run(input_ids, attention_mask, logits)
         self._parity ^= 1
         return result
 

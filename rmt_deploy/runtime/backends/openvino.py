@@ -17,6 +17,7 @@ from rmt_deploy.contract import (
     MEMORY_OUT,
     READ,
     STEP,
+    WRITE,
 )
 from rmt_deploy.errors import BackendError
 from rmt_deploy.manifest import Manifest
@@ -79,6 +80,7 @@ class OpenVinoEngine(StepEngine):
                 check_io(str(path), declared, {p.get_any_name(): _describe(p) for p in ports},
                          kind)
             self.compiled[graph] = compiled
+        self.graphs = frozenset(self.compiled)
 
     def new_state(self, memory: np.ndarray) -> _State:
         state = _State(self, len(memory))
@@ -116,13 +118,17 @@ class _State(EngineState):
         request.set_tensor(ATTENTION_MASK,
                            ov.Tensor(np.ascontiguousarray(attention_mask, np.int64)))
         request.set_tensor(MEMORY_IN, self._buffers[self._parity])
-        if graph == STEP:
+        if graph != READ:
             request.set_tensor(MEMORY_OUT, self._buffers[1 - self._parity])
         request.infer()
         return request
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              logits: bool = True) -> np.ndarray | None:
+        if not logits and WRITE in self._requests:
+            self._run(WRITE, input_ids, attention_mask)
+            self._parity ^= 1
+            return None
         request = self._run(STEP, input_ids, attention_mask)
         self._parity ^= 1
         return np.array(request.get_tensor(LOGITS).data, dtype=np.float32) if logits else None

@@ -23,6 +23,7 @@ from rmt_deploy.contract import (
     MEMORY_OUT,
     READ,
     STEP,
+    WRITE,
 )
 from rmt_deploy.errors import BackendError
 from rmt_deploy.manifest import Manifest
@@ -62,7 +63,7 @@ class TensorRTEngine(StepEngine):
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
         self.plans: dict[str, _Plan] = {}
-        for graph in (STEP, READ):
+        for graph in (STEP, WRITE, READ):
             record = manifest.engines.get(graph)
             if record is None:
                 continue
@@ -76,6 +77,7 @@ class TensorRTEngine(StepEngine):
             raise BackendError("this export has no TensorRT plan; build one with "
                                "rmt-export --engine")
         self.precision = manifest.engines[STEP].get("precision", "fp16")
+        self.graphs = frozenset(self.plans)
 
     def _plan(self, engine: Any, manifest: Manifest, record: dict[str, Any]) -> _Plan:
         trt = self.trt
@@ -157,20 +159,23 @@ class _State(EngineState):
         context.set_input_shape(INPUT_IDS, shape)
         context.set_input_shape(ATTENTION_MASK, shape)
         context.set_input_shape(MEMORY_IN, self._memory_shape)
-        logits_shape = tuple(context.get_tensor_shape(LOGITS))
-        logits_host, logits_dev = self._stage((graph, LOGITS, logits_shape), logits_shape,
-                                              plan.outputs[LOGITS])
         context.set_tensor_address(INPUT_IDS, ids_dev.ptr)
         context.set_tensor_address(ATTENTION_MASK, mask_dev.ptr)
         context.set_tensor_address(MEMORY_IN, self._buffers[self._parity].ptr)
-        context.set_tensor_address(LOGITS, logits_dev.ptr)
-        if graph == STEP:
+        if graph != READ:
             context.set_tensor_address(MEMORY_OUT, self._buffers[1 - self._parity].ptr)
+        if LOGITS in plan.outputs:
+            logits_shape = tuple(context.get_tensor_shape(LOGITS))
+            logits_host, logits_dev = self._stage((graph, LOGITS, logits_shape), logits_shape,
+                                                  plan.outputs[LOGITS])
+            context.set_tensor_address(LOGITS, logits_dev.ptr)
         self._execute((graph, shape, self._parity), context)
-        if logits:
+        if logits and LOGITS in plan.outputs:
             logits_dev.download(logits_host, self._stream)
+            self._stream.synchronize()
+            return np.array(logits_host, dtype=np.float32)
         self._stream.synchronize()
-        return np.array(logits_host, dtype=np.float32) if logits else None
+        return None
 
     def _execute(self, key: tuple, context: Any) -> None:
         """Run the enqueued step; with CUDA graphs, capture it the first time a (graph,
@@ -188,7 +193,8 @@ class _State(EngineState):
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              logits: bool = True) -> np.ndarray | None:
-        result = self._run(STEP, input_ids, attention_mask, logits)
+        graph = WRITE if not logits and WRITE in self._contexts else STEP
+        result = self._run(graph, input_ids, attention_mask, logits)
         self._parity ^= 1
         return result
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from rmt_deploy.contract import READ, STEP, WRITE
 from rmt_deploy.runtime.backends.base import EngineState, StepEngine
 
 
@@ -24,6 +25,7 @@ class TorchEngine(StepEngine):
         self.rmt = rmt.eval().to(self.device, torch.float16 if half else torch.float32)
         self.config = rmt.rmt_config
         self.precision = "fp16" if half else "fp32"
+        self.graphs = frozenset({STEP, WRITE} if self.config.is_encoder else {STEP, WRITE, READ})
 
     def initial_memory(self) -> np.ndarray:
         with self.torch.no_grad():
@@ -53,11 +55,14 @@ class _State(EngineState):
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              logits: bool = True) -> np.ndarray | None:
         engine = self._engine
+        ids, mask = engine.tensor(input_ids), engine.tensor(attention_mask)
         with engine.torch.no_grad():
-            result, memory = engine.rmt(engine.tensor(input_ids), engine.tensor(attention_mask),
-                                        self._memory)
+            if not logits:
+                self._memory = engine.rmt.write(ids, mask, self._memory).float()
+                return None
+            result, memory = engine.rmt(ids, mask, self._memory)
         self._memory = memory.float()
-        return result.float().cpu().numpy() if logits else None
+        return result.float().cpu().numpy()
 
     def read(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         engine = self._engine
