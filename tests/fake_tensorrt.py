@@ -3,14 +3,23 @@ the TensorRT backend's loop: device memory is host memory at real addresses, cop
 are memmoves, and an execution context runs the plan's ONNX graph with ONNX Runtime on
 whatever its tensor addresses hold. CUDA graph capture records each launch with the
 addresses it had, as a real graph fixes its kernels' arguments, and replays them.
-Every allocation is recorded with its free, so tests can check lifetimes."""
+Every allocation is recorded with its free, so tests can check lifetimes.
+
+The build side stands in at Polygraphy's boundary (:class:`FakeBuilder`): its loaders
+``NetworkFromOnnxPath``, ``CreateConfig`` and ``EngineBytesFromNetwork`` record what they
+are given and "build" a fake plan of the parsed graph; Polygraphy's own ``Profile``,
+``PostprocessNetwork`` and ``SaveBytes`` run for real. The enums the build reads carry
+TensorRT's own values for the version asked for."""
 
 from __future__ import annotations
 
 import ctypes
+import enum
 import itertools
+import sys
 import types
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -225,4 +234,82 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.13.0") -> types.ModuleType:
 
     trt.Logger, trt.TensorIOMode, trt.Runtime = Logger, TensorIOMode, Runtime
     trt.nptype = lambda dtype: dtypes[dtype]
+    trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", {"WORKSPACE": 0, "DLA_MANAGED_SRAM": 1})
+    # NvInfer.h: 10.x has EXPLICIT_BATCH = 0 (ignored) and STRONGLY_TYPED = 1; 11.x keeps
+    # only STRONGLY_TYPED = 0 (deprecated: every network is strongly typed).
+    flags = ({"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1} if int(version.split(".")[0]) < 11
+             else {"STRONGLY_TYPED": 0})
+    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", flags)
     return trt
+
+
+class FakeNetwork:
+    """What NetworkFromOnnxPath returns the network of: the graph it parsed, its flags."""
+
+    def __init__(self, trt: types.ModuleType, onnx_path: str, strongly_typed: bool) -> None:
+        self.onnx_path = onnx_path
+        self._strongly_typed = strongly_typed or int(trt.__version__.split(".")[0]) >= 11
+        self._flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+
+    def get_flag(self, flag) -> bool:
+        return self._strongly_typed if flag == self._flag else False
+
+
+class FakeBuilder:
+    """Polygraphy's TensorRT loaders, recorded: ``networks``, ``configs`` and ``builds``
+    hold the keyword arguments each was given. A build makes the fake plan of
+    ``plan_source(parsed ONNX path)`` (default: the graph itself; a test can point it at
+    a damaged copy) and writes ``b"timing-cache"`` to the cache it is asked to save."""
+
+    def __init__(self, trt: types.ModuleType) -> None:
+        self.trt = trt
+        self.networks: list[dict] = []
+        self.configs: list[dict] = []
+        self.builds: list[dict] = []
+        self.plan_source: Callable[[str], str] = lambda path: path
+
+    def install(self, monkeypatch) -> FakeBuilder:
+        import polygraphy.backend.trt as loaders
+
+        builder = self
+
+        class NetworkFromOnnxPath:
+            def __init__(self, path, **kwargs):
+                builder.networks.append({"path": path, **kwargs})
+                self.path, self.kwargs = path, kwargs
+
+            def __call__(self):
+                network = FakeNetwork(builder.trt, self.path, self.kwargs.get("strongly_typed"))
+                return object(), network, object()
+
+        class CreateConfig:
+            def __init__(self, **kwargs):
+                builder.configs.append(kwargs)
+
+        class EngineBytesFromNetwork:
+            def __init__(self, network, config=None, save_timing_cache=None):
+                builder.builds.append({"config": config, "save_timing_cache": save_timing_cache})
+                self.network, self.cache = network, save_timing_cache
+
+            def __call__(self):
+                _, network, _ = self.network()
+                if self.cache:
+                    Path(self.cache).write_bytes(b"timing-cache")
+                return plan_bytes(Path(builder.plan_source(network.onnx_path)))
+
+        for name, value in (("NetworkFromOnnxPath", NetworkFromOnnxPath),
+                            ("CreateConfig", CreateConfig),
+                            ("EngineBytesFromNetwork", EngineBytesFromNetwork)):
+            monkeypatch.setattr(loaders, name, value)
+        return self
+
+
+def install_fake_gpu(monkeypatch, version: str = "10.13.0") -> tuple[FakeCuda, FakeBuilder]:
+    """A fake CUDA device, TensorRT ``version`` and Polygraphy builder for one test."""
+    from rmt_deploy.runtime.backends import _cuda
+
+    cuda = FakeCuda()
+    trt = fake_tensorrt(cuda, version)
+    monkeypatch.setattr(_cuda, "cudart", lambda: cuda)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    return cuda, FakeBuilder(trt).install(monkeypatch)

@@ -1,6 +1,7 @@
-"""Proof that an exported graph reproduces the PyTorch reference: ONNX checks, then the
-graph and the reference run side by side over several batches, open loop (each step
-given the reference memory) and closed loop (each side feeding back its own memory)."""
+"""Proof that an exported graph or engine reproduces its reference: ONNX checks, then
+both run side by side over several batches, open loop (each step given the reference
+memory) and closed loop (each side feeding back its own memory), and the gates that
+judge the errors (non-finite values, max abs per output, memory cosine, agreement)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from rmt_deploy.runtime.tokens import ArraySource, TokenSource
 from rmt_deploy.segmentation import content_id_range, count_segments
 from rmt_deploy.spec import RMTConfig
 
+MODES = ("open_loop", "closed_loop")
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -30,24 +33,45 @@ class Tolerance:
     closed_loop: float = 1e-3  # after every segment of a closed-loop run
 
 
+@dataclass(frozen=True)
+class DriftGates:
+    """What a closed-loop run of a candidate against its reference must show, besides
+    finite values everywhere."""
+
+    min_agreement: float = 0.99  # share of predictions (argmax of the logits) equal
+    min_memory_cosine: float = 0.99  # worst cosine of a memory slot at any segment
+    max_abs: float | None = None  # largest error of any output (None: not bounded)
+
+
 @dataclass
 class ErrorStats:
     """Largest absolute error per output, the worst cosine of memory slots, and how many
     values of each output were not finite on either side (those count in no other
-    figure, so every figure stays a finite number)."""
+    figure, so every figure stays a finite number). ``series`` holds the same figures per
+    segment (the step of the run: the longest document's segment), set by ``segment``."""
 
     max_abs: dict[str, float] = field(default_factory=dict)
     min_memory_cosine: float = 1.0
     agreeing: int = 0  # predictions (argmax of the logits) equal on both sides
     predictions: int = 0
     non_finite: dict[str, int] = field(default_factory=dict)
+    segment: int = 0
+    series: dict[str, list[float]] = field(default_factory=dict)
+
+    def _record(self, key: str, value: float, neutral: float, worse=max) -> None:
+        values = self.series.setdefault(key, [])
+        values.extend([neutral] * (self.segment + 1 - len(values)))
+        values[self.segment] = worse(values[self.segment], value)
 
     def update(self, name: str, expected: np.ndarray, actual: np.ndarray) -> None:
         expected, actual = expected.astype(np.float64), actual.astype(np.float64)
         finite = np.isfinite(expected) & np.isfinite(actual)
-        self.non_finite[name] = self.non_finite.get(name, 0) + int(finite.size - finite.sum())
+        bad = int(finite.size - finite.sum())
+        self.non_finite[name] = self.non_finite.get(name, 0) + bad
         error = float(np.max(np.abs(expected - actual)[finite], initial=0.0))
         self.max_abs[name] = max(self.max_abs.get(name, 0.0), error)
+        self._record(f"max_abs/{name}", error, 0.0)
+        self._record(f"non_finite/{name}", bad, 0)
 
     def update_memory(self, expected: np.ndarray, actual: np.ndarray,
                       name: str = "memory_out") -> None:
@@ -57,12 +81,15 @@ class ErrorStats:
         a, b = a[finite], b[finite]
         cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
                                     + 1e-30)
-        self.min_memory_cosine = min(self.min_memory_cosine, float(cosine.min(initial=1.0)))
+        worst = float(cosine.min(initial=1.0))
+        self.min_memory_cosine = min(self.min_memory_cosine, worst)
+        self._record("memory_cosine", worst, 1.0, min)
 
     def update_agreement(self, expected: np.ndarray, actual: np.ndarray) -> None:
         same = expected.argmax(-1) == actual.argmax(-1)
         self.agreeing += int(same.sum())
         self.predictions += int(same.size)
+        self._record("disagreeing", int(same.size - same.sum()), 0, lambda a, b: a + b)
 
     @property
     def agreement(self) -> float:
@@ -102,6 +129,7 @@ class _Paired(StepEngine):
         self.reference, self.candidate = reference, candidate
         self.closed_loop = closed_loop
         self.stats = ErrorStats()
+        self.steps = 0  # steps of the current run
 
     def new_state(self, memory: np.ndarray) -> _PairedState:
         h = self.config.hidden_size
@@ -127,6 +155,8 @@ class _PairedState(EngineState):
         """The step of both sides; with ``logits=False`` the candidate runs its write
         graph and only the memory is compared (as ``write_memory_out``)."""
         paired, stats = self._paired, self._paired.stats
+        stats.segment = paired.steps
+        paired.steps += 1
         if not paired.closed_loop:
             self.candidate.load(self.reference.memory())
         if not logits:
@@ -135,9 +165,6 @@ class _PairedState(EngineState):
             stats.update_memory(self.reference.memory(), self.candidate.memory(),
                                 "write_memory_out")
             return None
-        if not paired.config.is_encoder:
-            stats.update("read_logits", self.reference.read(input_ids, attention_mask),
-                         self.candidate.read(input_ids, attention_mask))
         expected = self.reference.step(input_ids, attention_mask)
         actual = self.candidate.step(input_ids, attention_mask)
         if not paired.config.is_encoder:  # padded positions' logits are not used
@@ -171,13 +198,18 @@ def validation_batches(config: RMTConfig, segments: int, seed: int = 0) -> list[
 
 
 def compare(reference: StepEngine, candidate: StepEngine, initial_memory: np.ndarray,
-            segments: int = 32, modes: tuple[str, ...] = ("open_loop", "closed_loop"),
-            batches: Sequence[Sequence[TokenSource]] | None = None) -> dict[str, Any]:
+            segments: int = 32, modes: tuple[str, ...] = MODES,
+            batches: Sequence[Sequence[TokenSource]] | None = None,
+            candidate_memory: np.ndarray | None = None, series: bool = False
+            ) -> dict[str, Any]:
     """Open- and closed-loop errors of ``candidate`` against ``reference``, over
     ``batches`` of documents (default: :func:`validation_batches` of ``segments``);
     ``segments`` in the result is the longest run's. Where the candidate has a write
     graph, each mode runs the documents twice: through its step graph, then through its
-    write graph (``write_memory_out``)."""
+    write graph (``write_memory_out``). Each side starts from ``initial_memory``, or the
+    candidate from its own ``candidate_memory``. With ``series``, ``result["series"]``
+    holds each mode's figures per segment (what the gates use to name the first segment
+    that fails)."""
     config = reference.config
     if batches is None:
         batches = [[ArraySource(d, config) for d in docs]
@@ -185,55 +217,140 @@ def compare(reference: StepEngine, candidate: StepEngine, initial_memory: np.nda
     else:
         segments = max(count_segments(len(source), config)
                        for sources in batches for source in sources)
-    results = {}
-    both = np.concatenate([initial_memory] * 2, axis=-1)
+    results: dict[str, Any] = {}
+    both = np.concatenate([initial_memory, initial_memory if candidate_memory is None
+                           else candidate_memory], axis=-1)
     passes = [every_step] + ([never] if WRITE in candidate.graphs else [])
+    per_segment = {}
     for mode in modes:
         paired = _Paired(reference, candidate, closed_loop=mode == "closed_loop")
         for wants_logits, sources in itertools.product(passes, batches):
+            paired.steps = 0
             with Stepper(paired) as stepper:
                 for row in range(len(sources)):
                     stepper.add(row, both)
                 run_segments(stepper, sources, lambda *args: None, wants_logits=wants_logits)
         results[mode] = paired.stats.to_dict()
+        per_segment[mode] = paired.stats.series
     results["segments"] = segments
     results["batches"] = [len(sources) for sources in batches]
+    if series:
+        results["series"] = per_segment
     return results
+
+
+# ---------------------------------------------------------------- the gates
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One gate a comparison failed: what, where first, by how much."""
+
+    gate: str  # "non_finite", "max_abs", "memory_cosine" or "agreement"
+    mode: str  # "open_loop" or "closed_loop"
+    output: str
+    segment: int | None  # the first segment where it failed, where per-segment figures exist
+    value: float
+    limit: float
+
+    def describe(self, what: str, reference: str = "the reference") -> str:
+        where = f" (first at segment {self.segment})" if self.segment is not None else ""
+        loop = self.mode.replace("_", " ")
+        if self.gate == "non_finite":
+            return (f"{what}: {int(self.value)} value(s) of {self.output} are NaN or infinite "
+                    f"in the {loop} run{where}; the weights or the graph are damaged (check "
+                    "the checkpoint for NaN/Inf weights)")
+        if self.gate == "max_abs":
+            return (f"{what}: {loop} error on {self.output} is {self.value:.3g}, above the "
+                    f"tolerance {self.limit:g}{where}")
+        if self.gate == "memory_cosine":
+            return (f"{what}: {loop} memory cosine falls to {self.value:.6f}, below "
+                    f"{self.limit:g}{where}: its memory drifts away from the reference's")
+        return (f"{what} agrees with {reference} on {self.value:.2%} of {loop} predictions, "
+                f"below {self.limit * 100:g}%{where}: it would lose accuracy")
+
+
+def _first(results: dict[str, Any], mode: str, key: str, failed) -> int | None:
+    values = results.get("series", {}).get(mode, {}).get(key)
+    if values is None:
+        return None
+    return next((segment for segment, value in enumerate(values) if failed(value)), None)
+
+
+def non_finite_failures(results: dict[str, Any]) -> list[Failure]:
+    """NaN or infinity on either side, per mode and output."""
+    return [Failure("non_finite", mode, name, _first(results, mode, f"non_finite/{name}",
+                                                     lambda v: v > 0), count, 0)
+            for mode in MODES for name, count in results.get(mode, {}).get("non_finite",
+                                                                            {}).items()
+            if count]
+
+
+def max_abs_failures(results: dict[str, Any], mode: str, limit: float) -> list[Failure]:
+    """Outputs whose largest error in ``mode`` is above ``limit``."""
+    return [Failure("max_abs", mode, name, _first(results, mode, f"max_abs/{name}",
+                                                  lambda v: not v <= limit), error, limit)
+            for name, error in results[mode]["max_abs"].items() if not error <= limit]
+
+
+def cosine_failures(results: dict[str, Any], mode: str, minimum: float) -> list[Failure]:
+    """The memory, when its worst slot cosine in ``mode`` is below ``minimum``."""
+    cosine = results[mode]["min_memory_cosine"]
+    if cosine >= minimum:
+        return []
+    return [Failure("memory_cosine", mode, "memory_out", _first(
+        results, mode, "memory_cosine", lambda v: v < minimum), cosine, minimum)]
+
+
+def agreement_failures(results: dict[str, Any], mode: str, minimum: float) -> list[Failure]:
+    """The logits, when their predictions agree less often than ``minimum`` in ``mode``."""
+    agreement = results[mode]["agreement"]
+    if agreement >= minimum:
+        return []
+    return [Failure("agreement", mode, "logits", _first(results, mode, "disagreeing",
+                                                        lambda v: v > 0), agreement, minimum)]
+
+
+def drift_failures(results: dict[str, Any], gates: DriftGates) -> list[Failure]:
+    """Every gate of ``gates`` the closed-loop run fails, non-finite values first."""
+    failures = non_finite_failures(results)
+    if gates.max_abs is not None:
+        failures += max_abs_failures(results, "closed_loop", gates.max_abs)
+    failures += cosine_failures(results, "closed_loop", gates.min_memory_cosine)
+    return failures + agreement_failures(results, "closed_loop", gates.min_agreement)
+
+
+def _raise_first(failures: list[Failure], what: str, advice: str = "",
+                 reference: str = "the reference") -> None:
+    if failures:
+        raise ValidationError(failures[0].describe(what, reference) + advice)
 
 
 def enforce_finite(results: dict[str, Any], what: str) -> None:
     """Raise ValidationError when either side produced NaN or infinity anywhere."""
-    for mode in ("open_loop", "closed_loop"):
-        for name, count in results.get(mode, {}).get("non_finite", {}).items():
-            if count:
-                raise ValidationError(
-                    f"{what}: {count} value(s) of {name} are NaN or infinite in the "
-                    f"{mode.replace('_', ' ')} run; the weights or the graph are damaged "
-                    "(check the checkpoint for NaN/Inf weights)")
+    _raise_first(non_finite_failures(results), what)
 
 
 def enforce_agreement(results: dict[str, Any], minimum: float, what: str) -> None:
     """Raise ValidationError when a reduced-precision graph produced non-finite values or
     its closed-loop predictions agree with FP32 less often than ``minimum``."""
     enforce_finite(results, what)
-    agreement = results["closed_loop"]["agreement"]
-    if agreement < minimum:
-        raise ValidationError(
-            f"{what} agrees with FP32 on {agreement:.2%} of closed-loop predictions over "
-            f"{results['segments']} segments, below {minimum:.0%}: it would lose accuracy; "
-            "export FP32 only")
+    _raise_first(agreement_failures(results, "closed_loop", minimum), what,
+                 f" over {results['segments']} segments; export FP32 only", "FP32")
+
+
+def enforce_drift(results: dict[str, Any], gates: DriftGates, what: str, advice: str = "",
+                  reference: str = "the reference") -> None:
+    """Raise ValidationError on the first gate of ``gates`` the closed-loop run fails."""
+    _raise_first(drift_failures(results, gates), what, advice, reference)
 
 
 def enforce(results: dict[str, Any], tolerance: Tolerance) -> None:
     """Raise ValidationError when any value is not finite or any error exceeds its
     tolerance."""
     enforce_finite(results, "validation")
-    for mode, limit in (("open_loop", tolerance.open_loop), ("closed_loop",
-                                                             tolerance.closed_loop)):
-        for name, error in results[mode]["max_abs"].items():
-            if not error <= limit:
-                raise ValidationError(
-                    f"{mode.replace('_', ' ')} error on {name} is {error:.3g}, above the "
-                    f"tolerance {limit:g}; the exported graph does not reproduce the "
-                    "reference (loosen explicitly with --atol / --closed-loop-atol)"
-                )
+    for mode, limit in (("open_loop", tolerance.open_loop),
+                        ("closed_loop", tolerance.closed_loop)):
+        _raise_first(max_abs_failures(results, mode, limit), "validation",
+                     "; the exported graph does not reproduce the reference (loosen "
+                     "explicitly with --atol / --closed-loop-atol)")

@@ -1,0 +1,97 @@
+"""Damaged copies of ONNX graphs and engines, the faults the validation gates must catch:
+one weight changed by 1%, a NaN weight, memory that is not fed back, NaN outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from rmt_deploy.runtime.backends.base import EngineState, StepEngine
+
+
+def largest_weight(model) -> int:
+    """Index of the largest floating-point matrix among a graph's initializers."""
+    from onnx import numpy_helper
+
+    sizes = [(numpy_helper.to_array(t).size if len(t.dims) == 2 else 0, i)
+             for i, t in enumerate(model.graph.initializer)
+             if numpy_helper.to_array(t).dtype.kind == "f"]
+    return max(sizes)[1]
+
+
+def damaged_graph(source: str | Path, target: str | Path, fault: str = "scale") -> Path:
+    """``source`` with its largest weight matrix scaled by 1.01 (``"scale"``) or with one
+    of its values NaN (``"nan"``), saved as ``target``."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source))
+    index = largest_weight(model)
+    tensor = model.graph.initializer[index]
+    weight = numpy_helper.to_array(tensor).copy()
+    if fault == "scale":
+        weight *= weight.dtype.type(1.01)
+    else:
+        weight.flat[0] = np.nan
+    model.graph.initializer[index].CopyFrom(numpy_helper.from_array(weight, tensor.name))
+    onnx.save(model, str(target))
+    return Path(target)
+
+
+class FaultyEngine(StepEngine):
+    """A real engine whose steps are damaged: ``"no_feedback"`` steps every segment from
+    the memory it was first given; ``"nan"`` makes one logit NaN from ``segment`` on;
+    ``"drift"`` adds ``size`` to the memory each step (an error that compounds);
+    ``"rotate"`` swaps two memory slots' contents after ``segment`` steps (the memory's
+    values stay, its slots' cosines fall); ``"flip"`` reverses the logits' last axis
+    (every prediction changes, the values stay close on a flat output)."""
+
+    def __init__(self, engine: StepEngine, fault: str, segment: int = 0,
+                 size: float = 0.0) -> None:
+        self.engine, self.fault, self.segment, self.size = engine, fault, segment, size
+        self.config, self.name, self.graphs = engine.config, engine.name, engine.graphs
+        self.precision = engine.precision
+
+    def new_state(self, memory: np.ndarray) -> _FaultyState:
+        return _FaultyState(self, self.engine.new_state(memory), memory)
+
+
+class _FaultyState(EngineState):
+    def __init__(self, owner: FaultyEngine, state: EngineState, memory: np.ndarray) -> None:
+        super().__init__(state.batch)
+        self.owner, self.state, self.first = owner, state, np.array(memory)
+        self.steps = 0
+
+    def load(self, memory):
+        self.first = np.array(memory)
+        self.state.load(memory)
+
+    def memory(self):
+        return self.state.memory()
+
+    def step(self, input_ids, attention_mask, logits=True):
+        owner = self.owner
+        if owner.fault == "no_feedback":
+            self.state.load(self.first)
+        result = self.state.step(input_ids, attention_mask, logits)
+        self.steps += 1
+        late = self.steps > owner.segment
+        if owner.fault == "drift":
+            self.state.load(self.state.memory() + np.float32(owner.size))
+        if owner.fault == "rotate" and late:
+            memory = self.state.memory()
+            self.state.load(memory[:, ::-1].copy())
+        if result is not None and late and owner.fault == "nan":
+            result = result.copy()
+            result.flat[0] = np.nan
+        if result is not None and owner.fault == "flip":
+            result = result[..., ::-1].copy()
+        return result
+
+    def read(self, input_ids, attention_mask):
+        return self.state.read(input_ids, attention_mask)
+
+    def close(self):
+        self.state.close()
+        super().close()
