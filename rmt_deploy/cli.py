@@ -341,19 +341,19 @@ def run_main(model, input, backend, cuda_graphs, precision, generate, as_json, t
     if rmt.config.is_encoder:
         report.update(label=output.label, scores=output.scores,
                       logits=[float(x) for x in output.logits])
+    elif generate:  # generation reads the last segment: no perplexity is computed
+        report.update(generated=output.generated, generated_ids=output.generated_ids)
     else:
         report.update(perplexity=output.perplexity)
-        if generate:
-            report.update(generated=output.generated, generated_ids=output.generated_ids)
     if as_json:
         echo(json.dumps(report))
         return
     if rmt.config.is_encoder:
         echo(f"answer: {output.label} (p={output.scores[output.label]:.4f})")
+    elif generate:
+        echo(f"generated: {output.generated!r}")
     else:
         echo(f"perplexity: {output.perplexity:.4f}")
-        if generate:
-            echo(f"generated: {output.generated!r}")
     echo(f"tokens: {run.tokens:,}  segments: {run.segments:,}  time: {run.seconds:.2f} s"
                f"  tokens/s: {run.tokens_per_second:,.0f}  backend: {run.backend} "
                f"({run.precision})")

@@ -25,11 +25,26 @@ LOGITS = "logits"
 # Graph variants.
 STEP = "step"  # reads a segment, writes the memory, returns the logits
 WRITE = "write"  # the step without its head: the memory only (segments nobody reads)
-READ = "read"  # decoders: [memory ; tokens] without write slots, logits only (generation)
+PREFILL = "prefill"  # decoders: [memory ; tokens] without write slots -> next logits, cache
+DECODE = "decode"  # decoders: one generated token with the cached keys and values
 
 # Dynamic axes.
 BATCH = "batch"
-TOKENS = "tokens"
+TOKENS = "tokens"  # a decoder segment's tokens
+CONTEXT = "context"  # positions a prefill caches: memory slots + tokens
+PAST = "past"  # positions cached before a decode step
+TOTAL = "total"  # past + 1: the positions a decode step attends to
+
+
+def past_names(config: RMTConfig) -> list[str]:
+    """The cache inputs of a decode step, layer by layer: key, value, key, value, ..."""
+    return [f"past.{i}.{kind}" for i in range(config.cache_layers or 0)
+            for kind in ("key", "value")]
+
+
+def present_names(config: RMTConfig) -> list[str]:
+    """The cache outputs of a prefill or decode step, in :func:`past_names` order."""
+    return [name.replace("past.", "present.", 1) for name in past_names(config)]
 
 
 @dataclass(frozen=True)
@@ -103,8 +118,11 @@ class BatchProfile:
 
 
 def variant_names(config: RMTConfig) -> tuple[str, ...]:
-    """The variants an RMT of this config is exported as, the step first."""
-    return (STEP, WRITE) if config.is_encoder else (STEP, WRITE, READ)
+    """The variants an RMT of this config is exported as, the step first; decoders whose
+    cache shape is known also generate with a KV cache."""
+    if config.is_encoder or config.cache_layers is None:
+        return (STEP, WRITE)
+    return (STEP, WRITE, PREFILL, DECODE)
 
 
 def variants(config: RMTConfig) -> dict[str, Variant]:
@@ -128,30 +146,54 @@ def variant(config: RMTConfig, name: str) -> Variant:
     else:
         logits = Tensor(LOGITS, "float32", (BATCH, positions, config.vocab_size))
     memory = Tensor(MEMORY_OUT, "float32", (BATCH, m, h))
-    files = {STEP: ("model.onnx", "model.plan"), WRITE: ("write.onnx", "write.plan"),
-             READ: ("generate.onnx", "generate.plan")}
-    outputs = {STEP: (logits, memory), WRITE: (memory,), READ: (logits,)}[name]
+    if name in (PREFILL, DECODE):
+        return _generation_variant(config, name)
+    files = {STEP: ("model.onnx", "model.plan"), WRITE: ("write.onnx", "write.plan")}
+    outputs = {STEP: (logits, memory), WRITE: (memory,)}[name]
     return Variant(name, *files[name], inputs, outputs)
+
+
+def _generation_variant(config: RMTConfig, name: str) -> Variant:
+    """Prefill: (input_ids, attention_mask, memory_in) -> (logits [batch, vocab] after each
+    row's last real token, present.*). Decode: (input_ids [batch, 1], attention_mask
+    [batch, total], past.*) -> (logits, present.*)."""
+    cache = (config.cache_heads, config.head_dim)
+    logits = Tensor(LOGITS, "float32", (BATCH, config.vocab_size))
+    if name == PREFILL:
+        inputs = (Tensor(INPUT_IDS, "int64", (BATCH, TOKENS)),
+                  Tensor(ATTENTION_MASK, "int64", (BATCH, TOKENS)),
+                  Tensor(MEMORY_IN, "float32", (BATCH, config.num_mem_tokens,
+                                                config.hidden_size)))
+        grown = CONTEXT
+    else:
+        inputs = (Tensor(INPUT_IDS, "int64", (BATCH, 1)),
+                  Tensor(ATTENTION_MASK, "int64", (BATCH, TOTAL)),
+                  *(Tensor(n, "float32", (BATCH, cache[0], PAST, cache[1]))
+                    for n in past_names(config)))
+        grown = TOTAL
+    outputs = (logits, *(Tensor(n, "float32", (BATCH, cache[0], grown, cache[1]))
+                         for n in present_names(config)))
+    return Variant(name, f"{name}.onnx", f"{name}.plan", inputs, outputs)
 
 
 def axis_ranges(config: RMTConfig, name: str, batch: BatchProfile | None = None,
                 max_new_tokens: int = 0) -> dict[str, tuple[int, int, int]]:
     """``{axis: (min, opt, max)}`` of a variant's dynamic axes. The batch range is the
-    engine's profile (unbounded where None); a decoder's token axis spans 1..segment_size,
-    and the read graph's also holds ``max_new_tokens`` generated tokens (at runtime: as
-    many as the base model's positions allow)."""
+    engine's profile (unbounded where None). A decoder segment holds 1..segment_size
+    tokens; a decode step's cache holds the memory slots, a segment and the tokens
+    generated so far: room for ``max_new_tokens`` in an engine's profile, as many as the
+    base model's positions allow at runtime."""
     ranges = {BATCH: (batch.min, batch.opt, batch.max) if batch else (1, 1, 2**31 - 1)}
-    if not config.is_encoder:
-        high = config.segment_size
-        if name == READ:
-            limit = (config.max_positions - config.num_mem_tokens
-                     if config.max_positions is not None else None)
-            if batch is None:
-                high = limit if limit is not None else 2**31 - 1
-            else:
-                high = config.segment_size + max_new_tokens
-                high = min(high, limit) if limit is not None else high
-        ranges[TOKENS] = (1, config.segment_size, high)
+    if config.is_encoder:
+        return ranges
+    m, size = config.num_mem_tokens, config.segment_size
+    ranges[TOKENS] = (1, size, size)
+    ranges[CONTEXT] = (m + 1, m + size, m + size)
+    if name == DECODE:
+        limit = config.max_positions if config.max_positions is not None else 2**31 - 1
+        high = limit - 1 if batch is None else min(limit - 1, m + size + max_new_tokens - 1)
+        ranges[PAST] = (m + 1, min(m + size, high), high)
+        ranges[TOTAL] = tuple(value + 1 for value in ranges[PAST])
     return ranges
 
 
@@ -189,6 +231,9 @@ def check_feed(config: RMTConfig, name: str, feed: Mapping[str, np.ndarray],
                 if not low <= size <= high or bound.setdefault(dim, size) != size:
                     raise InputError(f"{what}: {tensor.name} has {dim} {size}; the model takes "
                                      f"{low} to {high}, the same for every input")
+    if TOTAL in bound and bound[TOTAL] != bound[PAST] + 1:
+        raise InputError(f"{what}: attention_mask covers {bound[TOTAL]} positions; it must "
+                         f"cover the {bound[PAST]} cached ones and the new token")
     ids, mask = np.asarray(feed[INPUT_IDS]), np.asarray(feed[ATTENTION_MASK])
     if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
         raise InputError(f"{what}: token ids must lie in [0, {config.vocab_size}); wrong "

@@ -21,7 +21,7 @@ from rmt_deploy.spec import RMTConfig
 
 MANIFEST_NAME = "rmt.json"
 MANIFEST_FORMAT = "rmt-deploy-export"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: generation with a KV cache (prefill, decode), one weights file
 MAX_MANIFEST_BYTES = 8 << 20  # a manifest is a few KB; anything this big is not one
 MAX_JSON_DEPTH = 32
 
@@ -86,6 +86,8 @@ class Manifest:
     exporter: dict[str, Any]  # versions, opset, attention kernel
     validation: dict[str, Any] = field(default_factory=dict)  # errors measured
     engines: dict[str, Any] = field(default_factory=dict)  # TensorRT plans: file, versions, GPU
+    weights: dict[str, Any] = field(default_factory=dict)  # the graphs' shared weights file:
+    # file, and where each tensor lies in it (offset, bytes, dtype, shape) for mapping it
     folder: Path | None = None  # where it was read from
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,6 +102,7 @@ class Manifest:
             "exporter": self.exporter,
             "validation": self.validation,
             "engines": self.engines,
+            "weights": self.weights,
         }
 
     def path(self, relative: str) -> Path:
@@ -171,6 +174,7 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
             exporter=data.get("exporter", {}),
             validation=data.get("validation", {}),
             engines={str(k): dict(v) for k, v in data.get("engines", {}).items()},
+            weights=dict(data.get("weights") or {}),
             folder=folder,
         )
         files = manifest.files()
@@ -182,6 +186,7 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
     if STEP not in manifest.graphs:
         raise ManifestError(f"{path}: no '{STEP}' graph listed; re-export the model")
     _check_graphs(manifest, path)
+    _check_weights(manifest, path)
     for name in files:
         _check_plain_name(name, path)
     if verify:
@@ -236,6 +241,21 @@ def _check_graphs(manifest: Manifest, path: Path) -> None:
         raise ManifestError(f"{path}: initial_memory is {record.get('dtype')} "
                             f"{record.get('shape')}, the config implies float32 {expected}; "
                             "re-export the model")
+
+
+def _check_weights(manifest: Manifest, path: Path) -> None:
+    """The weights index names a file the graphs read, and lies inside it."""
+    if not manifest.weights:
+        return
+    name = manifest.weights.get("file")
+    read = {entry["file"] for spec in manifest.graphs.values() for entry in spec.data}
+    tensors = manifest.weights.get("tensors")
+    if name not in read or not isinstance(tensors, dict) or not all(
+            isinstance(t, dict) and isinstance(t.get("offset"), int) and
+            isinstance(t.get("bytes"), int) and t["offset"] >= 0 and t["bytes"] >= 0
+            for t in tensors.values()):
+        raise ManifestError(f"{path}: its weights index does not describe a file its graphs "
+                            "read; re-export the model")
 
 
 def _tensors_text(tensors: tuple[Tensor, ...]) -> str:

@@ -48,6 +48,9 @@ class RMTConfig:
     labels: tuple[str, ...] = ()  # encoder: class names, in logit order
     eos_token_id: int | None = None  # decoder: stops greedy generation
     max_positions: int | None = None  # the base model's position table (None: unknown)
+    cache_layers: int | None = None  # decoder: layers holding keys and values (KV cache)
+    cache_heads: int | None = None  # decoder: key/value heads a layer caches
+    head_dim: int | None = None  # decoder: width of a cached key or value
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (task, training)
 
     def __post_init__(self) -> None:
@@ -155,6 +158,9 @@ class RMTConfig:
                 f"a step needs {self.input_size} positions but the base model has "
                 f"{self.max_positions}; lower --input-size / --segment-size"
             )
+        if any(v is not None and v < 1 for v in (self.cache_layers, self.cache_heads,
+                                                  self.head_dim)):
+            raise bad("cache_layers, cache_heads and head_dim must be positive or None")
         if self.max_n_segments is not None and self.max_n_segments < 1:
             raise bad(f"max_n_segments must be >= 1 or None, got {self.max_n_segments}")
         if self.variant == ENCODER:

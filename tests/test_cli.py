@@ -37,7 +37,8 @@ ENCODER_TEXT = " ".join(f"w{(7 * i) % 45}" for i in range(25)) + "\n"
 #: 21 byte-level BPE tokens for the tiny decoder (no merges; the newline has no token):
 #: 5 segments of up to 5.
 DECODER_TEXT = "hello world again and\n"
-RUN_KEYS = {"backend", "precision", "tokens", "segments", "seconds", "tokens_per_second"}
+RUN_KEYS = {"backend", "precision", "tokens", "segments", "seconds", "tokens_per_second",
+            "backend_choice"}
 
 
 # ---------------------------------------------------------------- helpers
@@ -219,7 +220,7 @@ def test_run_encoder_human_output(cli_encoder_export, encoder_input):
     expected = open_model(cli_encoder_export, threads=1).run_one(encoder_input)
     assert lines[0] == f"answer: {expected.label} (p={expected.scores[expected.label]:.4f})"
     assert lines[1].startswith("tokens: 25  segments: 3  time: ")
-    assert lines[1].endswith("backend: onnxruntime (fp32)")
+    assert "backend: onnxruntime (fp32), 1 thread, measuring off" in lines[1]
 
 
 def test_run_decoder_json_generate_and_stdin(decoder_export, tmp_path):
@@ -238,19 +239,17 @@ def test_run_decoder_json_generate_and_stdin(decoder_export, tmp_path):
                     input=DECODER_TEXT)
     ok(result)
     report = json.loads(result.stdout)
-    assert set(report) == RUN_KEYS | {"perplexity", "generated", "generated_ids"}
+    assert set(report) == RUN_KEYS | {"generated", "generated_ids"}
     assert report["generated_ids"] == expected.generated_ids
     assert 1 <= len(report["generated_ids"]) <= 3
     assert all(0 <= i < 60 for i in report["generated_ids"])
     assert report["generated"] == expected.generated and isinstance(report["generated"], str)
-    assert report["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6)
 
     result = invoke(run_main, decoder_export, path, "--generate", "3")
     ok(result)
     lines = result.stdout.splitlines()
-    assert lines[0] == f"perplexity: {expected.perplexity:.4f}"
-    assert lines[1] == f"generated: {expected.generated!r}"
-    assert lines[2].startswith("tokens: 21  segments: 5")
+    assert lines[0] == f"generated: {expected.generated!r}"
+    assert lines[1].startswith("tokens: 21  segments: 5")
     result = invoke(run_main, decoder_export, path)
     ok(result)
     assert [line.split(":")[0] for line in result.stdout.splitlines()] == ["perplexity",
@@ -264,8 +263,7 @@ def test_run_reads_a_real_pipe_on_stdin(decoder_export):
     report = json.loads(proc.stdout)
     expected = open_model(decoder_export, threads=1).run_one(DECODER_TEXT, generate=2)
     assert report["tokens"] == 21
-    assert report["generated_ids"] == expected.generated_ids
-    assert report["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6)
+    assert report["generated_ids"] == expected.generated_ids and "perplexity" not in report
 
 
 # ---------------------------------------------------------------- --convert

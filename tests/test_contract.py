@@ -7,11 +7,12 @@ from conftest import make_decoder, make_encoder
 
 from rmt_deploy.contract import (
     ATTENTION_MASK,
+    DECODE,
     INPUT_IDS,
     LOGITS,
     MEMORY_IN,
     MEMORY_OUT,
-    READ,
+    PREFILL,
     STEP,
     WRITE,
     BatchProfile,
@@ -35,9 +36,9 @@ def decoder_config():
 
 def test_variants_of_each_kind(encoder_config, decoder_config):
     assert variant_names(encoder_config) == (STEP, WRITE)
-    assert variant_names(decoder_config) == (STEP, WRITE, READ)
-    with pytest.raises(ConfigError, match="has no 'read' graph"):
-        variant(encoder_config, READ)
+    assert variant_names(decoder_config) == (STEP, WRITE, PREFILL, DECODE)
+    with pytest.raises(ConfigError, match="has no 'prefill' graph"):
+        variant(encoder_config, PREFILL)
 
 
 def test_encoder_step_tensors(encoder_config):
@@ -61,12 +62,23 @@ def test_the_write_variant_returns_the_memory_only(encoder_config, decoder_confi
                                                                          "write.plan")
 
 
-def test_decoder_read_has_no_memory_out(decoder_config):
-    read = variant(decoder_config, READ)
-    assert [t.name for t in read.outputs] == [LOGITS]
-    assert not read.writes_memory
-    assert read.dynamic_axes()[LOGITS] == {0: "batch", 1: "tokens"}
-    assert (read.file, read.plan_file) == ("generate.onnx", "generate.plan")
+def test_generation_variants_carry_the_kv_cache(decoder_config):
+    layers, heads, width = (decoder_config.cache_layers, decoder_config.cache_heads,
+                            decoder_config.head_dim)
+    prefill, decode = variant(decoder_config, PREFILL), variant(decoder_config, DECODE)
+    assert [t.name for t in prefill.inputs] == [INPUT_IDS, ATTENTION_MASK, MEMORY_IN]
+    assert prefill.outputs[0].shape == ("batch", decoder_config.vocab_size)  # last token only
+    cache = [f"{kind}.{i}.{part}" for kind in ("past",) for i in range(layers)
+             for part in ("key", "value")]
+    assert [t.name for t in decode.inputs] == [INPUT_IDS, ATTENTION_MASK, *cache]
+    assert decode.inputs[0].shape == ("batch", 1)
+    assert decode.inputs[1].shape == ("batch", "total")
+    assert decode.inputs[2].shape == ("batch", heads, "past", width)
+    assert [t.name for t in decode.outputs][1:] == [n.replace("past", "present") for n in cache]
+    assert decode.outputs[1].shape == ("batch", heads, "total", width)
+    assert prefill.outputs[1].shape == ("batch", heads, "context", width)
+    assert not prefill.writes_memory and not decode.writes_memory
+    assert (decode.file, decode.plan_file) == ("decode.onnx", "decode.plan")
 
 
 def test_encoder_profile_fixes_the_segment_and_spans_the_batch(encoder_config):
@@ -79,8 +91,12 @@ def test_encoder_profile_fixes_the_segment_and_spans_the_batch(encoder_config):
 def test_decoder_profiles_leave_room_for_short_segments_and_generation(decoder_config):
     step = profile_shapes(decoder_config, STEP, BatchProfile(1, 2, 4))
     assert step[INPUT_IDS] == ((1, 1), (2, 5), (4, 5))
-    read = profile_shapes(decoder_config, READ, BatchProfile(1, 1, 1), max_new_tokens=100)
-    assert read[INPUT_IDS] == ((1, 1), (1, 5), (1, 64 - 2))  # capped by 64 positions
+    decode = profile_shapes(decoder_config, DECODE, BatchProfile(1, 1, 1), max_new_tokens=10)
+    # memory 2 + segment 5 + 10 new tokens - 1 cached before the last one
+    assert decode["past.0.key"] == ((1, 2, 3, 16), (1, 2, 7, 16), (1, 2, 16, 16))
+    assert decode[ATTENTION_MASK] == ((1, 4), (1, 8), (1, 17))
+    long = profile_shapes(decoder_config, DECODE, BatchProfile(1, 1, 1), max_new_tokens=100)
+    assert long[ATTENTION_MASK][2] == (1, 64)  # capped by the model's 64 positions
 
 
 @pytest.mark.parametrize(("text", "expected"), [("8", (1, 8, 8)), ("1,4,16", (1, 4, 16))])
@@ -99,6 +115,15 @@ def feed(ids, mask=None, memory=None):
     ids = np.asarray(ids)
     return {INPUT_IDS: ids, ATTENTION_MASK: np.ones_like(ids) if mask is None else mask,
             MEMORY_IN: np.zeros((len(ids), 2, 32), np.float32) if memory is None else memory}
+
+
+def test_a_decode_feed_must_cover_the_cache_and_the_new_token(decoder_config):
+    past = {name: np.zeros((1, 2, 4, 16), np.float32) for name in
+            [f"past.{i}.{k}" for i in range(2) for k in ("key", "value")]}
+    feed = {INPUT_IDS: np.ones((1, 1), np.int64), **past}
+    check_feed(decoder_config, DECODE, {**feed, ATTENTION_MASK: np.ones((1, 5), np.int64)})
+    with pytest.raises(InputError, match="must cover the 4 cached ones and the new token"):
+        check_feed(decoder_config, DECODE, {**feed, ATTENTION_MASK: np.ones((1, 4), np.int64)})
 
 
 def test_a_valid_decoder_feed_passes(decoder_config):

@@ -16,10 +16,12 @@ from rmt_deploy.calibration.policies import Policy, nodes_to_quantize
 
 
 def prepare(source: Path, target: Path) -> None:
-    """ONNX Runtime's pre-quantization pass (graph optimisation and shape inference)."""
+    """ONNX Runtime's pre-quantization pass (graph optimisation and shape inference) on
+    the graph ``source`` and its weights (an export's weights file)."""
+    import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+    quant_pre_process(onnx.load(str(source)), str(target), skip_symbolic_shape=True)
 
 
 METHODS = ("minmax", "percentile")  # activation ranges: extremes, or 99.999th percentile

@@ -18,9 +18,10 @@ from rmt_deploy.calibration.collect import CalibrationSteps, collect_steps
 from rmt_deploy.calibration.data import CalibrationCorpus, read_corpus
 from rmt_deploy.calibration.policies import Policy, applicable_policies, policy_named
 from rmt_deploy.calibration.quantize import int8_graph, prepare
-from rmt_deploy.contract import STEP
+from rmt_deploy.contract import STEP, WRITE
 from rmt_deploy.errors import ValidationError
 from rmt_deploy.export.validate import check_onnx, compare
+from rmt_deploy.export.weights import WeightStore
 from rmt_deploy.manifest import Manifest, graph_key, graph_spec
 from rmt_deploy.runtime.backends.base import StepEngine
 from rmt_deploy.runtime.stepper import Stepper
@@ -42,17 +43,24 @@ class Int8Options:
     threads: int | None = None
 
 
+def quantizable(config: RMTConfig) -> tuple[str, ...]:
+    """The variants INT8 quantizes: those the calibration steps feed (the step and the
+    write graph). Generation's prefill and decode graphs stay FP32."""
+    return (STEP, WRITE)
+
+
 def add_int8(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str], stage: Path,
-             options: Int8Options, log: Callable[[str], None]) -> None:
-    """Write ``*.int8.onnx`` graphs into ``stage`` and record them in ``manifest``."""
+             store: WeightStore, options: Int8Options, log: Callable[[str], None]) -> None:
+    """Write ``*.int8.onnx`` graphs (weights into ``store``) and record them in
+    ``manifest``."""
     with read_corpus(options.calibration, manifest.config,
                      manifest_tokenizer(manifest)) as corpus:
-        _calibrate(manifest, fp32, graph_files, stage, options, corpus, log)
+        _calibrate(manifest, fp32, graph_files, stage, store, options, corpus, log)
 
 
 def _calibrate(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str],
-               stage: Path, options: Int8Options, corpus: CalibrationCorpus,
-               log: Callable[[str], None]) -> None:
+               stage: Path, store: WeightStore, options: Int8Options,
+               corpus: CalibrationCorpus, log: Callable[[str], None]) -> None:
     """Record calibration steps, quantize under every candidate policy, judge, keep one."""
     import onnx
 
@@ -81,8 +89,9 @@ def _calibrate(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str]
         log(f"int8 policy: {chosen.name} ({chosen.description})")
         for name, file in graph_files.items():
             target = stage / Path(file).with_suffix(".int8.onnx").name
-            shutil.move(work / f"{name}.{chosen.name}.onnx", target)
-            manifest.graphs[graph_key(name, "int8")] = graph_spec(config, name, target, "int8")
+            store.add_graph(work / f"{name}.{chosen.name}.onnx", target)
+            manifest.graphs[graph_key(name, "int8")] = graph_spec(config, name, target, "int8",
+                                                                 data=store.reference)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     manifest.validation["int8"] = {

@@ -8,27 +8,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmt_deploy.contract import READ, STEP, WRITE, variant
+from rmt_deploy.contract import DECODE, PREFILL, STEP, WRITE, variant
 from rmt_deploy.model.base import StepVariant
-from rmt_deploy.model.encoder import EncoderRMT, skipping_step
 from rmt_deploy.segmentation import content_id_range, step_inputs
 
 DEFAULT_OPSET = 17  # LayerNormalization is one node from 17 on
 EXPORTER = "torch.onnx TorchScript exporter (dynamo=False)"
 
 
-def trace_inputs(rmt: torch.nn.Module, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def trace_inputs(rmt: torch.nn.Module, graph: str = STEP,
+                 seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Batch-2 example inputs (one full and one short segment) so the batch axis stays
-    dynamic; the memory is perturbed so no slot is constant."""
+    dynamic; the memory is perturbed so no slot is constant. A decode step gets a cache of
+    a padded prefill (its mask holds zeros) and one new token a row."""
     config = rmt.rmt_config
     rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
     low, high = content_id_range(config)
     segments = [rng.integers(low, high, config.segment_size),
                 rng.integers(low, high, max(1, config.segment_size // 2))]
     ids, mask = step_inputs(segments, config)
+    if graph == DECODE:
+        past = config.num_mem_tokens + ids.shape[1] + 1
+        mask = np.concatenate([np.ones((2, config.num_mem_tokens), np.int64), mask,
+                               np.ones((2, 2), np.int64)], axis=1)
+        shape = (2, config.cache_heads, past, config.head_dim)
+        cache = [torch.randn(shape, generator=generator) for _ in range(2 * config.cache_layers)]
+        return (torch.from_numpy(rng.integers(low, high, (2, 1))), torch.from_numpy(mask),
+                *cache)
     with torch.no_grad():
         memory = rmt.initial_memory(2).detach().clone()
-        memory += 0.01 * torch.randn(memory.shape, generator=torch.Generator().manual_seed(seed))
+        memory += 0.01 * torch.randn(memory.shape, generator=generator)
     return torch.from_numpy(ids), torch.from_numpy(mask), memory
 
 
@@ -37,23 +47,15 @@ def export_graph(rmt: torch.nn.Module, path: Path, graph: str,
     """Write variant ``graph`` of the step contract to ``path``, its tensor names and
     dynamic axes as the contract declares them."""
     contract = variant(rmt.rmt_config, graph)
-    module = step_module(rmt, graph)
+    module = StepVariant(rmt, {STEP: "forward", WRITE: "write", PREFILL: "prefill",
+                               DECODE: "decode"}[graph])
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer notes on Python-side shape arithmetic
         torch.onnx.export(
-            module.eval(), trace_inputs(rmt), str(path), dynamo=False, opset_version=opset,
+            module.eval(), trace_inputs(rmt, graph), str(path), dynamo=False,
+            opset_version=opset,
             input_names=[t.name for t in contract.inputs],
             output_names=[t.name for t in contract.outputs],
             dynamic_axes=contract.dynamic_axes(), do_constant_folding=True,
         )
 
-
-def step_module(rmt: torch.nn.Module, graph: str) -> torch.nn.Module:
-    """The module exported as variant ``graph``: for an encoder whose base model is
-    recognised, the step and write variants compute only the rows that are read
-    (:func:`~rmt_deploy.model.encoder.skipping_step`); otherwise the reference method."""
-    if isinstance(rmt, EncoderRMT) and graph in (STEP, WRITE):
-        skipping = skipping_step(rmt, write=graph == WRITE)
-        if skipping is not None:
-            return skipping
-    return StepVariant(rmt, {STEP: "forward", WRITE: "write", READ: "read"}[graph])

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +16,10 @@ import numpy as np
 from rmt_deploy import __version__
 from rmt_deploy.calibration.policies import policy_named
 from rmt_deploy.calibration.quantize import METHODS
-from rmt_deploy.contract import variants
-from rmt_deploy.errors import ConfigError, RmtError
+from rmt_deploy.contract import PREFILL, variants
+from rmt_deploy.errors import ConfigError, ValidationError
 from rmt_deploy.export.folder import check_target
-from rmt_deploy.export.int8 import Int8Options, add_int8
+from rmt_deploy.export.int8 import Int8Options, add_int8, quantizable
 from rmt_deploy.export.onnx_graph import DEFAULT_OPSET, EXPORTER, export_graph
 from rmt_deploy.export.precision import fp16_graph
 from rmt_deploy.export.validate import (
@@ -26,6 +29,8 @@ from rmt_deploy.export.validate import (
     enforce,
     enforce_agreement,
 )
+from rmt_deploy.export.validate_generation import compare_generation, enforce_generation
+from rmt_deploy.export.weights import WeightStore
 from rmt_deploy.files import atomic_folder, sha256_file
 from rmt_deploy.manifest import (
     PRECISIONS,
@@ -38,8 +43,6 @@ from rmt_deploy.manifest import (
 from rmt_deploy.model.base import ATTENTION
 from rmt_deploy.model.checkpoint import AuthorsOptions, LoadedCheckpoint, load_checkpoint
 from rmt_deploy.runtime.tokens import plain_tokenizer
-
-TWO_GB = 2**31
 
 
 @dataclass(frozen=True)
@@ -98,15 +101,16 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
     rmt, config = loaded.rmt, loaded.rmt.rmt_config
     graphs = {}
     contracts = variants(config)
+    store = WeightStore(stage)
     for name, contract in contracts.items():
         path = stage / contract.file
-        export_graph(rmt, path, name, options.opset)
-        if path.stat().st_size >= TWO_GB:
-            raise RmtError(f"{path.name} is over 2 GB, the limit of a single-file ONNX graph; "
-                           "models this large are not supported yet")
+        with _scratch(stage) as scratch:  # the exporter's own external data files land here
+            export_graph(rmt, scratch / contract.file, name, options.opset)
+            store.add_graph(scratch / contract.file, path)
         check_onnx(path)
-        graphs[name] = graph_spec(config, name, path)
-        log(f"wrote {path.name} ({path.stat().st_size / 1e6:.1f} MB), ONNX checks passed")
+        graphs[name] = graph_spec(config, name, path, data=store.reference)
+        log(f"wrote {path.name} ({path.stat().st_size / 1e6:.1f} MB graph, weights in "
+            f"{store.path.name}), ONNX checks passed")
 
     reference = TorchEngine(rmt, threads=options.threads)
     initial_memory = reference.initial_memory()
@@ -142,17 +146,45 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
         log(f"{mode.replace('_', ' ')} vs PyTorch: max abs error {errors}; memory cosine "
             f">= {results[mode]['min_memory_cosine']:.6f}")
     enforce(results, options.tolerance)
+    if PREFILL in candidate.graphs:
+        results["generation"] = compare_generation(reference, candidate, initial_memory)
+        _log_generation(results["generation"], "vs PyTorch", log)
+        enforce_generation(results["generation"], options.tolerance.open_loop)
     manifest.validation = {"fp32": results}
     if options.precision == "fp16":
-        _add_fp16(manifest, candidate, list(contracts), stage, options, log)
+        _add_fp16(manifest, candidate, list(contracts), stage, store, options, log)
     elif options.precision == "int8":
-        add_int8(manifest, candidate, {name: c.file for name, c in contracts.items()}, stage,
+        add_int8(manifest, candidate, {name: contracts[name].file for name in
+                                       quantizable(config)}, stage, store,
                  Int8Options(options.calibration, policy=options.int8_policy,
                              max_steps=options.calibration_steps,
                              min_agreement=options.min_agreement,
                              drift_segments=options.drift_segments,
                              method=options.calibration_method, threads=options.threads), log)
+    _seal_weights(manifest, store)
+    log(f"wrote {store.path.name} ({store.path.stat().st_size / 1e6:.1f} MB, "
+        f"{len(store.tensors)} tensors shared by {len(manifest.graphs)} graphs)")
     write_manifest(manifest, stage)
+
+
+@contextlib.contextmanager
+def _scratch(stage: Path) -> Iterator[Path]:
+    """A folder inside the staging folder, removed after use."""
+    folder = Path(tempfile.mkdtemp(prefix=".scratch-", dir=stage))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _seal_weights(manifest: Manifest, store: WeightStore) -> None:
+    """The finished weights file, hashed, in every graph's entry and in the manifest's
+    weights index."""
+    record = store.record()
+    entry = {"file": record["file"], "sha256": record["sha256"]}
+    manifest.graphs = {key: replace(spec, data=(entry,)) if spec.data else spec
+                       for key, spec in manifest.graphs.items()}
+    manifest.weights = {"file": record["file"], "tensors": record["tensors"]}
 
 
 def _check_precision(options: ExportOptions) -> None:
@@ -175,7 +207,7 @@ def _check_precision(options: ExportOptions) -> None:
 
 
 def _add_fp16(manifest: Manifest, fp32: Any, names: list[str], stage: Path,
-              options: ExportOptions, log: Callable[[str], None]) -> None:
+              store: WeightStore, options: ExportOptions, log: Callable[[str], None]) -> None:
     """Write, check and judge the FP16 graphs against the validated FP32 ones."""
     from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
     from rmt_deploy.runtime.options import RuntimeOptions
@@ -184,9 +216,12 @@ def _add_fp16(manifest: Manifest, fp32: Any, names: list[str], stage: Path,
     for name in names:
         source = stage / manifest.graphs[name].file
         target = source.with_suffix(".fp16.onnx")
-        fp16_graph(source, target)
+        with _scratch(stage) as scratch:
+            fp16_graph(source, scratch / target.name)
+            store.add_graph(scratch / target.name, target)
         check_onnx(target)
-        manifest.graphs[graph_key(name, "fp16")] = graph_spec(config, name, target, "fp16")
+        manifest.graphs[graph_key(name, "fp16")] = graph_spec(config, name, target, "fp16",
+                                                             data=store.reference)
         log(f"wrote {target.name} ({target.stat().st_size / 1e6:.1f} MB), ONNX checks passed")
     candidate = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=options.threads,
                                                            precision="fp16"))
@@ -199,7 +234,22 @@ def _add_fp16(manifest: Manifest, fp32: Any, names: list[str], stage: Path,
         + f"; memory cosine >= {drift['min_memory_cosine']:.6f}; predictions agree "
         f"{drift['agreement']:.2%}")
     enforce_agreement(results, options.min_agreement, "the FP16 graph")
+    if PREFILL in candidate.graphs:
+        results["generation"] = compare_generation(fp32, candidate,
+                                                   manifest.load_initial_memory())
+        _log_generation(results["generation"], "fp16 vs fp32", log)
+        if results["generation"]["generated_same"] < options.min_agreement:
+            raise ValidationError(
+                f"the FP16 graphs generate the FP32 tokens in "
+                f"{results['generation']['generated_same']:.0%} of the validation rows, "
+                f"below {options.min_agreement:.0%}; export FP32 only")
     manifest.validation["fp16"] = results
+
+
+def _log_generation(results: dict[str, Any], what: str, log: Callable[[str], None]) -> None:
+    errors = ", ".join(f"{k} {v:.2e}" for k, v in results["max_abs"].items())
+    log(f"generation {what}: {results['generated_same']:.0%} of {results['rows']} rows "
+        f"generate the same {results['new_tokens']} tokens; max abs error {errors}")
 
 
 def _ort_version() -> str:

@@ -40,13 +40,12 @@ def build_decoder_base(config: transformers.PretrainedConfig) -> transformers.Pr
 
 
 class StepVariant(torch.nn.Module):
-    """One method of an RMT (``forward``, ``write``, ``read``) as a module of its own, for
-    export: ``forward(input_ids, attention_mask, memory)`` calls it."""
+    """One method of an RMT (``forward``, ``write``, ``prefill``, ``decode``) as a module
+    of its own, for export: ``forward(*inputs)`` calls it with the variant's inputs."""
 
     def __init__(self, rmt: torch.nn.Module, method: str) -> None:
         super().__init__()
         self.rmt, self.method = rmt, method
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                memory: torch.Tensor):
-        return getattr(self.rmt, self.method)(input_ids, attention_mask, memory)
+    def forward(self, *inputs: torch.Tensor):
+        return getattr(self.rmt, self.method)(*inputs)

@@ -17,9 +17,11 @@ from rmt_deploy.errors import BackendError, InputError, NumericError
 from rmt_deploy.files import sha256_file
 from rmt_deploy.manifest import MANIFEST_NAME
 from rmt_deploy.runtime.backends.base import StepEngine
-from rmt_deploy.runtime.loop import last_segments, run_segments
+from rmt_deploy.runtime.generation import GenerationOptions
+from rmt_deploy.runtime.loop import last_segments, never, run_segments
 from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput, Run, encoder_output
 from rmt_deploy.runtime.scoring import PerplexityMeter
+from rmt_deploy.runtime.selection import BackendChoice
 from rmt_deploy.runtime.session import StreamSession
 from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.runtime.tokens import Document, TokenSource, document_source
@@ -34,8 +36,10 @@ class RMTModel:
     """An RMT ready to run on one backend."""
 
     def __init__(self, engine: StepEngine, initial_memory: np.ndarray,
-                 tokenizer=None, description: str = "") -> None:
+                 tokenizer=None, description: str = "",
+                 choice: BackendChoice | None = None) -> None:
         self.engine = engine
+        self.choice = choice  # which backend and settings, and why (None: given an engine)
         self.config: RMTConfig = engine.config
         self.initial_memory = np.asarray(initial_memory, dtype=np.float32)
         self.tokenizer = tokenizer
@@ -68,18 +72,20 @@ class RMTModel:
         """A session from ``StreamSession.save()``'s bytes, saved from this model."""
         return StreamSession.restore(self, data)
 
-    def run(self, documents: Sequence[Document], generate: int = 0,
+    def run(self, documents: Sequence[Document], generate: int | GenerationOptions = 0,
             progress: Progress | None = None) -> Run:
-        """Run a batch of documents with the authors' per-row semantics."""
+        """Run a batch of documents with the authors' per-row semantics. Decoders score
+        each document's perplexity, or, with ``generate`` (a token count or
+        :class:`GenerationOptions`), generate after it instead: then no segment's logits
+        are computed but those generation reads."""
         if isinstance(documents, (str, bytes, bytearray, Path, np.ndarray)) or not isinstance(
                 documents, Sequence):
             raise InputError("documents must be a list (one entry per document); wrap a "
                              "single document in a list or use run_one()")
         if not documents:
             raise InputError("no documents given")
-        if generate < 0:
-            raise InputError(f"generate must be >= 0, got {generate}")
-        if generate and self.config.is_encoder:
+        options = _generation_options(generate)
+        if options is not None and self.config.is_encoder:
             raise InputError("generation needs a decoder RMT; this model is an encoder")
         started = time.perf_counter()
         with ExitStack() as stack:
@@ -89,11 +95,11 @@ class RMTModel:
             if self.config.is_encoder:
                 outputs = self._run_encoder(sources, progress)
             else:
-                outputs = self._run_decoder(sources, generate, progress)
+                outputs = self._run_decoder(sources, options, progress)
         return Run(outputs, self.backend, getattr(self.engine, "precision", "fp32"),
-                   time.perf_counter() - started)
+                   time.perf_counter() - started, self.choice)
 
-    def run_one(self, document: Document, generate: int = 0,
+    def run_one(self, document: Document, generate: int | GenerationOptions = 0,
                 progress: Progress | None = None) -> EncoderOutput | DecoderOutput:
         """Run a single document."""
         return self.run([document], generate, progress).outputs[0]
@@ -134,60 +140,38 @@ class RMTModel:
         return [encoder_output(self.config, last_logits[row], memory[row], len(source))
                 for row, source in enumerate(sources)]
 
-    def _run_decoder(self, sources, generate, progress) -> list[DecoderOutput]:
+    def _run_decoder(self, sources, options: GenerationOptions | None,
+                     progress) -> list[DecoderOutput]:
         meters = [PerplexityMeter() for _ in sources]
         advance = self._tracker(sources, progress)
 
         def score(rows, segments, logits):
             for position, row in enumerate(rows):
-                tokens = segments[position]
-                meters[row].add(tokens, logits[position, : len(tokens)])
+                if logits is not None:
+                    tokens = segments[position]
+                    meters[row].add(tokens, logits[position, : len(tokens)])
             advance()
 
+        rows = range(len(sources))
+        generated: list[list[int]] = [[] for _ in sources]
         with self._stepper(len(sources)) as stepper:
-            run_segments(stepper, sources, score, skip_last=bool(generate))
-            memory = stepper.memories(range(len(sources)))
-            generated = [self._generate(stepper, row, source, meters[row], generate)
-                         if generate else [] for row, source in enumerate(sources)]
+            if options is None:
+                run_segments(stepper, sources, score)
+            else:  # every segment but the last writes memory; generation reads the last
+                run_segments(stepper, sources, score, skip_last=True, wants_logits=never)
+                lasts = [source.tokens(*segment_range(len(source), count_segments(
+                    len(source), self.config) - 1, self.config)) for source in sources]
+                generated = stepper.generate(rows, lasts, options)
+                advance()
+            memory = stepper.memories(rows)
         self._check_finite(memory, [np.array(meter.nll) for meter in meters])
-        outputs = []
-        for row, source in enumerate(sources):
-            text = (self.tokenizer.decode(generated[row])
-                    if self.tokenizer and generated[row] else None)
-            outputs.append(DecoderOutput(
-                perplexity=meters[row].perplexity, tokens=len(source),
-                segments=count_segments(len(source), self.config), memory=memory[row],
-                generated_ids=generated[row], generated=text,
-            ))
-        if generate:
-            advance()  # every row's last segment, read while generating
-        return outputs
-
-    def _generate(self, stepper: Stepper, row: int, source: TokenSource,
-                  meter: PerplexityMeter, max_new_tokens: int) -> list[int]:
-        """Read the row's last segment without write slots, then extend it greedily."""
-        config = self.config
-        last = count_segments(len(source), config) - 1
-        tokens = source.tokens(*segment_range(len(source), last, config))
-        limit = config.max_positions
-        if limit is not None and config.num_mem_tokens + len(tokens) + max_new_tokens - 1 > limit:
-            raise InputError(
-                f"cannot generate {max_new_tokens} tokens: the last segment would exceed the "
-                f"model's {limit} positions; ask for at most "
-                f"{limit - config.num_mem_tokens - len(tokens) + 1}"
-            )
-        context = tokens.astype(np.int64)
-        generated: list[int] = []
-        for _ in range(max_new_tokens):
-            logits = stepper.read(row, context[None], np.ones((1, len(context)), np.int64))
-            if not generated:
-                meter.add(tokens, logits[0, : len(tokens)])
-            next_id = int(logits[0, -1].argmax())
-            generated.append(next_id)
-            if next_id == config.eos_token_id:
-                break
-            context = np.append(context, next_id)
-        return generated
+        return [DecoderOutput(
+            perplexity=None if options is not None else meters[row].perplexity,
+            tokens=len(source), segments=count_segments(len(source), self.config),
+            memory=memory[row], generated_ids=generated[row],
+            generated=(self.tokenizer.decode(generated[row])
+                       if self.tokenizer and generated[row] else None),
+        ) for row, source in enumerate(sources)]
 
     @staticmethod
     def _check_finite(memory: np.ndarray, results: Sequence[np.ndarray | None]) -> None:
@@ -198,6 +182,16 @@ class RMTModel:
             raise NumericError("the model produced NaN or infinity (in its memory or "
                                "logits); the export or its weights are damaged: re-export "
                                "it, or check the checkpoint with rmt-export")
+
+
+def _generation_options(generate: int | GenerationOptions) -> GenerationOptions | None:
+    """``run``'s generate argument as options (None: no generation)."""
+    if isinstance(generate, GenerationOptions):
+        return generate
+    if isinstance(generate, bool) or not isinstance(generate, int) or generate < 0:
+        raise InputError(f"generate must be a token count >= 0 or GenerationOptions, got "
+                         f"{generate!r}")
+    return GenerationOptions(generate) if generate else None
 
 
 def _identity(description: str, config: RMTConfig, initial_memory: np.ndarray) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rmt_deploy.runtime.scoring import softmax
+from rmt_deploy.runtime.selection import BackendChoice
 from rmt_deploy.segmentation import count_segments
 from rmt_deploy.spec import RMTConfig
 
@@ -27,7 +28,7 @@ class EncoderOutput:
 class DecoderOutput:
     """A document scored by a language model, and what it generates after it."""
 
-    perplexity: float  # over the document's next-token predictions
+    perplexity: float | None  # over the next-token predictions (None when generating)
     tokens: int
     segments: int
     memory: np.ndarray  # [M, H], the memory written by the last segment that wrote it
@@ -43,6 +44,7 @@ class Run:
     backend: str
     precision: str
     seconds: float
+    choice: BackendChoice | None = None  # why this backend and its settings
 
     @property
     def tokens(self) -> int:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 
 from rmt_deploy.errors import InputError
 from rmt_deploy.runtime.backends.base import EngineState, StepEngine
+from rmt_deploy.runtime.generation import GenerationOptions, generate
 from rmt_deploy.segmentation import step_inputs
 
 MAX_STATES = 8  # engine states kept for reuse, one per batch size, least recently used out
@@ -94,12 +95,21 @@ class Stepper:
                 result = result[np.argsort(order)]
             return result
 
-    def read(self, key: Hashable, input_ids: np.ndarray,
-             attention_mask: np.ndarray) -> np.ndarray:
-        """Decoders: logits of ``[memory ; tokens]`` for one row, without writing memory."""
+    def generate(self, keys: Sequence[Hashable], segments: Sequence[np.ndarray],
+                 options: GenerationOptions,
+                 on_logits: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
+        """Decoders: the tokens each row ``keys[i]`` generates after ``segments[i]``, from
+        its memory (which generation leaves unchanged); ``on_logits`` sees every step's
+        logits (rows in ``keys`` order)."""
         with self._lock:
-            state, _ = self._resident([key])
-            return state.read(input_ids, attention_mask)
+            state, order = self._resident(keys)
+            if order is None:
+                return generate(state, self.config, segments, options, on_logits)
+            back = np.argsort(order)
+            shown = None if on_logits is None else (lambda logits: on_logits(logits[back]))
+            generated = generate(state, self.config, [segments[i] for i in order], options,
+                                 shown)
+            return [generated[i] for i in back]
 
     def close(self) -> None:
         """Free every engine state; rows are forgotten."""

@@ -20,7 +20,7 @@ from conftest import make_decoder, make_encoder, write_bert_folder, write_gpt2_f
 from tokenizers import Tokenizer
 
 import rmt_deploy
-from rmt_deploy.contract import READ, STEP, WRITE, variants
+from rmt_deploy.contract import DECODE, PREFILL, STEP, WRITE, variants
 from rmt_deploy.errors import ManifestError, RmtError, ValidationError
 from rmt_deploy.export.pipeline import ExportOptions, default_output, export_checkpoint
 from rmt_deploy.export.validate import Tolerance
@@ -39,8 +39,9 @@ torch.set_num_threads(1)  # a training job shares this machine's two cores
 FAST = ExportOptions(validation_segments=3, threads=1)
 FAILING = ExportOptions(tolerance=Tolerance(open_loop=1e-30, closed_loop=1e-30),
                         validation_segments=2, threads=1)
-ENCODER_FILES = {"model.onnx", "write.onnx", "rmt.json", "memory_init.npy", "tokenizer.json"}
-DECODER_FILES = ENCODER_FILES | {"generate.onnx"}
+ENCODER_FILES = {"model.onnx", "write.onnx", "weights.data", "rmt.json", "memory_init.npy",
+                 "tokenizer.json"}
+DECODER_FILES = ENCODER_FILES | {"prefill.onnx", "decode.onnx"}
 LABELS = ("a", "b", "c")
 
 
@@ -82,10 +83,12 @@ def assert_same_results(exported: RMTModel, reference: RMTModel, documents, gene
         if exported.config.is_encoder:
             assert a.label == b.label
             np.testing.assert_allclose(a.logits, b.logits, atol=1e-4, rtol=0)
+        elif generate:  # generation computes no perplexity
+            assert a.perplexity is None and b.perplexity is None
+            assert a.generated_ids == b.generated_ids and len(a.generated_ids) >= 1
         else:
             assert math.isfinite(a.perplexity)
             assert a.perplexity == pytest.approx(b.perplexity, rel=1e-4)
-            assert a.generated_ids == b.generated_ids
 
 
 def authors_bert_checkpoint(folder: Path, rmt) -> Path:
@@ -121,7 +124,7 @@ def test_export_folder_and_manifest(variant, request):
     assert hidden_leftovers(folder.parent) == []
 
     data = json.loads((folder / "rmt.json").read_text())
-    assert data["format"] == "rmt-deploy-export" and data["format_version"] == 1
+    assert data["format"] == "rmt-deploy-export" and data["format_version"] == 2
     loaded = load_checkpoint(checkpoint)
     config = loaded.rmt.rmt_config
     assert RMTConfig.from_dict(data["rmt_config"]) == config
@@ -130,7 +133,7 @@ def test_export_folder_and_manifest(variant, request):
     # tensor names and shapes: batch dynamic; decoder tokens dynamic, encoder positions fixed
     graphs = data["graphs"]
     assert set(graphs) == ({"step", "write"} if variant == "encoder"
-                           else {"step", "write", "read"})
+                           else {"step", "write", "prefill", "decode"})
     positions = config.input_size if variant == "encoder" else "tokens"
     ids_shape = ["batch", positions]
     logits_shape = (["batch", len(config.labels)] if variant == "encoder"
@@ -148,13 +151,26 @@ def test_export_folder_and_manifest(variant, request):
     assert write["file"] == "write.onnx"
     assert write["inputs"] == step["inputs"] and write["outputs"] == step["outputs"][1:]
     if variant == "decoder":
-        read = graphs["read"]
-        assert read["file"] == "generate.onnx"
-        assert read["inputs"] == step["inputs"]
-        assert read["outputs"] == step["outputs"][:1]
+        kv = [config.cache_heads, config.head_dim]
+        prefill, decode = graphs["prefill"], graphs["decode"]
+        assert (prefill["file"], decode["file"]) == ("prefill.onnx", "decode.onnx")
+        assert prefill["inputs"] == step["inputs"]
+        assert [t["name"] for t in decode["inputs"]] == ["input_ids", "attention_mask"] + [
+            f"past.{i}.{k}" for i in range(config.cache_layers) for k in ("key", "value")]
+        assert decode["inputs"][2]["shape"] == ["batch", kv[0], "past", kv[1]]
+        assert decode["outputs"][0] == prefill["outputs"][0] == {
+            "name": "logits", "dtype": "float32", "shape": ["batch", config.vocab_size]}
+        assert prefill["outputs"][1]["shape"] == ["batch", kv[0], "context", kv[1]]
+        assert decode["outputs"][1]["shape"] == ["batch", kv[0], "total", kv[1]]
+    weights = {"file": "weights.data", "sha256": sha256(folder / "weights.data")}
     for graph in graphs.values():
         assert graph["precision"] == "fp32"
         assert graph["sha256"] == sha256(folder / graph["file"])
+        assert graph["data"] == [weights]  # every graph reads the one weights file
+    tensors = data["weights"]["tensors"]
+    assert data["weights"]["file"] == "weights.data" and tensors
+    assert (folder / "weights.data").stat().st_size == max(
+        t["offset"] + t["bytes"] for t in tensors.values())
 
     # initial memory, tokenizer, source
     init = data["initial_memory"]
@@ -183,14 +199,19 @@ def test_export_folder_and_manifest(variant, request):
     assert results["runtime"] == f"onnxruntime {ort.__version__}"
     tolerance = results["tolerance"]
     assert tolerance == {"open_loop": 1e-4, "closed_loop": 1e-3}
-    outputs = {"logits", "memory_out", "write_memory_out"} | (
-        {"read_logits"} if variant == "decoder" else set())
+    outputs = {"logits", "memory_out", "write_memory_out"}
     for mode in ("open_loop", "closed_loop"):
         errors = results[mode]["max_abs"]
         assert set(errors) == outputs, mode
         for name, error in errors.items():
             assert 0 <= error <= tolerance[mode], (mode, name, error)
         assert 0.999 < results[mode]["min_memory_cosine"] <= 1 + 1e-9
+
+    if variant == "decoder":  # generation with the KV cache: the reference's tokens
+        generation = results["generation"]
+        assert generation["generated_same"] == 1 and generation["rows"] == 4
+        assert set(generation["max_abs"]) == {"prefill_logits", "decode_logits"}
+        assert max(generation["max_abs"].values()) <= tolerance["open_loop"]
 
     # and the library reads it back, every hash verified
     manifest = read_manifest(folder)
@@ -247,8 +268,9 @@ def test_onnx_graphs_are_valid_and_batch_dynamic(variant, request):
     folder = request.getfixturevalue(f"{variant}_export")
     rmt = load_checkpoint(request.getfixturevalue(f"{variant}_checkpoint")).rmt
     config = rmt.rmt_config
-    methods = {STEP: "forward", WRITE: "write", READ: "read"}
-    for graph, contract in variants(config).items():
+    methods = {STEP: "forward", WRITE: "write"}  # generation graphs: test_generation_graphs
+    for graph in methods:
+        contract = variants(config)[graph]
         file, names = contract.file, [t.name for t in contract.outputs]
         model = onnx.load(folder / file)
         onnx.checker.check_model(model, full_check=True)
@@ -304,6 +326,21 @@ def test_onnx_graphs_are_valid_and_batch_dynamic(variant, request):
                     b = b[row][:real] if variant == "decoder" and names[index] == "logits" \
                         else b[row]
                     np.testing.assert_allclose(a[0], b, atol=1e-5, rtol=0)
+
+
+def test_generation_graphs_are_valid_and_their_axes_dynamic(decoder_export, decoder_checkpoint):
+    config = load_checkpoint(decoder_checkpoint).rmt.rmt_config
+    for graph in (PREFILL, DECODE):
+        contract = variants(config)[graph]
+        model = onnx.load(decoder_export / contract.file)
+        onnx.checker.check_model(model, full_check=True)
+        declared = {t.name: list(t.shape) for t in (*contract.inputs, *contract.outputs)}
+        found = {v.name: dims(v) for v in (*model.graph.input, *model.graph.output)}
+        assert found.keys() == declared.keys()
+        for name, shape in declared.items():
+            for want, got in zip(shape, found[name], strict=True):
+                assert got == want if isinstance(want, int) else isinstance(got, str), (
+                    graph, name, found[name])
 
 
 # ---------------------------------------------------------------- authors' checkpoints

@@ -52,7 +52,7 @@ def test_plans_are_built_with_polygraphys_loaders_strongly_typed_without_precisi
                             drift_segments=6)
     manifest = build_engines(folder, options)
     assert [call["path"].rsplit("/", 1)[-1] for call in builder.networks] == [
-        "model.onnx", "write.onnx", "generate.onnx"]
+        "model.onnx", "write.onnx", "prefill.onnx", "decode.onnx"]
     assert all(call["strongly_typed"] is True for call in builder.networks)
     precision_flags = {"fp16", "int8", "bf16", "fp8", "tf32", "precision_constraints"}
     trt = builder.trt

@@ -182,8 +182,7 @@ def test_generation_equals_reference(request, model_name, decoder_ref, decoder_c
     tokenizer = Tokenizer.from_str(load_checkpoint(decoder_checkpoint).tokenizer_json)
     assert isinstance(output.generated, str)
     assert output.generated == tokenizer.decode(expected)
-    # generating reads the last segment instead of writing it: same perplexity
-    assert output.perplexity == pytest.approx(model.run_one(doc).perplexity, rel=1e-5)
+    assert output.perplexity is None  # generating computes no segment's token logits
 
 
 def test_generation_in_a_batch_equals_single_runs(decoder_onnx, decoder_ref):
@@ -208,10 +207,12 @@ def test_torch_backend_equals_onnx_backend(encoder_onnx, encoder_torch, decoder_
         assert (ours.tokens, ours.segments) == (theirs.tokens, theirs.segments)
     for ours, theirs in zip(decoder_onnx.run(DECODER_DOCS, generate=4).outputs,
                             decoder_torch.run(DECODER_DOCS, generate=4).outputs, strict=True):
-        assert ours.perplexity == pytest.approx(theirs.perplexity, rel=1e-4)
         np.testing.assert_allclose(ours.memory, theirs.memory, atol=1e-3, rtol=0)
         assert ours.generated_ids == theirs.generated_ids
         assert ours.generated == theirs.generated
+    for ours, theirs in zip(decoder_onnx.run(DECODER_DOCS).outputs,
+                            decoder_torch.run(DECODER_DOCS).outputs, strict=True):
+        assert ours.perplexity == pytest.approx(theirs.perplexity, rel=1e-4)
 
 
 # -- inputs -------------------------------------------------------------------------------
@@ -289,7 +290,7 @@ def test_open_errors(tmp_path, encoder_export, decoder_export, encoder_checkpoin
     text = tmp_path / "model.txt"
     text.write_text("w1")
     cases = [
-        (decoder_export / "generate.onnx", {}, ManifestError, "not the step graph"),
+        (decoder_export / "prefill.onnx", {}, ManifestError, "not the step graph"),
         (stray / "other.onnx", {}, ManifestError, "not the step graph"),
         (no_manifest, {}, ManifestError, MANIFEST_NAME),
         (no_manifest / "model.onnx", {}, ManifestError, MANIFEST_NAME),

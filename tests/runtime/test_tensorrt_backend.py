@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fake_tensorrt import FakeCuda, fake_tensorrt, plan_bytes
 
-from rmt_deploy.contract import variants
+from rmt_deploy.contract import BatchProfile, profile_shapes, variants
 from rmt_deploy.files import sha256_file
 from rmt_deploy.manifest import MANIFEST_NAME, read_manifest
 from rmt_deploy.runtime import SessionPool, open_model
@@ -36,10 +36,13 @@ def with_plans(export, folder):
     data = json.loads((folder / MANIFEST_NAME).read_text())
     for name, variant in variants(manifest.config).items():
         (folder / variant.plan_file).write_bytes(plan_bytes(folder / variant.file))
+        profile = profile_shapes(manifest.config, name, BatchProfile(1, 4, 8), 16)
         data["engines"][name] = {
             "file": variant.plan_file, "sha256": sha256_file(folder / variant.plan_file),
             "precision": "fp32", "source_graph": variant.file, "tensorrt": "10.13.0",
-            "gpu": "Fake GPU", "compute_capability": "9.0"}
+            "gpu": "Fake GPU", "compute_capability": "9.0",
+            "profile": {tensor: [list(shape) for shape in shapes]
+                        for tensor, shapes in profile.items()}}
     (folder / MANIFEST_NAME).write_text(json.dumps(data))
     return folder
 

@@ -6,26 +6,34 @@ from __future__ import annotations
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from rmt_deploy.contract import READ, STEP, WRITE, Tensor
+from rmt_deploy.contract import DECODE, PREFILL, STEP, WRITE, Tensor
 from rmt_deploy.errors import BackendError
 from rmt_deploy.manifest import Manifest, graph_key
 from rmt_deploy.spec import RMTConfig
 
-NO_READ_GRAPH = ("this export has no read graph (generation needs a decoder exported by "
-                 "rmt-export)")
+NO_GENERATION = ("this model cannot generate: it needs a decoder exported with its prefill "
+                 "and decode graphs (re-export it with rmt-export)")
 
 
 def precision_graphs(manifest: Manifest, precision: str) -> dict[str, str]:
-    """Manifest keys of the graphs of one precision that the export has, by variant."""
+    """Manifest keys of the graphs of one precision that the export has, by variant; a
+    variant with no graph of that precision (INT8 exports: prefill and decode) runs its
+    FP32 graph."""
     if graph_key(STEP, precision) not in manifest.graphs:
         available = sorted({spec.precision for spec in manifest.graphs.values()})
         raise BackendError(f"this export has no {precision} graph (it has "
                            f"{', '.join(available)}); re-export with --precision {precision}")
-    keys = {graph: graph_key(graph, precision) for graph in (STEP, WRITE, READ)}
-    return {graph: key for graph, key in keys.items() if key in manifest.graphs}
+    keys = {}
+    for graph in (STEP, WRITE, PREFILL, DECODE):
+        key = next((k for k in (graph_key(graph, precision), graph) if k in manifest.graphs),
+                   None)
+        if key is not None:
+            keys[graph] = key
+    return keys
 
 
 def check_io(where: str, declared: tuple[Tensor, ...], actual: dict[str, tuple[str, tuple]],
@@ -73,10 +81,20 @@ class EngineState(ABC):
         logits on the host, or None with ``logits=False``: then the write graph runs
         where the export has one (no head, nothing copied to the host)."""
 
-    def read(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Decoders: logits of ``[memory ; tokens]`` with no write slots; the memory is left
-        unchanged."""
-        raise BackendError(NO_READ_GRAPH)
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray
+                ) -> tuple[np.ndarray, Any]:
+        """Decoders: generation's first step, ``[memory ; tokens]`` read without write
+        slots (the memory is left unchanged). Returns the logits after each row's last
+        real token [batch, vocab] and the keys and values it cached, in the backend's own
+        buffers."""
+        raise BackendError(NO_GENERATION)
+
+    def decode(self, cache: Any, input_ids: np.ndarray, attention_mask: np.ndarray
+               ) -> tuple[np.ndarray, Any]:
+        """Decoders: one generated token a row (``input_ids`` [batch, 1]) with ``cache``
+        (from :meth:`prefill` or the last decode); ``attention_mask`` covers the cached
+        positions and the new one. Returns its logits [batch, vocab] and the grown cache."""
+        raise BackendError(NO_GENERATION)
 
     def close(self) -> None:
         """Free the backend's buffers; the state cannot be used after."""

@@ -6,24 +6,29 @@ the token ids in and, where they are read, the logits out."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rmt_deploy.contract import (
     ATTENTION_MASK,
+    DECODE,
     INPUT_IDS,
     LOGITS,
     MEMORY_IN,
     MEMORY_OUT,
-    READ,
+    PREFILL,
     STEP,
     WRITE,
+    past_names,
+    present_names,
 )
 from rmt_deploy.errors import BackendError
 from rmt_deploy.manifest import Manifest
 from rmt_deploy.runtime.backends.base import (
-    NO_READ_GRAPH,
+    NO_GENERATION,
     EngineState,
     StepEngine,
     check_io,
@@ -57,6 +62,10 @@ class OnnxRuntimeEngine(StepEngine):
         self.device = device
         providers = (["CUDAExecutionProvider"] if device == "cuda" else []) + [
             "CPUExecutionProvider"]
+        self.fusions = bool(options.fusions)
+        if self.fusions and (device != "cpu" or not self.config.is_encoder):
+            raise BackendError("ONNX Runtime's transformer fusions apply to encoder graphs on "
+                               "the CPU; drop them here")
         session_options = ort.SessionOptions()
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if options.threads:
@@ -65,8 +74,9 @@ class OnnxRuntimeEngine(StepEngine):
         for graph, key in precision_graphs(manifest, options.precision).items():
             spec = manifest.graphs[key]
             path = manifest.path(spec.file)
+            source = _fused(path) if self.fusions else str(path)
             try:
-                session = ort.InferenceSession(str(path), session_options, providers=providers)
+                session = ort.InferenceSession(source, session_options, providers=providers)
             except Exception as error:  # ORT raises its own non-exported types
                 first = str(error).strip().splitlines()[0][:200]
                 raise BackendError(f"{path}: ONNX Runtime cannot load it ({first}); "
@@ -87,8 +97,32 @@ class OnnxRuntimeEngine(StepEngine):
         return self._ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device)
 
 
+def _fused(path: Path) -> bytes:
+    """The graph with ONNX Runtime's transformer fusions (attention, SkipLayerNormalization,
+    bias + GELU, where they match), made in memory: no file is written."""
+    try:
+        import onnx
+        from onnxruntime.transformers.fusion_options import FusionOptions
+        from onnxruntime.transformers.optimizer import optimize_by_fusion
+    except ImportError:
+        raise BackendError("ONNX Runtime's transformer fusions need the onnx package: pip "
+                           "install onnx, or drop them") from None
+    quiet = logging.getLogger("onnxruntime.transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # it logs each fusion it did not find
+    try:  # heads and width are read from the graph
+        fused = optimize_by_fusion(onnx.load(str(path)), "bert", 0, 0, FusionOptions("bert"))
+    except Exception as error:  # its fusions assert what they expect of a graph
+        raise BackendError(f"{path}: ONNX Runtime's transformer fusions fail on it "
+                           f"({type(error).__name__}); drop them") from None
+    finally:
+        quiet.setLevel(level)
+    return fused.model.SerializeToString()
+
+
 class _Binding:
-    """One graph's IOBinding at one input width and memory parity."""
+    """One step-like graph's IOBinding (step, write or prefill) at one input width and
+    memory parity; a prefill's cache outputs are allocated by ONNX Runtime each run."""
 
     def __init__(self, engine: OnnxRuntimeEngine, graph: str, memory_in: Any,
                  memory_out: Any | None, shape: tuple[int, int]) -> None:
@@ -102,11 +136,14 @@ class _Binding:
         self.logits = None
         if graph != WRITE:
             logits_shape = ((shape[0], len(config.labels)) if config.is_encoder
+                            else (shape[0], config.vocab_size) if graph == PREFILL
                             else (*shape, config.vocab_size))
             self.logits = engine.ortvalue(logits_shape, np.float32)
             self.binding.bind_ortvalue_output(LOGITS, self.logits)
         if memory_out is not None:
             self.binding.bind_ortvalue_output(MEMORY_OUT, memory_out)
+        for name in present_names(config) if graph == PREFILL else ():
+            self.binding.bind_output(name, engine.device)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, logits: bool
             ) -> np.ndarray | None:
@@ -129,12 +166,9 @@ class _State(EngineState):
     def _binding(self, graph: str, shape: tuple[int, int]) -> _Binding:
         key = (graph, shape[1], self._parity)
         if key not in self._bindings:
-            memory_out = self._buffers[1 - self._parity] if graph != READ else None
-            binding = _Binding(self._engine, graph, self._buffers[self._parity], memory_out,
-                               shape)
-            if graph == READ:  # generation reads ever longer contexts: nothing to reuse
-                return binding
-            self._bindings[key] = binding
+            memory_out = self._buffers[1 - self._parity] if graph != PREFILL else None
+            self._bindings[key] = _Binding(self._engine, graph, self._buffers[self._parity],
+                                           memory_out, shape)
         return self._bindings[key]
 
     def load(self, memory: np.ndarray) -> None:
@@ -151,10 +185,31 @@ class _State(EngineState):
         self._parity ^= 1
         return result
 
-    def read(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        if READ not in self._engine.sessions:
-            raise BackendError(NO_READ_GRAPH)
-        return self._binding(READ, input_ids.shape).run(input_ids, attention_mask, True)
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray
+                ) -> tuple[np.ndarray, list[Any]]:
+        if PREFILL not in self._engine.sessions:
+            raise BackendError(NO_GENERATION)
+        binding = self._binding(PREFILL, input_ids.shape)
+        logits = binding.run(input_ids, attention_mask, True)
+        return logits, binding.binding.get_outputs()[1:]
+
+    def decode(self, cache: list[Any], input_ids: np.ndarray, attention_mask: np.ndarray
+               ) -> tuple[np.ndarray, list[Any]]:
+        """The cache stays in ONNX Runtime's buffers: each step's outputs are bound as the
+        next step's inputs; only the logits come to the host."""
+        engine = self._engine
+        session = engine.sessions[DECODE]
+        binding = session.io_binding()
+        binding.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input(ATTENTION_MASK,
+                               np.ascontiguousarray(attention_mask, dtype=np.int64))
+        for name, value in zip(past_names(engine.config), cache, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        for name in (LOGITS, *present_names(engine.config)):
+            binding.bind_output(name, engine.device)
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy(), outputs[1:]
 
     def close(self) -> None:
         self._bindings.clear()

@@ -11,18 +11,21 @@ import numpy as np
 
 from rmt_deploy.contract import (
     ATTENTION_MASK,
+    DECODE,
     INPUT_IDS,
     LOGITS,
     MEMORY_IN,
     MEMORY_OUT,
-    READ,
+    PREFILL,
     STEP,
     WRITE,
+    past_names,
+    present_names,
 )
 from rmt_deploy.errors import BackendError
 from rmt_deploy.manifest import Manifest
 from rmt_deploy.runtime.backends.base import (
-    NO_READ_GRAPH,
+    NO_GENERATION,
     EngineState,
     StepEngine,
     check_io,
@@ -59,8 +62,9 @@ class OpenVinoEngine(StepEngine):
         self.precision = options.precision if options.precision != "fp32" else self.compute
         settings: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": "bf16" if self.compute == "bf16" else "f32",
-            "PERFORMANCE_HINT": "LATENCY",
+            "PERFORMANCE_HINT": (options.hint or "latency").upper(),
         }
+        self.hint = options.hint or "latency"
         if options.threads:
             settings["INFERENCE_NUM_THREADS"] = options.threads
         core = ov.Core()
@@ -105,6 +109,9 @@ class _State(EngineState):
         self._parity = 0
         self._requests = {name: model.create_infer_request()  # requests are not thread-safe
                           for name, model in engine.compiled.items()}
+        # decode steps alternate between two requests: one's outputs are the other's inputs
+        self._decoders = [self._requests[DECODE], engine.compiled[DECODE].create_infer_request()
+                          ] if DECODE in engine.compiled else []
 
     def load(self, memory: np.ndarray) -> None:
         self._buffers[self._parity].data[...] = memory
@@ -118,7 +125,7 @@ class _State(EngineState):
         request.set_tensor(ATTENTION_MASK,
                            ov.Tensor(np.ascontiguousarray(attention_mask, np.int64)))
         request.set_tensor(MEMORY_IN, self._buffers[self._parity])
-        if graph != READ:
+        if graph != PREFILL:
             request.set_tensor(MEMORY_OUT, self._buffers[1 - self._parity])
         request.infer()
         return request
@@ -133,13 +140,30 @@ class _State(EngineState):
         self._parity ^= 1
         return np.array(request.get_tensor(LOGITS).data, dtype=np.float32) if logits else None
 
-    def read(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        if READ not in self._requests:
-            raise BackendError(NO_READ_GRAPH)
-        request = self._run(READ, input_ids, attention_mask)
-        return np.array(request.get_tensor(LOGITS).data, dtype=np.float32)
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray
+                ) -> tuple[np.ndarray, list[Any]]:
+        if PREFILL not in self._requests or not self._decoders:
+            raise BackendError(NO_GENERATION)
+        request = self._run(PREFILL, input_ids, attention_mask)
+        cache = [request.get_tensor(name) for name in present_names(self._engine.config)]
+        return np.array(request.get_tensor(LOGITS).data, dtype=np.float32), cache
+
+    def decode(self, cache: list[Any], input_ids: np.ndarray, attention_mask: np.ndarray
+               ) -> tuple[np.ndarray, list[Any]]:
+        ov, config = self._engine._ov, self._engine.config
+        request = self._decoders[0]
+        self._decoders.reverse()
+        request.set_tensor(INPUT_IDS, ov.Tensor(np.ascontiguousarray(input_ids, np.int64)))
+        request.set_tensor(ATTENTION_MASK,
+                           ov.Tensor(np.ascontiguousarray(attention_mask, np.int64)))
+        for name, tensor in zip(past_names(config), cache, strict=True):
+            request.set_tensor(name, tensor)
+        request.infer()
+        cache = [request.get_tensor(name) for name in present_names(config)]
+        return np.array(request.get_tensor(LOGITS).data, dtype=np.float32), cache
 
     def close(self) -> None:
         self._requests.clear()
+        self._decoders.clear()
         self._buffers.clear()
         super().close()

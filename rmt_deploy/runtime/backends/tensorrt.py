@@ -17,18 +17,21 @@ import numpy as np
 
 from rmt_deploy.contract import (
     ATTENTION_MASK,
+    DECODE,
     INPUT_IDS,
     LOGITS,
     MEMORY_IN,
     MEMORY_OUT,
-    READ,
+    PREFILL,
     STEP,
     WRITE,
+    past_names,
+    present_names,
 )
 from rmt_deploy.errors import BackendError
 from rmt_deploy.manifest import Manifest
 from rmt_deploy.runtime.backends import _cuda
-from rmt_deploy.runtime.backends.base import EngineState, StepEngine, check_io
+from rmt_deploy.runtime.backends.base import NO_GENERATION, EngineState, StepEngine, check_io
 from rmt_deploy.runtime.backends.tensorrt_plan import check_compatible
 from rmt_deploy.runtime.options import RuntimeOptions
 
@@ -63,7 +66,7 @@ class TensorRTEngine(StepEngine):
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
         self.plans: dict[str, _Plan] = {}
-        for graph in (STEP, WRITE, READ):
+        for graph in (STEP, WRITE, PREFILL, DECODE):
             record = manifest.engines.get(graph)
             if record is None:
                 continue
@@ -78,6 +81,9 @@ class TensorRTEngine(StepEngine):
                                "rmt-export --engine")
         self.precision = manifest.engines[STEP].get("precision", "fp16")
         self.graphs = frozenset(self.plans)
+        # positions a decode step may attend to: its plan's profile says how many
+        self.max_total = (manifest.engines[DECODE]["profile"][ATTENTION_MASK][2][1]
+                          if DECODE in self.plans else 0)
 
     def _plan(self, engine: Any, manifest: Manifest, record: dict[str, Any]) -> _Plan:
         trt = self.trt
@@ -125,6 +131,7 @@ class _State(EngineState):
                           for name, plan in engine.plans.items()}
         self._staging: dict[tuple, tuple[np.ndarray, _cuda.DeviceBuffer]] = {}
         self._graphs: dict[tuple, _cuda.CapturedGraph] = {}
+        self._caches: list[list[_cuda.DeviceBuffer]] = []  # two KV sets, made on first use
 
     def load(self, memory: np.ndarray) -> None:
         host = np.ascontiguousarray(memory, dtype=np.float32)
@@ -162,8 +169,12 @@ class _State(EngineState):
         context.set_tensor_address(INPUT_IDS, ids_dev.ptr)
         context.set_tensor_address(ATTENTION_MASK, mask_dev.ptr)
         context.set_tensor_address(MEMORY_IN, self._buffers[self._parity].ptr)
-        if graph != READ:
+        if graph != PREFILL:
             context.set_tensor_address(MEMORY_OUT, self._buffers[1 - self._parity].ptr)
+        else:
+            for name, buffer in zip(present_names(self._engine.config), self._kv_sets()[0],
+                                    strict=True):
+                context.set_tensor_address(name, buffer.ptr)
         if LOGITS in plan.outputs:
             logits_shape = tuple(context.get_tensor_shape(LOGITS))
             logits_host, logits_dev = self._stage((graph, LOGITS, logits_shape), logits_shape,
@@ -198,7 +209,57 @@ class _State(EngineState):
         self._parity ^= 1
         return result
 
-    def read(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        if READ not in self._contexts:
-            raise BackendError("this export has no generate.plan; rebuild with --engine")
-        return self._run(READ, input_ids, attention_mask, True)
+    def _kv_sets(self) -> list[list[_cuda.DeviceBuffer]]:
+        """Two sets of key/value buffers of the largest cache the decode plan takes: a
+        step reads one set and writes the other."""
+        if not self._caches:
+            config = self._engine.config
+            nbytes = (self.batch * config.cache_heads * self._engine.max_total
+                      * config.head_dim * 4)
+            self._caches = [[self._allocations.add(_cuda.DeviceBuffer(nbytes))
+                             for _ in present_names(config)] for _ in range(2)]
+        return self._caches
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray
+                ) -> tuple[np.ndarray, tuple[int, int]]:
+        """The cache is ``(set, positions)``: which buffer set holds it, and how long."""
+        if PREFILL not in self._contexts or DECODE not in self._contexts:
+            raise BackendError(NO_GENERATION)
+        logits = self._run(PREFILL, input_ids, attention_mask, True)
+        return logits, (0, self._engine.config.num_mem_tokens + input_ids.shape[1])
+
+    def decode(self, cache: tuple[int, int], input_ids: np.ndarray,
+               attention_mask: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        engine, config = self._engine, self._engine.config
+        which, past = cache
+        if attention_mask.shape[1] > engine.max_total:
+            raise BackendError(f"the decode plan takes at most {engine.max_total} positions; "
+                               "rebuild it with a larger --max-new-tokens")
+        context, plan = self._contexts[DECODE], engine.plans[DECODE]
+        ids_host, ids_dev = self._stage((DECODE, INPUT_IDS), (self.batch, 1), np.int64)
+        mask_host, mask_dev = self._stage((DECODE, ATTENTION_MASK),
+                                          (self.batch * engine.max_total,), np.int64)
+        logits_host, logits_dev = self._stage((DECODE, LOGITS), (self.batch, config.vocab_size),
+                                              plan.outputs[LOGITS])
+        ids_host[...] = input_ids
+        flat = attention_mask.reshape(-1)
+        mask_host[: flat.size] = flat
+        ids_dev.upload(ids_host, self._stream)
+        mask_dev.upload(mask_host, self._stream)
+        context.set_input_shape(INPUT_IDS, (self.batch, 1))
+        context.set_input_shape(ATTENTION_MASK, attention_mask.shape)
+        context.set_tensor_address(INPUT_IDS, ids_dev.ptr)
+        context.set_tensor_address(ATTENTION_MASK, mask_dev.ptr)
+        context.set_tensor_address(LOGITS, logits_dev.ptr)
+        sets = self._kv_sets()
+        shape = (self.batch, config.cache_heads, past, config.head_dim)
+        for name, buffer in zip(past_names(config), sets[which], strict=True):
+            context.set_input_shape(name, shape)
+            context.set_tensor_address(name, buffer.ptr)
+        for name, buffer in zip(present_names(config), sets[1 - which], strict=True):
+            context.set_tensor_address(name, buffer.ptr)
+        if not context.execute_async_v3(self._stream.ptr):
+            raise BackendError("TensorRT failed to run the decode step (see its log above)")
+        logits_dev.download(logits_host, self._stream)
+        self._stream.synchronize()
+        return np.array(logits_host, dtype=np.float32), (1 - which, past + 1)

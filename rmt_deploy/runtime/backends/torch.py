@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from rmt_deploy.contract import READ, STEP, WRITE
+from rmt_deploy.contract import DECODE, PREFILL, STEP, WRITE
 from rmt_deploy.runtime.backends.base import EngineState, StepEngine
 
 
@@ -25,7 +25,8 @@ class TorchEngine(StepEngine):
         self.rmt = rmt.eval().to(self.device, torch.float16 if half else torch.float32)
         self.config = rmt.rmt_config
         self.precision = "fp16" if half else "fp32"
-        self.graphs = frozenset({STEP, WRITE} if self.config.is_encoder else {STEP, WRITE, READ})
+        self.graphs = frozenset({STEP, WRITE} if self.config.is_encoder else
+                                {STEP, WRITE, PREFILL, DECODE})
 
     def initial_memory(self) -> np.ndarray:
         with self.torch.no_grad():
@@ -64,9 +65,18 @@ class _State(EngineState):
         self._memory = memory.float()
         return result.float().cpu().numpy()
 
-    def read(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray
+                ) -> tuple[np.ndarray, list[Any]]:
         engine = self._engine
         with engine.torch.no_grad():
-            result = engine.rmt.read(engine.tensor(input_ids), engine.tensor(attention_mask),
-                                     self._memory)
-        return result.float().cpu().numpy()
+            logits, *cache = engine.rmt.prefill(engine.tensor(input_ids),
+                                                engine.tensor(attention_mask), self._memory)
+        return logits.float().cpu().numpy(), cache
+
+    def decode(self, cache: list[Any], input_ids: np.ndarray, attention_mask: np.ndarray
+               ) -> tuple[np.ndarray, list[Any]]:
+        engine = self._engine
+        with engine.torch.no_grad():
+            logits, *cache = engine.rmt.decode(engine.tensor(input_ids),
+                                               engine.tensor(attention_mask), *cache)
+        return logits.float().cpu().numpy(), cache
