@@ -247,7 +247,10 @@ def export_main(checkpoint, output, base_model, input_size, segment_size, labels
         from rmt_deploy.export.tensorrt_build import EngineOptions
 
         engine_options = EngineOptions(BatchProfile.parse(batch_profile), workspace_mb,
-                                       timing_cache)
+                                       timing_cache, drift_segments=drift_segments,
+                                       min_agreement=min_agreement,
+                                       reference_checkpoint=checkpoint, authors=authors,
+                                       threads=threads)
     manifest = export_checkpoint(checkpoint, output, options, log)
     log(f"exported to {manifest.folder}")
     if engine_options is not None:
@@ -428,3 +431,89 @@ def demo_evaluate(model, segment_counts, samples, seed, mode, batch, backend, pr
             "precision": getattr(rmt.engine, "precision", "fp32"),
             "seconds": round(time.perf_counter() - started, 1),
         }))
+
+
+def _tolerances(_ctx, _param, values: tuple[str, ...]) -> dict[str, float] | None:
+    """``--atol 1e-4 --atol logits:1e-3``: a default and per-output values (Polygraphy's
+    syntax)."""
+    if not values:
+        return None
+    parsed = {}
+    for value in values:
+        name, _, number = value.rpartition(":")
+        try:
+            parsed[name] = float(number)
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: give VALUE or OUTPUT:VALUE, e.g. "
+                                     "logits:1e-3") from None
+        if not parsed[name] >= 0:
+            raise click.BadParameter(f"{value!r}: must be >= 0")
+    return parsed
+
+
+@click.command(context_settings=SETTINGS, epilog=EXIT_STATUS.replace(
+    "1 error", "1 drift or error"))
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidates", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--segments", type=click.IntRange(min=2), default=64, show_default=True,
+              help="Segments of the longest document (closed loop).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Of the documents.")
+@click.option("--atol", multiple=True, callback=_tolerances, metavar="[OUTPUT:]VALUE",
+              help="Open-loop absolute tolerance, per output or for all  [default: 1e-4].")
+@click.option("--rtol", multiple=True, callback=_tolerances, metavar="[OUTPUT:]VALUE",
+              help="Open-loop relative tolerance, per output or for all  [default: 1e-5].")
+@click.option("--closed-loop-atol", type=float, default=1e-3, show_default=True,
+              callback=_positive, help="Largest closed-loop error of any output.")
+@click.option("--min-memory-cosine", type=click.FloatRange(-1, 1), default=0.999,
+              show_default=True, help="Worst closed-loop cosine of a memory slot.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+              help="Share of closed-loop predictions (argmax) that must agree.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]),
+              help="Backend of export folders and graphs [default: the fastest available].")
+@click.option("--base-model", type=click.Path(path_type=Path),
+              help="Hugging Face folder of the base model (authors' checkpoints only).")
+@click.option("--input-size", type=int, default=512, show_default=True, callback=_positive,
+              help="Positions per segment of an authors' BERT checkpoint.")
+@click.option("--segment-size", type=int, default=512, show_default=True, callback=_positive,
+              help="Tokens per segment of an authors' GPT-2 checkpoint.")
+@click.option("--labels", callback=_labels, metavar="A,B,C",
+              help="Class names of an authors' BERT checkpoint, in logit order "
+                   "[default: the paper's six rooms].")
+@click.option("--plot", type=click.Path(path_type=Path), metavar="FILE.png",
+              help="Draw memory cosine and max abs error per segment (needs matplotlib).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--threads", type=int, callback=_positive, help="CPU threads.")
+@_user_errors("rmt-compare", "comparing the artifacts")
+def compare_main(reference, candidates, segments, seed, atol, rtol, closed_loop_atol,
+                 min_memory_cosine, min_agreement, backend, base_model, input_size,
+                 segment_size, labels, plot, as_json, threads):
+    """Compare each CANDIDATE with REFERENCE, open and closed loop, on the same documents.
+
+    Each is a checkpoint (own format, or the authors' with --base-model), an export
+    folder, one of its step graphs (model.onnx, model.fp16.onnx, model.int8.onnx) or its
+    model.plan, all of one model. Prints a table and a verdict; exits 1 on drift, naming
+    the first output and segment that fail.
+    """
+    from rmt_deploy.errors import ValidationError
+    from rmt_deploy.export.compare import CompareOptions, compare_artifacts, format_table
+    from rmt_deploy.model.checkpoint import AuthorsOptions
+
+    options = CompareOptions(
+        segments=segments, seed=seed, atol=atol or {"": 1e-4}, rtol=rtol or {"": 1e-5},
+        closed_loop_atol=closed_loop_atol, min_memory_cosine=min_memory_cosine,
+        min_agreement=min_agreement, backend=backend,
+        authors=AuthorsOptions(base_model, input_size, segment_size, labels), threads=threads)
+    report = compare_artifacts(reference, candidates, options)
+    if plot is not None:
+        from rmt_deploy.export.drift_plot import plot_drift
+
+        plot_drift(report, plot)
+    if as_json:
+        echo(json.dumps(report.to_dict()))
+    else:
+        for line in format_table(report):
+            echo(line)
+    if not report.passed:
+        raise ValidationError(report.verdict())
+    if not as_json:
+        echo(report.verdict())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import importlib.machinery
 import itertools
 import sys
 import types
@@ -147,6 +148,7 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.13.0") -> types.ModuleType:
 
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # found, as if installed
     dtypes = {"tensor(int64)": np.int64, "tensor(float)": np.float32}
 
     class Logger:

@@ -1,0 +1,176 @@
+"""``rmt-compare``: any artifacts of one model against a reference artifact, on the same
+documents, open loop (each step from the reference's memory, every output within its
+atol/rtol, judged by Polygraphy) and closed loop (each side feeding back its own memory:
+max abs, memory cosine, prediction agreement), with a verdict that names the first
+output and segment that fail."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rmt_deploy.errors import ConfigError
+from rmt_deploy.export.artifacts import Artifact, check_same_model, open_artifact
+from rmt_deploy.export.open_loop import OpenLoopResult, compare_open_loop, record_steps
+from rmt_deploy.export.validate import (
+    DriftGates,
+    Failure,
+    compare,
+    drift_failures,
+    validation_batches,
+)
+from rmt_deploy.runtime.tokens import ArraySource
+
+if TYPE_CHECKING:
+    from rmt_deploy.model.checkpoint import AuthorsOptions
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """What to run and how strictly to judge it."""
+
+    segments: int = 64  # the longest document's segments (closed loop)
+    seed: int = 0  # of the random documents
+    atol: Mapping[str, float] = field(default_factory=lambda: {"": 1e-4})  # open loop
+    rtol: Mapping[str, float] = field(default_factory=lambda: {"": 1e-5})  # open loop
+    closed_loop_atol: float = 1e-3  # largest closed-loop error of any output
+    min_memory_cosine: float = 0.999  # worst closed-loop memory slot cosine
+    min_agreement: float = 0.99  # closed-loop predictions equal
+    backend: str | None = None  # for export folders and graphs
+    authors: AuthorsOptions | None = None  # for authors' checkpoints
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.segments < 2:
+            raise ConfigError(f"segments {self.segments}: compare at least 2 segments")
+        for name, values in (("atol", self.atol), ("rtol", self.rtol)):
+            if any(not value >= 0 for value in values.values()):
+                raise ConfigError(f"{name} {dict(values)}: tolerances must be >= 0")
+
+    @property
+    def gates(self) -> DriftGates:
+        return DriftGates(self.min_agreement, self.min_memory_cosine, self.closed_loop_atol)
+
+
+@dataclass
+class Comparison:
+    """One candidate against the reference."""
+
+    candidate: str  # label: file (backend precision)
+    open_loop: OpenLoopResult
+    closed_loop: dict[str, Any]  # validate.compare's result, with its per-segment series
+    failures: list[Failure]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        closed = {k: v for k, v in self.closed_loop.items() if k != "series"}
+        return {
+            "candidate": self.candidate, "passed": self.passed,
+            "open_loop": {"steps": self.open_loop.steps, "max_abs": self.open_loop.max_abs,
+                          "non_finite": {name: count for name, (count, _) in
+                                         self.open_loop.non_finite.items()}},
+            "closed_loop": {**closed["closed_loop"], "segments": closed["segments"],
+                            "batches": closed["batches"]},
+            "series": self.closed_loop["series"]["closed_loop"],
+            "failures": [dataclasses.asdict(failure) for failure in self.failures],
+        }
+
+
+@dataclass
+class Report:
+    reference: str
+    options: CompareOptions
+    comparisons: list[Comparison]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.comparisons)
+
+    def verdict(self) -> str:
+        """One line: pass, or the first candidate, gate, output and segment that fail."""
+        for comparison in self.comparisons:
+            if comparison.failures:
+                return comparison.failures[0].describe(comparison.candidate, self.reference)
+        return (f"pass: {', '.join(c.candidate for c in self.comparisons)} reproduce"
+                f"{'s' if len(self.comparisons) == 1 else ''} {self.reference}")
+
+    def to_dict(self) -> dict[str, Any]:
+        options = self.options
+        return {"reference": self.reference, "passed": self.passed, "verdict": self.verdict(),
+                "tolerances": {"atol": dict(options.atol), "rtol": dict(options.rtol),
+                               "closed_loop_atol": options.closed_loop_atol,
+                               "min_memory_cosine": options.min_memory_cosine,
+                               "min_agreement": options.min_agreement},
+                "comparisons": [c.to_dict() for c in self.comparisons]}
+
+
+def compare_artifacts(reference: str | Path, candidates: Sequence[str | Path],
+                      options: CompareOptions | None = None,
+                      log: Callable[[str], None] = lambda message: None) -> Report:
+    """Open every artifact (all of one model) and compare each candidate with the
+    reference on the same documents."""
+    options = options or CompareOptions()
+    opened = [open_artifact(path, options.authors, options.backend, options.threads)
+              for path in (reference, *candidates)]
+    base = opened[0]
+    for other in opened[1:]:
+        check_same_model(base, other)
+    config = base.config
+    batches = [[ArraySource(doc, config) for doc in docs]
+               for docs in validation_batches(config, options.segments, options.seed)]
+    steps = record_steps(base.engine, base.initial_memory, batches)
+    comparisons = [_compare(base, other, batches, steps, options) for other in opened[1:]]
+    for comparison in comparisons:
+        log(f"{comparison.candidate}: {'pass' if comparison.passed else 'drift'}")
+    return Report(base.label, options, comparisons)
+
+
+def _compare(base: Artifact, other: Artifact, batches, steps, options: CompareOptions
+             ) -> Comparison:
+    open_loop = compare_open_loop(base.engine, other.engine, steps, options.atol, options.rtol)
+    closed = compare(base.engine, other.engine, base.initial_memory, modes=("closed_loop",),
+                     batches=batches, candidate_memory=other.initial_memory, series=True)
+    failures = _open_loop_failures(open_loop, options) + drift_failures(closed, options.gates)
+    failures.sort(key=lambda f: f.segment)  # the earliest first (each gate names one)
+    return Comparison(other.label, open_loop, closed, failures)
+
+
+def _open_loop_failures(result: OpenLoopResult, options: CompareOptions) -> list[Failure]:
+    failures = [Failure("non_finite", "open_loop", name, segment, count, 0)
+                for name, (count, segment) in result.non_finite.items()]
+    for name, (segment, error) in result.first_failure.items():
+        limit = options.atol.get(name, options.atol.get("", 1e-5))
+        failures.append(Failure("max_abs", "open_loop", name, segment, error, limit))
+    return failures
+
+
+def format_table(report: Report) -> list[str]:
+    """The report as text lines: per candidate and output, the largest open- and
+    closed-loop errors, then memory cosine, agreement and the candidate's verdict (the
+    report's own verdict is :meth:`Report.verdict`)."""
+    lines = [f"reference: {report.reference}"]
+    header = f"{'':2}{'output':<20}{'open loop':>12}{'closed loop':>14}"
+    for comparison in report.comparisons:
+        closed = comparison.closed_loop["closed_loop"]
+        lines += ["", f"candidate: {comparison.candidate} (open loop: "
+                      f"{comparison.open_loop.steps} steps; closed loop: "
+                      f"{comparison.closed_loop['segments']} segments)", header]
+        names = list(dict.fromkeys([*comparison.open_loop.max_abs, *closed["max_abs"],
+                                    *comparison.open_loop.non_finite, *closed["non_finite"]]))
+        for name in names:
+            lines.append(f"{'':2}{name:<20}{_error(comparison.open_loop.max_abs, name):>12}"
+                         f"{_error(closed['max_abs'], name):>14}")
+        lines.append(f"{'':2}{'memory cosine':<20}{'':>12}{closed['min_memory_cosine']:>14.8f}")
+        lines.append(f"{'':2}{'agreement':<20}{'':>12}{closed['agreement']:>14.2%}")
+        lines.append(f"{'':2}{'verdict':<20}{'pass' if comparison.passed else 'drift':>12}")
+    return lines
+
+
+def _error(errors: Mapping[str, float], name: str) -> str:
+    return f"{errors[name]:.2e}" if name in errors else "-"

@@ -1,0 +1,175 @@
+"""The open loop of a comparison through Polygraphy's Comparator: the reference's steps
+over a batch of documents are recorded (token ids, mask and the memory each step starts
+from), then each side runs every recorded step from that same memory as a Polygraphy
+runner, and ``SimpleCompareFunc`` (``CompareFunc.simple``) judges each output with its
+own atol and rtol."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rmt_deploy.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, MEMORY_IN, MEMORY_OUT, WRITE
+from rmt_deploy.runtime.backends.base import EngineState, StepEngine
+from rmt_deploy.runtime.loop import run_segments
+from rmt_deploy.runtime.stepper import Stepper
+from rmt_deploy.runtime.tokens import TokenSource
+
+
+@dataclass(frozen=True)
+class Step:
+    """One recorded step: its inputs, the memory it starts from, its segment."""
+
+    feed: dict[str, np.ndarray]
+    segment: int
+
+
+def record_steps(engine: StepEngine, initial_memory: np.ndarray,
+                 batches: Sequence[Sequence[TokenSource]]) -> list[Step]:
+    """Every step ``engine`` runs over ``batches`` in closed loop, with its inputs."""
+    recorder = _Recorder(engine)
+    for sources in batches:
+        recorder.steps = 0
+        with Stepper(recorder) as stepper:
+            for row in range(len(sources)):
+                stepper.add(row, initial_memory)
+            run_segments(stepper, sources, lambda *args: None)
+    return recorder.recorded
+
+
+class _Recorder(StepEngine):
+    name = "recorder"
+
+    def __init__(self, engine: StepEngine) -> None:
+        self.engine, self.config = engine, engine.config
+        self.recorded: list[Step] = []
+        self.steps = 0
+
+    def new_state(self, memory: np.ndarray) -> _RecordingState:
+        return _RecordingState(self, self.engine.new_state(memory))
+
+
+class _RecordingState(EngineState):
+    def __init__(self, owner: _Recorder, state: EngineState) -> None:
+        super().__init__(state.batch)
+        self.owner, self.state = owner, state
+
+    def load(self, memory: np.ndarray) -> None:
+        self.state.load(memory)
+
+    def memory(self) -> np.ndarray:
+        return self.state.memory()
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+             logits: bool = True) -> np.ndarray | None:
+        owner = self.owner
+        feed = {INPUT_IDS: np.array(input_ids), ATTENTION_MASK: np.array(attention_mask),
+                MEMORY_IN: self.state.memory()}
+        owner.recorded.append(Step(feed, owner.steps))
+        owner.steps += 1
+        return self.state.step(input_ids, attention_mask, logits)
+
+    def close(self) -> None:
+        self.state.close()
+        super().close()
+
+
+def step_outputs(engine: StepEngine, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One step of ``engine`` from ``feed``'s memory: the logits (a decoder's padded
+    positions zeroed: they are not used), the new memory, and where the engine has them,
+    its read graph's logits and its write graph's memory."""
+    ids, mask = feed[INPUT_IDS], feed[ATTENTION_MASK]
+    outputs = OrderedDict()
+    with engine.new_state(feed[MEMORY_IN]) as state:
+        if not engine.config.is_encoder:
+            outputs["read_logits"] = state.read(ids, mask) * mask[..., None]
+        logits = state.step(ids, mask)
+        outputs[LOGITS] = logits if engine.config.is_encoder else logits * mask[..., None]
+        outputs[MEMORY_OUT] = state.memory()
+    if WRITE in engine.graphs:
+        with engine.new_state(feed[MEMORY_IN]) as state:
+            state.step(ids, mask, logits=False)
+            outputs["write_memory_out"] = state.memory()
+    return outputs
+
+
+def _runner(engine: StepEngine, name: str) -> Any:
+    """``engine`` as a Polygraphy runner of one step."""
+    import time
+
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    config = engine.config
+
+    class StepRunner(BaseRunner):
+        def activate_impl(self) -> None:
+            pass
+
+        def deactivate_impl(self) -> None:
+            pass
+
+        def get_input_metadata_impl(self) -> Any:
+            positions = config.input_size if config.is_encoder else None
+            metadata = TensorMetadata()
+            metadata.add(INPUT_IDS, np.int64, (None, positions))
+            metadata.add(ATTENTION_MASK, np.int64, (None, positions))
+            return metadata.add(MEMORY_IN, np.float32,
+                                (None, config.num_mem_tokens, config.hidden_size))
+
+        def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            started = time.perf_counter()
+            outputs = step_outputs(engine, feed_dict)
+            self.inference_time = time.perf_counter() - started
+            return outputs
+
+    return StepRunner(name=name)
+
+
+@dataclass(frozen=True)
+class OpenLoopResult:
+    """Per output: the largest absolute error of its finite values over all steps, the
+    first failing step's segment and error, and its non-finite values (count, first
+    segment)."""
+
+    max_abs: dict[str, float]
+    first_failure: dict[str, tuple[int, float]]
+    non_finite: dict[str, tuple[int, int]]
+    steps: int
+
+
+def compare_open_loop(reference: StepEngine, candidate: StepEngine, steps: Sequence[Step],
+                      atol: Mapping[str, float], rtol: Mapping[str, float]) -> OpenLoopResult:
+    """Run both sides on every recorded step and judge each output with Polygraphy
+    (``atol``/``rtol`` per output name, ``""`` the default; an output passes a step when
+    its largest error is within atol or its largest relative error within rtol)."""
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    runners = [_runner(reference, "reference"), _runner(candidate, "candidate")]
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+        results = Comparator.run(runners, data_loader=[step.feed for step in steps])
+        accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(
+            atol=dict(atol), rtol=dict(rtol), check_error_stat="max"))
+    (iterations,) = accuracy[0].values()
+    per_step = zip(*(runs for _, runs in results), strict=True)  # (reference, candidate)
+    max_abs: dict[str, float] = {}
+    first: dict[str, tuple[int, float]] = {}
+    non_finite: dict[str, tuple[int, int]] = {}
+    for step, outputs, sides in zip(steps, iterations, per_step, strict=True):
+        for name, result in outputs.items():
+            bad = sum(int(np.size(side[name]) - np.isfinite(side[name]).sum())
+                      for side in sides)
+            if bad:
+                count, segment = non_finite.get(name, (0, step.segment))
+                non_finite[name] = (count + bad, segment)
+                continue
+            error = float(result.max_absdiff)
+            max_abs[name] = max(max_abs.get(name, 0.0), error)
+            if not bool(result) and name not in first:
+                first[name] = (step.segment, error)
+    return OpenLoopResult(max_abs, first, non_finite, len(steps))
