@@ -10,6 +10,7 @@ import torch
 
 from rmt_deploy.contract import DECODE, PREFILL, STEP, WRITE, variant
 from rmt_deploy.model.base import StepVariant
+from rmt_deploy.model.encoder import EncoderRMT, skipping_step
 from rmt_deploy.segmentation import content_id_range, step_inputs
 
 DEFAULT_OPSET = 17  # LayerNormalization is one node from 17 on
@@ -47,8 +48,7 @@ def export_graph(rmt: torch.nn.Module, path: Path, graph: str,
     """Write variant ``graph`` of the step contract to ``path``, its tensor names and
     dynamic axes as the contract declares them."""
     contract = variant(rmt.rmt_config, graph)
-    module = StepVariant(rmt, {STEP: "forward", WRITE: "write", PREFILL: "prefill",
-                               DECODE: "decode"}[graph])
+    module = step_module(rmt, graph)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer notes on Python-side shape arithmetic
         torch.onnx.export(
@@ -59,3 +59,14 @@ def export_graph(rmt: torch.nn.Module, path: Path, graph: str,
             dynamic_axes=contract.dynamic_axes(), do_constant_folding=True,
         )
 
+
+def step_module(rmt: torch.nn.Module, graph: str) -> torch.nn.Module:
+    """The module exported as variant ``graph``: for an encoder whose base model is
+    recognised, the step and write variants compute only the rows that are read
+    (:func:`~rmt_deploy.model.encoder.skipping_step`); otherwise the reference method."""
+    if isinstance(rmt, EncoderRMT) and graph in (STEP, WRITE):
+        skipping = skipping_step(rmt, write=graph == WRITE)
+        if skipping is not None:
+            return skipping
+    return StepVariant(rmt, {STEP: "forward", WRITE: "write", PREFILL: "prefill",
+                             DECODE: "decode"}[graph])
