@@ -100,6 +100,7 @@ def test_onnxruntime_repository_initial_state(export_fixture, request, tmp_path)
     assert np.array_equal(np.frombuffer(data, "<f4").reshape(m, h), learned)
     assert not np.allclose(learned, 0)
     assert (folder / "1" / "model.onnx").read_bytes() == (export / graph.file).read_bytes()
+    assert (folder / "1" / "weights.data").read_bytes() == (export / "weights.data").read_bytes()
 
 
 def test_repository_errors_are_one_line_and_leave_nothing(encoder_export, tmp_path):

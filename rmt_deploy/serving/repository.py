@@ -9,6 +9,7 @@ from pathlib import Path
 from rmt_deploy.contract import STEP
 from rmt_deploy.errors import ConfigError, ManifestError
 from rmt_deploy.export.folder import foreign_files
+from rmt_deploy.export.weights import WEIGHTS_FILE
 from rmt_deploy.files import atomic_folder, sha256_file
 from rmt_deploy.manifest import MANIFEST_NAME, Manifest, graph_key, read_manifest
 from rmt_deploy.serving.config import (
@@ -43,7 +44,10 @@ def write_repository(repo: str | Path, export: str | Path, options: ServingOptio
             config.parameters[PRECISION_PARAMETER].string_value = options.precision
         elif options.backend == "onnxruntime":
             key = _graph_key(manifest, options.precision)
-            shutil.copyfile(manifest.path(manifest.graphs[key].file), version / "model.onnx")
+            graph = manifest.graphs[key]
+            shutil.copyfile(manifest.path(graph.file), version / "model.onnx")
+            for entry in graph.data:  # the weights file the graph refers to, by its name
+                shutil.copyfile(manifest.path(entry["file"]), version / entry["file"])
             config = model_config(manifest, options, key)
         else:
             key = _copy_plan(manifest, version / "model.plan", options.max_batch_size)
@@ -55,7 +59,7 @@ def write_repository(repo: str | Path, export: str | Path, options: ServingOptio
 
 
 #: What a model folder written by rmt-triton holds, besides the export in 1/export/.
-_ENTRY_FILES = {"config.pbtxt", "1/model.py", "1/model.onnx", "1/model.plan",
+_ENTRY_FILES = {"config.pbtxt", "1/model.py", "1/model.onnx", f"1/{WEIGHTS_FILE}", "1/model.plan",
                 f"initial_state/{INITIAL_STATE_FILE}"}
 
 
