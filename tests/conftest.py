@@ -49,9 +49,23 @@ def make_encoder(seed: int = 0, num_mem_tokens: int = 3, input_size: int = 16,
     ).eval()
 
 
-def make_decoder(seed: int = 0, num_mem_tokens: int = 2, segment_size: int = 5):
+def tiny_llama_config() -> transformers.LlamaConfig:
+    """A Llama-architecture base: RoPE positions, grouped-query attention (4 heads, 2 for
+    keys and values), RMSNorm, gated MLP."""
+    return transformers.LlamaConfig(
+        vocab_size=GPT2_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=GPT2_EOS, eos_token_id=GPT2_EOS, pad_token_id=None,
+    )
+
+
+DECODER_CONFIGS = {"gpt2": tiny_gpt2_config, "llama": tiny_llama_config}
+
+
+def make_decoder(seed: int = 0, num_mem_tokens: int = 2, segment_size: int = 5,
+                 family: str = "gpt2"):
     torch.manual_seed(seed)
-    base = build_decoder_base(tiny_gpt2_config())
+    base = build_decoder_base(DECODER_CONFIGS[family]())
     return decoder_from_base(
         base, num_mem_tokens=num_mem_tokens, segment_size=segment_size,
         special=SpecialTokens(eos=GPT2_EOS),
@@ -68,12 +82,13 @@ def write_bert_folder(folder: Path) -> Path:
     return folder
 
 
-def write_gpt2_folder(folder: Path) -> Path:
-    """A Hugging Face GPT-2 folder (config.json + a byte-level BPE tokenizer.json)."""
+def write_gpt2_folder(folder: Path, family: str = "gpt2") -> Path:
+    """A Hugging Face folder of a tiny decoder base (config.json of ``family`` + a
+    byte-level BPE tokenizer.json)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     folder.mkdir(parents=True, exist_ok=True)
-    tiny_gpt2_config().save_pretrained(folder)
+    DECODER_CONFIGS[family]().save_pretrained(folder)
     vocab = {chr(ord("a") + i): i for i in range(26)}
     vocab.update({f"\u0120{chr(ord('a') + i)}": 26 + i for i in range(26)})
     vocab["\u0120"] = 52

@@ -373,12 +373,14 @@ def test_authors_bert_checkpoint_exports_equal_to_its_source(tmp_path):
     assert exported.run_one(text).tokens == 33
 
 
-def test_authors_gpt2_checkpoint_exports_equal_to_its_source(tmp_path):
-    source = make_decoder(seed=4, num_mem_tokens=3)
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_authors_gpt2_checkpoint_exports_equal_to_its_source(tmp_path, family):
+    """The BABILong layout (memory_cell.*) over a GPT-2 or a Llama-architecture base."""
+    source = make_decoder(seed=4, num_mem_tokens=3, family=family)
     with torch.no_grad():
         source.memory.mul_(2.0).add_(0.25)  # a trained, non-default memory
     path = authors_gpt2_checkpoint(tmp_path, source)
-    base = write_gpt2_folder(tmp_path / "gpt2-base")
+    base = write_gpt2_folder(tmp_path / "gpt2-base", family)
     options = ExportOptions(authors=AuthorsOptions(base_model=base, segment_size=5),
                             validation_segments=3, threads=1)
     manifest = export_checkpoint(path, tmp_path / "out", options)

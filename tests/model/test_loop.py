@@ -1,6 +1,7 @@
 """The reference loop against independent, hand-written computations of the authors'
 semantics, and per-row batching against running each document alone."""
 
+import pytest
 import torch
 from conftest import GPT2_EOS, make_decoder, make_encoder
 
@@ -80,8 +81,9 @@ def test_encoder_memory_carries_information_between_segments():
 
 
 @torch.no_grad()
-def test_decoder_loop_matches_the_authors_semantics_by_hand():
-    rmt = make_decoder()
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoder_loop_matches_the_authors_semantics_by_hand(family):
+    rmt = make_decoder(family=family)
     for doc in ([t % 59 for t in range(5, 45)], list(range(6, 12)), list(range(10, 13))):
         result = run_decoder(rmt, [doc])
         logits, memory = by_hand_decoder(rmt, doc)
@@ -90,8 +92,9 @@ def test_decoder_loop_matches_the_authors_semantics_by_hand():
 
 
 @torch.no_grad()
-def test_decoder_batch_of_different_lengths_equals_each_alone():
-    rmt = make_decoder()
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoder_batch_of_different_lengths_equals_each_alone(family):
+    rmt = make_decoder(family=family)
     docs = [list(range(1, 23)), list(range(30, 37)), list(range(40, 43))]
     batch = run_decoder(rmt, docs)
     assert batch.segments == [5, 2, 1]
@@ -115,18 +118,59 @@ def test_decoder_loss_is_the_authors_shifted_cross_entropy():
 
 
 @torch.no_grad()
-def test_generation_reads_the_last_segment_without_write_slots():
-    rmt = make_decoder()
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generation_reads_the_last_segment_without_write_slots(family):
+    """The reference generates as the authors do: Hugging Face generate with its KV
+    cache from [memory ; last segment]."""
+    rmt = make_decoder(family=family)
     doc = list(range(1, 14))  # segments of 5, 5, 3
     generated = generate(rmt, doc, 6)
-    _, memory = by_hand_decoder(rmt, doc[:10])
+    assert generated == authors_generate(rmt, doc, 6)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_kv_cache_generation_equals_the_authors_for_a_padded_batch(family):
+    """DecoderRMT.prefill/decode (the exported generation graphs) on a batch of last
+    segments of different lengths give each row the authors' tokens."""
+    rmt = make_decoder(family=family)
+    docs = [list(range(1, 14)), list(range(20, 31)), [7, 8, 40, 41, 42, 43, 44, 45, 50]]
+    size, m = rmt.rmt_config.segment_size, rmt.rmt_config.num_mem_tokens
+    heads = [doc[: (len(doc) - 1) // size * size] for doc in docs]
+    lasts = [doc[len(head):] for doc, head in zip(docs, heads, strict=True)]
+    memory = torch.cat([by_hand_decoder(rmt, head)[1].unsqueeze(0) for head in heads])
+    width = max(map(len, lasts))
+    ids = torch.tensor([last + [0] * (width - len(last)) for last in lasts])
+    mask = torch.tensor([[1] * len(last) + [0] * (width - len(last)) for last in lasts])
+    logits, *cache = rmt.prefill(ids, mask, memory)
+    attended = torch.cat([torch.ones(len(docs), m, dtype=torch.long), mask], dim=1)
+    generated = [[] for _ in docs]
+    for _ in range(5):
+        tokens = logits.argmax(-1)
+        for row, token in enumerate(tokens.tolist()):
+            generated[row].append(token)
+        attended = torch.cat([attended, torch.ones(len(docs), 1, dtype=torch.long)], dim=1)
+        logits, *cache = rmt.decode(tokens[:, None], attended, *cache)
+    for row, doc in enumerate(docs):
+        expected = authors_generate(rmt, doc, 5)
+        assert generated[row][: len(expected)] == expected, row
+
+
+def authors_generate(rmt, doc, new_tokens):
+    """Hugging Face generate from [memory ; last segment], the memory by hand, up to the
+    first EOS token (where generation stops)."""
+    size = rmt.rmt_config.segment_size
+    head = doc[: (len(doc) - 1) // size * size]
+    _, memory = by_hand_decoder(rmt, head)
     embeds = torch.cat([memory.unsqueeze(0),
-                        rmt.model.get_input_embeddings()(torch.tensor([doc[10:]]))], dim=1)
+                        rmt.model.get_input_embeddings()(torch.tensor([doc[len(head):]]))],
+                       dim=1)
     expected = rmt.model.generate(
         inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-        max_new_tokens=6, do_sample=False, pad_token_id=GPT2_EOS, eos_token_id=None,
+        max_new_tokens=new_tokens, do_sample=False, pad_token_id=GPT2_EOS, eos_token_id=None,
     )
-    assert generated == expected[0, -6:].tolist()
+    tokens = expected[0, -new_tokens:].tolist()
+    return tokens[: tokens.index(GPT2_EOS) + 1] if GPT2_EOS in tokens else tokens
 
 
 @torch.no_grad()

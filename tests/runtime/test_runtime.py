@@ -477,3 +477,19 @@ def test_errors_name_the_document_at_fault(encoder_export):
         model.run([[5, 6, 7], None])
     with pytest.raises(InputError, match="documents must be a list"):
         model.run(b"w1 w2")
+
+
+def test_mapped_weights_shared_by_every_session_give_the_same_results(decoder_export,
+                                                                       monkeypatch):
+    from rmt_deploy.runtime.backends import onnxruntime as backend
+
+    expected = open_model(decoder_export).run(DECODER_DOCS, generate=4).outputs
+    scored = open_model(decoder_export).run(DECODER_DOCS).outputs
+    monkeypatch.setattr(backend, "SHARED_WEIGHTS_BYTES", 0)  # map even this small file
+    shared = open_model(decoder_export)
+    assert shared.engine._weights  # one OrtValue a tensor, handed to every session
+    for got, want in zip(shared.run(DECODER_DOCS, generate=4).outputs, expected, strict=True):
+        assert got.generated_ids == want.generated_ids
+        np.testing.assert_array_equal(got.memory, want.memory)
+    for got, want in zip(shared.run(DECODER_DOCS).outputs, scored, strict=True):
+        assert got.perplexity == pytest.approx(want.perplexity, rel=1e-6)

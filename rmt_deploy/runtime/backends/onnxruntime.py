@@ -37,6 +37,8 @@ from rmt_deploy.runtime.backends.base import (
 from rmt_deploy.runtime.options import RuntimeOptions
 
 _TYPES = {"tensor(int64)": "int64", "tensor(float)": "float32", "tensor(float16)": "float16"}
+#: Weights files from this size on are mapped once and shared by every session.
+SHARED_WEIGHTS_BYTES = 256 << 20
 
 
 class OnnxRuntimeEngine(StepEngine):
@@ -70,6 +72,11 @@ class OnnxRuntimeEngine(StepEngine):
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if options.threads:
             session_options.intra_op_num_threads = options.threads
+        self._weights = _mapped_weights(manifest, ort)  # kept alive: the sessions use them
+        if self._weights:  # one copy for every session, in place of a prepacked one each
+            session_options.add_session_config_entry("session.disable_prepacking", "1")
+            for name, value in self._weights.items():
+                session_options.add_initializer(name, value)
         self.sessions: dict[str, Any] = {}
         for graph, key in precision_graphs(manifest, options.precision).items():
             spec = manifest.graphs[key]
@@ -118,6 +125,29 @@ def _fused(path: Path) -> bytes:
     finally:
         quiet.setLevel(level)
     return fused.model.SerializeToString()
+
+
+def _mapped_weights(manifest: Manifest, ort: Any) -> dict[str, Any]:
+    """The export's weights file mapped once, as OrtValues every session shares, where it
+    is large (``SHARED_WEIGHTS_BYTES``): then memory holds the weights once, whatever the
+    number of graphs. Smaller models keep ONNX Runtime's own loading, which prepacks each
+    session's matmul weights (faster, one copy per session)."""
+    if not manifest.weights:
+        return {}
+    path = manifest.path(manifest.weights["file"])
+    if path.stat().st_size < SHARED_WEIGHTS_BYTES:
+        return {}
+    mapped = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: never written back
+    values = {}
+    for name, entry in manifest.weights["tensors"].items():
+        try:
+            array = np.ndarray(tuple(entry["shape"]), dtype=np.dtype(entry["dtype"]),
+                               buffer=mapped, offset=entry["offset"])
+        except (TypeError, ValueError) as error:
+            raise BackendError(f"{path}: tensor {name} does not fit the weights file as its "
+                               f"index says ({error}); re-export the model") from None
+        values[name] = ort.OrtValue.ortvalue_from_numpy(array)
+    return values
 
 
 class _Binding:
