@@ -14,7 +14,17 @@ from typing import Any
 
 import numpy as np
 
-from rmt_deploy.contract import STEP, Tensor, variant, variant_names
+from rmt_deploy.contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    MEMORY_IN,
+    MEMORY_OUT,
+    STEP,
+    Tensor,
+    variant,
+    variant_names,
+)
 from rmt_deploy.errors import ConfigError, ManifestError
 from rmt_deploy.files import atomic_path, sha256_file
 from rmt_deploy.spec import RMTConfig
@@ -232,9 +242,9 @@ def _check_graphs(manifest: Manifest, path: Path) -> None:
         for kind, declared, expected in (("input", spec.inputs, contract.inputs),
                                          ("output", spec.outputs, contract.outputs)):
             if declared != expected:
-                raise ManifestError(f"{path}: graph {key!r} declares {kind}s "
-                                    f"{_tensors_text(declared)}, but its rmt_config implies "
-                                    f"{_tensors_text(expected)}; re-export the model")
+                raise ManifestError(f"{path}: graph {key!r} declares "
+                                    f"{_mismatch(config, kind, declared, expected)}; "
+                                    "re-export the model")
     record = manifest.initial_memory
     expected = [config.num_mem_tokens, config.hidden_size]
     if record.get("shape") != expected or record.get("dtype") != "float32":
@@ -260,6 +270,35 @@ def _check_weights(manifest: Manifest, path: Path) -> None:
 
 def _tensors_text(tensors: tuple[Tensor, ...]) -> str:
     return ", ".join(f"{t.name} {t.dtype}[{', '.join(map(str, t.shape))}]" for t in tensors)
+
+
+def _mismatch(config: RMTConfig, kind: str, declared: tuple[Tensor, ...],
+              expected: tuple[Tensor, ...]) -> str:
+    """What differs: the first declared tensor unlike the config's, with the config
+    fields sizing the axes it differs in (every tensor where the names differ)."""
+    found = {t.name: t for t in declared}
+    if sorted(found) != sorted(t.name for t in expected):
+        return (f"{kind}s {_tensors_text(declared)}, but its rmt_config implies "
+                f"{_tensors_text(expected)}")
+    tensor = next(t for t in expected if found[t.name] != t)
+    other = found[tensor.name]
+    fields = [name for name, a, b in zip(_sized_by(config, tensor.name), other.shape,
+                                         tensor.shape, strict=False) if name and a != b]
+    values = ", ".join(f"{len(config.labels)} labels" if name == "labels" else
+                       f"{name} {getattr(config, name)}" for name in fields)
+    return (f"{kind} {_tensors_text((other,))}, but its rmt_config"
+            f"{f' ({values})' if values else ''} implies {_tensors_text((tensor,))}")
+
+
+def _sized_by(config: RMTConfig, name: str) -> tuple[str | None, ...]:
+    """The config field sizing each axis of a contract tensor (None: a dynamic axis)."""
+    if name in (MEMORY_IN, MEMORY_OUT):
+        return (None, "num_mem_tokens", "hidden_size")
+    if name == LOGITS:
+        return (None, "labels") if config.is_encoder else (None, None, "vocab_size")
+    if name in (INPUT_IDS, ATTENTION_MASK):
+        return (None, "input_size" if config.is_encoder else None)
+    return ()
 
 
 def _check_plain_name(name: Any, path: Path) -> None:
