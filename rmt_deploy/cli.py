@@ -292,7 +292,8 @@ def _progress_printer(stream):
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("input", type=str)
 @click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "torch"]),
-              help="Backend [default: the fastest available for MODEL].")
+              help="Backend [default: TensorRT where MODEL has plans, else the CPU backend "
+                   "and settings measured fastest for MODEL on this host, cached].")
 @click.option("--cuda-graphs", is_flag=True, help="TensorRT: replay captured CUDA graphs.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
               show_default=True, help="Which of the export's graphs to run (ONNX backends).")
@@ -340,6 +341,7 @@ def run_main(model, input, backend, cuda_graphs, precision, generate, as_json, t
         "backend": run.backend, "precision": run.precision, "tokens": run.tokens,
         "segments": run.segments, "seconds": round(run.seconds, 4),
         "tokens_per_second": round(run.tokens_per_second, 1),
+        "backend_choice": rmt.choice.to_dict() if rmt.choice else None,
     }
     if rmt.config.is_encoder:
         report.update(label=output.label, scores=output.scores,
@@ -359,7 +361,7 @@ def run_main(model, input, backend, cuda_graphs, precision, generate, as_json, t
         echo(f"perplexity: {output.perplexity:.4f}")
     echo(f"tokens: {run.tokens:,}  segments: {run.segments:,}  time: {run.seconds:.2f} s"
                f"  tokens/s: {run.tokens_per_second:,.0f}  backend: {run.backend} "
-               f"({run.precision})")
+               f"({run.precision})" + (f", {rmt.choice.describe()}" if rmt.choice else ""))
 
 
 @click.group(context_settings=SETTINGS, epilog=EXIT_STATUS)
@@ -428,6 +430,7 @@ def demo_evaluate(model, segment_counts, samples, seed, mode, batch, backend, pr
         echo(json.dumps({
             "segments": count, "tokens": count * rmt.config.segment_size, "samples": samples,
             "mode": mode, "accuracy": value, "backend": rmt.backend,
+            "backend_choice": rmt.choice.describe() if rmt.choice else None,
             "precision": getattr(rmt.engine, "precision", "fp32"),
             "seconds": round(time.perf_counter() - started, 1),
         }))

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+#: Default backends are not measured here (reproducible, nothing cached in the home
+#: folder); tests/runtime/test_selection.py measures with stand-in timings.
+os.environ["RMT_DEPLOY_MEASURE"] = "0"
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -13,6 +13,7 @@ from rmt_deploy.manifest import MANIFEST_NAME, Manifest, read_manifest
 from rmt_deploy.runtime.backends.base import StepEngine
 from rmt_deploy.runtime.model import RMTModel
 from rmt_deploy.runtime.options import RuntimeOptions
+from rmt_deploy.runtime.selection import BackendChoice, choose_backend
 from rmt_deploy.runtime.tokens import manifest_tokenizer, plain_tokenizer
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -22,8 +23,10 @@ def open_model(path: str | Path, options: RuntimeOptions | None = None,
                **overrides: Any) -> RMTModel:
     """Open an export folder, its ONNX graph or TensorRT plan, or a checkpoint (reference
     backend). ``options`` (or its fields as keywords: ``backend``, ``precision``,
-    ``threads``, ``cuda_graphs``) say how; the backend defaults to the fastest one
-    available for the model.
+    ``threads``, ``cuda_graphs``, ``fusions``, ``hint``) say how. Without a backend, an
+    export runs on TensorRT where it has plans and TensorRT is installed, else on the CPU
+    backend measured fastest for it on this host (``runtime.selection``; the choice is
+    cached); ``model.choice`` says which and why.
     """
     try:
         options = dataclasses.replace(options or RuntimeOptions(), **overrides)
@@ -59,15 +62,22 @@ def _open_export(path: Path, options: RuntimeOptions) -> RMTModel:
             manifest.engines[STEP]["file"]) != path):
         raise ManifestError(f"{path}: not the plan listed in {folder / MANIFEST_NAME}; "
                             "rebuild it with rmt-export --engine")
-    backend = options.backend or (
-        "tensorrt" if manifest.engines and importlib.util.find_spec("tensorrt") else
-        "onnxruntime")
-    if backend == "torch":
+    if options.backend == "torch":
         raise BackendError("the torch backend runs checkpoints; pass the checkpoint file")
     tokenizer = manifest_tokenizer(manifest)
     _check_tokenizer(tokenizer, manifest)
-    engine = _engine(manifest, dataclasses.replace(options, backend=backend))
-    return RMTModel(engine, manifest.load_initial_memory(), tokenizer, description=str(folder))
+    if options.backend is None and not (manifest.engines and importlib.util.find_spec(
+            "tensorrt")):
+        choice, engine = choose_backend(manifest, options,
+                                        lambda chosen: _engine(manifest, chosen))
+    else:
+        backend = options.backend or "tensorrt"
+        choice = BackendChoice(backend, "requested" if options.backend else
+                               "TensorRT plans, and TensorRT installed", options.threads,
+                               options.fusions, options.hint)
+        engine = _engine(manifest, dataclasses.replace(options, backend=backend))
+    return RMTModel(engine, manifest.load_initial_memory(), tokenizer, description=str(folder),
+                    choice=choice)
 
 
 def _engine(manifest: Manifest, options: RuntimeOptions) -> StepEngine:
@@ -108,4 +118,6 @@ def _open_checkpoint(path: Path, options: RuntimeOptions) -> RMTModel:
     engine = TorchEngine(loaded.rmt, threads=options.threads)
     tokenizer = (plain_tokenizer(Tokenizer.from_str(loaded.tokenizer_json))
                  if loaded.tokenizer_json else None)
-    return RMTModel(engine, engine.initial_memory(), tokenizer, description=str(path))
+    return RMTModel(engine, engine.initial_memory(), tokenizer, description=str(path),
+                    choice=BackendChoice("torch", "a checkpoint runs on the reference backend",
+                                         options.threads))

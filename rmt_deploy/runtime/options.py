@@ -11,6 +11,7 @@ from rmt_deploy.manifest import PRECISIONS
 
 EXPORT_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 BACKENDS = (*EXPORT_BACKENDS, "torch")
+HINTS = ("latency", "throughput")  # OpenVINO performance hints
 
 
 def host_cpus() -> int:
@@ -23,10 +24,13 @@ def host_cpus() -> int:
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    backend: str | None = None  # None: the fastest available for the model
+    backend: str | None = None  # None: the fastest for the model, measured (selection.py)
     precision: str = "fp32"  # which of the export's graphs: fp32, fp16 or int8
     threads: int | None = None  # CPU threads of the engine (None: the backend's default)
     cuda_graphs: bool = False  # TensorRT: capture each step shape once, replay it after
+    fusions: bool | None = None  # ONNX Runtime on the CPU: its transformer fusions applied
+    #                              when the session is created (None: as measured, else off)
+    hint: str | None = None  # OpenVINO performance hint (None: as measured, else latency)
 
     def __post_init__(self) -> None:
         if self.backend is not None and self.backend not in BACKENDS:
@@ -44,3 +48,11 @@ class RuntimeOptions:
         if self.cuda_graphs and self.backend not in (None, "tensorrt"):
             raise ConfigError("CUDA graphs are a TensorRT feature; drop --cuda-graphs or use "
                               "the tensorrt backend")
+        if self.fusions and (self.backend not in (None, "onnxruntime")
+                             or self.precision != "fp32"):
+            raise ConfigError("fusions are ONNX Runtime's, for the fp32 graphs; drop them or "
+                              "use the onnxruntime backend at fp32")
+        if self.hint is not None and (self.hint not in HINTS
+                                      or self.backend not in (None, "openvino")):
+            raise ConfigError(f"hint {self.hint!r}: OpenVINO takes {' or '.join(HINTS)}, on "
+                              "the openvino backend")

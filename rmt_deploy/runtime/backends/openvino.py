@@ -5,6 +5,7 @@ A state holds one infer request per graph and two memory tensors swapped each st
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -34,10 +35,25 @@ from rmt_deploy.runtime.backends.base import (
 from rmt_deploy.runtime.options import RuntimeOptions
 
 
+def import_openvino() -> Any:
+    """``openvino``, imported without its telemetry: importing it otherwise writes
+    ``~/intel/`` (a client id and usage counts) into the home folder."""
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"]
+    blocked = "openvino_telemetry" not in sys.modules
+    if blocked:
+        sys.modules["openvino_telemetry"] = None  # its import fails: the stub is used
+    try:
+        import openvino
+    finally:
+        if blocked:
+            del sys.modules["openvino_telemetry"]
+    return openvino
+
+
 def cpu_precision() -> str:
     """``bf16`` where OpenVINO can compute BF16 on this CPU, else ``fp32``."""
-    import openvino as ov
-
+    ov = import_openvino()
     capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     return "bf16" if "BF16" in capabilities else "fp32"
 
@@ -50,7 +66,7 @@ class OpenVinoEngine(StepEngine):
         """``compute``: what OpenVINO computes in (default: bf16 where the CPU has it);
         ``options.precision``: which of the export's graphs to compile."""
         try:
-            import openvino as ov
+            ov = import_openvino()
         except ImportError:
             raise BackendError("openvino is not installed: pip install openvino") from None
         options = options or RuntimeOptions()

@@ -1,0 +1,400 @@
+"""The backend an export runs on when none is asked for, chosen by measurement: each
+installed CPU backend, with the settings that matter (threads; ONNX Runtime's transformer
+fusions; OpenVINO's performance hints), is timed on the model's own step, a few steps
+each; the fastest whose output agrees with the others is kept. The choice is cached per
+model, host and library versions outside the export folder, so later runs only read it.
+
+``RMT_DEPLOY_CACHE_DIR`` names the cache folder (default ``$XDG_CACHE_HOME/rmt-deploy``,
+else ``~/.cache/rmt-deploy``); ``RMT_DEPLOY_MEASURE=0`` turns measuring off (then
+onnxruntime, with its defaults).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rmt_deploy import __version__
+from rmt_deploy.contract import WRITE
+from rmt_deploy.errors import BackendError, RmtError
+from rmt_deploy.files import atomic_path, sha256_file
+from rmt_deploy.manifest import MANIFEST_NAME, Manifest
+from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.runtime.options import RuntimeOptions, host_cpus
+from rmt_deploy.segmentation import content_id_range, step_inputs
+
+CPU_BACKENDS = ("onnxruntime", "openvino")
+CACHE_VERSION = 1
+BUDGET_S = 0.6  # stepping time aimed at per stage, all candidates together (loading aside)
+ROUNDS = 4  # rounds of steps, candidates taking turns
+SLOW = 1.5  # a candidate this much slower than the best after one round stops
+TIE = 0.03  # step times within 3% count as equal: the earlier (plainer) candidate wins
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A backend with the settings it is timed with."""
+
+    backend: str
+    threads: int
+    fusions: bool = False  # onnxruntime: transformer fusions at session creation
+    hint: str | None = None  # openvino: performance hint
+
+    @property
+    def label(self) -> str:
+        extra = " fused" if self.fusions else f" {self.hint}" if self.hint else ""
+        return f"{self.backend} {self.threads} thread{'s' if self.threads > 1 else ''}{extra}"
+
+    def options(self, options: RuntimeOptions) -> RuntimeOptions:
+        return dataclasses.replace(options, backend=self.backend, threads=self.threads,
+                                   fusions=self.fusions if self.backend == "onnxruntime"
+                                   else None, hint=self.hint)
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """What backend a model runs on, with which settings, and why."""
+
+    backend: str
+    reason: str  # measured, cached, requested, only one installed, measuring off, ...
+    threads: int | None = None
+    fusions: bool | None = None
+    hint: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # ms per step, by candidate
+    rejected: dict[str, str] = field(default_factory=dict)  # candidate -> why not
+    measured: str | None = None  # when the timings were taken (UTC)
+
+    def _details(self) -> list[str]:
+        details = []
+        if self.threads:
+            details.append(f"{self.threads} thread{'s' if self.threads > 1 else ''}")
+        if self.fusions:
+            details.append("fused")
+        if self.hint:
+            details.append(self.hint)
+        return details
+
+    @property
+    def settings(self) -> str:
+        """``onnxruntime 1 thread fused`` and the like."""
+        return " ".join([self.backend, *self._details()])
+
+    def describe(self) -> str:
+        """The settings beyond the backend's name and why they were chosen, in one line:
+        ``1 thread, measured on this host: 0.61 ms/step; openvino 2 threads ...``."""
+        text = ", ".join([*self._details(), self.reason])
+        own = self.timings.get(_label(self))
+        if own is not None:
+            others = sorted((ms, label) for label, ms in self.timings.items()
+                            if label != _label(self))
+            text += f": {own:.3g} ms/step" + "".join(f"; {label} {ms:.3g}"
+                                                      for ms, label in others[:2])
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BackendChoice:
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+#: ``measure(engines, manifest) -> {label: ms per step}``: the timer (tests pass stand-ins).
+Measure = Callable[[dict[Candidate, StepEngine], Manifest], dict[str, float]]
+#: ``open_engine(options) -> engine``.
+OpenEngine = Callable[[RuntimeOptions], StepEngine]
+
+
+def installed_backends() -> tuple[str, ...]:
+    return tuple(name for name in CPU_BACKENDS if importlib.util.find_spec(name) is not None)
+
+
+def candidates(manifest: Manifest, options: RuntimeOptions,
+               backends: Sequence[str]) -> list[Candidate]:
+    """Stage one, plainest first: each backend on 1 thread and on all of them (or on the
+    threads asked for), with its plain settings (ONNX Runtime unfused, OpenVINO's latency
+    hint) unless the options fix them."""
+    threads = [options.threads] if options.threads else sorted({1, host_cpus()})
+    found = []
+    for backend in backends:
+        for count in threads:
+            if backend == "onnxruntime":
+                found.append(Candidate(backend, count, fusions=bool(options.fusions)))
+            else:
+                found.append(Candidate(backend, count, hint=options.hint or "latency"))
+    return found
+
+
+def refinements(winner: Candidate, manifest: Manifest,
+                options: RuntimeOptions) -> list[Candidate]:
+    """Stage two, the first stage's winner with its other settings: ONNX Runtime's
+    fusions (fp32 encoder graphs, where the onnx package is installed), OpenVINO's
+    throughput hint (on several threads); none where the options fix them."""
+    if winner.backend == "onnxruntime" and options.fusions is None and (
+            manifest.config.is_encoder and options.precision == "fp32"
+            and importlib.util.find_spec("onnx") is not None):
+        return [dataclasses.replace(winner, fusions=True)]
+    if winner.backend == "openvino" and options.hint is None and winner.threads > 1:
+        return [dataclasses.replace(winner, hint="throughput")]
+    return []
+
+
+def choose_backend(manifest: Manifest, options: RuntimeOptions, open_engine: OpenEngine,
+                   measure: Measure | None = None, cache: Path | None = None
+                   ) -> tuple[BackendChoice, StepEngine]:
+    """The backend for ``manifest`` when ``options.backend`` is None, and its engine:
+    cached, else measured (and cached); onnxruntime where measuring is off or there is
+    nothing to compare."""
+    if os.environ.get("RMT_DEPLOY_MEASURE", "1").strip().lower() in ("0", "off", "no",
+                                                                     "false"):
+        return _plain(options, open_engine, "measuring off (RMT_DEPLOY_MEASURE)")
+    found = candidates(manifest, options, installed_backends())
+    if not found or _has_cuda():
+        return _plain(options, open_engine,
+                      "CUDA (onnxruntime-gpu)" if found else "no CPU backend to measure")
+    possible = found + [r for c in found for r in refinements(c, manifest, options)]
+    if len(possible) == 1:
+        return _given(found[0], options, open_engine, "the only candidate")
+    path = cache_file(manifest, options, cache)
+    cached = read_cached(path, {c.label for c in possible})
+    if cached is not None:
+        winner = next(c for c in possible if c.label == _label(cached))
+        return cached, open_engine(winner.options(options))
+    choice, engine = _measure(manifest, options, open_engine, found, measure or time_steps)
+    if path is not None:
+        write_cached(path, choice)
+    return choice, engine
+
+
+def _plain(options: RuntimeOptions, open_engine: OpenEngine,
+           reason: str) -> tuple[BackendChoice, StepEngine]:
+    options = dataclasses.replace(options, backend="onnxruntime")
+    return BackendChoice("onnxruntime", reason, options.threads, options.fusions or None,
+                         None), open_engine(options)
+
+
+def _given(candidate: Candidate, options: RuntimeOptions, open_engine: OpenEngine,
+           reason: str) -> tuple[BackendChoice, StepEngine]:
+    return (BackendChoice(candidate.backend, reason, candidate.threads,
+                          candidate.fusions or None, candidate.hint),
+            open_engine(candidate.options(options)))
+
+
+def _label(choice: BackendChoice) -> str:
+    return Candidate(choice.backend, choice.threads or 1, bool(choice.fusions),
+                     choice.hint).label
+
+
+def _measure(manifest: Manifest, options: RuntimeOptions, open_engine: OpenEngine,
+             found: list[Candidate], measure: Measure) -> tuple[BackendChoice, StepEngine]:
+    """Time stage one, then the winner against its refinements; the fastest wins (within
+    :data:`TIE`, the one measured first)."""
+    rejected: dict[str, str] = {}
+    engines = _open(found, options, open_engine, manifest, rejected)
+    if not engines:
+        raise BackendError("no CPU backend can run this model: "
+                           + "; ".join(f"{k}: {v}" for k, v in rejected.items()))
+    timings = measure(engines, manifest) if len(engines) > 1 else {}
+    winner = _fastest(list(engines), timings)
+    extra = _open(refinements(winner, manifest, options), options, open_engine, manifest,
+                  rejected, against=(winner, engines[winner]))
+    if extra:
+        final = {winner: engines[winner], **extra}
+        timings.update(measure(final, manifest))
+        winner = _fastest(list(final), timings)
+        engines.update(extra)
+    choice = BackendChoice(winner.backend, "measured on this host", winner.threads,
+                           winner.fusions or None, winner.hint,
+                           {label: round(ms, 4) for label, ms in timings.items()}, rejected,
+                           time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return choice, engines[winner]
+
+
+def _open(found: list[Candidate], options: RuntimeOptions, open_engine: OpenEngine,
+          manifest: Manifest, rejected: dict[str, str],
+          against: tuple[Candidate, StepEngine] | None = None) -> dict[Candidate, StepEngine]:
+    """Engines of the candidates that load and agree (with ``against`` where given);
+    the others are recorded in ``rejected`` with the reason."""
+    engines = dict([against]) if against else {}
+    for candidate in found:
+        try:
+            engines[candidate] = open_engine(candidate.options(options))
+        except RmtError as error:  # a backend that cannot run this model is no failure
+            rejected[candidate.label] = str(error)
+    for label, why in disagreeing(engines, manifest, options.precision).items():
+        rejected[label] = why
+        engines.pop(next(c for c in engines if c.label == label))
+    if against:
+        engines.pop(against[0], None)
+    return engines
+
+
+def _fastest(found: list[Candidate], timings: dict[str, float]) -> Candidate:
+    if not timings:
+        return found[0]
+    best = min(timings[c.label] for c in found)
+    return next(c for c in found if timings[c.label] <= best * (1 + TIE))
+
+
+def _probe(manifest: Manifest) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """A full segment of the model's own layout, its initial memory, and whether the
+    write graph (what every segment but the last runs) is what is timed."""
+    config = manifest.config
+    low, high = content_id_range(config)
+    tokens = low + np.arange(config.segment_size) * 7919 % max(1, high - low)
+    ids, mask = step_inputs([tokens], config)
+    return ids, mask, manifest.load_initial_memory()[None], WRITE in manifest.graphs
+
+
+def disagreeing(engines: dict[Candidate, StepEngine], manifest: Manifest,
+                precision: str = "fp32") -> dict[str, str]:
+    """Candidates computing fp32 whose new memory after one step differs from the first's
+    by more than the export's open-loop tolerance (reduced precision is judged at export,
+    and OpenVINO's BF16 by its own rules)."""
+    exact = [c for c, engine in engines.items() if getattr(engine, "precision", "fp32") == "fp32"]
+    if precision != "fp32" or len(exact) < 2:
+        return {}
+    ids, mask, memory, write = _probe(manifest)
+    tolerance = manifest.validation.get("fp32", {}).get("tolerance", {}).get("open_loop", 1e-4)
+    results = {}
+    for candidate in exact:
+        with engines[candidate].new_state(memory) as state:
+            state.step(ids, mask, logits=not write)
+            results[candidate] = state.memory()
+    first = exact[0]
+    errors = {c: float(np.abs(results[c] - results[first]).max()) for c in exact}
+    return {c.label: f"its memory differs from {first.label}'s by {error:.2g}"
+            for c, error in errors.items() if not error <= tolerance}
+
+
+def time_steps(engines: dict[Candidate, StepEngine], manifest: Manifest,
+               budget_s: float = BUDGET_S, rounds: int = ROUNDS) -> dict[str, float]:
+    """Median ms per step of each engine on the model's step at batch 1. Candidates take
+    turns in rounds (a burst of load hits them all), a block of steps each, every step
+    timed and a block's first not counted (the threads of the one before may still be
+    spinning); a step slower than the budget allows runs twice a round in two rounds. A
+    candidate :data:`SLOW` times behind after the first round stops."""
+    ids, mask, memory, write = _probe(manifest)
+    states = {candidate: engine.new_state(memory) for candidate, engine in engines.items()}
+    samples: dict[Candidate, list[float]] = {candidate: [] for candidate in engines}
+    try:
+        block = {}
+        for candidate, state in states.items():
+            started = time.perf_counter()
+            state.step(ids, mask, logits=not write)  # warm-up: allocations, first run
+            block[candidate] = max(2, min(64, int(budget_s / rounds / len(states)
+                                                  / max(time.perf_counter() - started, 1e-6))))
+        if all(count == 2 for count in block.values()):
+            rounds = 2
+        live = list(states)
+        for done in range(rounds):
+            for candidate in live:
+                state = states[candidate]
+                for index in range(block[candidate]):
+                    started = time.perf_counter()
+                    state.step(ids, mask, logits=not write)
+                    if index:
+                        samples[candidate].append(time.perf_counter() - started)
+            if done == 0 and len(live) > 2:
+                best = min(statistics.median(samples[c]) for c in live)
+                live = [c for c in live if statistics.median(samples[c]) <= SLOW * best]
+    finally:
+        for state in states.values():
+            state.close()
+    return {candidate.label: 1000 * statistics.median(values)
+            for candidate, values in samples.items()}
+
+
+def _has_cuda() -> bool:
+    if importlib.util.find_spec("onnxruntime") is None:
+        return False
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+# -- the cache --------------------------------------------------------------------------
+
+
+def cache_folder() -> Path | None:
+    """Where choices are cached; None where no folder can be named (no home)."""
+    if os.environ.get("RMT_DEPLOY_CACHE_DIR"):
+        return Path(os.environ["RMT_DEPLOY_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "rmt-deploy"
+    home = os.path.expanduser("~")
+    return Path(home) / ".cache" / "rmt-deploy" if os.path.isabs(home) else None
+
+
+def host_key() -> dict[str, Any]:
+    """What a measurement holds for: the CPU (model, flags, CPUs this process may use) and
+    the versions of the libraries that run the step."""
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+        model = lines.get("model name\t", model).strip()
+        flags = lines.get("flags\t\t", "").strip()
+    except OSError:
+        pass
+    versions = {"rmt_deploy": __version__}
+    for name in CPU_BACKENDS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return {"cpu": model, "flags": hashlib.sha256(flags.encode()).hexdigest()[:16],
+            "cpus": host_cpus(), "machine": platform.machine(), "versions": versions}
+
+
+def cache_file(manifest: Manifest, options: RuntimeOptions,
+               folder: Path | None = None) -> Path | None:
+    """The cache file of this model (``rmt.json``'s sha256), precision, requested
+    settings and host."""
+    folder = folder if folder is not None else cache_folder()
+    if folder is None or manifest.folder is None:
+        return None
+    key = {"model": sha256_file(Path(manifest.folder) / MANIFEST_NAME),
+           "precision": options.precision, "threads": options.threads,
+           "fusions": options.fusions, "hint": options.hint, "host": host_key(),
+           "version": CACHE_VERSION}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return folder / f"backend-{digest[:32]}.json"
+
+
+def read_cached(path: Path | None, labels: set[str]) -> BackendChoice | None:
+    """The cached choice, if there is one that still names a candidate; an unreadable or
+    stale file is ignored (measured again and replaced)."""
+    if path is None:
+        return None
+    try:
+        choice = BackendChoice.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if _label(choice) not in labels:
+        return None
+    return dataclasses.replace(choice, reason=f"cached, {choice.reason}"
+                               + (f" at {choice.measured}" if choice.measured else ""))
+
+
+def write_cached(path: Path, choice: BackendChoice) -> None:
+    """Write the choice atomically; a cache that cannot be written is skipped."""
+    try:
+        with atomic_path(path) as temp:
+            temp.write_text(json.dumps(choice.to_dict(), indent=1) + "\n")
+    except OSError:
+        pass
