@@ -89,8 +89,11 @@ class _FaultyState(EngineState):
             result = result[..., ::-1].copy()
         return result
 
-    def read(self, input_ids, attention_mask):
-        return self.state.read(input_ids, attention_mask)
+    def prefill(self, input_ids, attention_mask):
+        return self.state.prefill(input_ids, attention_mask)
+
+    def decode(self, cache, input_ids, attention_mask):
+        return self.state.decode(cache, input_ids, attention_mask)
 
     def close(self):
         self.state.close()

@@ -13,7 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from rmt_deploy.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, MEMORY_IN, MEMORY_OUT, WRITE
+from rmt_deploy.contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    MEMORY_IN,
+    MEMORY_OUT,
+    PREFILL,
+    WRITE,
+)
 from rmt_deploy.runtime.backends.base import EngineState, StepEngine
 from rmt_deploy.runtime.loop import run_segments
 from rmt_deploy.runtime.stepper import Stepper
@@ -78,15 +86,17 @@ class _RecordingState(EngineState):
         super().close()
 
 
-def step_outputs(engine: StepEngine, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def step_outputs(engine: StepEngine, feed: Mapping[str, np.ndarray], prefill: bool
+                 ) -> dict[str, np.ndarray]:
     """One step of ``engine`` from ``feed``'s memory: the logits (a decoder's padded
-    positions zeroed: they are not used), the new memory, and where the engine has them,
-    its read graph's logits and its write graph's memory."""
+    positions zeroed: they are not used), the new memory, its write graph's memory where
+    it has one, and with ``prefill`` its prefill graph's logits (generation's first
+    step)."""
     ids, mask = feed[INPUT_IDS], feed[ATTENTION_MASK]
     outputs = OrderedDict()
     with engine.new_state(feed[MEMORY_IN]) as state:
-        if not engine.config.is_encoder:
-            outputs["read_logits"] = state.read(ids, mask) * mask[..., None]
+        if prefill:
+            outputs["prefill_logits"] = state.prefill(ids, mask)[0]
         logits = state.step(ids, mask)
         outputs[LOGITS] = logits if engine.config.is_encoder else logits * mask[..., None]
         outputs[MEMORY_OUT] = state.memory()
@@ -97,7 +107,7 @@ def step_outputs(engine: StepEngine, feed: Mapping[str, np.ndarray]) -> dict[str
     return outputs
 
 
-def _runner(engine: StepEngine, name: str) -> Any:
+def _runner(engine: StepEngine, name: str, prefill: bool) -> Any:
     """``engine`` as a Polygraphy runner of one step."""
     import time
 
@@ -123,7 +133,8 @@ def _runner(engine: StepEngine, name: str) -> Any:
 
         def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             started = time.perf_counter()
-            outputs = step_outputs(engine, feed_dict)
+            outputs = {name: np.ascontiguousarray(value)  # Polygraphy views them
+                       for name, value in step_outputs(engine, feed_dict, prefill).items()}
             self.inference_time = time.perf_counter() - started
             return outputs
 
@@ -148,10 +159,13 @@ def compare_open_loop(reference: StepEngine, candidate: StepEngine, steps: Seque
     (``atol``/``rtol`` per output name, ``""`` the default; an output passes a step when
     its largest error is within atol or its largest relative error within rtol)."""
     from polygraphy.comparator import Comparator, SimpleCompareFunc
-    from polygraphy.logger import G_LOGGER
 
-    runners = [_runner(reference, "reference"), _runner(candidate, "candidate")]
-    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+    from rmt_deploy.export.polygraphy_log import quiet
+
+    prefill = PREFILL in reference.graphs and PREFILL in candidate.graphs
+    runners = [_runner(reference, "reference", prefill),
+               _runner(candidate, "candidate", prefill)]
+    with quiet():
         results = Comparator.run(runners, data_loader=[step.feed for step in steps])
         accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(
             atol=dict(atol), rtol=dict(rtol), check_error_stat="max"))

@@ -104,7 +104,8 @@ def build_plan(trt: Any, onnx_path: Path, shapes: dict[str, tuple[tuple[int, ...
     from polygraphy.backend import trt as loaders
     from polygraphy.backend.common import SaveBytes
     from polygraphy.exception import PolygraphyException
-    from polygraphy.logger import G_LOGGER
+
+    from rmt_deploy.export.polygraphy_log import quiet
 
     profile = loaders.Profile()
     for name, (low, opt, high) in shapes.items():
@@ -122,7 +123,7 @@ def build_plan(trt: Any, onnx_path: Path, shapes: dict[str, tuple[tuple[int, ...
         network, config=config, save_timing_cache=str(cache) if cache is not None else None),
         path=str(out))
     try:
-        with G_LOGGER.verbosity(G_LOGGER.WARNING):
+        with quiet("WARNING"):
             build()
     except PolygraphyException as error:
         first = " ".join(str(error).split())[:300]

@@ -25,14 +25,14 @@ def rmt_compare(*args):
 
 
 @pytest.fixture(scope="module")
-def precision_exports(encoder_checkpoint, tmp_path_factory):
-    """The tiny encoder exported with FP16 graphs, and with INT8 graphs."""
+def precision_exports(decoder_checkpoint, encoder_checkpoint, tmp_path_factory):
+    """The tiny decoder exported with FP16 graphs, the tiny encoder with INT8 graphs."""
     from rmt_deploy.export.pipeline import ExportOptions, export_checkpoint
 
     root = tmp_path_factory.mktemp("precisions")
     data = root / "calibration.npy"
     np.save(data, np.random.default_rng(0).integers(5, 45, (4, 200)))
-    fp16 = export_checkpoint(encoder_checkpoint, root / "fp16", ExportOptions(
+    fp16 = export_checkpoint(decoder_checkpoint, root / "fp16", ExportOptions(
         precision="fp16", drift_segments=4)).folder
     int8 = export_checkpoint(encoder_checkpoint, root / "int8", ExportOptions(
         precision="int8", calibration=data, drift_segments=4, int8_policy="linear",
@@ -66,13 +66,13 @@ def test_artifacts_of_one_model_agree(encoder_checkpoint, encoder_export, pair):
     assert result.stderr == ""
 
 
-def test_a_decoder_checkpoint_and_its_export_agree_with_the_read_graph(decoder_checkpoint,
-                                                                       decoder_export):
+def test_a_decoder_checkpoint_and_its_export_agree_with_the_prefill_graph(
+        decoder_checkpoint, decoder_export):
     report = compare_artifacts(decoder_checkpoint, [decoder_export],
                                CompareOptions(segments=6))
     (comparison,) = report.comparisons
     assert report.passed, report.verdict()
-    assert set(comparison.open_loop.max_abs) == {"read_logits", "logits", "memory_out",
+    assert set(comparison.open_loop.max_abs) == {"prefill_logits", "logits", "memory_out",
                                                  "write_memory_out"}
     assert comparison.open_loop.steps >= 6
 
