@@ -41,11 +41,12 @@ def damaged_graph(source: str | Path, target: str | Path, fault: str = "scale") 
 
 class FaultyEngine(StepEngine):
     """A real engine whose steps are damaged: ``"no_feedback"`` steps every segment from
-    the memory it was first given; ``"nan"`` makes one logit NaN from ``segment`` on;
-    ``"drift"`` adds ``size`` to the memory each step (an error that compounds);
-    ``"rotate"`` swaps two memory slots' contents after ``segment`` steps (the memory's
-    values stay, its slots' cosines fall); ``"flip"`` reverses the logits' last axis
-    (every prediction changes, the values stay close on a flat output)."""
+    the memory it was last given; ``"nan"`` makes one logit NaN from ``segment`` on;
+    ``"drift"`` adds ``size`` times the steps since the memory was last given to the
+    memory after each step (an error that compounds while the memory is fed back);
+    ``"rotate"`` reverses the order of the memory slots after ``segment`` steps (the
+    values stay, each slot's cosine falls); ``"flip"`` rolls the logits' last axis by one
+    (every prediction changes)."""
 
     def __init__(self, engine: StepEngine, fault: str, segment: int = 0,
                  size: float = 0.0) -> None:
@@ -62,9 +63,11 @@ class _FaultyState(EngineState):
         super().__init__(state.batch)
         self.owner, self.state, self.first = owner, state, np.array(memory)
         self.steps = 0
+        self.since_load = 0
 
     def load(self, memory):
         self.first = np.array(memory)
+        self.since_load = 0
         self.state.load(memory)
 
     def memory(self):
@@ -76,9 +79,10 @@ class _FaultyState(EngineState):
             self.state.load(self.first)
         result = self.state.step(input_ids, attention_mask, logits)
         self.steps += 1
+        self.since_load += 1
         late = self.steps > owner.segment
         if owner.fault == "drift":
-            self.state.load(self.state.memory() + np.float32(owner.size))
+            self.state.load(self.state.memory() + np.float32(owner.size * self.since_load))
         if owner.fault == "rotate" and late:
             memory = self.state.memory()
             self.state.load(memory[:, ::-1].copy())
@@ -86,7 +90,7 @@ class _FaultyState(EngineState):
             result = result.copy()
             result.flat[0] = np.nan
         if result is not None and owner.fault == "flip":
-            result = result[..., ::-1].copy()
+            result = np.roll(result, 1, axis=-1)
         return result
 
     def prefill(self, input_ids, attention_mask):

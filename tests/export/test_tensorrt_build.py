@@ -137,6 +137,24 @@ def test_a_plan_that_drifts_is_not_kept_and_the_folder_is_left_as_it_was(
     assert folder_state(folder) == before  # no plan, no temporary file, the same manifest
 
 
+def test_plans_run_without_swapping_their_memory_buffers_are_refused(gpu, tmp_path,
+                                                                     encoder_export,
+                                                                     monkeypatch):
+    from rmt_deploy.contract import STEP, WRITE
+    from rmt_deploy.runtime.backends import tensorrt
+
+    def step_without_swap(self, input_ids, attention_mask, logits=True):
+        graph = WRITE if not logits and WRITE in self._contexts else STEP
+        return self._run(graph, input_ids, attention_mask, logits)  # memory_in never moves on
+
+    monkeypatch.setattr(tensorrt._State, "step", step_without_swap)
+    folder = copy_export(encoder_export, tmp_path)
+    before = folder_state(folder)
+    with pytest.raises(ValidationError, match=r"the TensorRT fp32 plans: closed loop"):
+        build_engines(folder, EngineOptions(drift_segments=6))
+    assert folder_state(folder) == before
+
+
 def test_a_rebuild_that_drifts_keeps_the_validated_plans(gpu, tmp_path, decoder_export):
     _, builder = gpu
     folder = copy_export(decoder_export, tmp_path)
