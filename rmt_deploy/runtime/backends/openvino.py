@@ -1,7 +1,9 @@
 """OpenVINO backend for CPUs: the same ONNX graph, compiled for the host CPU, in BF16
 where the CPU computes it natively (AMX / AVX-512 BF16) and FP32 elsewhere.
 
-A state holds one infer request per graph and two memory tensors swapped each step."""
+A state holds two memory tensors swapped each step and, for the step and write graphs, an
+infer request per memory parity bound once to them, so a step only copies the token ids
+in and, where they are read, the logits out."""
 
 from __future__ import annotations
 
@@ -124,7 +126,11 @@ class _State(EngineState):
         self._buffers = [ov.Tensor(ov.Type.f32, shape) for _ in range(2)]
         self._parity = 0
         self._requests = {name: model.create_infer_request()  # requests are not thread-safe
-                          for name, model in engine.compiled.items()}
+                          for name, model in engine.compiled.items()
+                          if name not in (STEP, WRITE)}
+        # step and write: a request per memory parity, its memory tensors bound once, and
+        # input tensors of its own that each step copies the token ids into (their views)
+        self._stepping: dict[tuple[str, int], tuple[Any, dict[str, np.ndarray]]] = {}
         # decode steps alternate between two requests: one's outputs are the other's inputs
         self._decoders = [self._requests[DECODE], engine.compiled[DECODE].create_infer_request()
                           ] if DECODE in engine.compiled else []
@@ -148,13 +154,26 @@ class _State(EngineState):
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              logits: bool = True) -> np.ndarray | None:
-        if not logits and WRITE in self._requests:
-            self._run(WRITE, input_ids, attention_mask)
-            self._parity ^= 1
-            return None
-        request = self._run(STEP, input_ids, attention_mask)
+        graph = WRITE if not logits and WRITE in self._engine.compiled else STEP
+        key = (graph, self._parity)
+        if key not in self._stepping:
+            request = self._engine.compiled[graph].create_infer_request()
+            request.set_tensor(MEMORY_IN, self._buffers[self._parity])
+            request.set_tensor(MEMORY_OUT, self._buffers[1 - self._parity])
+            self._stepping[key] = request, {}
+        request, inputs = self._stepping[key]
+        for name, array in ((INPUT_IDS, input_ids), (ATTENTION_MASK, attention_mask)):
+            view = inputs.get(name)  # the numpy view of the request's own input tensor
+            if view is None or view.shape != array.shape:
+                tensor = self._engine._ov.Tensor(self._engine._ov.Type.i64, array.shape)
+                request.set_tensor(name, tensor)
+                view = inputs[name] = tensor.data
+            view[...] = array
+        request.infer()
         self._parity ^= 1
-        return np.array(request.get_tensor(LOGITS).data, dtype=np.float32) if logits else None
+        if graph == WRITE or not logits:
+            return None
+        return np.array(request.get_tensor(LOGITS).data, dtype=np.float32)
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray
                 ) -> tuple[np.ndarray, list[Any]]:
@@ -180,6 +199,7 @@ class _State(EngineState):
 
     def close(self) -> None:
         self._requests.clear()
+        self._stepping.clear()
         self._decoders.clear()
         self._buffers.clear()
         super().close()
