@@ -7,10 +7,15 @@ module that needs them is used.
 import os
 
 from rmt_deploy.errors import RmtError
+from rmt_deploy.files import cache_folder
 
-# onnxruntime's telemetry writes a session file (.ses) into TMPDIR when it is imported,
-# unless this is set first; rmt-deploy leaves nothing in TMPDIR.
+# rmt-deploy leaves nothing in TMPDIR. onnxruntime's telemetry writes a session file
+# (.ses) there when it is imported, unless this is set first; torch (imported by the
+# exporter and the reference backend) creates its compiler cache folder there unless it
+# is told another: rmt-deploy's own cache folder.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+if (_cache := cache_folder()) is not None:
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_cache / "torchinductor"))
 
 __version__ = "0.1.0"
 __all__ = ["RmtError", "__version__"]

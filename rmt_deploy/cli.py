@@ -351,12 +351,14 @@ def run_main(model, input, backend, cuda_graphs, precision, generate, as_json, t
     else:
         report.update(perplexity=output.perplexity)
     if as_json:
-        echo(json.dumps(report))
+        echo(json.dumps(report, allow_nan=False))
         return
     if rmt.config.is_encoder:
         echo(f"answer: {output.label} (p={output.scores[output.label]:.4f})")
     elif generate:
         echo(f"generated: {output.generated!r}")
+    elif output.perplexity is None:
+        echo("perplexity: none (a document of one token predicts nothing)")
     else:
         echo(f"perplexity: {output.perplexity:.4f}")
     echo(f"tokens: {run.tokens:,}  segments: {run.segments:,}  time: {run.seconds:.2f} s"
@@ -396,7 +398,9 @@ def demo_train(output, seed, threads):
     import torch
 
     from rmt_deploy.demo.train import TrainOptions, save_demo, train
+    from rmt_deploy.runtime.options import RuntimeOptions
 
+    RuntimeOptions(threads=threads)  # within the host's CPUs
     torch.set_num_threads(threads)
     options = TrainOptions(seed=seed)
     save_demo(train(options, log=lambda m: click.echo(m, err=True)), output, options)

@@ -26,6 +26,18 @@ def _umask() -> int:
     return mask
 
 
+def cache_folder() -> Path | None:
+    """rmt-deploy's cache folder: ``RMT_DEPLOY_CACHE_DIR``, else ``$XDG_CACHE_HOME/rmt-deploy``,
+    else ``~/.cache/rmt-deploy``; None where no folder can be named (no home)."""
+    if os.environ.get("RMT_DEPLOY_CACHE_DIR"):
+        return Path(os.environ["RMT_DEPLOY_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "rmt-deploy"
+    home = os.path.expanduser("~")
+    return Path(home) / ".cache" / "rmt-deploy" if os.path.isabs(home) else None
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

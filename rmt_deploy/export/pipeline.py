@@ -42,6 +42,7 @@ from rmt_deploy.manifest import (
 )
 from rmt_deploy.model.base import ATTENTION
 from rmt_deploy.model.checkpoint import AuthorsOptions, LoadedCheckpoint, load_checkpoint
+from rmt_deploy.runtime.options import RuntimeOptions
 from rmt_deploy.runtime.tokens import plain_tokenizer
 
 
@@ -96,7 +97,6 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
 
     from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
     from rmt_deploy.runtime.backends.torch import TorchEngine
-    from rmt_deploy.runtime.options import RuntimeOptions
 
     rmt, config = loaded.rmt, loaded.rmt.rmt_config
     graphs = {}
@@ -188,6 +188,7 @@ def _seal_weights(manifest: Manifest, store: WeightStore) -> None:
 
 
 def _check_precision(options: ExportOptions) -> None:
+    RuntimeOptions(threads=options.threads)  # within the host's CPUs, before any work
     if options.precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {options.precision!r}; use one of "
                           f"{', '.join(PRECISIONS)}")

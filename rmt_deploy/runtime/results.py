@@ -28,7 +28,8 @@ class EncoderOutput:
 class DecoderOutput:
     """A document scored by a language model, and what it generates after it."""
 
-    perplexity: float | None  # over the next-token predictions (None when generating)
+    perplexity: float | None  # over the next-token predictions (None when generating, or
+    # when nothing was predicted: a document of one token)
     tokens: int
     segments: int
     memory: np.ndarray  # [M, H], the memory written by the last segment that wrote it

@@ -39,8 +39,9 @@ class PerplexityMeter:
         self._last = log_softmax(logits[n - 1])
 
     @property
-    def perplexity(self) -> float:
-        return float(np.exp(self.nll / self.count)) if self.count else float("nan")
+    def perplexity(self) -> float | None:
+        """None where nothing was predicted (a document of one token)."""
+        return float(np.exp(self.nll / self.count)) if self.count else None
 
 
 def _logsumexp(logits: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ import numpy as np
 from rmt_deploy import __version__
 from rmt_deploy.contract import WRITE
 from rmt_deploy.errors import BackendError, RmtError
-from rmt_deploy.files import atomic_path, sha256_file
+from rmt_deploy.files import atomic_path, cache_folder, sha256_file
 from rmt_deploy.manifest import MANIFEST_NAME, Manifest
 from rmt_deploy.runtime.backends.base import StepEngine
 from rmt_deploy.runtime.options import RuntimeOptions, host_cpus
@@ -327,17 +327,6 @@ def _has_cuda() -> bool:
 
 
 # -- the cache --------------------------------------------------------------------------
-
-
-def cache_folder() -> Path | None:
-    """Where choices are cached; None where no folder can be named (no home)."""
-    if os.environ.get("RMT_DEPLOY_CACHE_DIR"):
-        return Path(os.environ["RMT_DEPLOY_CACHE_DIR"])
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    if os.path.isabs(xdg):
-        return Path(xdg) / "rmt-deploy"
-    home = os.path.expanduser("~")
-    return Path(home) / ".cache" / "rmt-deploy" if os.path.isabs(home) else None
 
 
 def host_key() -> dict[str, Any]:

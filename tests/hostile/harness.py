@@ -34,7 +34,8 @@ from conftest import make_encoder, write_bert_folder
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
-for _name in ("RMT_DEBUG", "ORT_DISABLE_TELEMETRY"):  # rmt-deploy sets the latter itself
+# rmt-deploy sets the last two itself (so nothing lands in TMPDIR)
+for _name in ("RMT_DEBUG", "ORT_DISABLE_TELEMETRY", "TORCHINDUCTOR_CACHE_DIR"):
     ENV.pop(_name, None)
 #: 25 words of the tiny encoder's vocabulary: 3 segments.
 TEXT = " ".join(f"w{(7 * i) % 45}" for i in range(25)) + "\n"

@@ -449,8 +449,6 @@ def _one_token_decoder_document(scene):
     return [checkpoint, scene.text("one.txt", "a"), "--json", "--threads", "1"]
 
 
-@pytest.mark.xfail(strict=True, reason="rmt-run --json prints the NaN perplexity of a "
-                   "one-token decoder document (cli.py run_main: json.dumps(report))")
 def test_json_output_is_strict_for_a_document_of_one_token(assets, tmp_path):
     case = Case("run-json-one-token-decoder-document", "rmt-run", _one_token_decoder_document,
                 code=0)
@@ -471,10 +469,6 @@ def test_the_crafted_state_is_what_rmt_run_saves(assets, tmp_path):
     assert first["logits"] == pytest.approx(second["logits"], abs=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="rmt-export checks --threads only when validation "
-                   "opens ONNX Runtime: torch.set_num_threads(100000) (backends/torch.py "
-                   "TorchEngine) runs first, the graphs are exported, and the process "
-                   "crashes (SIGSEGV) on the way out")
 def test_export_threads_beyond_the_host_are_refused_before_any_work(assets, tmp_path):
     case = Case("export-threads-100000", "rmt-export",
                 lambda scene: [scene.checkpoint(), "-o", "out", "-q", "--threads", "100000"],

@@ -1,0 +1,237 @@
+"""Decoder RMT benchmark: a GPT-2-small-shaped RMT (12 layers, hidden 768, vocabulary
+50,257, 16 memory tokens, segment 256) in the authors' pytorch_model.bin layout, random
+weights. The job: read 4 segments, then answer with 16 greedy tokens. rmt-deploy (the
+exported graphs on ONNX Runtime: write graph for the segments read, KV-cache prefill and
+decode) against the authors' inference (benchmarks/authors_decoder.py), both in one
+process, taking turns: read time, prefill, time per generated token, total, whether the
+tokens are equal, batch 1 and 4; plus the export's size and rmt-run's peak RSS.
+
+    python benchmarks/decoder_benchmark.py                 # writes docs/decoder-benchmark.json
+    python benchmarks/decoder_benchmark.py --large         # + a 2.15 GB model exported
+
+``--large`` exports a GPT-2 of 24 layers of 1,280 (2.15 GB of weights, past protobuf's
+2 GB limit) and checks its export is one hashed weights file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+sys.path.insert(0, str(Path(__file__).parent))
+from authors_decoder import AuthorsDecoder  # noqa: E402
+
+from rmt_deploy.runtime import open_model  # noqa: E402
+from rmt_deploy.runtime.generation import GenerationOptions  # noqa: E402
+from rmt_deploy.runtime.loop import never, run_segments  # noqa: E402
+from rmt_deploy.runtime.stepper import Stepper  # noqa: E402
+from rmt_deploy.runtime.tokens import ArraySource  # noqa: E402
+from rmt_deploy.segmentation import segment_range  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+M, SEGMENT, SEGMENTS, NEW_TOKENS = 16, 256, 4, 16
+VOCAB, EOS = 50257, 50256
+
+
+def word(index: int) -> str:
+    return f"w{index}"
+
+
+def base_folder(folder: Path, layers: int, hidden: int) -> Path:
+    """config.json of a GPT-2 shape and a word-level tokenizer of its 50,257 ids."""
+    folder.mkdir(parents=True, exist_ok=True)
+    transformers.GPT2Config(n_layer=layers, n_embd=hidden, n_head=hidden // 64,
+                            vocab_size=VOCAB, n_positions=1024, bos_token_id=EOS,
+                            eos_token_id=EOS).save_pretrained(folder)
+    vocab = {word(i): i for i in range(VOCAB - 1)} | {"<|endoftext|>": EOS}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+        "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+    return folder
+
+
+def authors_checkpoint(folder: Path, base: Path, seed: int = 0) -> tuple[Path, object, object]:
+    """pytorch_model.bin in the BABILong layout (memory_cell.*), random weights."""
+    torch.manual_seed(seed)
+    config = transformers.AutoConfig.from_pretrained(base)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model.eval()
+    std = model.get_input_embeddings().weight.detach().std()
+    memory = torch.randn(M, config.n_embd) * std
+    state = {"memory_cell.memory": memory}
+    state.update({f"memory_cell.model.{k}": v for k, v in model.state_dict().items()})
+    path = folder / "pytorch_model.bin"
+    torch.save(state, path)
+    return path, model, memory
+
+
+def export(checkpoint: Path, base: Path, out: Path) -> float:
+    started = time.perf_counter()
+    subprocess.run([str(BIN / "rmt-export"), str(checkpoint), "--base-model", str(base),
+                    "--segment-size", str(SEGMENT), "--validation-segments", "2", "-o",
+                    str(out), "-q"], check=True)
+    return time.perf_counter() - started
+
+
+def weights_bytes(model) -> int:
+    """Bytes of the model's parameters, a tied parameter counted once."""
+    seen = {id(p): p for p in model.parameters()}
+    return sum(p.numel() * p.element_size() for p in seen.values()) + M * model.config.n_embd * 4
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def documents(batch: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB - 1, (batch, SEGMENTS * SEGMENT))
+
+
+def ours(model, docs: np.ndarray) -> dict:
+    """rmt-deploy's phases on ``docs``: the write steps, prefill + first token, the rest."""
+    config = model.config
+    sources = [ArraySource(doc, config) for doc in docs]
+    lasts = [s.tokens(*segment_range(len(s), SEGMENTS - 1, config)) for s in sources]
+    keys = list(range(len(docs)))
+    with Stepper(model.engine) as stepper:
+        for key in keys:
+            stepper.add(key, model.initial_memory)
+        started = time.perf_counter()
+        run_segments(stepper, sources, lambda *_: None, skip_last=True, wants_logits=never)
+        read = time.perf_counter() - started
+        started = time.perf_counter()
+        stepper.generate(keys, lasts, GenerationOptions(1))
+        first = time.perf_counter() - started
+        started = time.perf_counter()
+        ids = stepper.generate(keys, lasts, GenerationOptions(NEW_TOKENS))
+        generation = time.perf_counter() - started
+    return {"read": read, "prefill": first, "per_token": (generation - first) / (NEW_TOKENS - 1),
+            "total": read + generation, "ids": ids}
+
+
+def authors(decoder: AuthorsDecoder, docs: np.ndarray) -> dict:
+    ids = torch.from_numpy(docs)
+    started = time.perf_counter()
+    memory = decoder.read(ids)
+    read = time.perf_counter() - started
+    started = time.perf_counter()
+    decoder.generate(ids, memory, 1)
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    tokens = decoder.generate(ids, memory, NEW_TOKENS)
+    generation = time.perf_counter() - started
+    return {"read": read, "prefill": first, "per_token": (generation - first) / (NEW_TOKENS - 1),
+            "total": read + generation, "ids": [_until_eos(row) for row in tokens.tolist()]}
+
+
+def _until_eos(tokens: list[int]) -> list[int]:
+    return tokens[: tokens.index(EOS) + 1] if EOS in tokens else tokens
+
+
+def compare(model, decoder: AuthorsDecoder, batch: int, repeats: int) -> dict:
+    """Both sides in turn on the same documents; medians of each phase."""
+    rows = {"rmt-deploy": [], "authors": []}
+    for repeat in range(repeats + 1):  # the first round warms both up
+        docs = documents(batch, repeat)
+        ours_run, theirs = ours(model, docs), authors(decoder, docs)
+        if repeat:
+            rows["rmt-deploy"].append(ours_run)
+            rows["authors"].append(theirs)
+        equal = ours_run["ids"] == theirs["ids"]
+    result = {"batch": batch, "ids_equal": equal, "repeats": repeats}
+    for side, runs in rows.items():
+        result[side] = {phase: round(statistics.median(r[phase] for r in runs), 4)
+                        for phase in ("read", "prefill", "per_token", "total")}
+    result["speedup_total"] = round(result["authors"]["total"] / result["rmt-deploy"]["total"],
+                                    2)
+    result["speedup_per_token"] = round(
+        result["authors"]["per_token"] / result["rmt-deploy"]["per_token"], 2)
+    return result
+
+
+def peak_rss(export_folder: Path, work: Path) -> float:
+    """Peak RSS (MB) of ``rmt-run EXPORT doc.txt --generate 16`` on a 4-segment text."""
+    text = work / "doc.txt"
+    text.write_text(" ".join(word(int(i)) for i in documents(1, 99)[0]) + "\n")
+    command = [str(BIN / "rmt-run"), str(export_folder), str(text), "--generate",
+               str(NEW_TOKENS), "--backend", "onnxruntime", "--json"]
+    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+             "stdout=subprocess.DEVNULL); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    kilobytes = subprocess.run([sys.executable, "-c", probe, *command], check=True,
+                               capture_output=True, text=True).stdout
+    return int(kilobytes) / 1024
+
+
+def large(work: Path) -> dict:
+    """A 2.15 GB GPT-2 (24 layers of 1,280) exported: one weights file, hashed."""
+    base = base_folder(work / "large-base", 24, 1280)
+    checkpoint, model, _ = authors_checkpoint(work / "large-ckpt", base)
+    size = weights_bytes(model)
+    del model
+    seconds = export(checkpoint, base, work / "large-export")
+    manifest = json.loads((work / "large-export" / "rmt.json").read_text())
+    files = sorted(p.name for p in (work / "large-export").iterdir())
+    return {"weights_mb": round(size / 1e6), "export_mb": round(folder_bytes(
+        work / "large-export") / 1e6), "files": files, "export_seconds": round(seconds),
+        "weights_file": manifest["weights"]["file"],
+        "hashed": all(g["data"] and g["data"][0]["sha256"] for g in manifest["graphs"].values())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=12, help="of the benchmarked model")
+    parser.add_argument("--hidden", type=int, default=768, help="of the benchmarked model")
+    parser.add_argument("--large", action="store_true", help="also export a 2.15 GB model")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "decoder-benchmark.json")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory(prefix="rmt-decoder-bench-") as tmp:
+        work = Path(tmp)
+        base = base_folder(work / "base", args.layers, args.hidden)
+        (work / "ckpt").mkdir()
+        checkpoint, model, memory = authors_checkpoint(work / "ckpt", base)
+        export_seconds = export(checkpoint, base, work / "export")
+        exported = open_model(work / "export", backend="onnxruntime")
+        decoder = AuthorsDecoder(model, memory, SEGMENT)
+        report = {
+            "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
+            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "model": {"layers": args.layers, "hidden": args.hidden, "vocab": VOCAB, "memory": M,
+                      "segment": SEGMENT, "segments_read": SEGMENTS,
+                      "new_tokens": NEW_TOKENS},
+            "weights_mb": round(weights_bytes(model) / 1e6, 1),
+            "export_mb": round(folder_bytes(work / "export") / 1e6, 1),
+            "export_seconds": round(export_seconds),
+            "runs": [compare(exported, decoder, batch, args.repeats) for batch in (1, 4)],
+            "peak_rss_mb": round(peak_rss(work / "export", work), 1),
+        }
+        report["export_vs_weights"] = round(report["export_mb"] / report["weights_mb"], 3)
+        report["rss_vs_weights"] = round(report["peak_rss_mb"] / report["weights_mb"], 3)
+        if args.large:
+            del exported, decoder, model
+            report["large"] = large(work)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
