@@ -298,7 +298,16 @@ def _progress_printer(stream):
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
               show_default=True, help="Which of the export's graphs to run (ONNX backends).")
 @click.option("--generate", type=click.IntRange(min=0), default=0,
-              help="Decoders: greedily generate N tokens after the input.")
+              help="Decoders: generate up to N tokens after the input (stops at EOS), "
+                   "greedily unless --temperature is given; no perplexity is computed then.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="--generate: sample from softmax(logits / T); 0 is greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="--generate sampling: only the K most likely tokens (0: all).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+              show_default=True, help="--generate sampling: the smallest set of tokens "
+              "whose probability reaches P.")
+@click.option("--seed", type=int, help="--generate sampling: the random seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--threads", type=int, callback=_positive, help="CPU threads.")
 @click.option("--state-file", type=click.Path(path_type=Path),
@@ -309,14 +318,20 @@ def _progress_printer(stream):
 @click.option("--resume", type=click.Path(path_type=Path),
               help="Continue a run from the state it saved (same MODEL and INPUT).")
 @_user_errors("rmt-run", "running the model")
-def run_main(model, input, backend, cuda_graphs, precision, generate, as_json, threads,
-             state_file, state_every, resume):
+def run_main(model, input, backend, cuda_graphs, precision, generate, temperature, top_k,
+             top_p, seed, as_json, threads, state_file, state_every, resume):
     """Run MODEL over INPUT, a text file of any length ('-' for stdin).
 
     MODEL is an export folder, its model.onnx or model.plan, or a checkpoint (reference
     backend). With --state-file a run killed part-way continues with --resume.
     """
     resumable = state_file is not None or resume is not None
+    sampling = temperature > 0 or top_k or top_p < 1 or seed is not None
+    if sampling and not generate:
+        raise RmtError("--temperature, --top-k, --top-p and --seed shape generation; add "
+                       "--generate N")
+    if sampling and not temperature:
+        raise RmtError("--top-k, --top-p and --seed sample: give a --temperature above 0")
     if resumable and generate:
         raise RmtError("--generate cannot be combined with --state-file or --resume; run "
                        "without them to generate")
@@ -335,7 +350,11 @@ def run_main(model, input, backend, cuda_graphs, precision, generate, as_json, t
         run = run_resumable(rmt, document, state_file=state_file, every=state_every,
                             resume=resume, progress=_progress_printer(sys.stderr))
     else:
-        run = rmt.run([document], generate=generate, progress=_progress_printer(sys.stderr))
+        from rmt_deploy.runtime.generation import GenerationOptions
+
+        options = GenerationOptions(generate, temperature, top_k, top_p, seed) if generate \
+            else 0
+        run = rmt.run([document], generate=options, progress=_progress_printer(sys.stderr))
     output = run.outputs[0]
     report = {
         "backend": run.backend, "precision": run.precision, "tokens": run.tokens,

@@ -629,3 +629,20 @@ def test_sigterm_becomes_an_exit_143_and_the_handler_is_restored(monkeypatch, en
     assert result.exit_code == 143
     assert result.stderr == "rmt-run: terminated\n"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_run_samples_with_a_seed_and_refuses_sampling_options_alone(decoder_export, tmp_path):
+    path = tmp_path / "story.txt"
+    path.write_text(DECODER_TEXT)
+    args = [decoder_export, path, "--json", "--generate", "6", "--temperature", "1.5",
+            "--top-k", "20", "--top-p", "0.9", "--seed", "7"]
+    runs = [invoke(run_main, *args) for _ in range(2)]
+    for result in runs:
+        ok(result)
+    first, second = (json.loads(result.stdout) for result in runs)
+    assert first["generated_ids"] == second["generated_ids"]  # seeded: the same tokens
+    assert 1 <= len(first["generated_ids"]) <= 6
+    for extra, words in ((["--temperature", "1"], "add --generate N"),
+                         (["--generate", "3", "--seed", "1"], "give a --temperature")):
+        result = invoke(run_main, decoder_export, path, *extra)
+        assert result.exit_code == 1 and words in result.stderr, result.stderr

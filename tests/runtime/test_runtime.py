@@ -493,3 +493,21 @@ def test_mapped_weights_shared_by_every_session_give_the_same_results(decoder_ex
         np.testing.assert_array_equal(got.memory, want.memory)
     for got, want in zip(shared.run(DECODER_DOCS).outputs, scored, strict=True):
         assert got.perplexity == pytest.approx(want.perplexity, rel=1e-6)
+
+
+def test_sampling_is_seeded_and_follows_top_k(decoder_onnx):
+    from rmt_deploy.runtime.generation import GenerationOptions, TokenChooser
+
+    options = GenerationOptions(8, temperature=1.2, top_k=5, seed=3)
+    first = decoder_onnx.run(DECODER_DOCS[:3], generate=options).outputs
+    second = decoder_onnx.run(DECODER_DOCS[:3], generate=options).outputs
+    assert [o.generated_ids for o in first] == [o.generated_ids for o in second]
+    logits = np.random.default_rng(0).normal(size=(64, 60))
+    picked = TokenChooser(GenerationOptions(1, temperature=1.0, top_k=3, seed=1))(logits)
+    top = np.argsort(-logits, axis=1)[:, :3]
+    assert all(token in row for token, row in zip(picked, top, strict=True))
+    nucleus = TokenChooser(GenerationOptions(1, temperature=1.0, top_p=1e-9, seed=1))(logits)
+    np.testing.assert_array_equal(nucleus, logits.argmax(axis=1))  # p -> 0: the top token
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": -2}):
+        with pytest.raises(InputError):
+            GenerationOptions(4, **bad)
