@@ -35,6 +35,7 @@ def test_the_dry_run_prints_one_json_report_and_passes():
     assert report["mode"] == "cpu" and report["passed"] is True
     assert set(report["checks"]) == {"torch_fp16.demo", "torch_fp16.demo_accuracy",
                                      "onnxruntime_gpu"}
+    assert report["skipped"]["torch_fp16.minilm"] == "--cpu: the demo model only"
     assert report["skipped"]["tensorrt"] == "--cpu: TensorRT needs a GPU"
     demo = report["checks"]["torch_fp16.demo"]
     assert demo["segments"] == 6 and demo["agreement"] == 1.0 and demo["failures"] == []
