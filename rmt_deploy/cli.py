@@ -495,7 +495,7 @@ def _tolerances(_ctx, _param, values: tuple[str, ...]) -> dict[str, float] | Non
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True,
               help="Share of closed-loop predictions (argmax) that must agree.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]),
-              help="Backend of export folders and graphs [default: the fastest available].")
+              help="Backend of export folders and graphs [default: onnxruntime].")
 @click.option("--base-model", type=click.Path(path_type=Path),
               help="Hugging Face folder of the base model (authors' checkpoints only).")
 @click.option("--input-size", type=int, default=512, show_default=True, callback=_positive,

@@ -44,7 +44,8 @@ class Artifact:
 def open_artifact(path: str | Path, authors: AuthorsOptions | None = None,
                   backend: str | None = None, threads: int | None = None) -> Artifact:
     """Open ``path`` as :class:`Artifact`; ``authors`` reads an authors' checkpoint,
-    ``backend`` runs an export folder or graph (not a checkpoint or a plan)."""
+    ``backend`` (default onnxruntime, not measured: a comparison runs what it names) runs
+    an export folder or graph; a checkpoint runs on torch, a plan on TensorRT."""
     path = Path(path)
     if not path.exists():
         raise RmtError(f"{path}: no such file or folder; pass a checkpoint, an export folder, "
@@ -55,7 +56,7 @@ def open_artifact(path: str | Path, authors: AuthorsOptions | None = None,
 
         engine = TorchEngine(load_checkpoint(path, authors).rmt, threads=threads)
         return Artifact(path, engine, engine.initial_memory(), "checkpoint")
-    kind, target, precision = "export", path, "fp32"
+    kind, target, precision, backend = "export", path, "fp32", backend or "onnxruntime"
     if path.suffix == ".onnx":
         kind, target, precision = "onnx", path.parent, _graph_precision(path)
     elif path.suffix == ".plan":

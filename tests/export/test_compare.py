@@ -104,8 +104,7 @@ def test_a_tensorrt_plan_is_compared_through_the_fake_runtime(monkeypatch, tmp_p
     cuda, _ = install_fake_gpu(monkeypatch)
     folder = shutil.copytree(encoder_export, tmp_path / "exp")
     build_engines(folder, EngineOptions(drift_segments=4))
-    result = rmt_compare(folder, folder / "model.plan", "--segments", "8",
-                         "--backend", "onnxruntime")  # the folder would open on TensorRT
+    result = rmt_compare(folder, folder / "model.plan", "--segments", "8")
     assert result.exit_code == 0, result.output
     assert "reference: exp (onnxruntime fp32)" in result.stdout
     assert "candidate: model.plan (tensorrt fp32)" in result.stdout
