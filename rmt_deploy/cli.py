@@ -199,6 +199,8 @@ def _positive(_ctx, _param, value):
               metavar="MIN,OPT,MAX", help="Batch sizes of the TensorRT profile.")
 @click.option("--workspace-mb", type=int, default=4096, show_default=True,
               callback=_positive, help="TensorRT builder workspace limit.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="TensorRT, decoders: tokens the decode plan's profile leaves room for.")
 @click.option("--timing-cache", type=click.Path(path_type=Path),
               help="TensorRT timing cache file, reused and updated across builds.")
 @click.option("--threads", type=int, callback=_positive, help="CPU threads.")
@@ -208,8 +210,7 @@ def export_main(checkpoint, output, base_model, input_size, segment_size, labels
                 closed_loop_atol, validation_segments, precision, drift_segments,
                 calibration, int8_policy, calibration_steps, calibration_method,
                 min_agreement, convert, overwrite, engine,
-                batch_profile,
-                workspace_mb, timing_cache, threads, quiet):
+                batch_profile, workspace_mb, max_new_tokens, timing_cache, threads, quiet):
     """Export CHECKPOINT's segment step to a validated ONNX graph and a manifest.
 
     CHECKPOINT is an rmt-deploy checkpoint (.pt/.safetensors), or an authors' checkpoint
@@ -250,7 +251,7 @@ def export_main(checkpoint, output, base_model, input_size, segment_size, labels
                                        timing_cache, drift_segments=drift_segments,
                                        min_agreement=min_agreement,
                                        reference_checkpoint=checkpoint, authors=authors,
-                                       threads=threads)
+                                       threads=threads, max_new_tokens=max_new_tokens)
     manifest = export_checkpoint(checkpoint, output, options, log)
     log(f"exported to {manifest.folder}")
     if engine_options is not None:

@@ -33,7 +33,7 @@ class EngineOptions:
     batch: BatchProfile = BatchProfile()
     workspace_mb: int = 4096
     timing_cache: Path | None = None  # read if present, written back after the build
-    max_new_tokens: int = 64  # decoders: room for generated tokens in the read plan
+    max_new_tokens: int = 64  # decoders: room for generated tokens in the decode plan
     drift_segments: int = 1000  # closed-loop run that judges the plans against FP32
     min_agreement: float = 0.99  # closed-loop argmax agreement with FP32 required
     min_memory_cosine: float | None = None  # None: the plans' precision's default
