@@ -39,8 +39,8 @@ class WrappedState(EngineState):
         self.owner.before_step(input_ids)
         return self.state.step(input_ids, attention_mask, logits)
 
-    def prefill(self, input_ids, attention_mask):
-        return self.state.prefill(input_ids, attention_mask)
+    def prefill(self, input_ids, attention_mask, capacity=None):
+        return self.state.prefill(input_ids, attention_mask, capacity)
 
     def decode(self, cache, input_ids, attention_mask):
         return self.state.decode(cache, input_ids, attention_mask)

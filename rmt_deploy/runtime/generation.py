@@ -86,7 +86,8 @@ def generate(state: EngineState, config: RMTConfig, segments: Sequence[np.ndarra
     ``max_new_tokens``. ``on_logits`` sees every step's logits [rows, vocab]."""
     input_ids, attention_mask = step_inputs(segments, config)
     check_room(config, input_ids.shape[1], options)
-    logits, cache = state.prefill(input_ids, attention_mask)
+    capacity = config.num_mem_tokens + input_ids.shape[1] + options.max_new_tokens - 1
+    logits, cache = state.prefill(input_ids, attention_mask, capacity)
     attended = np.concatenate([np.ones((len(segments), config.num_mem_tokens), np.int64),
                                attention_mask], axis=1)
     choose = TokenChooser(options)

@@ -81,12 +81,13 @@ class EngineState(ABC):
         logits on the host, or None with ``logits=False``: then the write graph runs
         where the export has one (no head, nothing copied to the host)."""
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray
-                ) -> tuple[np.ndarray, Any]:
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                capacity: int | None = None) -> tuple[np.ndarray, Any]:
         """Decoders: generation's first step, ``[memory ; tokens]`` read without write
         slots (the memory is left unchanged). Returns the logits after each row's last
         real token [batch, vocab] and the keys and values it cached, in the backend's own
-        buffers."""
+        buffers; ``capacity``: the most positions the cache will hold (a backend may
+        allocate it once)."""
         raise BackendError(NO_GENERATION)
 
     def decode(self, cache: Any, input_ids: np.ndarray, attention_mask: np.ndarray

@@ -7,6 +7,7 @@ the token ids in and, where they are read, the logits out."""
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -75,25 +76,42 @@ class OnnxRuntimeEngine(StepEngine):
         self._weights = _mapped_weights(manifest, ort)  # kept alive: the sessions use them
         if self._weights:  # one copy for every session, in place of a prepacked one each
             session_options.add_session_config_entry("session.disable_prepacking", "1")
+            _share_arena(ort)  # and one arena for their activations
+            session_options.add_session_config_entry("session.use_env_allocators", "1")
+            session_options.enable_mem_pattern = False
             for name, value in self._weights.items():
                 session_options.add_initializer(name, value)
-        self.sessions: dict[str, Any] = {}
-        for graph, key in precision_graphs(manifest, options.precision).items():
-            spec = manifest.graphs[key]
-            path = manifest.path(spec.file)
-            source = _fused(path) if self.fusions else str(path)
-            try:
-                session = ort.InferenceSession(source, session_options, providers=providers)
-            except Exception as error:  # ORT raises its own non-exported types
-                first = str(error).strip().splitlines()[0][:200]
-                raise BackendError(f"{path}: ONNX Runtime cannot load it ({first}); "
-                                   "re-export the model") from None
-            for kind, declared, actual in (("input", spec.inputs, session.get_inputs()),
-                                           ("output", spec.outputs, session.get_outputs())):
-                check_io(str(path), declared, {a.name: (_TYPES.get(a.type, a.type),
-                                                        tuple(a.shape)) for a in actual}, kind)
-            self.sessions[graph] = session
-        self.graphs = frozenset(self.sessions)
+        self._load_args = (manifest, session_options, providers)
+        self._keys = precision_graphs(manifest, options.precision)
+        self._sessions: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self.graphs = frozenset(self._keys)
+        self.session(STEP)  # loaded at once: a damaged export fails when it is opened
+
+    def session(self, graph: str) -> Any:
+        """The session of one graph, loaded (and checked against the manifest) when first
+        used: a run loads only the graphs it needs."""
+        with self._lock:
+            if graph not in self._sessions:
+                self._sessions[graph] = self._load(graph)
+            return self._sessions[graph]
+
+    def _load(self, graph: str) -> Any:
+        manifest, session_options, providers = self._load_args
+        spec = manifest.graphs[self._keys[graph]]
+        path = manifest.path(spec.file)
+        source = _fused(path) if self.fusions else str(path)
+        try:
+            session = self._ort.InferenceSession(source, session_options, providers=providers)
+        except Exception as error:  # ORT raises its own non-exported types
+            first = str(error).strip().splitlines()[0][:200]
+            raise BackendError(f"{path}: ONNX Runtime cannot load it ({first}); "
+                               "re-export the model") from None
+        for kind, declared, actual in (("input", spec.inputs, session.get_inputs()),
+                                       ("output", spec.outputs, session.get_outputs())):
+            check_io(str(path), declared, {a.name: (_TYPES.get(a.type, a.type),
+                                                    tuple(a.shape)) for a in actual}, kind)
+        return session
 
     def new_state(self, memory: np.ndarray) -> _State:
         state = _State(self, len(memory))
@@ -127,6 +145,43 @@ def _fused(path: Path) -> bytes:
     return fused.model.SerializeToString()
 
 
+_ARENA: list[bool] = []  # whether the process-wide CPU arena has been registered
+
+
+def _share_arena(ort: Any) -> None:
+    """Register one CPU arena for the whole process, which sessions that ask for the
+    environment's allocators share (each would otherwise keep an arena of its own)."""
+    if not _ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                                 ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+        _ARENA.append(True)
+
+
+class _HostCache:
+    """Two sets of key/value buffers in host memory for one generation, each holding up to
+    ``capacity`` positions: a decode step reads one set and writes the other, so no
+    memory is allocated per token."""
+
+    def __init__(self, engine: OnnxRuntimeEngine, batch: int, capacity: int) -> None:
+        config = engine.config
+        self._ort, self.capacity = engine._ort, capacity
+        self._shape = (batch, config.cache_heads, config.head_dim)
+        size = batch * config.cache_heads * capacity * config.head_dim
+        self._sets = [[np.empty(size, np.float32) for _ in present_names(config)]
+                      for _ in range(2)]
+
+    def values(self, which: int, length: int) -> list[Any]:
+        """Set ``which`` as OrtValues of ``length`` positions (views, no copy)."""
+        if length > self.capacity:
+            raise BackendError(f"the generation cache holds {self.capacity} positions, the "
+                               f"step needs {length}")
+        batch, heads, width = self._shape
+        count = batch * heads * length * width
+        return [self._ort.OrtValue.ortvalue_from_numpy(
+            buffer[:count].reshape(batch, heads, length, width)) for buffer in self._sets[which]]
+
+
 def _mapped_weights(manifest: Manifest, ort: Any) -> dict[str, Any]:
     """The export's weights file mapped once, as OrtValues every session shares, where it
     is large (``SHARED_WEIGHTS_BYTES``): then memory holds the weights once, whatever the
@@ -157,7 +212,7 @@ class _Binding:
     def __init__(self, engine: OnnxRuntimeEngine, graph: str, memory_in: Any,
                  memory_out: Any | None, shape: tuple[int, int]) -> None:
         config = engine.config
-        self.session = engine.sessions[graph]
+        self.session = engine.session(graph)
         self.binding = self.session.io_binding()
         self.ids, self.mask = engine.ortvalue(shape, np.int64), engine.ortvalue(shape, np.int64)
         self.binding.bind_ortvalue_input(INPUT_IDS, self.ids)
@@ -210,36 +265,56 @@ class _State(EngineState):
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              logits: bool = True) -> np.ndarray | None:
-        graph = WRITE if not logits and WRITE in self._engine.sessions else STEP
+        graph = WRITE if not logits and WRITE in self._engine.graphs else STEP
         result = self._binding(graph, input_ids.shape).run(input_ids, attention_mask, logits)
         self._parity ^= 1
         return result
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray
-                ) -> tuple[np.ndarray, list[Any]]:
-        if PREFILL not in self._engine.sessions:
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                capacity: int | None = None) -> tuple[np.ndarray, Any]:
+        engine = self._engine
+        if PREFILL not in engine.graphs or DECODE not in engine.graphs:
             raise BackendError(NO_GENERATION)
         binding = self._binding(PREFILL, input_ids.shape)
-        logits = binding.run(input_ids, attention_mask, True)
-        return logits, binding.binding.get_outputs()[1:]
+        length = engine.config.num_mem_tokens + input_ids.shape[1]
+        if engine.device != "cpu" or capacity is None:  # ORT allocates each step's cache
+            logits = binding.run(input_ids, attention_mask, True)
+            return logits, binding.binding.get_outputs()[1:]
+        cache = _HostCache(engine, len(input_ids), max(capacity, length))
+        for name, value in zip(present_names(engine.config), cache.values(0, length),
+                               strict=True):
+            binding.binding.bind_ortvalue_output(name, value)
+        return binding.run(input_ids, attention_mask, True), (cache, 0, length)
 
-    def decode(self, cache: list[Any], input_ids: np.ndarray, attention_mask: np.ndarray
-               ) -> tuple[np.ndarray, list[Any]]:
-        """The cache stays in ONNX Runtime's buffers: each step's outputs are bound as the
-        next step's inputs; only the logits come to the host."""
-        engine = self._engine
-        session = engine.sessions[DECODE]
+    def decode(self, cache: Any, input_ids: np.ndarray, attention_mask: np.ndarray
+               ) -> tuple[np.ndarray, Any]:
+        """The cache stays in the backend's buffers: a host cache's two sets take turns
+        as a step's input and output; otherwise each step's outputs, allocated by ONNX
+        Runtime, are bound as the next step's inputs. Only the logits come to the host."""
+        engine, config = self._engine, self._engine.config
+        session = engine.session(DECODE)
         binding = session.io_binding()
         binding.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input(ATTENTION_MASK,
                                np.ascontiguousarray(attention_mask, dtype=np.int64))
-        for name, value in zip(past_names(engine.config), cache, strict=True):
+        binding.bind_output(LOGITS, engine.device)
+        hosted = isinstance(cache, tuple)
+        if hosted:
+            host, which, length = cache
+            past, present = host.values(which, length), host.values(1 - which, length + 1)
+        else:
+            past, present = cache, None
+        for name, value in zip(past_names(config), past, strict=True):
             binding.bind_ortvalue_input(name, value)
-        for name in (LOGITS, *present_names(engine.config)):
-            binding.bind_output(name, engine.device)
+        for index, name in enumerate(present_names(config)):
+            if present is None:
+                binding.bind_output(name, engine.device)
+            else:
+                binding.bind_ortvalue_output(name, present[index])
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        return outputs[0].numpy(), outputs[1:]
+        grown = (host, 1 - which, length + 1) if hosted else outputs[1:]
+        return outputs[0].numpy(), grown
 
     def close(self) -> None:
         self._bindings.clear()

@@ -175,8 +175,8 @@ class _State(EngineState):
             return None
         return np.array(request.get_tensor(LOGITS).data, dtype=np.float32)
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray
-                ) -> tuple[np.ndarray, list[Any]]:
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                capacity: int | None = None) -> tuple[np.ndarray, list[Any]]:
         if PREFILL not in self._requests or not self._decoders:
             raise BackendError(NO_GENERATION)
         request = self._run(PREFILL, input_ids, attention_mask)

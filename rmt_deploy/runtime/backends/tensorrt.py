@@ -220,8 +220,8 @@ class _State(EngineState):
                              for _ in present_names(config)] for _ in range(2)]
         return self._caches
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray
-                ) -> tuple[np.ndarray, tuple[int, int]]:
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                capacity: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
         """The cache is ``(set, positions)``: which buffer set holds it, and how long."""
         if PREFILL not in self._contexts or DECODE not in self._contexts:
             raise BackendError(NO_GENERATION)

@@ -65,8 +65,8 @@ class _State(EngineState):
         self._memory = memory.float()
         return result.float().cpu().numpy()
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray
-                ) -> tuple[np.ndarray, list[Any]]:
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                capacity: int | None = None) -> tuple[np.ndarray, list[Any]]:
         engine = self._engine
         with engine.torch.no_grad():
             logits, *cache = engine.rmt.prefill(engine.tensor(input_ids),
