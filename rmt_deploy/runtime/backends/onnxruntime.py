@@ -63,8 +63,9 @@ class OnnxRuntimeEngine(StepEngine):
             raise BackendError("onnxruntime has no CUDA provider here: pip install "
                                "onnxruntime-gpu, or use the CPU")
         self.device = device
-        providers = (["CUDAExecutionProvider"] if device == "cuda" else []) + [
-            "CPUExecutionProvider"]
+        # CUDA in true FP32: TF32 matmuls (the default on Ampere and newer) would add error
+        providers = ([("CUDAExecutionProvider", {"use_tf32": "0"})] if device == "cuda"
+                     else []) + ["CPUExecutionProvider"]
         self.fusions = bool(options.fusions)
         if self.fusions and (device != "cpu" or not self.config.is_encoder):
             raise BackendError("ONNX Runtime's transformer fusions apply to encoder graphs on "
