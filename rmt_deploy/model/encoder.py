@@ -138,9 +138,11 @@ class _SkippingEncoder(nn.Module):
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int,
                 stop: int) -> torch.Tensor:
-        # eager attention's mask: 0 where attended, the dtype's minimum elsewhere
-        bias = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(
-            hidden.dtype).min
+        # eager attention's mask, as the base model makes it: 0 where attended, the dtype's
+        # minimum elsewhere (a select, not a product: in FP16 the minimum becomes -inf)
+        bias = torch.where(attention_mask[:, None, None, :] > 0,
+                           torch.tensor(0.0, dtype=hidden.dtype),
+                           torch.tensor(torch.finfo(hidden.dtype).min, dtype=hidden.dtype))
         *inner, last = self.layer
         for layer in inner:
             hidden = layer(hidden, bias, 0, self.positions)
