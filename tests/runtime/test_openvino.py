@@ -48,3 +48,24 @@ def test_openvino_generates_like_onnxruntime(decoder_export):
     scored = open_model(decoder_export, backend="openvino").run_one(text)
     assert scored.perplexity == pytest.approx(open_model(decoder_export).run_one(
         text).perplexity, rel=1e-5)
+
+
+def test_a_signal_after_measuring_the_backends_is_handled(encoder_export, tmp_path):
+    """Measuring the backends opens OpenVINO engines and drops the losers. OpenVINO's CPU
+    plugin gives the main thread an alternate signal stack; with a Core of each engine's
+    own, freed with it, that stack was left unmapped and the next SIGTERM crashed the
+    process (exit 139). The process keeps one Core."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal\n"
+        "from rmt_deploy.runtime import open_model\n"
+        f"open_model({str(encoder_export)!r})\n"
+        "signal.signal(signal.SIGTERM, lambda *a: print('handled'))\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n")
+    env = {**os.environ, "RMT_DEPLOY_MEASURE": "1", "RMT_DEPLOY_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert (result.returncode, result.stdout.strip()) == (0, "handled"), result.stderr

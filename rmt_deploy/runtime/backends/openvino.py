@@ -7,6 +7,7 @@ in and, where they are read, the logits out."""
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
 
@@ -53,10 +54,18 @@ def import_openvino() -> Any:
     return openvino
 
 
+@functools.cache
+def core() -> Any:
+    """The process's one OpenVINO Core, kept for its life: the CPU plugin it loads gives
+    the main thread an alternate signal stack, and freeing it (with a Core of one's own)
+    left the stack registered but unmapped, so the next signal (SIGTERM, SIGINT) crashed
+    the process."""
+    return import_openvino().Core()
+
+
 def cpu_precision() -> str:
     """``bf16`` where OpenVINO can compute BF16 on this CPU, else ``fp32``."""
-    ov = import_openvino()
-    capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    capabilities = core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     return "bf16" if "BF16" in capabilities else "fp32"
 
 
@@ -85,14 +94,13 @@ class OpenVinoEngine(StepEngine):
         self.hint = options.hint or "latency"
         if options.threads:
             settings["INFERENCE_NUM_THREADS"] = options.threads
-        core = ov.Core()
         self.compiled: dict[str, Any] = {}
         for graph, key in precision_graphs(manifest, options.precision).items():
             spec = manifest.graphs[key]
             path = manifest.path(spec.file)
             try:
-                model = core.read_model(str(path))
-                compiled = core.compile_model(model, "CPU", settings)
+                model = core().read_model(str(path))
+                compiled = core().compile_model(model, "CPU", settings)
             except RuntimeError as error:
                 first = str(error).strip().splitlines()[0][:200]
                 raise BackendError(f"{path}: OpenVINO cannot compile it ({first}); "
