@@ -344,3 +344,19 @@ def test_a_first_rmt_run_measures_caches_in_home_and_leaves_nothing_else(encoder
     assert files[:2] == [".cache", ".cache/rmt-deploy"] and len(files) == 3
     assert files[2].startswith(".cache/rmt-deploy/backend-")
     assert list(tmp.iterdir()) == []
+
+
+def test_large_weights_run_on_onnxruntime_without_measuring(decoder_export, measuring,
+                                                           monkeypatch):
+    """Memory decides for large models: ONNX Runtime maps the weights once for every
+    graph, OpenVINO compiles a copy per graph; nothing is timed or cached."""
+    from rmt_deploy.runtime.backends import onnxruntime as backend
+
+    monkeypatch.setattr(backend, "SHARED_WEIGHTS_BYTES", 0)
+    manifest = read_manifest(decoder_export)
+    timer = StandIn({})
+    open_engine, opened = opener(manifest)
+    choice, engine = choose_backend(manifest, RuntimeOptions(), open_engine, measure=timer)
+    assert (choice.backend, engine.name) == ("onnxruntime", "onnxruntime")
+    assert choice.reason.startswith("large weights") and timer.calls == []
+    assert [o.backend for o in opened] == ["onnxruntime"] and not measuring.exists()

@@ -183,16 +183,21 @@ class _HostCache:
             buffer[:count].reshape(batch, heads, length, width)) for buffer in self._sets[which]]
 
 
+def shares_weights(manifest: Manifest) -> bool:
+    """Whether the export's weights file is large enough to be mapped once and shared by
+    every session (``SHARED_WEIGHTS_BYTES``)."""
+    return bool(manifest.weights) and manifest.path(
+        manifest.weights["file"]).stat().st_size >= SHARED_WEIGHTS_BYTES
+
+
 def _mapped_weights(manifest: Manifest, ort: Any) -> dict[str, Any]:
     """The export's weights file mapped once, as OrtValues every session shares, where it
     is large (``SHARED_WEIGHTS_BYTES``): then memory holds the weights once, whatever the
     number of graphs. Smaller models keep ONNX Runtime's own loading, which prepacks each
     session's matmul weights (faster, one copy per session)."""
-    if not manifest.weights:
+    if not shares_weights(manifest):
         return {}
     path = manifest.path(manifest.weights["file"])
-    if path.stat().st_size < SHARED_WEIGHTS_BYTES:
-        return {}
     mapped = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: never written back
     values = {}
     for name, entry in manifest.weights["tensors"].items():
