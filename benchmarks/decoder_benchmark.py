@@ -6,7 +6,7 @@ decode) against the authors' inference (benchmarks/authors_decoder.py), both in 
 process, taking turns: read time, prefill, time per generated token, total, whether the
 tokens are equal, batch 1 and 4; plus the export's size and rmt-run's peak RSS.
 
-    python benchmarks/decoder_benchmark.py                 # writes docs/decoder-benchmark.json
+    python benchmarks/decoder_benchmark.py      # docs/decoder-benchmark.json, benchmarks.md
     python benchmarks/decoder_benchmark.py --large         # + a 2.15 GB model exported
 
 ``--large`` exports a GPT-2 of 24 layers of 1,280 (2.15 GB of weights, past protobuf's
@@ -32,6 +32,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from authors_decoder import AuthorsDecoder  # noqa: E402
+from machine import cpu_description, gemm_rate, load  # noqa: E402
+from report import markers, write_part  # noqa: E402
 
 from rmt_deploy.runtime import open_model  # noqa: E402
 from rmt_deploy.runtime.generation import GenerationOptions  # noqa: E402
@@ -71,7 +73,8 @@ def authors_checkpoint(folder: Path, base: Path, seed: int = 0) -> tuple[Path, o
     """pytorch_model.bin in the BABILong layout (memory_cell.*), random weights."""
     torch.manual_seed(seed)
     config = transformers.AutoConfig.from_pretrained(base)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_config(config)  # default attention, as
+    # the authors' from_pretrained gets it (SDPA)
     model.eval()
     std = model.get_input_embeddings().weight.detach().std()
     memory = torch.randn(M, config.n_embd) * std
@@ -195,6 +198,55 @@ def large(work: Path) -> dict:
         "hashed": all(g["data"] and g["data"][0]["sha256"] for g in manifest["graphs"].values())}
 
 
+def markdown(report: dict) -> str:
+    """The decoder part of docs/benchmarks.md."""
+    begin, end = markers("decoder")
+    cpu, model = report["cpu"], report["model"]
+    lines = [begin, "", "## Decoders", "",
+             f"Measured {report['date']} with one run of `python benchmarks/decoder_benchmark.py"
+             f"{' --large' if 'large' in report else ''}`: {cpu['model']}, {cpu['cpus']} CPUs, "
+             f"flags {', '.join(cpu['flags'])}; torch FP32 GEMM {report['gemm_gflops']['1']:.0f}"
+             f" GFLOP/s on 1 thread, {report['gemm_gflops']['2']:.0f} on 2; load average "
+             f"{report['load_before']} at the start, {report['load_after']} at the end.", "",
+             f"A GPT-2-small-shaped RMT ({model['layers']} layers, hidden {model['hidden']}, "
+             f"vocabulary {model['vocab']:,}, {model['memory']} memory tokens, segment "
+             f"{model['segment']}, random weights) in the authors' `pytorch_model.bin` layout. "
+             f"The job: read {model['segments_read']} segments, then answer with "
+             f"{model['new_tokens']} greedy tokens. rmt-deploy runs the exported graphs on ONNX "
+             "Runtime (the write graph for the segments before the last, then the KV-cache "
+             "prefill and decode graphs); the authors' inference "
+             "(`benchmarks/authors_decoder.py`) runs every segment but the last through the "
+             "Hugging Face model with its LM head, then `generate` with its KV cache from "
+             f"`[memory ; last segment]` ({report['authors_attention']} attention, 2 threads). "
+             f"Both in one process, in turns, medians of {report['runs'][0]['repeats']} "
+             "rounds after a warm-up; seconds.", "",
+             "| batch | side | read | prefill + first token | per token | total | vs authors "
+             "(total / per token) | ids equal |", "|---|---|---|---|---|---|---|---|"]
+    for run in report["runs"]:
+        for side in ("authors", "rmt-deploy"):
+            row = run[side]
+            ratio = (f"{run['speedup_total']:.2f}x / {run['speedup_per_token']:.2f}x"
+                     if side == "rmt-deploy" else "1x")
+            equal = ("yes" if run["ids_equal"] else "NO") if side == "rmt-deploy" else ""
+            lines.append(f"| {run['batch']} | {side} | {row['read']:.2f} | {row['prefill']:.2f} "
+                         f"| {row['per_token']:.3f} | {row['total']:.2f} | {ratio} | {equal} |")
+    lines += ["", "| | MB | vs the weights |", "|---|---|---|",
+              f"| weights (tied head once, memory) | {report['weights_mb']:.1f} | 1x |",
+              f"| export folder on disk | {report['export_mb']:.1f} | "
+              f"{report['export_vs_weights']:.3f}x |",
+              f"| peak RSS of `rmt-run EXPORT doc.txt --generate {model['new_tokens']}` | "
+              f"{report['peak_rss_mb']:.1f} | {report['rss_vs_weights']:.3f}x |"]
+    if "large" in report:
+        large_run = report["large"]
+        lines += ["", f"Past 2 GB: a GPT-2 of 24 layers of 1,280 ({large_run['weights_mb']:,} MB "
+                  f"of weights) exports in {large_run['export_seconds']} s to "
+                  f"{large_run['export_mb']:,} MB: {', '.join(large_run['files'])}; every "
+                  f"graph references the one weights file `{large_run['weights_file']}`, "
+                  f"{'hashed' if large_run['hashed'] else 'NOT hashed'} in the manifest."]
+    lines += ["", end]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -202,6 +254,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=768, help="of the benchmarked model")
     parser.add_argument("--large", action="store_true", help="also export a 2.15 GB model")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "decoder-benchmark.json")
+    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks.md",
+                        help="whose decoder part is rewritten")
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory(prefix="rmt-decoder-bench-") as tmp:
@@ -214,10 +268,12 @@ def main() -> None:
         decoder = AuthorsDecoder(model, memory, SEGMENT)
         report = {
             "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
-            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "cpu": cpu_description(), "load_before": load(),
+            "gemm_gflops": {"1": round(gemm_rate(1), 1), "2": round(gemm_rate(2), 1)},
             "model": {"layers": args.layers, "hidden": args.hidden, "vocab": VOCAB, "memory": M,
                       "segment": SEGMENT, "segments_read": SEGMENTS,
                       "new_tokens": NEW_TOKENS},
+            "authors_attention": model.config._attn_implementation,
             "weights_mb": round(weights_bytes(model) / 1e6, 1),
             "export_mb": round(folder_bytes(work / "export") / 1e6, 1),
             "export_seconds": round(export_seconds),
@@ -226,10 +282,12 @@ def main() -> None:
         }
         report["export_vs_weights"] = round(report["export_mb"] / report["weights_mb"], 3)
         report["rss_vs_weights"] = round(report["peak_rss_mb"] / report["weights_mb"], 3)
+        report["load_after"] = load()
         if args.large:
             del exported, decoder, model
             report["large"] = large(work)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_part(args.page, "decoder", markdown(report))
     print(json.dumps(report, indent=2))
 
 

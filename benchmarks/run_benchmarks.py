@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -42,6 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from authors_loop import AuthorsEncoderLoop  # noqa: E402
+from machine import cpu_description, gemm_rate, load  # noqa: E402
+from report import markers, write_part  # noqa: E402
 from step_overhead import split  # noqa: E402
 
 from rmt_deploy.export import onnx_graph  # noqa: E402
@@ -54,49 +55,7 @@ from rmt_deploy.spec import PAPER_LABELS  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "demo-rmt.pt"
 M, INPUT_SIZE = 10, 512
-BEGIN, END = "<!-- encoder benchmarks: begin -->", "<!-- encoder benchmarks: end -->"
-FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
-         "amx_int8")
-
-
-# -- the machine ------------------------------------------------------------------------
-
-
-def cpu_description() -> dict:
-    """The CPU model, which of the flags that decide the fast paths it has, its CPUs."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {"model": platform.processor() or platform.machine(), "flags": [],
-                "cpus": os.cpu_count()}
-    lines = info.splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in lines
-                  if line.startswith("model name")), platform.machine())
-    flags = set(next((line.split(":", 1)[1].split() for line in lines
-                      if line.startswith("flags")), []))
-    return {"model": model, "flags": [f for f in FLAGS if f in flags],
-            "missing": [f for f in FLAGS if f not in flags], "cpus": os.cpu_count()}
-
-
-def gemm_rate(threads: int, shape=(2048, 2048, 2048), repeats: int = 7) -> float:
-    """Median GFLOP/s of a torch FP32 matrix product on ``threads`` threads."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    n, k, m = shape
-    a, b = torch.randn(n, k), torch.randn(k, m)
-    for _ in range(2):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - started)
-    torch.set_num_threads(previous)
-    return 2 * n * k * m / statistics.median(times) / 1e9
-
-
-def load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
+BEGIN, END = markers("encoder")
 
 
 # -- timing -----------------------------------------------------------------------------
@@ -526,16 +485,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(report: dict, path: Path) -> None:
-    """Replace the encoder part of ``path`` (between the markers), keep the rest."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n" + BEGIN + "\n" + END + "\n"
-    if BEGIN not in text:
-        text = "# Benchmarks\n\n" + BEGIN + "\n" + END + "\n"
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    path.write_text(head + markdown(report) + tail)
-
-
 # -- the run ----------------------------------------------------------------------------
 
 
@@ -632,7 +581,7 @@ def main() -> None:
         section("rss", lambda: peak_rss(demo, [10, 1000, 40000], folder))
     report["load_after"] = load()
     print(json.dumps(report, indent=1, default=str))
-    write_markdown(report, args.output)
+    write_part(args.output, "encoder", markdown(report))
 
 
 def minilm_speed(minilm: Path, minilm_full: Path, base: Path, checkpoint: Path,
