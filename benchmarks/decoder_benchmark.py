@@ -80,6 +80,7 @@ def authors_checkpoint(folder: Path, base: Path, seed: int = 0) -> tuple[Path, o
     memory = torch.randn(M, config.n_embd) * std
     state = {"memory_cell.memory": memory}
     state.update({f"memory_cell.model.{k}": v for k, v in model.state_dict().items()})
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "pytorch_model.bin"
     torch.save(state, path)
     return path, model, memory
@@ -261,7 +262,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rmt-decoder-bench-") as tmp:
         work = Path(tmp)
         base = base_folder(work / "base", args.layers, args.hidden)
-        (work / "ckpt").mkdir()
         checkpoint, model, memory = authors_checkpoint(work / "ckpt", base)
         export_seconds = export(checkpoint, base, work / "export")
         exported = open_model(work / "export", backend="onnxruntime")
@@ -283,12 +283,17 @@ def main() -> None:
         report["export_vs_weights"] = round(report["export_mb"] / report["weights_mb"], 3)
         report["rss_vs_weights"] = round(report["peak_rss_mb"] / report["weights_mb"], 3)
         report["load_after"] = load()
+        save(report, args)
         if args.large:
             del exported, decoder, model
             report["large"] = large(work)
+            save(report, args)
+    print(json.dumps(report, indent=2))
+
+
+def save(report: dict, args: argparse.Namespace) -> None:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     write_part(args.page, "decoder", markdown(report))
-    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
