@@ -16,46 +16,30 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-import numpy as np
-
 from rmt_deploy.runtime import RMTModel, open_model
 from rmt_deploy.runtime.backends.base import EngineState, StepEngine
+from rmt_deploy.runtime.backends.wrapped import WrappedEngine, WrappedState
 from rmt_deploy.runtime.tokens import document_source
 
 
-class TimedEngine(StepEngine):
+class TimedEngine(WrappedEngine):
     """The engine, with the time spent in its states' steps added up."""
 
     def __init__(self, engine: StepEngine) -> None:
-        self.engine, self.config, self.name = engine, engine.config, engine.name
-        self.precision, self.graphs = engine.precision, engine.graphs
+        super().__init__(engine)
         self.seconds, self.steps = 0.0, 0
 
-    def new_state(self, memory: np.ndarray) -> EngineState:
-        return _TimedState(self, self.engine.new_state(memory))
+    def wrap(self, state: EngineState) -> EngineState:
+        return _TimedState(self, state)
 
 
-class _TimedState(EngineState):
-    def __init__(self, owner: TimedEngine, state: EngineState) -> None:
-        super().__init__(state.batch)
-        self.owner, self.state = owner, state
-
-    def load(self, memory: np.ndarray) -> None:
-        self.state.load(memory)
-
-    def memory(self) -> np.ndarray:
-        return self.state.memory()
-
+class _TimedState(WrappedState):
     def step(self, input_ids, attention_mask, logits=True):
         started = time.perf_counter()
-        result = self.state.step(input_ids, attention_mask, logits)
+        result = super().step(input_ids, attention_mask, logits)
         self.owner.seconds += time.perf_counter() - started
         self.owner.steps += 1
         return result
-
-    def close(self) -> None:
-        self.state.close()
-        super().close()
 
 
 def split(model: RMTModel, document: Path) -> dict[str, float]:

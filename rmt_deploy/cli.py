@@ -153,19 +153,33 @@ def _positive(_ctx, _param, value):
     return value
 
 
+def _authors_checkpoint_options(command):
+    """The options that read an authors' checkpoint: --base-model, --input-size,
+    --segment-size, --labels."""
+    options = [
+        click.option("--base-model", type=click.Path(path_type=Path),
+                     help="Hugging Face folder of the base model (authors' checkpoints "
+                          "only)."),
+        click.option("--input-size", type=int, default=512, show_default=True,
+                     callback=_positive,
+                     help="Positions per segment of an authors' BERT checkpoint."),
+        click.option("--segment-size", type=int, default=512, show_default=True,
+                     callback=_positive,
+                     help="Tokens per segment of an authors' GPT-2 checkpoint."),
+        click.option("--labels", callback=_labels, metavar="A,B,C",
+                     help="Class names of an authors' BERT checkpoint, in logit order "
+                          "[default: the paper's six rooms]."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.command(context_settings=SETTINGS, epilog=EXIT_STATUS)
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Export folder [default: CHECKPOINT-export beside the checkpoint].")
-@click.option("--base-model", type=click.Path(path_type=Path),
-              help="Hugging Face folder of the base model (authors' checkpoints only).")
-@click.option("--input-size", type=int, default=512, show_default=True, callback=_positive,
-              help="Positions per segment of an authors' BERT checkpoint.")
-@click.option("--segment-size", type=int, default=512, show_default=True, callback=_positive,
-              help="Tokens per segment of an authors' GPT-2 checkpoint.")
-@click.option("--labels", callback=_labels, metavar="A,B,C",
-              help="Class names of an authors' BERT checkpoint, in logit order "
-                   "[default: the paper's six rooms].")
+@_authors_checkpoint_options
 @click.option("--atol", type=float, default=1e-4, show_default=True, callback=_positive,
               help="Largest open-loop error allowed (one step from the same memory).")
 @click.option("--closed-loop-atol", type=float, default=1e-3, show_default=True,
@@ -497,15 +511,7 @@ def _tolerances(_ctx, _param, values: tuple[str, ...]) -> dict[str, float] | Non
               help="Share of closed-loop predictions (argmax) that must agree.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]),
               help="Backend of export folders and graphs [default: onnxruntime].")
-@click.option("--base-model", type=click.Path(path_type=Path),
-              help="Hugging Face folder of the base model (authors' checkpoints only).")
-@click.option("--input-size", type=int, default=512, show_default=True, callback=_positive,
-              help="Positions per segment of an authors' BERT checkpoint.")
-@click.option("--segment-size", type=int, default=512, show_default=True, callback=_positive,
-              help="Tokens per segment of an authors' GPT-2 checkpoint.")
-@click.option("--labels", callback=_labels, metavar="A,B,C",
-              help="Class names of an authors' BERT checkpoint, in logit order "
-                   "[default: the paper's six rooms].")
+@_authors_checkpoint_options
 @click.option("--plot", type=click.Path(path_type=Path), metavar="FILE.png",
               help="Draw memory cosine and max abs error per segment (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")

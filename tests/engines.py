@@ -1,53 +1,12 @@
-"""Engine wrappers for tests: they pass every call to a real engine and count or hook
-what crosses the engine boundary."""
+"""Engine wrappers for tests: they pass every call to a real engine and count what
+crosses the engine boundary."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
-
-from rmt_deploy.runtime.backends.base import EngineState, StepEngine
-
-
-class WrappedEngine(StepEngine):
-    """The real engine; subclasses hook :meth:`before_step`."""
-
-    def __init__(self, engine: StepEngine) -> None:
-        self.engine, self.config, self.name = engine, engine.config, engine.name
-        self.precision = engine.precision
-
-    def new_state(self, memory: np.ndarray) -> WrappedState:
-        return WrappedState(self, self.engine.new_state(memory))
-
-    def before_step(self, input_ids: np.ndarray) -> None:
-        pass
-
-
-class WrappedState(EngineState):
-    def __init__(self, owner: WrappedEngine, state: EngineState) -> None:
-        super().__init__(state.batch)
-        self.owner, self.state = owner, state
-
-    def load(self, memory):
-        self.state.load(memory)
-
-    def memory(self):
-        return self.state.memory()
-
-    def step(self, input_ids, attention_mask, logits=True):
-        self.owner.before_step(input_ids)
-        return self.state.step(input_ids, attention_mask, logits)
-
-    def prefill(self, input_ids, attention_mask, capacity=None):
-        return self.state.prefill(input_ids, attention_mask, capacity)
-
-    def decode(self, cache, input_ids, attention_mask):
-        return self.state.decode(cache, input_ids, attention_mask)
-
-    def close(self):
-        self.state.close()
-        super().close()
+from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.runtime.backends.wrapped import WrappedEngine, WrappedState
 
 
 class CountingEngine(WrappedEngine):
@@ -59,10 +18,10 @@ class CountingEngine(WrappedEngine):
         self.counts: Counter[str] = Counter()
         self.batches: list[int] = []
 
-    def new_state(self, memory):
+    def wrap(self, state):
         self.counts["states"] += 1
         self.counts["uploads"] += 1
-        return _CountingState(self, self.engine.new_state(memory))
+        return _CountingState(self, state)
 
     @property
     def open_states(self) -> int:

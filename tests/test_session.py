@@ -15,10 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from engines import WrappedEngine
 
 from rmt_deploy.errors import InputError
 from rmt_deploy.runtime import SessionPool, StreamSession, open_model
+from rmt_deploy.runtime.backends.wrapped import WrappedEngine, WrappedState
 from rmt_deploy.runtime.batcher import StepBatcher
 from rmt_deploy.runtime.stepper import Stepper
 
@@ -384,11 +384,18 @@ class GatedEngine(WrappedEngine):
         self.entered, self.gate = threading.Event(), threading.Event()
         self.batches: list[int] = []
 
-    def before_step(self, input_ids):
-        if not self.batches:
-            self.entered.set()
-            self.gate.wait(timeout=30)
-        self.batches.append(len(input_ids))
+    def wrap(self, state):
+        return _GatedState(self, state)
+
+
+class _GatedState(WrappedState):
+    def step(self, input_ids, attention_mask, logits=True):
+        owner = self.owner
+        if not owner.batches:
+            owner.entered.set()
+            owner.gate.wait(timeout=30)
+        owner.batches.append(len(input_ids))
+        return super().step(input_ids, attention_mask, logits)
 
 
 def test_batcher_runs_waiting_sessions_as_one_step(decoder_model):

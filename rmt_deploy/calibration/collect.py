@@ -12,6 +12,7 @@ import numpy as np
 
 from rmt_deploy.contract import ATTENTION_MASK, INPUT_IDS, MEMORY_IN
 from rmt_deploy.runtime.backends.base import EngineState, StepEngine
+from rmt_deploy.runtime.backends.wrapped import WrappedEngine, WrappedState
 from rmt_deploy.runtime.loop import never, run_segments
 from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.runtime.tokens import TokenSource
@@ -40,38 +41,24 @@ class CalibrationSteps:
                 "first_segments": int((self.depth == 0).sum())}
 
 
-class _Recorder(StepEngine):
+class _Recorder(WrappedEngine):
     """The FP32 engine, with states that keep each step's inputs for the sampler."""
 
     def __init__(self, engine: StepEngine) -> None:
-        self.engine, self.config, self.name = engine, engine.config, engine.name
+        super().__init__(engine)
         self.last: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
-    def new_state(self, memory: np.ndarray) -> _RecordingState:
-        return _RecordingState(self, self.engine.new_state(memory))
+    def wrap(self, state: EngineState) -> _RecordingState:
+        return _RecordingState(self, state)
 
 
-class _RecordingState(EngineState):
-    def __init__(self, recorder: _Recorder, state: EngineState) -> None:
-        super().__init__(state.batch)
-        self._recorder, self._state = recorder, state
-
-    def load(self, memory: np.ndarray) -> None:
-        self._state.load(memory)
-
-    def memory(self) -> np.ndarray:
-        return self._state.memory()
-
+class _RecordingState(WrappedState):
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              logits: bool = True) -> np.ndarray | None:
         """Records the step's inputs, the memory it receives included (read from the
         engine before the step: calibration needs every step's memory)."""
-        self._recorder.last = (input_ids.copy(), attention_mask.copy(), self._state.memory())
-        return self._state.step(input_ids, attention_mask, logits=False)
-
-    def close(self) -> None:
-        self._state.close()
-        super().close()
+        self.owner.last = (input_ids.copy(), attention_mask.copy(), self.state.memory())
+        return self.state.step(input_ids, attention_mask, logits=False)
 
 
 class _Reservoir:

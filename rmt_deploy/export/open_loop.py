@@ -23,6 +23,7 @@ from rmt_deploy.contract import (
     WRITE,
 )
 from rmt_deploy.runtime.backends.base import EngineState, StepEngine
+from rmt_deploy.runtime.backends.wrapped import WrappedEngine, WrappedState
 from rmt_deploy.runtime.loop import run_segments
 from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.runtime.tokens import TokenSource
@@ -49,29 +50,17 @@ def record_steps(engine: StepEngine, initial_memory: np.ndarray,
     return recorder.recorded
 
 
-class _Recorder(StepEngine):
-    name = "recorder"
-
+class _Recorder(WrappedEngine):
     def __init__(self, engine: StepEngine) -> None:
-        self.engine, self.config = engine, engine.config
+        super().__init__(engine)
         self.recorded: list[Step] = []
         self.steps = 0
 
-    def new_state(self, memory: np.ndarray) -> _RecordingState:
-        return _RecordingState(self, self.engine.new_state(memory))
+    def wrap(self, state: EngineState) -> _RecordingState:
+        return _RecordingState(self, state)
 
 
-class _RecordingState(EngineState):
-    def __init__(self, owner: _Recorder, state: EngineState) -> None:
-        super().__init__(state.batch)
-        self.owner, self.state = owner, state
-
-    def load(self, memory: np.ndarray) -> None:
-        self.state.load(memory)
-
-    def memory(self) -> np.ndarray:
-        return self.state.memory()
-
+class _RecordingState(WrappedState):
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              logits: bool = True) -> np.ndarray | None:
         owner = self.owner
@@ -80,10 +69,6 @@ class _RecordingState(EngineState):
         owner.recorded.append(Step(feed, owner.steps))
         owner.steps += 1
         return self.state.step(input_ids, attention_mask, logits)
-
-    def close(self) -> None:
-        self.state.close()
-        super().close()
 
 
 def step_outputs(engine: StepEngine, feed: Mapping[str, np.ndarray], prefill: bool

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from engines import WrappedEngine, WrappedState
 
 from rmt_deploy.errors import BackendError, ConfigError
 from rmt_deploy.manifest import read_manifest
 from rmt_deploy.runtime import open_model, selection
 from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
+from rmt_deploy.runtime.backends.wrapped import WrappedEngine, WrappedState
 from rmt_deploy.runtime.opener import _engine
 from rmt_deploy.runtime.options import RuntimeOptions, host_cpus
 from rmt_deploy.runtime.selection import BackendChoice, Candidate, choose_backend
@@ -183,8 +183,8 @@ class Perturbed(WrappedEngine):
         super().__init__(engine)
         self.error = error
 
-    def new_state(self, memory):
-        return _PerturbedState(self, self.engine.new_state(memory))
+    def wrap(self, state):
+        return _PerturbedState(self, state)
 
 
 class _PerturbedState(WrappedState):
@@ -247,8 +247,8 @@ class Clocked(WrappedEngine):
         super().__init__(engine)
         self.clock, self.seconds, self.steps = clock, seconds, 0
 
-    def new_state(self, memory):
-        return _ClockedState(self, self.engine.new_state(memory))
+    def wrap(self, state):
+        return _ClockedState(self, state)
 
 
 class _ClockedState(WrappedState):
