@@ -400,9 +400,10 @@ def markdown(report: dict) -> str:
         f"{cpu['model']}, {cpu['cpus']} CPUs, flags {', '.join(cpu['flags'])} (not: "
         f"{', '.join(cpu['missing'])}); torch {report['torch']}, onnxruntime "
         f"{report['onnxruntime']}, openvino {report['openvino']}. Load average (1/5/15 min) "
-        f"{report['load_before']} at the start, {report['load_after']} at the end: the 2 "
-        "cores are shared with other jobs, so absolute figures move between runs; each "
-        "ratio compares contenders timed in turns in this run (medians).", "",
+        f"{report['load_before']} at the start, {report['load_after']} at the end (a load "
+        "above the benchmark's own means other jobs shared the cores, and absolute figures "
+        "move with it); each ratio compares contenders timed in turns in this run "
+        "(medians).", "",
         "## The limit: FP32 GEMM rate", "",
         "| torch FP32 matmul | 1 thread | all threads |", "|---|---|---|",
         f"| 2048 x 2048 x 2048 | {gemm['1']:.0f} GFLOP/s | {gemm['all']:.0f} GFLOP/s |",
