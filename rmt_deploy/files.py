@@ -109,9 +109,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path, ("tmp",))
-    temp = _hidden_sibling(path, "tmp")
-    os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
+    temp = _hidden_sibling(path, "tmp")  # a name of this process's own
+    try:  # created inside: an interrupt just after the creation still removes it
+        os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         yield temp
         os.replace(temp, path)
     finally:
@@ -126,9 +126,9 @@ def atomic_folder(out: str | Path, check: Callable[[], None] | None = None) -> I
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out, ("partial", "old"))
-    stage = _hidden_sibling(out, "partial")
-    stage.mkdir(mode=0o777 & ~_umask())
-    try:
+    stage = _hidden_sibling(out, "partial")  # a name of this process's own
+    try:  # made inside: an interrupt just after the mkdir still removes it
+        stage.mkdir(mode=0o777 & ~_umask())
         yield stage
         if check is not None:
             check()
