@@ -127,18 +127,19 @@ def atomic_folder(out: str | Path, check: Callable[[], None] | None = None) -> I
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out, ("partial", "old"))
     stage = _hidden_sibling(out, "partial")  # a name of this process's own
+    old = _hidden_sibling(out, "old")
     try:  # made inside: an interrupt just after the mkdir still removes it
         stage.mkdir(mode=0o777 & ~_umask())
         yield stage
         if check is not None:
             check()
-        old = None
         if out.exists():
-            old = _hidden_sibling(out, "old")
             out.replace(old)
         stage.replace(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     finally:
+        if old.exists() and not out.exists():  # stopped between the two renames
+            old.replace(out)
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+        if old.exists():  # replaced: the old folder goes
+            shutil.rmtree(old, ignore_errors=True)

@@ -68,3 +68,29 @@ def test_only_the_leftovers_of_dead_processes_are_removed(tmp_path):
         path.write_text("work in progress")
     files.remove_leftovers(tmp_path / "state", ("tmp",))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+def test_an_interrupt_between_the_renames_puts_the_old_folder_back(tmp_path, monkeypatch):
+    rename = Path.replace
+
+    def interrupted_replace(self, target):
+        if self.name.startswith(".out.partial-"):  # the old one is already moved aside
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "kept").write_text("the old export")
+    monkeypatch.setattr(Path, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt), files.atomic_folder(tmp_path / "out") as stage:
+        (stage / "new").write_text("the new export")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["kept"]
+
+
+def test_a_folder_is_replaced_whole_when_its_block_succeeds(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old").write_text("the old export")
+    with files.atomic_folder(tmp_path / "out") as stage:
+        (stage / "new").write_text("the new export")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["new"]
