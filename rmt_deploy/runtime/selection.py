@@ -187,7 +187,7 @@ def choose_backend(manifest: Manifest, options: RuntimeOptions, open_engine: Ope
 
 def _plain(options: RuntimeOptions, open_engine: OpenEngine,
            reason: str) -> tuple[BackendChoice, StepEngine]:
-    options = dataclasses.replace(options, backend="onnxruntime")
+    options = dataclasses.replace(options, backend="onnxruntime", hint=None)  # OpenVINO's
     return BackendChoice("onnxruntime", reason, options.threads, options.fusions or None,
                          None), open_engine(options)
 

@@ -219,6 +219,8 @@ def test_measuring_off_or_a_backend_given_measures_nothing(encoder_export, measu
     monkeypatch.setenv("RMT_DEPLOY_MEASURE", "0")
     model = open_model(encoder_export)
     assert model.backend == "onnxruntime" and "measuring off" in model.choice.reason
+    hinted = open_model(encoder_export, hint="throughput")  # OpenVINO's hint: not for ORT
+    assert hinted.backend == "onnxruntime" and hinted.choice.hint is None
     monkeypatch.setenv("RMT_DEPLOY_MEASURE", "1")
     model = open_model(encoder_export, backend="openvino", threads=1)
     assert model.backend == "openvino" and model.choice.reason == "requested"
