@@ -1,7 +1,7 @@
 """rmt-deploy: export, compile and run Recurrent Memory Transformers.
 
-Importing the package is free: torch, onnxruntime and TensorRT load only when a
-module that needs them is used.
+Importing the package is cheap: torch, onnxruntime and TensorRT load only when a
+module that needs them is used. It sets two environment variables first (below).
 """
 
 import os
@@ -16,6 +16,7 @@ from rmt_deploy.files import cache_folder
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 if (_cache := cache_folder()) is not None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_cache / "torchinductor"))
+del _cache
 
 __version__ = "0.1.0"
 __all__ = ["RmtError", "__version__"]

@@ -134,6 +134,8 @@ def variant(config: RMTConfig, name: str) -> Variant:
     if name not in variant_names(config):
         raise ConfigError(f"a {config.variant} RMT has no {name!r} graph; it has "
                           f"{', '.join(variant_names(config))}")
+    if name in (PREFILL, DECODE):
+        return _generation_variant(config, name)
     m, h = config.num_mem_tokens, config.hidden_size
     positions: int | str = config.input_size if config.is_encoder else TOKENS
     inputs = (
@@ -146,8 +148,6 @@ def variant(config: RMTConfig, name: str) -> Variant:
     else:
         logits = Tensor(LOGITS, "float32", (BATCH, positions, config.vocab_size))
     memory = Tensor(MEMORY_OUT, "float32", (BATCH, m, h))
-    if name in (PREFILL, DECODE):
-        return _generation_variant(config, name)
     files = {STEP: ("model.onnx", "model.plan"), WRITE: ("write.onnx", "write.plan")}
     outputs = {STEP: (logits, memory), WRITE: (memory,)}[name]
     return Variant(name, *files[name], inputs, outputs)

@@ -39,7 +39,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def graph_key(graph: str, precision: str = "fp32") -> str:
-    """Key of a graph in the manifest: ``step``, ``read``, ``step.fp16``, ..."""
+    """Key of a graph in the manifest: ``step``, ``write``, ``prefill``, ``step.fp16``, ..."""
     return graph if precision == "fp32" else f"{graph}.{precision}"
 
 
@@ -89,7 +89,7 @@ class Manifest:
     """Everything a runtime needs: it guesses nothing."""
 
     config: RMTConfig
-    graphs: dict[str, GraphSpec]  # by graph_key: "step", "read", "step.fp16", ...
+    graphs: dict[str, GraphSpec]  # by graph_key: "step", "write", "prefill", "step.fp16", ...
     initial_memory: dict[str, Any]  # file, sha256, shape, dtype
     tokenizer: dict[str, Any] | None  # file, sha256
     source: dict[str, Any]  # checkpoint name, sha256, format
@@ -254,7 +254,8 @@ def _check_graphs(manifest: Manifest, path: Path) -> None:
 
 
 def _check_weights(manifest: Manifest, path: Path) -> None:
-    """The weights index names a file the graphs read, and lies inside it."""
+    """The weights index names a file the graphs read, with non-negative int offsets and
+    sizes (the file's sha256 is checked with the others)."""
     if not manifest.weights:
         return
     name = manifest.weights.get("file")

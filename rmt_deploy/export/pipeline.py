@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import platform
-import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -104,7 +102,8 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
     store = WeightStore(stage)
     for name, contract in contracts.items():
         path = stage / contract.file
-        with _scratch(stage) as scratch:  # the exporter's own external data files land here
+        with _scratch(stage) as folder:
+            scratch = Path(folder)  # the exporter's own external data files land here
             export_graph(rmt, scratch / contract.file, name, options.opset)
             store.add_graph(scratch / contract.file, path)
         check_onnx(path)
@@ -167,14 +166,9 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
     write_manifest(manifest, stage)
 
 
-@contextlib.contextmanager
-def _scratch(stage: Path) -> Iterator[Path]:
+def _scratch(stage: Path) -> tempfile.TemporaryDirectory:
     """A folder inside the staging folder, removed after use."""
-    folder = Path(tempfile.mkdtemp(prefix=".scratch-", dir=stage))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=".scratch-", dir=stage, ignore_cleanup_errors=True)
 
 
 def _seal_weights(manifest: Manifest, store: WeightStore) -> None:
@@ -217,7 +211,8 @@ def _add_fp16(manifest: Manifest, fp32: Any, names: list[str], stage: Path,
     for name in names:
         source = stage / manifest.graphs[name].file
         target = source.with_suffix(".fp16.onnx")
-        with _scratch(stage) as scratch:
+        with _scratch(stage) as folder:
+            scratch = Path(folder)
             fp16_graph(source, scratch / target.name)
             store.add_graph(scratch / target.name, target)
         check_onnx(target)

@@ -4,7 +4,7 @@ the segments as one Triton sequence, and returns what rmt-run returns. With a pr
 file it saves where it is and resumes there, against the same or a restarted server.
 
 Encoders: label, scores, logits (and the final memory). Decoders: perplexity
-(generation needs the read graph, which is not served).
+(generation needs the prefill and decode graphs, which are not served).
 """
 
 from __future__ import annotations
