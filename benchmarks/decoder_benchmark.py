@@ -37,10 +37,9 @@ from report import markers, write_part  # noqa: E402
 
 from rmt_deploy.runtime import open_model  # noqa: E402
 from rmt_deploy.runtime.generation import GenerationOptions  # noqa: E402
-from rmt_deploy.runtime.loop import never, run_segments  # noqa: E402
+from rmt_deploy.runtime.loop import last_tokens, never, run_segments  # noqa: E402
 from rmt_deploy.runtime.stepper import Stepper  # noqa: E402
 from rmt_deploy.runtime.tokens import ArraySource  # noqa: E402
-from rmt_deploy.segmentation import segment_range  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -112,7 +111,7 @@ def ours(model, docs: np.ndarray) -> dict:
     """rmt-deploy's phases on ``docs``: the write steps, prefill + first token, the rest."""
     config = model.config
     sources = [ArraySource(doc, config) for doc in docs]
-    lasts = [s.tokens(*segment_range(len(s), SEGMENTS - 1, config)) for s in sources]
+    lasts = [last_tokens(s, config) for s in sources]
     keys = list(range(len(docs)))
     with Stepper(model.engine) as stepper:
         for key in keys:

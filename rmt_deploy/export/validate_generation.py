@@ -10,10 +10,9 @@ from rmt_deploy.errors import ValidationError
 from rmt_deploy.export.validate import ErrorStats, validation_batches
 from rmt_deploy.runtime.backends.base import StepEngine
 from rmt_deploy.runtime.generation import GenerationOptions
-from rmt_deploy.runtime.loop import never, run_segments
+from rmt_deploy.runtime.loop import last_tokens, never, run_segments
 from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.runtime.tokens import ArraySource
-from rmt_deploy.segmentation import count_segments, segment_range
 
 NEW_TOKENS = 8
 
@@ -33,8 +32,7 @@ def compare_generation(reference: StepEngine, candidate: StepEngine,
     stats, same, rows = ErrorStats(), 0, 0
     for docs in validation_batches(config, segments, seed=1):
         sources = [ArraySource(doc, config) for doc in docs]
-        lasts = [source.tokens(*segment_range(len(source), count_segments(
-            len(source), config) - 1, config)) for source in sources]
+        lasts = [last_tokens(source, config) for source in sources]
         keys = list(range(len(sources)))
         with Stepper(reference) as expected, Stepper(candidate) as actual:
             for key in keys:

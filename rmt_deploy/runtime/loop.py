@@ -12,6 +12,7 @@ from rmt_deploy.errors import InputError
 from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.runtime.tokens import TokenSource
 from rmt_deploy.segmentation import batch_schedule, count_segments, segment_range
+from rmt_deploy.spec import RMTConfig
 
 #: ``on_step(rows, segments, logits)`` after every step (``logits`` None where not read).
 StepCallback = Callable[[list[int], list[np.ndarray], np.ndarray | None], None]
@@ -32,6 +33,13 @@ def never(_active: list[tuple[int, int, int]]) -> bool:
 def last_segments(active: list[tuple[int, int, int]]) -> bool:
     """Only steps where some row reads its last segment (encoders: the classifier)."""
     return any(index == count - 1 for _, index, count in active)
+
+
+def last_tokens(source: TokenSource, config: RMTConfig) -> np.ndarray:
+    """The tokens of ``source``'s last segment: what generation reads after every other
+    segment has written the memory."""
+    last = count_segments(len(source), config) - 1
+    return source.tokens(*segment_range(len(source), last, config))
 
 
 def run_segments(stepper: Stepper, sources: Sequence[TokenSource], on_step: StepCallback,

@@ -18,14 +18,14 @@ from rmt_deploy.files import sha256_file
 from rmt_deploy.manifest import MANIFEST_NAME
 from rmt_deploy.runtime.backends.base import StepEngine
 from rmt_deploy.runtime.generation import GenerationOptions
-from rmt_deploy.runtime.loop import last_segments, never, run_segments
+from rmt_deploy.runtime.loop import last_segments, last_tokens, never, run_segments
 from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput, Run, encoder_output
 from rmt_deploy.runtime.scoring import PerplexityMeter
 from rmt_deploy.runtime.selection import BackendChoice
 from rmt_deploy.runtime.session import StreamSession
 from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.runtime.tokens import Document, TokenSource, document_source
-from rmt_deploy.segmentation import count_segments, segment_range
+from rmt_deploy.segmentation import count_segments
 from rmt_deploy.spec import RMTConfig
 
 #: ``progress(segments_done, segments_total)``.
@@ -159,8 +159,7 @@ class RMTModel:
                 run_segments(stepper, sources, score)
             else:  # every segment but the last writes memory; generation reads the last
                 run_segments(stepper, sources, score, skip_last=True, wants_logits=never)
-                lasts = [source.tokens(*segment_range(len(source), count_segments(
-                    len(source), self.config) - 1, self.config)) for source in sources]
+                lasts = [last_tokens(source, self.config) for source in sources]
                 generated = stepper.generate(rows, lasts, options)
                 advance()
             memory = stepper.memories(rows)

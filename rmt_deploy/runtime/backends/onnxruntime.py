@@ -6,6 +6,7 @@ the token ids in and, where they are read, the logits out."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from pathlib import Path
@@ -146,17 +147,13 @@ def _fused(path: Path) -> bytes:
     return fused.model.SerializeToString()
 
 
-_ARENA: list[bool] = []  # whether the process-wide CPU arena has been registered
-
-
+@functools.cache
 def _share_arena(ort: Any) -> None:
-    """Register one CPU arena for the whole process, which sessions that ask for the
-    environment's allocators share (each would otherwise keep an arena of its own)."""
-    if not _ARENA:
-        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
-                                 ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
-        _ARENA.append(True)
+    """Register one CPU arena for the whole process (once), which sessions that ask for
+    the environment's allocators share (each would otherwise keep an arena of its own)."""
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                             ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
 
 
 class _HostCache:
@@ -213,7 +210,7 @@ def _mapped_weights(manifest: Manifest, ort: Any) -> dict[str, Any]:
 
 class _Binding:
     """One step-like graph's IOBinding (step, write or prefill) at one input width and
-    memory parity; a prefill's cache outputs are allocated by ONNX Runtime each run."""
+    memory parity; a prefill binds its cache outputs at each run (``_State.prefill``)."""
 
     def __init__(self, engine: OnnxRuntimeEngine, graph: str, memory_in: Any,
                  memory_out: Any | None, shape: tuple[int, int]) -> None:
@@ -233,8 +230,6 @@ class _Binding:
             self.binding.bind_ortvalue_output(LOGITS, self.logits)
         if memory_out is not None:
             self.binding.bind_ortvalue_output(MEMORY_OUT, memory_out)
-        for name in present_names(config) if graph == PREFILL else ():
-            self.binding.bind_output(name, engine.device)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, logits: bool
             ) -> np.ndarray | None:
@@ -283,12 +278,14 @@ class _State(EngineState):
             raise BackendError(NO_GENERATION)
         binding = self._binding(PREFILL, input_ids.shape)
         length = engine.config.num_mem_tokens + input_ids.shape[1]
+        names = present_names(engine.config)
         if engine.device != "cpu" or capacity is None:  # ORT allocates each step's cache
+            for name in names:
+                binding.binding.bind_output(name, engine.device)
             logits = binding.run(input_ids, attention_mask, True)
             return logits, binding.binding.get_outputs()[1:]
         cache = _HostCache(engine, len(input_ids), max(capacity, length))
-        for name, value in zip(present_names(engine.config), cache.values(0, length),
-                               strict=True):
+        for name, value in zip(names, cache.values(0, length), strict=True):
             binding.binding.bind_ortvalue_output(name, value)
         return binding.run(input_ids, attention_mask, True), (cache, 0, length)
 
