@@ -119,6 +119,11 @@ class StepEngine(ABC):
     precision: str = "fp32"
     graphs: frozenset[str] = frozenset({STEP})  # the contract's variants it runs
 
+    @property
+    def generates(self) -> bool:
+        """Whether it has the prefill and decode graphs that generation runs."""
+        return PREFILL in self.graphs and DECODE in self.graphs
+
     @abstractmethod
     def new_state(self, memory: np.ndarray) -> EngineState:
         """A state of ``len(memory)`` rows holding ``memory`` [batch, M, H] (a copy)."""

@@ -274,7 +274,7 @@ class _State(EngineState):
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                 capacity: int | None = None) -> tuple[np.ndarray, Any]:
         engine = self._engine
-        if PREFILL not in engine.graphs or DECODE not in engine.graphs:
+        if not engine.generates:
             raise BackendError(NO_GENERATION)
         binding = self._binding(PREFILL, input_ids.shape)
         length = engine.config.num_mem_tokens + input_ids.shape[1]

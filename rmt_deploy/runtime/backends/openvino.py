@@ -133,14 +133,14 @@ class _State(EngineState):
         shape = (batch, config.num_mem_tokens, config.hidden_size)
         self._buffers = [ov.Tensor(ov.Type.f32, shape) for _ in range(2)]
         self._parity = 0
-        self._requests = {name: model.create_infer_request()  # requests are not thread-safe
-                          for name, model in engine.compiled.items()
-                          if name not in (STEP, WRITE)}
+        # requests are not thread-safe: each state has its own
+        self._prefill = (engine.compiled[PREFILL].create_infer_request()
+                         if PREFILL in engine.compiled else None)
         # step and write: a request per memory parity, its memory tensors bound once, and
         # input tensors of its own that each step copies the token ids into (their views)
         self._stepping: dict[tuple[str, int], tuple[Any, dict[str, np.ndarray]]] = {}
         # decode steps alternate between two requests: one's outputs are the other's inputs
-        self._decoders = [self._requests[DECODE], engine.compiled[DECODE].create_infer_request()
+        self._decoders = [engine.compiled[DECODE].create_infer_request() for _ in range(2)
                           ] if DECODE in engine.compiled else []
 
     def load(self, memory: np.ndarray) -> None:
@@ -148,17 +148,6 @@ class _State(EngineState):
 
     def memory(self) -> np.ndarray:
         return np.array(self._buffers[self._parity].data, copy=True)
-
-    def _run(self, graph: str, input_ids: np.ndarray, attention_mask: np.ndarray) -> Any:
-        ov, request = self._engine._ov, self._requests[graph]
-        request.set_tensor(INPUT_IDS, ov.Tensor(np.ascontiguousarray(input_ids, np.int64)))
-        request.set_tensor(ATTENTION_MASK,
-                           ov.Tensor(np.ascontiguousarray(attention_mask, np.int64)))
-        request.set_tensor(MEMORY_IN, self._buffers[self._parity])
-        if graph != PREFILL:
-            request.set_tensor(MEMORY_OUT, self._buffers[1 - self._parity])
-        request.infer()
-        return request
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              logits: bool = True) -> np.ndarray | None:
@@ -179,15 +168,20 @@ class _State(EngineState):
             view[...] = array
         request.infer()
         self._parity ^= 1
-        if graph == WRITE or not logits:
+        if not logits:
             return None
         return np.array(request.get_tensor(LOGITS).data, dtype=np.float32)
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                 capacity: int | None = None) -> tuple[np.ndarray, list[Any]]:
-        if PREFILL not in self._requests or not self._decoders:
+        if not self._engine.generates:
             raise BackendError(NO_GENERATION)
-        request = self._run(PREFILL, input_ids, attention_mask)
+        ov, request = self._engine._ov, self._prefill
+        request.set_tensor(INPUT_IDS, ov.Tensor(np.ascontiguousarray(input_ids, np.int64)))
+        request.set_tensor(ATTENTION_MASK,
+                           ov.Tensor(np.ascontiguousarray(attention_mask, np.int64)))
+        request.set_tensor(MEMORY_IN, self._buffers[self._parity])
+        request.infer()
         cache = [request.get_tensor(name) for name in present_names(self._engine.config)]
         return np.array(request.get_tensor(LOGITS).data, dtype=np.float32), cache
 
@@ -206,7 +200,7 @@ class _State(EngineState):
         return np.array(request.get_tensor(LOGITS).data, dtype=np.float32), cache
 
     def close(self) -> None:
-        self._requests.clear()
+        self._prefill = None
         self._stepping.clear()
         self._decoders.clear()
         self._buffers.clear()

@@ -223,7 +223,7 @@ class _State(EngineState):
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                 capacity: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
         """The cache is ``(set, positions)``: which buffer set holds it, and how long."""
-        if PREFILL not in self._contexts or DECODE not in self._contexts:
+        if not self._engine.generates:
             raise BackendError(NO_GENERATION)
         logits = self._run(PREFILL, input_ids, attention_mask, True)
         return logits, (0, self._engine.config.num_mem_tokens + input_ids.shape[1])
