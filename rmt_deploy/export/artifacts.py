@@ -29,7 +29,6 @@ class Artifact:
     path: Path
     engine: StepEngine
     initial_memory: np.ndarray
-    kind: str  # "checkpoint", "export", "onnx" or "plan"
 
     @property
     def config(self) -> RMTConfig:
@@ -55,14 +54,14 @@ def open_artifact(path: str | Path, authors: AuthorsOptions | None = None,
         from rmt_deploy.runtime.backends.torch import TorchEngine
 
         engine = TorchEngine(load_checkpoint(path, authors).rmt, threads=threads)
-        return Artifact(path, engine, engine.initial_memory(), "checkpoint")
-    kind, target, precision, backend = "export", path, "fp32", backend or "onnxruntime"
+        return Artifact(path, engine, engine.initial_memory())
+    target, precision, backend = path, "fp32", backend or "onnxruntime"
     if path.suffix == ".onnx":
-        kind, target, precision = "onnx", path.parent, _graph_precision(path)
+        target, precision = path.parent, _graph_precision(path)
     elif path.suffix == ".plan":
-        kind, target, backend = "plan", path, "tensorrt"
+        backend = "tensorrt"
     model = open_model(target, backend=backend, precision=precision, threads=threads)
-    return Artifact(path, model.engine, model.initial_memory, kind)
+    return Artifact(path, model.engine, model.initial_memory)
 
 
 def _graph_precision(path: Path) -> str:

@@ -69,7 +69,7 @@ class Comparison:
         return not self.failures
 
     def to_dict(self) -> dict[str, Any]:
-        closed = {k: v for k, v in self.closed_loop.items() if k != "series"}
+        closed = self.closed_loop
         return {
             "candidate": self.candidate, "passed": self.passed,
             "open_loop": {"steps": self.open_loop.steps, "max_abs": self.open_loop.max_abs,

@@ -43,10 +43,9 @@ class Int8Options:
     threads: int | None = None
 
 
-def quantizable(config: RMTConfig) -> tuple[str, ...]:
-    """The variants INT8 quantizes: those the calibration steps feed (the step and the
-    write graph). Generation's prefill and decode graphs stay FP32."""
-    return (STEP, WRITE)
+#: The variants INT8 quantizes: those the calibration steps feed (the step and the write
+#: graph). Generation's prefill and decode graphs stay FP32.
+QUANTIZED = (STEP, WRITE)
 
 
 def add_int8(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str], stage: Path,

@@ -17,7 +17,7 @@ from rmt_deploy.calibration.quantize import METHODS
 from rmt_deploy.contract import PREFILL, variants
 from rmt_deploy.errors import ConfigError, ValidationError
 from rmt_deploy.export.folder import check_target
-from rmt_deploy.export.int8 import Int8Options, add_int8, quantizable
+from rmt_deploy.export.int8 import QUANTIZED, Int8Options, add_int8
 from rmt_deploy.export.onnx_graph import DEFAULT_OPSET, EXPORTER, export_graph
 from rmt_deploy.export.precision import fp16_graph
 from rmt_deploy.export.validate import (
@@ -154,7 +154,7 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
         _add_fp16(manifest, candidate, list(contracts), stage, store, options, log)
     elif options.precision == "int8":
         add_int8(manifest, candidate, {name: contracts[name].file for name in
-                                       quantizable(config)}, stage, store,
+                                       QUANTIZED}, stage, store,
                  Int8Options(options.calibration, policy=options.int8_policy,
                              max_steps=options.calibration_steps,
                              min_agreement=options.min_agreement,
