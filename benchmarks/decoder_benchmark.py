@@ -32,7 +32,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from authors_decoder import AuthorsDecoder  # noqa: E402
-from machine import cpu_description, gemm_rate, load  # noqa: E402
+from machine import cpu_description, gemm_rate, load, peak_rss_mb  # noqa: E402
 from report import markers, write_part  # noqa: E402
 
 from rmt_deploy.runtime import open_model  # noqa: E402
@@ -173,14 +173,8 @@ def peak_rss(export_folder: Path, work: Path) -> float:
     """Peak RSS (MB) of ``rmt-run EXPORT doc.txt --generate 16`` on a 4-segment text."""
     text = work / "doc.txt"
     text.write_text(" ".join(word(int(i)) for i in documents(1, 99)[0]) + "\n")
-    command = [str(BIN / "rmt-run"), str(export_folder), str(text), "--generate",
-               str(NEW_TOKENS), "--backend", "onnxruntime", "--json"]
-    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
-             "stdout=subprocess.DEVNULL); "
-             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    kilobytes = subprocess.run([sys.executable, "-c", probe, *command], check=True,
-                               capture_output=True, text=True).stdout
-    return int(kilobytes) / 1024
+    return peak_rss_mb([str(BIN / "rmt-run"), str(export_folder), str(text), "--generate",
+                        str(NEW_TOKENS), "--backend", "onnxruntime", "--json"])
 
 
 def large(work: Path) -> dict:

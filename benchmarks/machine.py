@@ -1,11 +1,14 @@
 """The machine a benchmark ran on: the CPU and the flags that decide the fast paths, its
-load, and the FP32 GEMM rate torch reaches (the limit FP32 figures are read against)."""
+load, and the FP32 GEMM rate torch reaches (the limit FP32 figures are read against);
+and a command's peak RSS."""
 
 from __future__ import annotations
 
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -50,3 +53,13 @@ def gemm_rate(threads: int, shape=(2048, 2048, 2048), repeats: int = 7) -> float
 
 def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def peak_rss_mb(command: list[str]) -> float:
+    """Peak RSS (MB) of ``command``, run to completion with its stdout discarded."""
+    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+             "stdout=subprocess.DEVNULL); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    kilobytes = subprocess.run([sys.executable, "-c", probe, *command], check=True,
+                               capture_output=True, text=True).stdout
+    return int(kilobytes) / 1024

@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from authors_loop import AuthorsEncoderLoop  # noqa: E402
-from machine import cpu_description, gemm_rate, load  # noqa: E402
+from machine import cpu_description, gemm_rate, load, peak_rss_mb  # noqa: E402
 from report import markers, write_part  # noqa: E402
 from step_overhead import split  # noqa: E402
 
@@ -232,9 +232,8 @@ def skipping(pairs: dict[str, tuple[Path, Path]], repeats: int, steps: int) -> l
 
     rows = []
     for model_name, (full, lean) in pairs.items():
-        for graph, file in (("write", "write.onnx"), ("step", "model.onnx")):
-            row = {"model": model_name, "graph": graph,
-                   "gflop_full": graph_gflop(full / file), "gflop_lean": graph_gflop(lean / file)}
+        for graph in ("write", "step"):
+            row = {"model": model_name, "graph": graph}  # GFLOP: counted in main()
             for backend in ("onnxruntime", "openvino"):
                 for threads in sorted({1, os.cpu_count() or 1}):
                     models = {kind: open_model(folder, backend=backend, threads=threads)
@@ -259,17 +258,16 @@ def skipping(pairs: dict[str, tuple[Path, Path]], repeats: int, steps: int) -> l
     return rows
 
 
-def main_job(export: Path, folder: Path, tokens: int) -> dict:
+def main_job(export: Path, folder: Path, cache: Path, tokens: int) -> dict:
     """rmt-run on the README's main job input: the first run (measures the backend into
-    a fresh cache) and a second (cached), wall and run seconds; then the split."""
+    ``cache``, a fresh folder) and a second (cached), wall and run seconds; then the
+    split."""
     from rmt_deploy.demo.task import write_inputs
 
     inputs = folder / f"main-job-{tokens}"
     if not inputs.exists():
         write_inputs(inputs, 1, tokens, seed=2026)
     text = inputs / "sample_00000.txt"
-    cache = folder / "main-job-cache"
-    shutil.rmtree(cache, ignore_errors=True)  # the first run measures
     env = {**os.environ, "RMT_DEPLOY_CACHE_DIR": str(cache), "RMT_DEPLOY_MEASURE": "1"}
     runs = []
     for label in ("first run (measures the backend)", "second run (cached choice)"):
@@ -367,14 +365,9 @@ def peak_rss(export: Path, segment_counts: list[int], folder: Path) -> list[dict
         inputs = folder / f"rss-{count}"
         if not inputs.exists():
             write_inputs(inputs, 1, count * 25, seed=count)
-        probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
-                 "stdout=subprocess.DEVNULL); "
-                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-        out = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m",
-                              "rmt_deploy.run", str(export), str(inputs / "sample_00000.txt"),
-                              "--backend", "onnxruntime"],
-                             check=True, capture_output=True, text=True).stdout
-        rows.append({"segments": count, "tokens": count * 25, "peak_rss_mb": int(out) / 1024})
+        peak = peak_rss_mb([sys.executable, "-m", "rmt_deploy.run", str(export),
+                            str(inputs / "sample_00000.txt"), "--backend", "onnxruntime"])
+        rows.append({"segments": count, "tokens": count * 25, "peak_rss_mb": peak})
     return rows
 
 
@@ -560,7 +553,8 @@ def main() -> None:
             demo_authors_loop(), args.demo_segments, 1, repeats))
         section("minilm", lambda: minilm_speed(minilm, minilm_full, base, checkpoint,
                                                args.segments, repeats))
-        section("main_job", lambda: main_job(demo, folder, args.main_job_tokens))
+        section("main_job", lambda: main_job(demo, folder, Path(temp) / "main-job-cache",
+                                             args.main_job_tokens))
         section("skipping", lambda: skipping({"MiniLM-L6": (minilm_full, minilm)}, repeats, 3)
                 + skipping({"demo": (demo_full, demo)}, repeats, 400))
         section("int8", lambda: int8_rows(demo, demo_int8, demo_dyn8, minilm, minilm_int8,
@@ -599,9 +593,7 @@ def minilm_speed(minilm: Path, minilm_full: Path, base: Path, checkpoint: Path,
     rows = speed(models, authors_loop, segments, 1, repeats)
     rows += speed({"default (measured choice)": models["default (measured choice)"]},
                   authors_loop, segments, 8, max(2, repeats - 2))
-    return {"segments": segments, "rows": rows,
-            "gflop_full": graph_gflop(minilm_full / "write.onnx"),
-            "gflop_lean": graph_gflop(minilm / "write.onnx")}
+    return {"segments": segments, "rows": rows}  # GFLOP: counted in main()
 
 
 def int8_rows(demo: Path, demo_int8: Path, demo_dyn8: Path, minilm: Path,
