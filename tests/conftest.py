@@ -68,13 +68,31 @@ DECODER_CONFIGS = {"gpt2": tiny_gpt2_config, "llama": tiny_llama_config}
 
 
 def make_decoder(seed: int = 0, num_mem_tokens: int = 2, segment_size: int = 5,
-                 family: str = "gpt2"):
+                 family: str = "gpt2", initializer_range: float | None = None):
     torch.manual_seed(seed)
-    base = build_decoder_base(DECODER_CONFIGS[family]())
+    config = DECODER_CONFIGS[family]()
+    if initializer_range is not None:
+        config.initializer_range = initializer_range
+    base = build_decoder_base(config)
     return decoder_from_base(
         base, num_mem_tokens=num_mem_tokens, segment_size=segment_size,
         special=SpecialTokens(eos=GPT2_EOS),
     ).eval()
+
+
+#: The weights' spread of :func:`make_memory_decoder`: 15 times GPT-2's 0.02.
+MEMORY_DECODER_INIT = 0.3
+
+
+def make_memory_decoder(seed: int = 0):
+    """A tiny GPT-2 decoder whose outputs depend strongly on its memory. GPT-2's own init
+    (weights of spread 0.02) attends almost uniformly and barely reads the memory slots:
+    scaling its memory by 10 leaves the greedy ids unchanged. Drawn 15 times wider, its
+    attention is sharp, so the memory slots steer the logits and zeroing the memory, or
+    reading the memory of one segment earlier, changes most generations, while its
+    recurrence stays within float32 noise closed loop. Tests that rely on this check it
+    themselves (``tests/runtime/test_generation.py``)."""
+    return make_decoder(seed, initializer_range=MEMORY_DECODER_INIT)
 
 
 def write_bert_folder(folder: Path) -> Path:
@@ -147,6 +165,18 @@ def decoder_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def memory_decoder_checkpoint(tmp_path_factory) -> Path:
+    """:func:`make_memory_decoder` saved in rmt-deploy's format, with the byte-level BPE
+    tokenizer of ``decoder_checkpoint``."""
+    from rmt_deploy.model.checkpoint import save_checkpoint
+
+    folder = write_gpt2_folder(tmp_path_factory.mktemp("gpt2-base"))
+    tokenizer = (folder / "tokenizer.json").read_text()
+    path = tmp_path_factory.mktemp("memory-decoder") / "memory-decoder.pt"
+    return save_checkpoint(make_memory_decoder(), path, tokenizer)
+
+
+@pytest.fixture(scope="session")
 def encoder_export(encoder_checkpoint, tmp_path_factory) -> Path:
     """The tiny encoder exported (read-only: copy it before changing it)."""
     from rmt_deploy.export.pipeline import export_checkpoint
@@ -160,3 +190,12 @@ def decoder_export(decoder_checkpoint, tmp_path_factory) -> Path:
     from rmt_deploy.export.pipeline import export_checkpoint
 
     return export_checkpoint(decoder_checkpoint, tmp_path_factory.mktemp("exports") / "dec").folder
+
+
+@pytest.fixture(scope="session")
+def memory_decoder_export(memory_decoder_checkpoint, tmp_path_factory) -> Path:
+    """The memory decoder exported (read-only: copy it before changing it)."""
+    from rmt_deploy.export.pipeline import export_checkpoint
+
+    return export_checkpoint(memory_decoder_checkpoint,
+                             tmp_path_factory.mktemp("exports") / "memdec").folder

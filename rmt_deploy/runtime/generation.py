@@ -23,7 +23,7 @@ class GenerationOptions:
     max_new_tokens: int  # at most this many tokens; a row stops at the EOS token
     temperature: float = 0.0  # 0: greedy (argmax); > 0: sample from softmax(logits / T)
     top_k: int = 0  # sampling: only the k most likely tokens (0: all)
-    top_p: float = 1.0  # sampling: the smallest set of tokens whose probability reaches p
+    top_p: float = 1.0  # sampling: of those, the fewest whose probability reaches p
     seed: int | None = None  # sampling: the random stream (None: fresh each call)
 
     def __post_init__(self) -> None:
@@ -61,9 +61,9 @@ class TokenChooser:
         order = np.argsort(-probabilities, kind="stable")
         if options.top_k:
             order = order[: options.top_k]
-        if options.top_p < 1:
+        if options.top_p < 1:  # of the top k, renormalized (as Hugging Face chains them)
             cumulative = np.cumsum(probabilities[order])
-            order = order[: int(np.searchsorted(cumulative, options.top_p)) + 1]
+            order = order[: int(np.searchsorted(cumulative, options.top_p * cumulative[-1])) + 1]
         kept = probabilities[order]
         return int(order[self._rng.choice(len(order), p=kept / kept.sum())])
 
