@@ -17,6 +17,12 @@ from rmt_deploy.runtime.generation import GenerationOptions
 from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.segmentation import segment_bounds
 
+# segment_size 5: 0, 1, 2, 3 and 4 segments written before the last is read
+LENGTHS = (4, 8, 9, 12, 13, 17, 19, 23)
+DOCS = [np.random.default_rng(7 + n).integers(0, 59, n).tolist() for n in LENGTHS]  # no EOS
+GREEDY = GenerationOptions(6)
+SAMPLED = GenerationOptions(6, temperature=0.7, top_k=12, top_p=0.9, seed=5)
+
 
 def kept_tokens(logits: np.ndarray, options: GenerationOptions) -> tuple[np.ndarray, np.ndarray]:
     """The tokens a sampler may draw from one row of logits and their probabilities:
@@ -110,3 +116,23 @@ def runtime_generation(engine: StepEngine, initial_memory: np.ndarray, doc: Sequ
         (generated,) = stepper.generate([0], [ids[bounds[-1][0]:]], options,
                                         on_logits=lambda logits: seen.append(logits[0].copy()))
     return generated, seen
+
+
+def written(doc: Sequence[int], config) -> int:
+    """Segments written before generation reads the last."""
+    return len(segment_bounds(len(doc), config)) - 1
+
+
+def check_backend_generation(engine, initial_memory, reference) -> None:
+    """Greedy and sampled generation on ``engine`` after every document of DOCS equal the
+    reference's, token for token, and the logits of every step equal the reference's."""
+    config = reference.rmt_config
+    assert {written(doc, config) % 2 for doc in DOCS} == {0, 1}
+    for doc in DOCS:
+        memory = memory_before(reference, doc)
+        for options in (GREEDY, SAMPLED):
+            expected, expected_logits = reference_generation(reference, doc, memory, options)
+            ids, logits = runtime_generation(engine, initial_memory, doc, options)
+            assert ids == expected, (written(doc, config), options)
+            for got, want in zip(logits, expected_logits, strict=True):
+                np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)

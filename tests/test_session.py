@@ -33,8 +33,8 @@ def encoder_model(encoder_export):
 
 
 @pytest.fixture(scope="module")
-def decoder_model(decoder_export):
-    return open_model(decoder_export, threads=1)
+def decoder_model(memory_decoder_export):
+    return open_model(memory_decoder_export, threads=1)
 
 
 @pytest.fixture(params=["encoder", "decoder"])

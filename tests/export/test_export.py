@@ -16,7 +16,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import make_decoder, make_encoder, write_bert_folder, write_gpt2_folder
+from conftest import (
+    MEMORY_DECODER_INIT,
+    make_decoder,
+    make_encoder,
+    write_bert_folder,
+    write_gpt2_folder,
+)
 from tokenizers import Tokenizer
 
 import rmt_deploy
@@ -379,7 +385,10 @@ def test_authors_bert_checkpoint_exports_equal_to_its_source(tmp_path):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_authors_gpt2_checkpoint_exports_equal_to_its_source(tmp_path, family):
     """The BABILong layout (memory_cell.*) over a GPT-2 or a Llama-architecture base."""
-    source = make_decoder(seed=4, num_mem_tokens=3, family=family)
+    # GPT-2 drawn as the memory decoder is, so that generation depends on the memory (a
+    # Llama drawn that wide amplifies float noise past the 1e-4 the results are held to)
+    source = make_decoder(seed=4, num_mem_tokens=3, family=family, initializer_range=(
+        MEMORY_DECODER_INIT if family == "gpt2" else None))
     with torch.no_grad():
         source.memory.mul_(2.0).add_(0.25)  # a trained, non-default memory
     path = authors_gpt2_checkpoint(tmp_path, source)

@@ -11,12 +11,15 @@ import pytest
 import torch
 from conftest import GPT2_EOS
 from generation_reference import (
+    DOCS,
+    GREEDY,
+    SAMPLED,
+    check_backend_generation,
     kept_tokens,
     memory_before,
     reference_choice,
     reference_generation,
     reference_loop,
-    runtime_generation,
 )
 
 from rmt_deploy.manifest import read_manifest
@@ -29,18 +32,6 @@ from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.segmentation import segment_bounds
 
 torch.set_num_threads(1)
-
-# segment_size 5: 0, 1, 2, 3 and 4 segments written before the last is read
-LENGTHS = (4, 8, 9, 12, 13, 17, 19, 23)
-DOCS = [np.random.default_rng(7 + n).integers(0, 59, n).tolist() for n in LENGTHS]  # no EOS
-GREEDY = GenerationOptions(6)
-SAMPLED = GenerationOptions(6, temperature=0.7, top_k=12, top_p=0.9, seed=5)
-
-
-def written(doc, config) -> int:
-    """Segments written before generation reads the last."""
-    return len(segment_bounds(len(doc), config)) - 1
-
 
 @pytest.fixture(scope="module")
 def reference(memory_decoder_checkpoint):
@@ -87,21 +78,6 @@ def test_the_memory_decoder_generates_from_its_memory(reference):
 
 
 # -- every CPU backend, after an odd and an even number of steps --------------------------
-
-
-def check_backend_generation(engine, initial_memory, reference) -> None:
-    """Greedy and sampled generation on ``engine`` after every document of DOCS equal the
-    reference's, token for token, and the logits of every step equal the reference's."""
-    config = reference.rmt_config
-    assert {written(doc, config) % 2 for doc in DOCS} == {0, 1}
-    for doc in DOCS:
-        memory = memory_before(reference, doc)
-        for options in (GREEDY, SAMPLED):
-            expected, expected_logits = reference_generation(reference, doc, memory, options)
-            ids, logits = runtime_generation(engine, initial_memory, doc, options)
-            assert ids == expected, (written(doc, config), options)
-            for got, want in zip(logits, expected_logits, strict=True):
-                np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])

@@ -51,8 +51,8 @@ def encoder_ref(encoder_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def decoder_ref(decoder_checkpoint):
-    return load_checkpoint(decoder_checkpoint).rmt
+def decoder_ref(memory_decoder_checkpoint):
+    return load_checkpoint(memory_decoder_checkpoint).rmt
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,8 @@ def encoder_onnx(encoder_export):
 
 
 @pytest.fixture(scope="module")
-def decoder_onnx(decoder_export):
-    return open_model(decoder_export)
+def decoder_onnx(memory_decoder_export):
+    return open_model(memory_decoder_export)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +71,8 @@ def encoder_torch(encoder_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def decoder_torch(decoder_checkpoint):
-    return open_model(decoder_checkpoint)
+def decoder_torch(memory_decoder_checkpoint):
+    return open_model(memory_decoder_checkpoint)
 
 
 def reference_perplexity(decoder_ref, doc) -> float:
@@ -171,15 +171,15 @@ def test_decoder_one_token_document_has_no_perplexity(decoder_onnx):
 
 @pytest.mark.parametrize("model_name", ["decoder_onnx", "decoder_torch"])
 @pytest.mark.parametrize(("doc_index", "new_tokens"), [(0, 6), (2, 9), (4, 5), (5, 12)])
-def test_generation_equals_reference(request, model_name, decoder_ref, decoder_checkpoint,
-                                     doc_index, new_tokens):
+def test_generation_equals_reference(request, model_name, decoder_ref,
+                                     memory_decoder_checkpoint, doc_index, new_tokens):
     model = request.getfixturevalue(model_name)
     doc = DECODER_DOCS[doc_index]
     expected = generate(decoder_ref, doc, new_tokens)
     output = model.run_one(doc, generate=new_tokens)
     assert output.generated_ids == expected
     assert 1 <= len(expected) <= new_tokens
-    tokenizer = Tokenizer.from_str(load_checkpoint(decoder_checkpoint).tokenizer_json)
+    tokenizer = Tokenizer.from_str(load_checkpoint(memory_decoder_checkpoint).tokenizer_json)
     assert isinstance(output.generated, str)
     assert output.generated == tokenizer.decode(expected)
     assert output.perplexity is None  # generating computes no segment's token logits
@@ -479,14 +479,14 @@ def test_errors_name_the_document_at_fault(encoder_export):
         model.run(b"w1 w2")
 
 
-def test_mapped_weights_shared_by_every_session_give_the_same_results(decoder_export,
+def test_mapped_weights_shared_by_every_session_give_the_same_results(memory_decoder_export,
                                                                        monkeypatch):
     from rmt_deploy.runtime.backends import onnxruntime as backend
 
-    expected = open_model(decoder_export).run(DECODER_DOCS, generate=4).outputs
-    scored = open_model(decoder_export).run(DECODER_DOCS).outputs
+    expected = open_model(memory_decoder_export).run(DECODER_DOCS, generate=4).outputs
+    scored = open_model(memory_decoder_export).run(DECODER_DOCS).outputs
     monkeypatch.setattr(backend, "SHARED_WEIGHTS_BYTES", 0)  # map even this small file
-    shared = open_model(decoder_export)
+    shared = open_model(memory_decoder_export)
     assert shared.engine._weights  # one OrtValue a tensor, handed to every session
     for got, want in zip(shared.run(DECODER_DOCS, generate=4).outputs, expected, strict=True):
         assert got.generated_ids == want.generated_ids

@@ -13,10 +13,12 @@ import sys
 import numpy as np
 import pytest
 from fake_tensorrt import FakeCuda, fake_tensorrt, plan_bytes
+from generation_reference import check_backend_generation
 
 from rmt_deploy.contract import BatchProfile, profile_shapes, variants
 from rmt_deploy.files import sha256_file
 from rmt_deploy.manifest import MANIFEST_NAME, read_manifest
+from rmt_deploy.model.checkpoint import load_checkpoint
 from rmt_deploy.runtime import SessionPool, open_model
 from rmt_deploy.runtime.backends import _cuda
 
@@ -53,9 +55,9 @@ def documents(model, lengths, seed=0):
 
 
 @pytest.mark.parametrize("graphs", [False, True])
-def test_tensorrt_runs_equal_onnxruntime(cuda, tmp_path, encoder_export, decoder_export,
+def test_tensorrt_runs_equal_onnxruntime(cuda, tmp_path, encoder_export, memory_decoder_export,
                                          graphs):
-    for export in (encoder_export, decoder_export):
+    for export in (encoder_export, memory_decoder_export):
         folder = with_plans(export, tmp_path / export.name)
         reference = open_model(folder, backend="onnxruntime")
         candidate = open_model(folder, backend="tensorrt", cuda_graphs=graphs)
@@ -71,6 +73,15 @@ def test_tensorrt_runs_equal_onnxruntime(cuda, tmp_path, encoder_export, decoder
                 assert got.perplexity == want.perplexity
                 assert got.generated_ids == want.generated_ids
     assert cuda.leaks() == {}
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_prefill_and_decode_after_odd_and_even_steps_equal_the_reference(
+        cuda, tmp_path, memory_decoder_export, memory_decoder_checkpoint, graphs):
+    model = open_model(with_plans(memory_decoder_export, tmp_path / "memdec"),
+                       backend="tensorrt", cuda_graphs=graphs)
+    check_backend_generation(model.engine, model.initial_memory,
+                             load_checkpoint(memory_decoder_checkpoint).rmt)
 
 
 def test_cuda_graphs_are_captured_once_per_shape_and_parity(cuda, tmp_path, encoder_export):
