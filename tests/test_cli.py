@@ -631,17 +631,24 @@ def test_sigterm_becomes_an_exit_143_and_the_handler_is_restored(monkeypatch, en
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_run_samples_with_a_seed_and_refuses_sampling_options_alone(decoder_export, tmp_path):
+def test_run_samples_with_a_seed_and_refuses_sampling_options_alone(memory_decoder_export,
+                                                                   tmp_path):
+    from rmt_deploy.runtime.generation import GenerationOptions
+
+    decoder_export = memory_decoder_export  # its sampled tokens depend on its memory
     path = tmp_path / "story.txt"
     path.write_text(DECODER_TEXT)
     args = [decoder_export, path, "--json", "--generate", "6", "--temperature", "1.5",
-            "--top-k", "20", "--top-p", "0.9", "--seed", "7"]
+            "--top-k", "20", "--top-p", "0.9", "--seed", "7", "--threads", "1"]
     runs = [invoke(run_main, *args) for _ in range(2)]
     for result in runs:
         ok(result)
     first, second = (json.loads(result.stdout) for result in runs)
     assert first["generated_ids"] == second["generated_ids"]  # seeded: the same tokens
     assert 1 <= len(first["generated_ids"]) <= 6
+    options = GenerationOptions(6, temperature=1.5, top_k=20, top_p=0.9, seed=7)
+    expected = open_model(decoder_export, threads=1).run_one(path, generate=options)
+    assert first["generated_ids"] == expected.generated_ids  # every option reaches the sampler
     for extra, words in ((["--temperature", "1"], "add --generate N"),
                          (["--generate", "3", "--seed", "1"], "give a --temperature")):
         result = invoke(run_main, decoder_export, path, *extra)
