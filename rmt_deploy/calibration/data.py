@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 
 from rmt_deploy.errors import InputError
 from rmt_deploy.files import sha256_file
-from rmt_deploy.runtime.tokens import ArraySource, TokenSource, spool_file
+from rmt_deploy.runtime.tokens import ArraySource, TokenSource, TokenSpool, spool_file
 from rmt_deploy.segmentation import count_segments
 from rmt_deploy.spec import RMTConfig
 
@@ -69,12 +69,13 @@ def read_corpus(path: str | Path, config: RMTConfig, tokenizer: Tokenizer | None
     digest = hashlib.sha256()
     documents: list[TokenSource] = []
     with ExitStack() as spooled:
+        spool = spooled.enter_context(TokenSpool())  # one descriptor for all text files
         for file in files:
             digest.update(f"{file.name}\0{sha256_file(file)}\0".encode())
             if file.suffix in ID_SUFFIXES:
                 documents.extend(_id_documents(file, config))
             else:
-                documents.append(_text_document(file, config, tokenizer, spooled))
+                documents.append(_text_document(file, config, tokenizer, spool))
         corpus = CalibrationCorpus(documents, path.name, digest.hexdigest(), spooled.pop_all())
     try:
         _check_amount(corpus, config, min_documents, min_segments)
@@ -96,11 +97,11 @@ def _corpus_files(path: Path) -> list[Path]:
 
 
 def _text_document(file: Path, config: RMTConfig, tokenizer: Tokenizer | None,
-                   spooled: ExitStack) -> TokenSource:
+                   spool: TokenSpool) -> TokenSource:
     if tokenizer is None:
         raise InputError(f"{file}: the model has no tokenizer to read text with; give "
                          "token ids (.npy/.npz) instead")
-    source = spooled.enter_context(spool_file(file, tokenizer, config))
+    source = spool_file(file, tokenizer, config, spool=spool)
     unknown = tokenizer.token_to_id(_unknown_token(tokenizer) or "")
     if unknown is not None and len(source):
         share = sum(int((block == unknown).sum()) for block in _blocks(source)) / len(source)
