@@ -19,19 +19,19 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def check_plot_target(path: Path, artifacts: Iterable[Path], base_model: Path | None,
                       overwrite: bool) -> None:
-    """Refuse ``--plot PATH`` before any work: without matplotlib; not ``.png``; one of
-    the compared ``artifacts``, inside an export folder or the base model; an existing
-    file that is not a drift plot (unless ``overwrite``); a missing folder."""
+    """Refuse ``--plot PATH`` before any work: without matplotlib; one of the compared
+    ``artifacts``, inside an export folder or the base model; an existing file that is
+    not a drift plot (unless ``overwrite``); a missing folder; a name not ``.png``."""
     if importlib.util.find_spec("matplotlib") is None:
         raise InputError("--plot needs matplotlib: pip install 'rmt-deploy[plot]'")
-    if path.suffix.lower() != ".png":
-        raise InputError(f"{path}: --plot writes PNG; give a file name ending in .png such as "
-                         "drift.png")
     check_output_file(path, "--plot", example="drift.png",
                       inputs={f"{artifact}, an artifact being compared": artifact
                               for artifact in artifacts},
                       folders={"the base model": base_model},
                       ours=is_drift_plot, mine="a plot rmt-compare wrote", overwrite=overwrite)
+    if path.suffix.lower() != ".png":
+        raise InputError(f"{path}: --plot writes PNG; give a file name ending in .png such as "
+                         "drift.png")
 
 
 def is_drift_plot(path: Path) -> bool:
