@@ -64,8 +64,9 @@ class TokenChooser:
 
     def _sample(self, logits: np.ndarray) -> int:
         options = self.options
-        logits = logits.astype(np.float64)  # from its maximum: finite at any temperature
-        probabilities = softmax((logits - logits.max()) / options.temperature)
+        logits = logits.astype(np.float64)
+        with np.errstate(over="ignore"):  # from the maximum: 0 at most, -inf harmless
+            probabilities = softmax((logits - logits.max()) / options.temperature)
         order = np.argsort(-probabilities, kind="stable")
         if options.top_k:
             order = order[: options.top_k]
