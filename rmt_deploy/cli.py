@@ -13,6 +13,7 @@ import fcntl
 import functools
 import io
 import json
+import math
 import os
 import signal
 import sys
@@ -24,6 +25,7 @@ import click
 
 from rmt_deploy.calibration.policies import POLICY_NAMES
 from rmt_deploy.errors import RmtError
+from rmt_deploy.parameters import COSINE, SEED, SHARE, TOLERANCE, Temperature
 from rmt_deploy.spec import PAPER_LABELS
 
 EX_SOFTWARE = 70  # sysexits.h: an internal error
@@ -180,10 +182,10 @@ def _authors_checkpoint_options(command):
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Export folder [default: CHECKPOINT-export beside the checkpoint].")
 @_authors_checkpoint_options
-@click.option("--atol", type=float, default=1e-4, show_default=True, callback=_positive,
+@click.option("--atol", type=TOLERANCE, default=1e-4, show_default=True,
               help="Largest open-loop error allowed (one step from the same memory).")
-@click.option("--closed-loop-atol", type=float, default=1e-3, show_default=True,
-              callback=_positive, help="Largest closed-loop error allowed.")
+@click.option("--closed-loop-atol", type=TOLERANCE, default=1e-3, show_default=True,
+              help="Largest closed-loop error allowed.")
 @click.option("--validation-segments", type=click.IntRange(min=2), default=32,
               show_default=True, help="Segments of the closed-loop validation run.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
@@ -202,7 +204,7 @@ def _authors_checkpoint_options(command):
 @click.option("--calibration-method", type=click.Choice(["minmax", "percentile"]),
               default="minmax", show_default=True, help="INT8: activation ranges from the "
               "calibration steps' extremes, or their 99.999th percentile (clips outliers).")
-@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+@click.option("--min-agreement", type=SHARE, default=0.99, show_default=True,
               help="Share of closed-loop predictions an FP16/INT8 graph must share with FP32.")
 @click.option("--convert", type=click.Path(path_type=Path), metavar="OUT.pt",
               help="Only convert the checkpoint to rmt-deploy's own format and stop.")
@@ -315,14 +317,14 @@ def _progress_printer(stream):
 @click.option("--generate", type=click.IntRange(min=0), default=0,
               help="Decoders: generate up to N tokens after the input (stops at EOS), "
                    "greedily unless --temperature is given; no perplexity is computed then.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--temperature", type=Temperature(), default=0.0, show_default=True,
               help="--generate: sample from softmax(logits / T); 0 is greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
               help="--generate sampling: only the K most likely tokens (0: all).")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0,
               show_default=True, help="--generate sampling: the smallest set of tokens "
               "whose probability reaches P.")
-@click.option("--seed", type=int, help="--generate sampling: the random seed.")
+@click.option("--seed", type=SEED, help="--generate sampling: the random seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--threads", type=int, callback=_positive, help="CPU threads.")
 @click.option("--state-file", type=click.Path(path_type=Path),
@@ -410,7 +412,7 @@ def demo_main():
 @click.option("--tokens", type=click.IntRange(min=10), default=1_000_000, show_default=True,
               help="Tokens per sample.")
 @click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--mode", type=click.Choice(["memorize", "detect"]), default="memorize",
               show_default=True, help="Fact at the start, or at a random position.")
 @_user_errors("rmt-demo", "generating samples")
@@ -424,7 +426,7 @@ def demo_generate(out_dir, tokens, samples, seed, mode):
 
 @demo_main.command("train")
 @click.argument("output", type=click.Path(path_type=Path))
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True, callback=_positive)
 @_user_errors("rmt-demo", "training")
 def demo_train(output, seed, threads):
@@ -446,7 +448,7 @@ def demo_train(output, seed, threads):
 @click.option("--segments", "segment_counts", type=click.IntRange(min=1), multiple=True,
               required=True, help="Input length in segments (repeat for several).")
 @click.option("--samples", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--seed", type=SEED, default=1, show_default=True)
 @click.option("--mode", type=click.Choice(["memorize", "detect"]), default="memorize",
               show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=50, show_default=True)
@@ -487,8 +489,8 @@ def _tolerances(_ctx, _param, values: tuple[str, ...]) -> dict[str, float] | Non
         except ValueError:
             raise click.BadParameter(f"{value!r}: give VALUE or OUTPUT:VALUE, e.g. "
                                      "logits:1e-3") from None
-        if not parsed[name] >= 0:
-            raise click.BadParameter(f"{value!r}: must be >= 0")
+        if not (math.isfinite(parsed[name]) and parsed[name] >= 0):
+            raise click.BadParameter(f"{value!r}: must be a finite number >= 0")
     return parsed
 
 
@@ -498,28 +500,31 @@ def _tolerances(_ctx, _param, values: tuple[str, ...]) -> dict[str, float] | Non
 @click.argument("candidates", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--segments", type=click.IntRange(min=2), default=64, show_default=True,
               help="Segments of the longest document (closed loop).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Of the documents.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Of the documents.")
 @click.option("--atol", multiple=True, callback=_tolerances, metavar="[OUTPUT:]VALUE",
               help="Open-loop absolute tolerance, per output or for all  [default: 1e-4].")
 @click.option("--rtol", multiple=True, callback=_tolerances, metavar="[OUTPUT:]VALUE",
               help="Open-loop relative tolerance, per output or for all  [default: 1e-5].")
-@click.option("--closed-loop-atol", type=float, default=1e-3, show_default=True,
-              callback=_positive, help="Largest closed-loop error of any output.")
-@click.option("--min-memory-cosine", type=click.FloatRange(-1, 1), default=0.999,
+@click.option("--closed-loop-atol", type=TOLERANCE, default=1e-3, show_default=True,
+              help="Largest closed-loop error of any output.")
+@click.option("--min-memory-cosine", type=COSINE, default=0.999,
               show_default=True, help="Worst closed-loop cosine of a memory slot.")
-@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+@click.option("--min-agreement", type=SHARE, default=0.99, show_default=True,
               help="Share of closed-loop predictions (argmax) that must agree.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]),
               help="Backend of export folders and graphs [default: onnxruntime].")
 @_authors_checkpoint_options
 @click.option("--plot", type=click.Path(path_type=Path), metavar="FILE.png",
-              help="Draw memory cosine and max abs error per segment (needs matplotlib).")
+              help="Draw memory cosine and max abs error per segment (needs matplotlib); "
+                   "an existing FILE.png must be a plot rmt-compare wrote.")
+@click.option("--overwrite", is_flag=True,
+              help="--plot: replace FILE.png even if rmt-compare did not write it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--threads", type=int, callback=_positive, help="CPU threads.")
 @_user_errors("rmt-compare", "comparing the artifacts")
 def compare_main(reference, candidates, segments, seed, atol, rtol, closed_loop_atol,
                  min_memory_cosine, min_agreement, backend, base_model, input_size,
-                 segment_size, labels, plot, as_json, threads):
+                 segment_size, labels, plot, overwrite, as_json, threads):
     """Compare each CANDIDATE with REFERENCE, open and closed loop, on the same documents.
 
     Each is a checkpoint (own format, or the authors' with --base-model), an export
@@ -527,6 +532,10 @@ def compare_main(reference, candidates, segments, seed, atol, rtol, closed_loop_
     model.plan, all of one model. Prints a table and a verdict; exits 1 on drift, naming
     the first output and segment that fail.
     """
+    if plot is not None:  # before the (slow) comparison: a refused plot fails fast
+        from rmt_deploy.export.plot_file import check_plot_target
+
+        check_plot_target(plot, (reference, *candidates), base_model, overwrite)
     from rmt_deploy.errors import ValidationError
     from rmt_deploy.export.compare import CompareOptions, compare_artifacts, format_table
     from rmt_deploy.model.checkpoint import AuthorsOptions
@@ -541,6 +550,7 @@ def compare_main(reference, candidates, segments, seed, atol, rtol, closed_loop_
         from rmt_deploy.export.drift_plot import plot_drift
 
         plot_drift(report, plot)
+        click.echo(f"wrote {plot}", err=True)
     if as_json:
         echo(json.dumps(report.to_dict()))
     else:

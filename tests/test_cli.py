@@ -280,6 +280,7 @@ def test_convert_then_export_without_options(tmp_path, variant):
         options = ["--base-model", base, "--segment-size", "5"]
         text = DECODER_TEXT
     converted = tmp_path / "own" / "converted.pt"
+    converted.parent.mkdir()  # --convert makes no folder
     result = invoke(export_main, path, *options, "--convert", converted)
     ok(result)
     assert result.stderr.strip() == f"converted {path} ({'authors-' + variant}) to {converted}"

@@ -5,23 +5,25 @@ for the manifest."""
 from __future__ import annotations
 
 import hashlib
+import math
 import zipfile
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from rmt_deploy.errors import InputError
 from rmt_deploy.files import sha256_file
-from rmt_deploy.runtime.tokens import ArraySource, TokenSource, spool_file
+from rmt_deploy.runtime.tokens import ArraySource, TokenSource, TokenSpool, spool_file
 from rmt_deploy.segmentation import count_segments
 from rmt_deploy.spec import RMTConfig
 
 ID_SUFFIXES = (".npy", ".npz")
+MAX_HEADER_BYTES = 10_000  # numpy's own default limit on a .npy header
 MAX_UNKNOWN_SHARE = 0.05  # more unknown tokens than this: text in another tokenizer's language
 
 
@@ -67,12 +69,13 @@ def read_corpus(path: str | Path, config: RMTConfig, tokenizer: Tokenizer | None
     digest = hashlib.sha256()
     documents: list[TokenSource] = []
     with ExitStack() as spooled:
+        spool = spooled.enter_context(TokenSpool())  # one descriptor for all text files
         for file in files:
             digest.update(f"{file.name}\0{sha256_file(file)}\0".encode())
             if file.suffix in ID_SUFFIXES:
                 documents.extend(_id_documents(file, config))
             else:
-                documents.append(_text_document(file, config, tokenizer, spooled))
+                documents.append(_text_document(file, config, tokenizer, spool))
         corpus = CalibrationCorpus(documents, path.name, digest.hexdigest(), spooled.pop_all())
     try:
         _check_amount(corpus, config, min_documents, min_segments)
@@ -94,11 +97,11 @@ def _corpus_files(path: Path) -> list[Path]:
 
 
 def _text_document(file: Path, config: RMTConfig, tokenizer: Tokenizer | None,
-                   spooled: ExitStack) -> TokenSource:
+                   spool: TokenSpool) -> TokenSource:
     if tokenizer is None:
         raise InputError(f"{file}: the model has no tokenizer to read text with; give "
                          "token ids (.npy/.npz) instead")
-    source = spooled.enter_context(spool_file(file, tokenizer, config))
+    source = spool_file(file, tokenizer, config, spool=spool)
     unknown = tokenizer.token_to_id(_unknown_token(tokenizer) or "")
     if unknown is not None and len(source):
         share = sum(int((block == unknown).sum()) for block in _blocks(source)) / len(source)
@@ -118,19 +121,42 @@ def _blocks(source: TokenSource, size: int = 1 << 16) -> Iterator[np.ndarray]:
 
 
 def _load_arrays(file: Path) -> list[np.ndarray]:
-    loaded = np.load(file, allow_pickle=False)
-    if isinstance(loaded, np.ndarray):
-        return [loaded]
-    with loaded:
+    """The arrays of a .npy or .npz file, each header checked against the bytes that
+    follow it before anything is allocated."""
+    if file.suffix == ".npy":
+        with open(file, "rb") as handle:
+            _check_header(handle, file.stat().st_size, file.name)
+        return [np.load(file, allow_pickle=False)]
+    with zipfile.ZipFile(file) as archive:
+        for member in archive.infolist():
+            with archive.open(member) as handle:
+                _check_header(handle, member.file_size, f"{file.name}:{member.filename}")
+    with np.load(file, allow_pickle=False) as loaded:
         return [loaded[key] for key in loaded.files]
+
+
+def _check_header(handle: BinaryIO, size: int, name: str) -> None:
+    """Refuse a .npy whose header promises other than the ``size`` bytes it holds (a
+    header claiming 10^12 values in a small file)."""
+    version = np.lib.format.read_magic(handle)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"{name}: .npy format version {version} is not supported")
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+            else np.lib.format.read_array_header_2_0)
+    shape, _, dtype = read(handle, max_header_size=MAX_HEADER_BYTES)
+    declared = math.prod(shape) * dtype.itemsize
+    held = size - handle.tell()
+    if declared != held:
+        raise ValueError(f"{name}: its header declares shape {tuple(shape)} ({declared:,} "
+                         f"bytes) but {held:,} bytes follow it")
 
 
 def _id_documents(file: Path, config: RMTConfig) -> list[TokenSource]:
     try:
         arrays = _load_arrays(file)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
-        raise InputError(f"{file}: not a readable numpy file ({str(error)[:100]}); save "
-                         "token ids with numpy.save / numpy.savez") from None
+        raise InputError(f"{file}: not a readable numpy file of token ids ({str(error)[:160]})"
+                         "; save token ids with numpy.save / numpy.savez") from None
     documents = []
     for array in arrays:
         if array.ndim not in (1, 2) or not np.issubdtype(array.dtype, np.integer):

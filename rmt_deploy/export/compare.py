@@ -7,6 +7,7 @@ output and segment that fail."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +48,14 @@ class CompareOptions:
         if self.segments < 2:
             raise ConfigError(f"segments {self.segments}: compare at least 2 segments")
         for name, values in (("atol", self.atol), ("rtol", self.rtol)):
-            if any(not value >= 0 for value in values.values()):
-                raise ConfigError(f"{name} {dict(values)}: tolerances must be >= 0")
+            if any(not 0 <= value < math.inf for value in values.values()):
+                raise ConfigError(f"{name} {dict(values)}: tolerances must be finite and >= 0")
+        for name, value, low, high in (
+                ("closed_loop_atol", self.closed_loop_atol, 0, math.inf),
+                ("min_memory_cosine", self.min_memory_cosine, -1, 1),
+                ("min_agreement", self.min_agreement, 0, 1)):
+            if not (math.isfinite(value) and low <= value <= high):
+                raise ConfigError(f"{name} {value}: must be a finite number in [{low}, {high}]")
 
     @property
     def gates(self) -> DriftGates:

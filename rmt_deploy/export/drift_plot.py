@@ -8,12 +8,13 @@ from pathlib import Path
 
 from rmt_deploy.errors import RmtError
 from rmt_deploy.export.compare import Report
+from rmt_deploy.export.plot_file import PLOT_METADATA
 from rmt_deploy.files import atomic_path
 
 
 def plot_drift(report: Report, path: str | Path) -> Path:
-    """Draw ``report``'s closed-loop drift to ``path`` (any format matplotlib writes, by
-    its suffix), written atomically."""
+    """Draw ``report``'s closed-loop drift to ``path`` as PNG, marked as rmt-compare's
+    (see :func:`rmt_deploy.export.plot_file.check_plot_target`), written atomically."""
     try:
         import matplotlib
 
@@ -38,8 +39,8 @@ def plot_drift(report: Report, path: str | Path) -> Path:
             axes.grid(True, alpha=0.3)
             axes.legend(fontsize="small")
         with atomic_path(path) as temp:
-            figure.savefig(temp, format=path.suffix.lstrip(".") or "png", dpi=120,
-                           bbox_inches="tight")
+            figure.savefig(temp, format="png", dpi=120, bbox_inches="tight",
+                           metadata=PLOT_METADATA)
     finally:
         pyplot.close(figure)
     return path

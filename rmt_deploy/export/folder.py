@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from rmt_deploy.errors import RmtError
-from rmt_deploy.files import is_leftover, is_within, same_file
+from rmt_deploy.files import is_leftover, is_within
 from rmt_deploy.manifest import MANIFEST_FORMAT, MANIFEST_NAME
+from rmt_deploy.outputs import check_output_file
 
 SHOWN = 3  # names of foreign files an error message lists
 
@@ -64,23 +65,10 @@ def foreign_files(folder: Path) -> list[str]:
 def check_file_target(out: Path, source: Path, base_model: Path | None,
                       overwrite: bool) -> None:
     """Refuse a ``--convert`` output that is its own input, lies in an export folder or
-    the base model, is a folder, or exists (unless ``overwrite``)."""
-    if out.is_dir():
-        raise RmtError(f"{out}: is a folder; give --convert a file name such as model.pt")
-    if same_file(out, source):
-        raise RmtError(f"{out}: is the checkpoint being converted; give --convert another "
-                       "file name")
-    export = next((p for p in out.resolve().parents if (p / MANIFEST_NAME).is_file()), None)
-    if export is not None:
-        raise RmtError(f"{out}: is inside the export folder {export}; give --convert a file "
-                       "outside it")
-    if base_model is not None and is_within(out, base_model):
-        raise RmtError(f"{out}: is inside the base model {base_model}; give --convert a file "
-                       "outside it")
-    if out.exists() and not overwrite:
-        raise RmtError(f"{out}: exists; pass --overwrite to replace it or choose another "
-                       "file name")
-    check_parents(out)
+    the base model, is a folder, exists (unless ``overwrite``) or has no folder."""
+    check_output_file(out, "--convert", example="model.pt",
+                      inputs={"the checkpoint being converted": source},
+                      folders={"the base model": base_model}, overwrite=overwrite)
 
 
 def check_parents(path: Path) -> None:

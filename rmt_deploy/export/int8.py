@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from rmt_deploy.calibration.collect import CalibrationSteps, collect_steps
-from rmt_deploy.calibration.data import CalibrationCorpus, read_corpus
+from rmt_deploy.calibration.data import CalibrationCorpus
 from rmt_deploy.calibration.policies import Policy, applicable_policies, policy_named
 from rmt_deploy.calibration.quantize import int8_graph, prepare
 from rmt_deploy.contract import STEP, WRITE
@@ -25,7 +25,7 @@ from rmt_deploy.export.weights import WeightStore
 from rmt_deploy.manifest import Manifest, graph_key, graph_spec
 from rmt_deploy.runtime.backends.base import StepEngine
 from rmt_deploy.runtime.stepper import Stepper
-from rmt_deploy.runtime.tokens import ArraySource, TokenSource, manifest_tokenizer
+from rmt_deploy.runtime.tokens import ArraySource, TokenSource
 from rmt_deploy.spec import RMTConfig
 
 HOLD_OUT_EVERY = 4  # every 4th calibration document judges instead of calibrating
@@ -34,7 +34,6 @@ SPEED_NOISE = 0.05  # step-time ratios closer than this to the fastest count as 
 
 @dataclass(frozen=True)
 class Int8Options:
-    calibration: Path
     policy: str = "auto"  # a policy name, or "auto": the fastest one that passes
     max_steps: int = 256  # calibration steps kept (a uniform sample over all depths)
     min_agreement: float = 0.99  # closed-loop argmax agreement with FP32 on held-out data
@@ -49,18 +48,11 @@ QUANTIZED = (STEP, WRITE)
 
 
 def add_int8(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str], stage: Path,
-             store: WeightStore, options: Int8Options, log: Callable[[str], None]) -> None:
-    """Write ``*.int8.onnx`` graphs (weights into ``store``) and record them in
-    ``manifest``."""
-    with read_corpus(options.calibration, manifest.config,
-                     manifest_tokenizer(manifest)) as corpus:
-        _calibrate(manifest, fp32, graph_files, stage, store, options, corpus, log)
-
-
-def _calibrate(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str],
-               stage: Path, store: WeightStore, options: Int8Options,
-               corpus: CalibrationCorpus, log: Callable[[str], None]) -> None:
-    """Record calibration steps, quantize under every candidate policy, judge, keep one."""
+             store: WeightStore, options: Int8Options, corpus: CalibrationCorpus,
+             log: Callable[[str], None]) -> None:
+    """Write ``*.int8.onnx`` graphs (weights into ``store``) calibrated on ``corpus`` and
+    record them in ``manifest``: record calibration steps, quantize under every
+    candidate policy, judge, keep one."""
     import onnx
 
     config = manifest.config

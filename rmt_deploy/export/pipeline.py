@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import tempfile
 from collections.abc import Callable
@@ -10,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from rmt_deploy import __version__
+from rmt_deploy.calibration.data import CalibrationCorpus, read_corpus
 from rmt_deploy.calibration.policies import policy_named
 from rmt_deploy.calibration.quantize import METHODS
 from rmt_deploy.contract import PREFILL, variants
@@ -83,13 +86,26 @@ def export_checkpoint(
     loaded = load_checkpoint(checkpoint, options.authors)
     log(f"loaded {checkpoint} ({loaded.format}, {loaded.rmt.rmt_config.variant}, "
         f"M={loaded.rmt.rmt_config.num_mem_tokens})")
-    with atomic_folder(out, check=lambda: check_target(out, sources)) as stage:
-        _write_export(loaded, checkpoint, stage, options, log)
+    with _calibration_corpus(loaded, options) as corpus, \
+            atomic_folder(out, check=lambda: check_target(out, sources)) as stage:
+        _write_export(loaded, checkpoint, stage, options, corpus, log)
     return read_manifest(out)
 
 
+def _calibration_corpus(loaded: LoadedCheckpoint,
+                        options: ExportOptions) -> contextlib.AbstractContextManager:
+    """INT8: the calibration documents, read and checked before the FP32 export starts,
+    so that bad ones fail fast; otherwise nothing."""
+    if options.precision != "int8":
+        return contextlib.nullcontext()
+    tokenizer = (plain_tokenizer(Tokenizer.from_str(loaded.tokenizer_json))
+                 if loaded.tokenizer_json else None)
+    return read_corpus(options.calibration, loaded.rmt.rmt_config, tokenizer)
+
+
 def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
-                  options: ExportOptions, log: Callable[[str], None]) -> None:
+                  options: ExportOptions, corpus: CalibrationCorpus | None,
+                  log: Callable[[str], None]) -> None:
     import onnx
     import torch
 
@@ -116,8 +132,6 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
     np.save(stage / "memory_init.npy", initial_memory)
     tokenizer = None
     if loaded.tokenizer_json:
-        from tokenizers import Tokenizer
-
         (stage / "tokenizer.json").write_text(
             plain_tokenizer(Tokenizer.from_str(loaded.tokenizer_json)).to_str())
         tokenizer = {"file": "tokenizer.json", "sha256": sha256_file(stage / "tokenizer.json")}
@@ -155,11 +169,11 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
     elif options.precision == "int8":
         add_int8(manifest, candidate, {name: contracts[name].file for name in
                                        QUANTIZED}, stage, store,
-                 Int8Options(options.calibration, policy=options.int8_policy,
-                             max_steps=options.calibration_steps,
+                 Int8Options(policy=options.int8_policy, max_steps=options.calibration_steps,
                              min_agreement=options.min_agreement,
                              drift_segments=options.drift_segments,
-                             method=options.calibration_method, threads=options.threads), log)
+                             method=options.calibration_method, threads=options.threads),
+                 corpus, log)
     _seal_weights(manifest, store)
     log(f"wrote {store.path.name} ({store.path.stat().st_size / 1e6:.1f} MB, "
         f"{len(store.tensors)} tensors shared by {len(manifest.graphs)} graphs)")

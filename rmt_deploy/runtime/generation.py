@@ -4,6 +4,8 @@ token's work (decode). Greedy by default; temperature, top-k and top-p sampling,
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,12 +33,17 @@ class GenerationOptions:
                 or self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive int, got "
                              f"{self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise InputError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.temperature != 0 and not (math.isfinite(self.temperature)
+                                          and self.temperature >= sys.float_info.min):
+            raise InputError(f"temperature must be 0 (greedy) or a positive finite number of "
+                             f"at least {sys.float_info.min:.1e}, got {self.temperature}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise InputError(f"top_k must be an int >= 0 (0: no limit), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(
+                self.seed, int) or self.seed < 0):
+            raise InputError(f"seed must be None or an int >= 0, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -57,7 +64,9 @@ class TokenChooser:
 
     def _sample(self, logits: np.ndarray) -> int:
         options = self.options
-        probabilities = softmax(logits.astype(np.float64) / options.temperature)
+        logits = logits.astype(np.float64)
+        with np.errstate(over="ignore"):  # from the maximum: 0 at most, -inf harmless
+            probabilities = softmax((logits - logits.max()) / options.temperature)
         order = np.argsort(-probabilities, kind="stable")
         if options.top_k:
             order = order[: options.top_k]

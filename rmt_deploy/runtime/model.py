@@ -24,7 +24,7 @@ from rmt_deploy.runtime.scoring import PerplexityMeter
 from rmt_deploy.runtime.selection import BackendChoice
 from rmt_deploy.runtime.session import StreamSession
 from rmt_deploy.runtime.stepper import Stepper
-from rmt_deploy.runtime.tokens import Document, TokenSource, document_source
+from rmt_deploy.runtime.tokens import Document, TokenSource, TokenSpool, document_source
 from rmt_deploy.segmentation import count_segments
 from rmt_deploy.spec import RMTConfig
 
@@ -89,8 +89,9 @@ class RMTModel:
             raise InputError("generation needs a decoder RMT; this model is an encoder")
         started = time.perf_counter()
         with ExitStack() as stack:
+            spool = stack.enter_context(TokenSpool())  # one descriptor for all files
             sources = [document_source(doc, self.tokenizer, self.config, stack,
-                                       f"document {index}")
+                                       f"document {index}", spool)
                        for index, doc in enumerate(documents)]
             if self.config.is_encoder:
                 outputs = self._run_encoder(sources, progress)

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from rmt_deploy.errors import InputError
-from rmt_deploy.files import is_within, same_file
-from rmt_deploy.manifest import MANIFEST_NAME
+from rmt_deploy.files import same_file
+from rmt_deploy.outputs import check_output_file
 from rmt_deploy.runtime.model import Progress, RMTModel
 from rmt_deploy.runtime.results import Run
 from rmt_deploy.runtime.session import StreamSession
@@ -70,22 +70,12 @@ def run_resumable(model: RMTModel, document: Path | BinaryIO, *, state_file: Pat
 def check_state_file(path: Path, document: Path | None = None,
                      model: Path | None = None) -> None:
     """Refuse a state file that would replace, then delete, what rmt-run did not write: a
-    folder, an existing file that is not a saved state, the run's input ``document``, its
-    ``model`` or a path inside the model's export folder."""
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder; give --state-file a file name such as "
-                         "run.state")
-    for what, read in (("input", document), ("model", model)):
-        if read is not None and same_file(path, read):
-            raise InputError(f"{path}: is the {what} of this run; give --state-file a new "
-                             "file name such as run.state")
-    folder = _export_folder(model) if model is not None else None
-    if folder is not None and is_within(path, folder):
-        raise InputError(f"{path}: is inside the export folder {folder}; give --state-file a "
-                         "file outside it")
-    if path.exists() and not _is_state(path):
-        raise InputError(f"{path}: exists and is not a state saved by rmt-run; give "
-                         "--state-file a new file name")
+    folder, an existing file that is not a state saved by rmt-run, the run's input
+    ``document``, its ``model``, a path inside an export folder, or one whose folder
+    does not exist."""
+    check_output_file(path, "--state-file", example="run.state",
+                      inputs={"the input of this run": document, "the model of this run": model},
+                      ours=_is_state, mine="a state saved by rmt-run")
 
 
 class _OwnState:
@@ -121,12 +111,6 @@ def _identity(path: Path) -> tuple[int, int, int, int] | None:
 def _is_state(path: Path) -> bool:
     with open(path, "rb") as handle:
         return handle.read(len(MAGIC)) == MAGIC
-
-
-def _export_folder(model: Path) -> Path | None:
-    """The export folder ``model`` is or lies in (a model file's folder with rmt.json)."""
-    folder = model if model.is_dir() else model.parent
-    return folder if (folder / MANIFEST_NAME).is_file() else None
 
 
 def _resumed(model: RMTModel, path: Path, source: TokenSource, digest) -> StreamSession:

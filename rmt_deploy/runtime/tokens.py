@@ -6,6 +6,7 @@ on."""
 from __future__ import annotations
 
 import codecs
+import os
 import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -83,33 +84,80 @@ class ArraySource:
         return self._ids[start:end]
 
 
-class SpooledSource:
-    """Token ids spooled to an anonymous temporary file while the text is tokenized: the
-    file has no name, so nothing is left behind even if the process is killed."""
+class TokenSpool:
+    """An anonymous temporary file holding the int32 token ids of any number of
+    documents one after another, so a batch of files holds one descriptor however many
+    documents it has. The file has no name, so nothing is left behind even if the
+    process is killed; it is made at the first write. Reads and writes go by offset, so
+    documents never move each other's position."""
 
-    def __init__(self, pieces: Iterable[np.ndarray], config: RMTConfig) -> None:
-        self._file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
-        count = 0
-        try:
-            for piece in pieces:
-                check_tokenizer_ids(piece, config)
-                piece = strip_special(piece, config).astype(np.int32)
-                self._file.write(piece.tobytes())
-                count += len(piece)
-        except BaseException:
+    def __init__(self) -> None:
+        self._file = None
+        self._end = 0  # bytes of complete documents
+
+    def write(self, pieces: Iterable[np.ndarray], config: RMTConfig) -> tuple[int, int]:
+        """Append a document's ids, cleaned; returns its first id's index and its id
+        count. A document that fails part-way leaves nothing (its bytes are overwritten
+        by the next)."""
+        if self._file is None:
+            self._file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        start, end = self._end, self._end
+        for piece in pieces:
+            check_tokenizer_ids(piece, config)
+            data = strip_special(piece, config).astype(np.int32).tobytes()
+            _write_at(self._file.fileno(), data, end)
+            end += len(data)
+        self._end = end
+        return start // 4, usable_tokens((end - start) // 4, config)
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """``count`` ids from id index ``start``."""
+        data = os.pread(self._file.fileno(), count * 4, start * 4) if count else b""
+        return np.frombuffer(data, dtype=np.int32).astype(np.int64)
+
+    def close(self) -> None:
+        if self._file is not None:
             self._file.close()
+
+    def __enter__(self) -> TokenSpool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _write_at(descriptor: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(descriptor, view, offset)
+        view, offset = view[written:], offset + written
+
+
+class SpooledSource:
+    """Token ids spooled to a :class:`TokenSpool` while the text is tokenized: its own,
+    closed with it, or one shared by a batch (closed by its owner)."""
+
+    def __init__(self, pieces: Iterable[np.ndarray], config: RMTConfig,
+                 spool: TokenSpool | None = None) -> None:
+        self._spool = spool if spool is not None else TokenSpool()
+        self._owned = spool is None
+        try:
+            self._start, self._count = self._spool.write(pieces, config)
+        except BaseException:
+            self.close()
             raise
-        self._count = usable_tokens(count, config)
 
     def __len__(self) -> int:
         return self._count
 
     def tokens(self, start: int, end: int) -> np.ndarray:
-        self._file.seek(start * 4)
-        return np.frombuffer(self._file.read((end - start) * 4), dtype=np.int32).astype(np.int64)
+        end = min(end, self._count)
+        start = min(start, end)
+        return self._spool.read(self._start + start, end - start)
 
     def close(self) -> None:
-        self._file.close()
+        if self._owned:
+            self._spool.close()
 
     def __enter__(self) -> SpooledSource:
         return self
@@ -274,8 +322,9 @@ def _encode_chunks(chunks: Iterable[str], tokenizer: Tokenizer) -> np.ndarray:
 
 
 def spool_file(path: str | Path | BinaryIO, tokenizer: Tokenizer, config: RMTConfig,
-               name: str | None = None) -> SpooledSource:
-    """Tokenize a text file (or a binary stream such as stdin) into a spooled source."""
+               name: str | None = None, spool: TokenSpool | None = None) -> SpooledSource:
+    """Tokenize a text file (or a binary stream such as stdin) into a spooled source, in
+    ``spool`` if given (else its own). The file is open only while it is read."""
     if isinstance(path, (str, Path)):
         path = Path(path)
         if path.is_dir():
@@ -283,13 +332,13 @@ def spool_file(path: str | Path | BinaryIO, tokenizer: Tokenizer, config: RMTCon
         try:
             with open(path, "rb") as stream:
                 return SpooledSource(tokenize_chunks(text_chunks(stream, str(path)), tokenizer),
-                                     config)
+                                     config, spool)
         except FileNotFoundError:
             raise InputError(f"{path}: no such file; check the input path") from None
         except PermissionError:
             raise InputError(f"{path}: permission denied") from None
     return SpooledSource(tokenize_chunks(text_chunks(path, name or "<stream>"), tokenizer),
-                         config)
+                         config, spool)
 
 
 def text_source(text: str, tokenizer: Tokenizer, config: RMTConfig) -> ArraySource:
@@ -369,16 +418,18 @@ Document = str | Path | BinaryIO | Sequence[int] | np.ndarray
 
 
 def document_source(document: Document, tokenizer: Tokenizer | None, config: RMTConfig,
-                    stack: ExitStack, what: str = "the document") -> TokenSource:
-    """The token source of any document; a file is spooled and closed with ``stack``.
-    ``what`` names the document in errors."""
+                    stack: ExitStack, what: str = "the document",
+                    spool: TokenSpool | None = None) -> TokenSource:
+    """The token source of any document; a file is spooled (into ``spool`` if given,
+    which a batch shares) and closed with ``stack``. ``what`` names the document in
+    errors."""
     if isinstance(document, (str, Path)) or hasattr(document, "read"):
         if tokenizer is None:
             raise InputError("this model has no tokenizer; pass token ids")
         if isinstance(document, str):
             source = text_source(document, tokenizer, config)
         else:
-            source = stack.enter_context(spool_file(document, tokenizer, config))
+            source = stack.enter_context(spool_file(document, tokenizer, config, spool=spool))
     else:
         try:
             source = ArraySource(document, config)

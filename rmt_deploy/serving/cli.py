@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from rmt_deploy.cli import EXIT_STATUS, SETTINGS, _user_errors, echo, stdin_stream
+from rmt_deploy.parameters import POSITIVE_SECONDS
 
 
 @click.command(context_settings=SETTINGS, epilog=EXIT_STATUS)
@@ -26,7 +27,7 @@ from rmt_deploy.cli import EXIT_STATUS, SETTINGS, _user_errors, echo, stdin_stre
                    "(NGC containers).")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Sequences stepped together in one execution.")
-@click.option("--idle-seconds", type=click.FloatRange(min=0, min_open=True), default=3600.0,
+@click.option("--idle-seconds", type=POSITIVE_SECONDS, default=3600.0,
               show_default=True, help="Release a sequence idle this long.")
 @click.option("--strategy", type=click.Choice(["oldest", "direct"]), default="oldest",
               show_default=True, help="Triton's sequence batching strategy.")

@@ -1,5 +1,8 @@
 """Calibration corpora: read from text or token ids, checked against the model."""
 
+import io
+import zipfile
+
 import numpy as np
 import pytest
 
@@ -91,7 +94,8 @@ def test_unreadable_or_missing_inputs_are_errors(model, tmp_path):
         read_corpus(tmp_path / "t.txt", config, None)
 
 
-def test_closing_the_corpus_closes_its_spooled_text(model, tmp_path, monkeypatch):
+def test_the_corpus_spools_its_text_files_into_one_file_closed_with_it(model, tmp_path,
+                                                                       monkeypatch):
     import os
     import tempfile
 
@@ -103,13 +107,32 @@ def test_closing_the_corpus_closes_its_spooled_text(model, tmp_path, monkeypatch
     monkeypatch.setattr(tempfile, "tempdir", str(spool))
     before = len(os.listdir("/proc/self/fd"))
     rng = np.random.default_rng(4)
-    for i in range(2):
+    for i in range(3):
         (tmp_path / f"doc{i}.txt").write_text(words(rng, 20 * config.segment_size))
-    with read_corpus(tmp_path, config, tokenizer) as corpus:
-        assert len(os.listdir("/proc/self/fd")) == before + 2 and corpus.tokens > 0
+    with read_corpus(tmp_path, config, tokenizer) as corpus:  # one descriptor for 3 files
+        assert len(os.listdir("/proc/self/fd")) == before + 1 and corpus.tokens > 0
         assert list(spool.iterdir()) == []  # the spooled ids are in files without names
     assert len(os.listdir("/proc/self/fd")) == before
     (tmp_path / "doc9.txt").write_text("w5 w6")  # still too little: refused, nothing left
     with pytest.raises(InputError):
         read_corpus(tmp_path, config, tokenizer, min_segments=10**6)
     assert len(os.listdir("/proc/self/fd")) == before and list(spool.iterdir()) == []
+
+
+def _lying_npy(values: int) -> bytes:
+    """128 bytes whose .npy header claims ``values`` int64 values."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<i8", "fortran_order": False, "shape": (values,)})
+    return header.getvalue().ljust(128, b"\0")
+
+
+def test_a_npy_header_claiming_more_than_the_file_holds_is_refused_unread(model, tmp_path):
+    config, _ = model
+    (tmp_path / "lie.npy").write_bytes(_lying_npy(10**12))
+    with pytest.raises(InputError, match=r"declares shape \(1000000000000,\) .* but 0 bytes"):
+        read_corpus(tmp_path / "lie.npy", config, None)
+    with zipfile.ZipFile(tmp_path / "lie.npz", "w") as archive:
+        archive.writestr("ids.npy", _lying_npy(10**12))
+    with pytest.raises(InputError, match=r"lie.npz:ids.npy: its header declares"):
+        read_corpus(tmp_path / "lie.npz", config, None)

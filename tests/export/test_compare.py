@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -124,7 +125,36 @@ def test_several_candidates_are_judged_against_one_reference_and_plotted(
     series = report["comparisons"][1]["series"]
     assert len(series["memory_cosine"]) == 8 and max(series["max_abs/memory_out"]) > 1e-4
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert result.stderr.strip() == f"rmt-compare: error: {report['verdict']}"
+    assert result.stderr.splitlines() == [f"wrote {plot}",
+                                          f"rmt-compare: error: {report['verdict']}"]
+
+
+def test_a_plot_replaces_only_a_plot_rmt_compare_wrote(encoder_export, tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs the plot extra (matplotlib)")
+    from rmt_deploy.export.plot_file import is_drift_plot
+
+    plot = tmp_path / "drift.png"
+    for _ in range(2):  # the second run replaces the first's plot, unasked
+        result = rmt_compare(encoder_export, encoder_export, "--segments", "2", "--plot", plot)
+        assert result.exit_code == 0, result.output
+        assert result.stderr == f"wrote {plot}\n" and is_drift_plot(plot)
+    plot.write_bytes(b"mine")
+    result = rmt_compare(encoder_export, encoder_export, "--segments", "2", "--plot", plot)
+    assert result.exit_code == 1 and "not a plot rmt-compare wrote" in result.stderr
+    assert result.stdout == "" and plot.read_bytes() == b"mine"
+    result = rmt_compare(encoder_export, encoder_export, "--segments", "2", "--plot", plot,
+                         "--overwrite")
+    assert result.exit_code == 0 and is_drift_plot(plot)
+
+
+def test_a_plot_without_matplotlib_is_refused_before_the_comparison(encoder_export, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    result = rmt_compare(encoder_export, encoder_export, "--segments", "2", "--plot",
+                         tmp_path / "drift.png")
+    assert result.exit_code == 1 and result.stdout == ""  # no table: nothing was compared
+    assert result.stderr == "rmt-compare: error: --plot needs matplotlib: pip install " \
+                            "'rmt-deploy[plot]'\n"
 
 
 @pytest.mark.parametrize("fault, gate", [

@@ -2,7 +2,8 @@
 fresh work folder, and the harness checks that the command
 
 (a) exits with the expected code,
-(b) says so in exactly one line on stderr, never a traceback,
+(b) says so in exactly one line on stderr, never a traceback (a usage error, exit
+    status 2, in click's usage, a hint and one line naming the bad option),
 (c) leaves every file that was in the work folder before as it was (none changed or
     deleted, the export folder and the input included),
 (d) leaves nothing in its ``TMPDIR`` (a fresh empty folder) and no half-written
@@ -155,6 +156,9 @@ def run_case(case: Case, root: Path, assets: Assets) -> subprocess.CompletedProc
     lines = stderr.splitlines()
     if case.code == 0:
         assert stderr == "", stderr
+    elif case.code == 2:  # click's usage error: usage, a hint, one line naming the option
+        errors = [line for line in lines if line.startswith("Error: Invalid value for")]
+        assert lines[0].startswith("Usage: ") and len(errors) == 1, stderr
     else:
         assert len(lines) == 1 and lines[0].strip(), stderr
         assert lines[0].startswith(f"{case.script}: "), lines[0]
