@@ -331,7 +331,8 @@ def _progress_printer(stream):
 @click.option("--state-every", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Segments between two saves of --state-file.")
 @click.option("--resume", type=click.Path(path_type=Path),
-              help="Continue a run from the state it saved (same MODEL and INPUT).")
+              help="Continue a run from the state it saved (same MODEL and INPUT); it goes "
+                   "on saving there (or to --state-file) and is removed when the run completes.")
 @_user_errors("rmt-run", "running the model")
 def run_main(model, input, backend, cuda_graphs, precision, generate, temperature, top_k,
              top_p, seed, as_json, threads, state_file, state_every, resume):
@@ -375,6 +376,7 @@ def run_main(model, input, backend, cuda_graphs, precision, generate, temperatur
         "backend": run.backend, "precision": run.precision, "tokens": run.tokens,
         "segments": run.segments, "seconds": round(run.seconds, 4),
         "tokens_per_second": round(run.tokens_per_second, 1),
+        "resumed_tokens": run.resumed_tokens,
         "backend_choice": rmt.choice.to_dict() if rmt.choice else None,
     }
     if rmt.config.is_encoder:
@@ -395,9 +397,10 @@ def run_main(model, input, backend, cuda_graphs, precision, generate, temperatur
         echo("perplexity: none (a document of one token predicts nothing)")
     else:
         echo(f"perplexity: {output.perplexity:.4f}")
-    echo(f"tokens: {run.tokens:,}  segments: {run.segments:,}  time: {run.seconds:.2f} s"
-               f"  tokens/s: {run.tokens_per_second:,.0f}  backend: {run.backend} "
-               f"({run.precision})" + (f", {rmt.choice.describe()}" if rmt.choice else ""))
+    resumed = f" ({run.resumed_tokens:,} from the saved state)" if run.resumed_tokens else ""
+    echo(f"tokens: {run.tokens:,}{resumed}  segments: {run.segments:,}  time: "
+         f"{run.seconds:.2f} s  tokens/s: {run.tokens_per_second:,.0f}  backend: {run.backend} "
+         f"({run.precision})" + (f", {rmt.choice.describe()}" if rmt.choice else ""))
 
 
 @click.group(context_settings=SETTINGS, epilog=EXIT_STATUS)
