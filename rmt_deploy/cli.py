@@ -234,6 +234,7 @@ def export_main(checkpoint, output, base_model, input_size, segment_size, labels
     from rmt_deploy.export.folder import check_file_target, check_target
 
     log = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
+    progress = None if quiet else _phase_bars(sys.stderr)
     # the targets are checked first: a refused one fails fast, before the slow imports
     if convert is not None:
         check_file_target(convert, checkpoint, base_model, overwrite)
@@ -255,7 +256,8 @@ def export_main(checkpoint, output, base_model, input_size, segment_size, labels
                             precision=precision, drift_segments=drift_segments,
                             calibration=calibration, int8_policy=int8_policy,
                             calibration_steps=calibration_steps,
-                            calibration_method=calibration_method, min_agreement=min_agreement)
+                            calibration_method=calibration_method, min_agreement=min_agreement,
+                            progress=progress)
     engine_options = None
     if engine:
         from rmt_deploy.contract import BatchProfile
@@ -279,28 +281,29 @@ def export_main(checkpoint, output, base_model, input_size, segment_size, labels
                                ) from None
 
 
-def _progress_printer(stream):
-    """A one-line progress bar on a terminal; nothing otherwise."""
+def _phase_bars(stream):
+    """click progress bars on a terminal, one per phase of work: ``show(phase, done,
+    total)``; None (nothing shown) where ``stream`` is not a terminal."""
     if not stream.isatty():
         return None
-    started = time.perf_counter()
-    last = [0.0]
+    bars = {}
 
-    def show(done: int, total: int) -> None:
-        now = time.perf_counter()
-        if now - last[0] < 0.1 and done < total:
-            return
-        last[0] = now
-        width = 30
-        filled = int(width * done / total)
-        rate = done / max(now - started, 1e-9)
-        stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} segments, "
-                     f"{rate:.0f}/s")
-        if done == total:
-            stream.write("\r" + " " * (width + 40) + "\r")
-        stream.flush()
+    def show(phase: str, done: int, total: int) -> None:
+        if phase not in bars:
+            bars[phase] = click.progressbar(length=total, label=phase, file=stream,
+                                            show_pos=True, show_eta=True)
+        bar = bars[phase]
+        bar.update(done - bar.pos)
+        if done >= total:
+            bar.render_finish()
 
     return show
+
+
+def _progress_printer(stream):
+    """rmt-run's progress bar of segments on a terminal; nothing otherwise."""
+    bars = _phase_bars(stream)
+    return None if bars is None else functools.partial(bars, "segments")
 
 
 @click.command(context_settings=SETTINGS, epilog=EXIT_STATUS)

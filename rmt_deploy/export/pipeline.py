@@ -43,6 +43,15 @@ from rmt_deploy.model.checkpoint import AuthorsOptions, LoadedCheckpoint, load_c
 from rmt_deploy.runtime.options import RuntimeOptions
 from rmt_deploy.runtime.tokens import plain_tokenizer
 
+#: ``progress(phase, steps_done, steps_total)``: how far a long phase of the export is.
+PhaseProgress = Callable[[str, int, int], None]
+
+
+def _phase(options: ExportOptions, phase: str) -> Callable[[int, int], None] | None:
+    if options.progress is None:
+        return None
+    return lambda done, total: options.progress(phase, done, total)
+
 
 @dataclass(frozen=True)
 class ExportOptions:
@@ -60,6 +69,7 @@ class ExportOptions:
     int8_policy: str = "auto"  # INT8: a policy name, or the most quantized that passes
     calibration_steps: int = 256  # INT8: recorded steps kept for calibration
     calibration_method: str = "minmax"  # INT8: activation ranges, "minmax" or "percentile"
+    progress: PhaseProgress | None = None  # told the steps of each long validation run
 
 
 def default_output(checkpoint: Path) -> Path:
@@ -136,7 +146,8 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
         folder=stage,
     )
     candidate = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=options.threads))
-    results = compare(reference, candidate, initial_memory, options.validation_segments)
+    results = compare(reference, candidate, initial_memory, options.validation_segments,
+                      progress=_phase(options, "validating against PyTorch"))
     results["runtime"] = "onnxruntime " + _ort_version()
     results["tolerance"] = {"open_loop": options.tolerance.open_loop,
                             "closed_loop": options.tolerance.closed_loop}
@@ -159,7 +170,8 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
                              max_steps=options.calibration_steps,
                              min_agreement=options.min_agreement,
                              drift_segments=options.drift_segments,
-                             method=options.calibration_method, threads=options.threads), log)
+                             method=options.calibration_method, threads=options.threads,
+                             progress=options.progress), log)
     _seal_weights(manifest, store)
     log(f"wrote {store.path.name} ({store.path.stat().st_size / 1e6:.1f} MB, "
         f"{len(store.tensors)} tensors shared by {len(manifest.graphs)} graphs)")
@@ -222,7 +234,8 @@ def _add_fp16(manifest: Manifest, fp32: Any, names: list[str], stage: Path,
     candidate = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=options.threads,
                                                            precision="fp16"))
     results = compare(fp32, candidate, manifest.load_initial_memory(),
-                      options.drift_segments, modes=("closed_loop",))
+                      options.drift_segments, modes=("closed_loop",),
+                      progress=_phase(options, "judging fp16 closed loop"))
     results["reference"] = "fp32 graph on onnxruntime"
     drift = results["closed_loop"]
     log(f"fp16 closed loop vs fp32 over {options.drift_segments} segments: max abs error "
