@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,6 +52,23 @@ def _phase(options: ExportOptions, phase: str) -> Callable[[int, int], None] | N
     if options.progress is None:
         return None
     return lambda done, total: options.progress(phase, done, total)
+
+
+def _estimating(progress: Callable[[int, int], None] | None, log: Callable[[str], None],
+                what: str, after: int = 4) -> Callable[[int, int], None]:
+    """``progress`` that also logs, once ``after`` steps are done, how long the whole run
+    will take at their pace (CPU FP16 runs are long: --drift-segments sets their length)."""
+    started = time.perf_counter()
+
+    def step(done: int, total: int) -> None:
+        if done == after < total:
+            minutes = (time.perf_counter() - started) / done * (total - done) / 60
+            log(f"{what}: {total} paired steps, about {minutes:.1f} more minutes at the pace "
+                "of the first (--drift-segments sets the run's length)")
+        if progress is not None:
+            progress(done, total)
+
+    return step
 
 
 @dataclass(frozen=True)
@@ -235,7 +253,8 @@ def _add_fp16(manifest: Manifest, fp32: Any, names: list[str], stage: Path,
                                                            precision="fp16"))
     results = compare(fp32, candidate, manifest.load_initial_memory(),
                       options.drift_segments, modes=("closed_loop",),
-                      progress=_phase(options, "judging fp16 closed loop"))
+                      progress=_estimating(_phase(options, "judging fp16 closed loop"), log,
+                                           "fp16 closed loop"))
     results["reference"] = "fp32 graph on onnxruntime"
     drift = results["closed_loop"]
     log(f"fp16 closed loop vs fp32 over {options.drift_segments} segments: max abs error "

@@ -37,3 +37,17 @@ def test_the_bars_show_on_a_terminal_only():
         show("validating against PyTorch", done, 3)
     assert "validating against PyTorch" in stream.getvalue()
     assert "3/3" in stream.getvalue()
+
+
+def test_a_long_judgement_says_how_long_it_will_take(monkeypatch):
+    from rmt_deploy.export import pipeline
+
+    clock = iter(range(0, 1000, 30))  # 30 s a step
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: next(clock))
+    lines, seen = [], []
+    step = pipeline._estimating(lambda d, t: seen.append(d), lines.append, "fp16 closed loop")
+    for done in range(1, 11):
+        step(done, 10)
+    assert seen == list(range(1, 11))
+    assert lines == ["fp16 closed loop: 10 paired steps, about 0.8 more minutes at the pace "
+                     "of the first (--drift-segments sets the run's length)"]
