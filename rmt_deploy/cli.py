@@ -217,7 +217,10 @@ def _authors_checkpoint_options(command):
               help="TensorRT, decoders: tokens the decode plan's profile leaves room for.")
 @click.option("--timing-cache", type=click.Path(path_type=Path),
               help="TensorRT timing cache file, reused and updated across builds.")
-@click.option("--threads", type=int, callback=_positive, help="CPU threads.")
+@click.option("--threads", type=int, callback=_positive, help="CPU threads of torch and "
+              "ONNX Runtime "
+              "[default: the CPUs not kept busy by other processes, by the 1-minute load, "
+              "at least 1].")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @_user_errors("rmt-export", "exporting the checkpoint", prints=False)
 def export_main(checkpoint, output, base_model, input_size, segment_size, labels, atol,
@@ -521,7 +524,10 @@ def _tolerances(_ctx, _param, values: tuple[str, ...]) -> dict[str, float] | Non
 @click.option("--plot", type=click.Path(path_type=Path), metavar="FILE.png",
               help="Draw memory cosine and max abs error per segment (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-@click.option("--threads", type=int, callback=_positive, help="CPU threads.")
+@click.option("--threads", type=int, callback=_positive, help="CPU threads of torch and "
+              "ONNX Runtime "
+              "[default: the CPUs not kept busy by other processes, by the 1-minute load, "
+              "at least 1].")
 @_user_errors("rmt-compare", "comparing the artifacts")
 def compare_main(reference, candidates, segments, seed, atol, rtol, closed_loop_atol,
                  min_memory_cosine, min_agreement, backend, base_model, input_size,

@@ -41,7 +41,7 @@ from rmt_deploy.manifest import (
 )
 from rmt_deploy.model.base import ATTENTION
 from rmt_deploy.model.checkpoint import AuthorsOptions, LoadedCheckpoint, load_checkpoint
-from rmt_deploy.runtime.options import RuntimeOptions
+from rmt_deploy.runtime.options import RuntimeOptions, idle_cpus
 from rmt_deploy.runtime.tokens import plain_tokenizer
 
 #: ``progress(phase, steps_done, steps_total)``: how far a long phase of the export is.
@@ -108,6 +108,10 @@ def export_checkpoint(
     sources = (checkpoint, options.authors.base_model, options.calibration)
     check_target(out, sources)  # before the (slow) load: a refused target fails fast, silently
     _check_precision(options)
+    options = replace(options, threads=options.threads or idle_cpus())
+    import torch
+
+    torch.set_num_threads(options.threads)  # the ONNX export and the reference alike
     loaded = load_checkpoint(checkpoint, options.authors)
     log(f"loaded {checkpoint} ({loaded.format}, {loaded.rmt.rmt_config.variant}, "
         f"M={loaded.rmt.rmt_config.num_mem_tokens})")
