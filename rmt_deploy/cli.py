@@ -219,7 +219,10 @@ def _authors_checkpoint_options(command):
               help="TensorRT, decoders: tokens the decode plan's profile leaves room for.")
 @click.option("--timing-cache", type=click.Path(path_type=Path),
               help="TensorRT timing cache file, reused and updated across builds.")
-@click.option("--threads", type=int, callback=_positive, help="CPU threads.")
+@click.option("--threads", type=int, callback=_positive, help="CPU threads of torch and "
+              "ONNX Runtime "
+              "[default: the CPUs not kept busy by other processes, by the 1-minute load, "
+              "at least 1].")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @_user_errors("rmt-export", "exporting the checkpoint", prints=False)
 def export_main(checkpoint, output, base_model, input_size, segment_size, labels, atol,
@@ -236,6 +239,7 @@ def export_main(checkpoint, output, base_model, input_size, segment_size, labels
     from rmt_deploy.export.folder import check_file_target, check_target
 
     log = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
+    progress = None if quiet else _phase_bars(sys.stderr)
     # the targets are checked first: a refused one fails fast, before the slow imports
     if convert is not None:
         check_file_target(convert, checkpoint, base_model, overwrite)
@@ -257,7 +261,8 @@ def export_main(checkpoint, output, base_model, input_size, segment_size, labels
                             precision=precision, drift_segments=drift_segments,
                             calibration=calibration, int8_policy=int8_policy,
                             calibration_steps=calibration_steps,
-                            calibration_method=calibration_method, min_agreement=min_agreement)
+                            calibration_method=calibration_method, min_agreement=min_agreement,
+                            progress=progress)
     engine_options = None
     if engine:
         from rmt_deploy.contract import BatchProfile
@@ -281,28 +286,29 @@ def export_main(checkpoint, output, base_model, input_size, segment_size, labels
                                ) from None
 
 
-def _progress_printer(stream):
-    """A one-line progress bar on a terminal; nothing otherwise."""
+def _phase_bars(stream):
+    """click progress bars on a terminal, one per phase of work: ``show(phase, done,
+    total)``; None (nothing shown) where ``stream`` is not a terminal."""
     if not stream.isatty():
         return None
-    started = time.perf_counter()
-    last = [0.0]
+    bars = {}
 
-    def show(done: int, total: int) -> None:
-        now = time.perf_counter()
-        if now - last[0] < 0.1 and done < total:
-            return
-        last[0] = now
-        width = 30
-        filled = int(width * done / total)
-        rate = done / max(now - started, 1e-9)
-        stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} segments, "
-                     f"{rate:.0f}/s")
-        if done == total:
-            stream.write("\r" + " " * (width + 40) + "\r")
-        stream.flush()
+    def show(phase: str, done: int, total: int) -> None:
+        if phase not in bars:
+            bars[phase] = click.progressbar(length=total, label=phase, file=stream,
+                                            show_pos=True, show_eta=True)
+        bar = bars[phase]
+        bar.update(done - bar.pos)
+        if done >= total:
+            bar.render_finish()
 
     return show
+
+
+def _progress_printer(stream):
+    """rmt-run's progress bar of segments on a terminal; nothing otherwise."""
+    bars = _phase_bars(stream)
+    return None if bars is None else functools.partial(bars, "segments")
 
 
 @click.command(context_settings=SETTINGS, epilog=EXIT_STATUS)
@@ -333,7 +339,8 @@ def _progress_printer(stream):
 @click.option("--state-every", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Segments between two saves of --state-file.")
 @click.option("--resume", type=click.Path(path_type=Path),
-              help="Continue a run from the state it saved (same MODEL and INPUT).")
+              help="Continue a run from the state it saved (same MODEL and INPUT); it goes "
+                   "on saving there (or to --state-file) and is removed when the run completes.")
 @_user_errors("rmt-run", "running the model")
 def run_main(model, input, backend, cuda_graphs, precision, generate, temperature, top_k,
              top_p, seed, as_json, threads, state_file, state_every, resume):
@@ -377,6 +384,7 @@ def run_main(model, input, backend, cuda_graphs, precision, generate, temperatur
         "backend": run.backend, "precision": run.precision, "tokens": run.tokens,
         "segments": run.segments, "seconds": round(run.seconds, 4),
         "tokens_per_second": round(run.tokens_per_second, 1),
+        "resumed_tokens": run.resumed_tokens,
         "backend_choice": rmt.choice.to_dict() if rmt.choice else None,
     }
     if rmt.config.is_encoder:
@@ -397,9 +405,10 @@ def run_main(model, input, backend, cuda_graphs, precision, generate, temperatur
         echo("perplexity: none (a document of one token predicts nothing)")
     else:
         echo(f"perplexity: {output.perplexity:.4f}")
-    echo(f"tokens: {run.tokens:,}  segments: {run.segments:,}  time: {run.seconds:.2f} s"
-               f"  tokens/s: {run.tokens_per_second:,.0f}  backend: {run.backend} "
-               f"({run.precision})" + (f", {rmt.choice.describe()}" if rmt.choice else ""))
+    resumed = f" ({run.resumed_tokens:,} from the saved state)" if run.resumed_tokens else ""
+    echo(f"tokens: {run.tokens:,}{resumed}  segments: {run.segments:,}  time: "
+         f"{run.seconds:.2f} s  tokens/s: {run.tokens_per_second:,.0f}  backend: {run.backend} "
+         f"({run.precision})" + (f", {rmt.choice.describe()}" if rmt.choice else ""))
 
 
 @click.group(context_settings=SETTINGS, epilog=EXIT_STATUS)
@@ -520,7 +529,10 @@ def _tolerances(_ctx, _param, values: tuple[str, ...]) -> dict[str, float] | Non
 @click.option("--overwrite", is_flag=True,
               help="--plot: replace FILE.png even if rmt-compare did not write it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-@click.option("--threads", type=int, callback=_positive, help="CPU threads.")
+@click.option("--threads", type=int, callback=_positive, help="CPU threads of torch and "
+              "ONNX Runtime "
+              "[default: the CPUs not kept busy by other processes, by the 1-minute load, "
+              "at least 1].")
 @_user_errors("rmt-compare", "comparing the artifacts")
 def compare_main(reference, candidates, segments, seed, atol, rtol, closed_loop_atol,
                  min_memory_cosine, min_agreement, backend, base_model, input_size,

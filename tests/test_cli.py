@@ -38,7 +38,7 @@ ENCODER_TEXT = " ".join(f"w{(7 * i) % 45}" for i in range(25)) + "\n"
 #: 5 segments of up to 5.
 DECODER_TEXT = "hello world again and\n"
 RUN_KEYS = {"backend", "precision", "tokens", "segments", "seconds", "tokens_per_second",
-            "backend_choice"}
+            "backend_choice", "resumed_tokens"}
 
 
 # ---------------------------------------------------------------- helpers

@@ -320,3 +320,29 @@ def test_a_file_put_in_place_of_the_state_during_the_run_is_kept(models, tmp_pat
     else:
         run_resumable(model, path, state_file=state, every=2, progress=meanwhile)
     assert state.read_text() == "the user's file\n"
+
+
+def test_resume_alone_goes_on_saving_to_its_state_and_removes_it(models, encoder_export,
+                                                                  tmp_path):
+    model, make_text = models["encoder"]
+    path = tmp_path / "doc.txt"
+    path.write_text(make_text(95, seed=6))
+    state = stopped_state(model, path, tmp_path / "s.state")
+    resumed = report(invoke(encoder_export, path, "--json", "--threads", "1", "--resume",
+                            state))
+    assert resumed["logits"] == [float(x) for x in model.run_one(path).logits]
+    assert not state.exists()
+
+
+def test_a_resumed_run_counts_its_speed_on_the_tokens_it_ran(models, tmp_path):
+    model, make_text = models["encoder"]
+    path = tmp_path / "doc.txt"
+    path.write_text(make_text(95, seed=7))
+    state = stopped_state(model, path, tmp_path / "s.state")  # stopped after 2 segments
+    run = run_resumable(model, path, state_file=None, every=1000, resume=state)
+    assert run.resumed_tokens == 2 * model.config.segment_size < run.tokens
+    assert run.tokens_per_second == pytest.approx((run.tokens - run.resumed_tokens)
+                                                  / run.seconds)
+    fresh = run_resumable(model, path, state_file=None, every=1000)
+    assert fresh.resumed_tokens == 0
+    assert fresh.tokens_per_second == pytest.approx(fresh.tokens / fresh.seconds)

@@ -23,6 +23,7 @@ from rmt_deploy.export.validate import (
     drift_failures,
     validation_batches,
 )
+from rmt_deploy.runtime.options import idle_cpus
 from rmt_deploy.runtime.tokens import ArraySource
 
 if TYPE_CHECKING:
@@ -123,6 +124,7 @@ def compare_artifacts(reference: str | Path, candidates: Sequence[str | Path],
     """Open every artifact (all of one model) and compare each candidate with the
     reference on the same documents."""
     options = options or CompareOptions()
+    options = dataclasses.replace(options, threads=options.threads or idle_cpus())
     opened = [open_artifact(path, options.authors, options.backend, options.threads)
               for path in (reference, *candidates)]
     base = opened[0]

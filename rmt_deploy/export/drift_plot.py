@@ -1,6 +1,7 @@
-"""``rmt-compare --plot``: memory cosine and max abs error against the segment, one curve
-per candidate (its backend and precision), from the closed-loop run (needs matplotlib:
-the ``plot`` extra)."""
+"""``rmt-compare --plot``: the closed-loop drift against the segment, one colour and
+marker per candidate (its backend and precision), one line style per output, with the
+gates' limits drawn: 1 - memory cosine and max abs error, both on log axes, so values
+near a cosine of 1 read without an offset (needs matplotlib: the ``plot`` extra)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ from rmt_deploy.export.compare import Report
 from rmt_deploy.export.plot_file import PLOT_METADATA
 from rmt_deploy.files import atomic_path
 
+FLOOR = 1e-12  # where exact agreement (0) is drawn on the log axes
+MARKERS = "osD^vP*X"
+STYLES = {"logits": "-", "memory_out": "--", "write_memory_out": ":"}
+LIMIT = {"color": "red", "linestyle": "-.", "linewidth": 1.2}
+
 
 def plot_drift(report: Report, path: str | Path) -> Path:
     """Draw ``report``'s closed-loop drift to ``path`` as PNG, marked as rmt-compare's
@@ -20,24 +26,48 @@ def plot_drift(report: Report, path: str | Path) -> Path:
 
         matplotlib.use("Agg")
         from matplotlib import pyplot
+        from matplotlib.lines import Line2D
     except ImportError:
         raise RmtError("--plot needs matplotlib: pip install 'rmt-deploy[plot]'") from None
     path = Path(path)
-    figure, (cosine, error) = pyplot.subplots(2, 1, sharex=True, figsize=(8, 6))
+    options = report.options
+    figure, (cosine, error) = pyplot.subplots(2, 1, sharex=True, figsize=(10, 6.5))
     try:
-        for comparison in report.comparisons:
+        candidates, outputs = [], []
+        for index, comparison in enumerate(report.comparisons):
             series = comparison.closed_loop["series"]["closed_loop"]
-            cosine.plot(series["memory_cosine"], label=comparison.candidate)
+            colour = f"C{index % 10}"
+            # markers staggered per candidate, lines thinner for each later one: curves
+            # that coincide still show every candidate
+            look = {"color": colour, "marker": MARKERS[index % len(MARKERS)], "alpha": 0.85,
+                    "markevery": (index, len(report.comparisons) + 2), "markersize": 5,
+                    "linewidth": max(0.8, 2.4 - 0.5 * index)}
+            cosine.plot([max(1 - v, FLOOR) for v in series["memory_cosine"]], **look)
             for key, values in series.items():
                 if key.startswith("max_abs/"):
-                    error.plot([max(v, 1e-12) for v in values],
-                               label=f"{comparison.candidate}: {key.split('/', 1)[1]}")
-        cosine.set(ylabel="worst memory slot cosine",
-                   title=f"closed loop against {report.reference}")
-        error.set(xlabel="segment", ylabel="max abs error", yscale="log")
+                    output = key.split("/", 1)[1]
+                    error.plot([max(v, FLOOR) for v in values],
+                               **{**look, "linestyle": STYLES.get(output, "-.")})
+                    outputs.append(output)
+            candidates.append(Line2D([], [], color=colour, marker=look["marker"],
+                                     label=comparison.candidate))
+        cosine.axhline(1 - options.min_memory_cosine, **LIMIT)
+        error.axhline(options.closed_loop_atol, **LIMIT)
+        cosine.set(ylabel=f"1 - worst memory slot cosine\n(0 drawn at {FLOOR:g})", yscale="log",
+                   title=f"closed loop against {report.reference} (lower is better)")
+        error.set(xlabel="segment", ylabel=f"max abs error\n(0 drawn at {FLOOR:g})",
+                  yscale="log")
+        cosine.legend(handles=[*candidates, Line2D([], [], **LIMIT, label=(
+            f"limit: cosine {options.min_memory_cosine:g}"))], fontsize="small",
+            loc="upper left", bbox_to_anchor=(1.01, 1), title="candidate")
+        error.legend(handles=[*(Line2D([], [], color="black", linestyle=STYLES.get(o, "-."),
+                                       label=o) for o in dict.fromkeys(outputs)),
+                              Line2D([], [], **LIMIT, label=(
+                                  f"limit: atol {options.closed_loop_atol:g}"))],
+                     fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1),
+                     title="output")
         for axes in (cosine, error):
             axes.grid(True, alpha=0.3)
-            axes.legend(fontsize="small")
         with atomic_path(path) as temp:
             figure.savefig(temp, format="png", dpi=120, bbox_inches="tight",
                            metadata=PLOT_METADATA)

@@ -5,6 +5,7 @@ timing noise of the fastest, the one whose memory drifts least)."""
 
 from __future__ import annotations
 
+import functools
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +41,7 @@ class Int8Options:
     drift_segments: int = 1000  # the long closed-loop run through the held-out documents
     method: str = "minmax"  # activation ranges: "minmax" or "percentile" (outliers clipped)
     threads: int | None = None
+    progress: Callable[[str, int, int], None] | None = None  # (phase, done, total) per step
 
 
 #: The variants INT8 quantizes: those the calibration steps feed (the step and the write
@@ -121,7 +123,9 @@ def _judge(policy: Policy, manifest: Manifest, fp32: StepEngine, prepared: dict[
                                                                precision="int8"))
         results = compare(fp32, candidate, initial_memory, modes=("closed_loop",),
                           batches=_judging_batches(judge, manifest.config,
-                                                   options.drift_segments))
+                                                   options.drift_segments),
+                          progress=None if options.progress is None else functools.partial(
+                              options.progress, f"judging int8 policy {policy.name}"))
         # one step from FP32's own memory: the quantization error before it compounds
         results["open_loop"] = compare(fp32, candidate, initial_memory, modes=("open_loop",),
                                        batches=_judging_batches(judge, manifest.config, 0)

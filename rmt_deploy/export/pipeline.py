@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import platform
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,8 +44,34 @@ from rmt_deploy.manifest import (
 )
 from rmt_deploy.model.base import ATTENTION
 from rmt_deploy.model.checkpoint import AuthorsOptions, LoadedCheckpoint, load_checkpoint
-from rmt_deploy.runtime.options import RuntimeOptions
+from rmt_deploy.runtime.options import RuntimeOptions, idle_cpus
 from rmt_deploy.runtime.tokens import plain_tokenizer
+
+#: ``progress(phase, steps_done, steps_total)``: how far a long phase of the export is.
+PhaseProgress = Callable[[str, int, int], None]
+
+
+def _phase(options: ExportOptions, phase: str) -> Callable[[int, int], None] | None:
+    if options.progress is None:
+        return None
+    return lambda done, total: options.progress(phase, done, total)
+
+
+def _estimating(progress: Callable[[int, int], None] | None, log: Callable[[str], None],
+                what: str, after: int = 4) -> Callable[[int, int], None]:
+    """``progress`` that also logs, once ``after`` steps are done, how long the whole run
+    will take at their pace (CPU FP16 runs are long: --drift-segments sets their length)."""
+    started = time.perf_counter()
+
+    def step(done: int, total: int) -> None:
+        if done == after < total:
+            minutes = (time.perf_counter() - started) / done * (total - done) / 60
+            log(f"{what}: {total} paired steps, about {minutes:.1f} more minutes at the pace "
+                "of the first (--drift-segments sets the run's length)")
+        if progress is not None:
+            progress(done, total)
+
+    return step
 
 
 @dataclass(frozen=True)
@@ -63,6 +90,7 @@ class ExportOptions:
     int8_policy: str = "auto"  # INT8: a policy name, or the most quantized that passes
     calibration_steps: int = 256  # INT8: recorded steps kept for calibration
     calibration_method: str = "minmax"  # INT8: activation ranges, "minmax" or "percentile"
+    progress: PhaseProgress | None = None  # told the steps of each long validation run
 
 
 def default_output(checkpoint: Path) -> Path:
@@ -83,6 +111,10 @@ def export_checkpoint(
     sources = (checkpoint, options.authors.base_model, options.calibration)
     check_target(out, sources)  # before the (slow) load: a refused target fails fast, silently
     _check_precision(options)
+    options = replace(options, threads=options.threads or idle_cpus())
+    import torch
+
+    torch.set_num_threads(options.threads)  # the ONNX export and the reference alike
     loaded = load_checkpoint(checkpoint, options.authors)
     log(f"loaded {checkpoint} ({loaded.format}, {loaded.rmt.rmt_config.variant}, "
         f"M={loaded.rmt.rmt_config.num_mem_tokens})")
@@ -150,7 +182,8 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
         folder=stage,
     )
     candidate = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=options.threads))
-    results = compare(reference, candidate, initial_memory, options.validation_segments)
+    results = compare(reference, candidate, initial_memory, options.validation_segments,
+                      progress=_phase(options, "validating against PyTorch"))
     results["runtime"] = "onnxruntime " + _ort_version()
     results["tolerance"] = {"open_loop": options.tolerance.open_loop,
                             "closed_loop": options.tolerance.closed_loop}
@@ -172,7 +205,8 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
                  Int8Options(policy=options.int8_policy, max_steps=options.calibration_steps,
                              min_agreement=options.min_agreement,
                              drift_segments=options.drift_segments,
-                             method=options.calibration_method, threads=options.threads),
+                             method=options.calibration_method, threads=options.threads,
+                             progress=options.progress),
                  corpus, log)
     _seal_weights(manifest, store)
     log(f"wrote {store.path.name} ({store.path.stat().st_size / 1e6:.1f} MB, "
@@ -236,7 +270,9 @@ def _add_fp16(manifest: Manifest, fp32: Any, names: list[str], stage: Path,
     candidate = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=options.threads,
                                                            precision="fp16"))
     results = compare(fp32, candidate, manifest.load_initial_memory(),
-                      options.drift_segments, modes=("closed_loop",))
+                      options.drift_segments, modes=("closed_loop",),
+                      progress=_estimating(_phase(options, "judging fp16 closed loop"), log,
+                                           "fp16 closed loop"))
     results["reference"] = "fp32 graph on onnxruntime"
     drift = results["closed_loop"]
     log(f"fp16 closed loop vs fp32 over {options.drift_segments} segments: max abs error "

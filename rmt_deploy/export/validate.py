@@ -6,7 +6,7 @@ judge the errors (non-finite values, max abs per output, memory cosine, agreemen
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,8 +200,8 @@ def validation_batches(config: RMTConfig, segments: int, seed: int = 0) -> list[
 def compare(reference: StepEngine, candidate: StepEngine, initial_memory: np.ndarray,
             segments: int = 32, modes: tuple[str, ...] = MODES,
             batches: Sequence[Sequence[TokenSource]] | None = None,
-            candidate_memory: np.ndarray | None = None, series: bool = False
-            ) -> dict[str, Any]:
+            candidate_memory: np.ndarray | None = None, series: bool = False,
+            progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Open- and closed-loop errors of ``candidate`` against ``reference``, over
     ``batches`` of documents (default: :func:`validation_batches` of ``segments``);
     ``segments`` in the result is the longest run's. Where the candidate has a write
@@ -209,7 +209,7 @@ def compare(reference: StepEngine, candidate: StepEngine, initial_memory: np.nda
     write graph (``write_memory_out``). Each side starts from ``initial_memory``, or the
     candidate from its own ``candidate_memory``. With ``series``, ``result["series"]``
     holds each mode's figures per segment (what the gates use to name the first segment
-    that fails)."""
+    that fails). ``progress(steps_done, steps_total)`` is called after every step."""
     config = reference.config
     if batches is None:
         batches = [[ArraySource(d, config) for d in docs]
@@ -222,6 +222,16 @@ def compare(reference: StepEngine, candidate: StepEngine, initial_memory: np.nda
                            else candidate_memory], axis=-1)
     passes = [every_step] + ([never] if WRITE in candidate.graphs else [])
     per_segment = {}
+    total = len(modes) * len(passes) * sum(
+        max(count_segments(len(source), config) for source in sources) for sources in batches)
+    done = 0
+
+    def step_done(*_args) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
     for mode in modes:
         paired = _Paired(reference, candidate, closed_loop=mode == "closed_loop")
         for wants_logits, sources in itertools.product(passes, batches):
@@ -229,7 +239,7 @@ def compare(reference: StepEngine, candidate: StepEngine, initial_memory: np.nda
             with Stepper(paired) as stepper:
                 for row in range(len(sources)):
                     stepper.add(row, both)
-                run_segments(stepper, sources, lambda *args: None, wants_logits=wants_logits)
+                run_segments(stepper, sources, step_done, wants_logits=wants_logits)
         results[mode] = paired.stats.to_dict()
         per_segment[mode] = paired.stats.series
     results["segments"] = segments

@@ -10,7 +10,7 @@ from typing import Any
 from rmt_deploy.contract import STEP
 from rmt_deploy.errors import BackendError, ManifestError
 from rmt_deploy.manifest import MANIFEST_NAME, Manifest, read_manifest
-from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.runtime.backends.base import StepEngine, precision_graphs
 from rmt_deploy.runtime.model import RMTModel
 from rmt_deploy.runtime.options import RuntimeOptions
 from rmt_deploy.runtime.selection import BackendChoice, choose_backend
@@ -35,6 +35,10 @@ def open_model(path: str | Path, options: RuntimeOptions | None = None,
         raise BackendError(f"open_model: {error}; see RuntimeOptions") from None
     path = Path(path)
     if not path.exists():
+        if path.suffix == ".plan":
+            raise BackendError(f"{path}: no such TensorRT plan; plans are built by rmt-export "
+                               "--engine on a host with TensorRT and an NVIDIA GPU (or pass "
+                               "the export folder to run its ONNX graphs)")
         raise BackendError(f"{path}: no such file or folder; pass an export folder, "
                            "model.onnx or a checkpoint")
     if path.suffix == ".plan":
@@ -69,6 +73,7 @@ def _open_export(path: Path, options: RuntimeOptions) -> RMTModel:
     _check_tokenizer(tokenizer, manifest)
     if options.backend is None and not (manifest.engines and importlib.util.find_spec(
             "tensorrt")):
+        precision_graphs(manifest, options.precision)  # once, not once per candidate
         choice, engine = choose_backend(manifest, options,
                                         lambda chosen: _engine(manifest, chosen))
     else:

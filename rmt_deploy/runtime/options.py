@@ -22,6 +22,17 @@ def host_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def idle_cpus() -> int:
+    """CPUs of this host not already kept busy by other processes (1-minute load), at
+    least 1: the default threads of the torch-side commands, which slow down several
+    times when their threads outnumber the free cores."""
+    try:
+        busy = round(os.getloadavg()[0])
+    except OSError:  # no load average
+        busy = 0
+    return max(1, host_cpus() - busy)
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     backend: str | None = None  # None: the fastest for the model, measured (selection.py)

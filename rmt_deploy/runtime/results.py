@@ -46,6 +46,7 @@ class Run:
     precision: str
     seconds: float
     choice: BackendChoice | None = None  # why this backend and its settings
+    resumed_tokens: int = 0  # tokens a resumed run took from its saved state, not run now
 
     @property
     def tokens(self) -> int:
@@ -57,7 +58,9 @@ class Run:
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+        """Tokens this call ran (a resumed run's saved ones excluded) per second of it."""
+        ran = self.tokens - self.resumed_tokens
+        return ran / self.seconds if self.seconds > 0 else float("inf")
 
 
 def encoder_output(config: RMTConfig, logits: np.ndarray, memory: np.ndarray,

@@ -27,13 +27,17 @@ def run_resumable(model: RMTModel, document: Path | BinaryIO, *, state_file: Pat
                   every: int, resume: Path | None = None,
                   progress: Progress | None = None) -> Run:
     """Run one document, saving the state to ``state_file`` every ``every`` segments
-    (removed once the run completes); ``resume`` continues from a saved state."""
+    (removed once the run completes); ``resume`` continues from a saved state, and without
+    ``state_file`` the run goes on saving to ``resume`` (so it removes it too). The run's
+    ``tokens_per_second`` counts only the tokens run after the saved state."""
     if every < 1:
         raise InputError(f"state every N segments needs N >= 1, got {every}")
     if model.tokenizer is None:
         raise InputError("this model has no tokenizer; rmt-run reads text")
     if state_file is not None:
         check_state_file(state_file, document if isinstance(document, Path) else None)
+    if state_file is None:
+        state_file = resume  # a state rmt-run wrote: read and sealed before any save/remove
     state = _OwnState(state_file, resume)
     started = time.perf_counter()
     with spool_file(document, model.tokenizer, model.config) as source:
@@ -47,7 +51,7 @@ def run_resumable(model: RMTModel, document: Path | BinaryIO, *, state_file: Pat
             session = _resumed(model, resume, source, digest)
         size = model.config.segment_size
         segments = count_segments(total, model.config)
-        position = session.tokens
+        position = resumed = session.tokens
         while position < total:
             end = min(total, position + every * size)
             for start in range(position, end, BLOCK_TOKENS):
@@ -64,7 +68,7 @@ def run_resumable(model: RMTModel, document: Path | BinaryIO, *, state_file: Pat
         output = session.close()
     state.remove()
     return Run([output], model.backend, getattr(model.engine, "precision", "fp32"),
-               time.perf_counter() - started)
+               time.perf_counter() - started, resumed_tokens=resumed)
 
 
 def check_state_file(path: Path, document: Path | None = None,

@@ -5,7 +5,8 @@ fresh work folder, and the harness checks that the command
 (b) says so in exactly one line on stderr, never a traceback (a usage error, exit
     status 2, in click's usage, a hint and one line naming the bad option),
 (c) leaves every file that was in the work folder before as it was (none changed or
-    deleted, the export folder and the input included),
+    deleted, the export folder and the input included), except those the case says the
+    command removes (``removes``: a state rmt-run resumed, which it removes when done),
 (d) leaves nothing in its ``TMPDIR`` (a fresh empty folder) and no half-written
     ``.NAME.partial-*`` / ``.NAME.tmp-*`` / ``.NAME.old-*`` in the work folder.
 
@@ -103,6 +104,7 @@ class Case:
     stdout: str = "pipe"  # "pipe", "closed", "read-only" or "broken" (reader gone)
     interrupt: Interrupt | None = None
     absent: tuple[str, ...] = ()  # paths (relative to the work folder) left not existing
+    removes: tuple[str, ...] = ()  # files of the tool's own it must remove (a resumed state)
 
     def __str__(self) -> str:
         return self.name
@@ -165,12 +167,13 @@ def run_case(case: Case, root: Path, assets: Assets) -> subprocess.CompletedProc
     for words in case.says:
         assert words in stderr, (words, stderr)
     after = fingerprint(scene.work)
-    changed = sorted(key for key, value in before.items() if after.get(key) != value)
+    changed = sorted(key for key, value in before.items()
+                     if after.get(key) != value and key not in case.removes)
     assert not changed, f"changed or deleted: {changed}"
     left = sorted(key for key in after if WORK_IN_PROGRESS.fullmatch(Path(key).name))
     assert not left, f"work in progress left behind: {left}"
     assert list(tmp.iterdir()) == [], f"left in TMPDIR: {sorted(os.listdir(tmp))}"
-    for path in case.absent:
+    for path in case.absent + case.removes:
         assert not (scene.work / path).exists(), f"{path} was created"
     return proc
 

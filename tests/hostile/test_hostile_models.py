@@ -376,7 +376,8 @@ def _extra_track(header, arrays):
 
 MALFORMED = "s.state: state is malformed"
 STATE_CASES = [
-    Case("resume-crafted-state-intact-completes", "rmt-run", _resume(), code=0),
+    Case("resume-crafted-state-intact-completes", "rmt-run", _resume(), code=0,
+         removes=("s.state",)),
     Case("resume-memory-of-wrong-shape", "rmt-run",
          _resume(_set("memory", lambda m: np.zeros((1, 3, 16), np.float32))),
          says=(MALFORMED, "memory has shape (1, 3, 16)", "(1, 3, 32)")),
@@ -419,6 +420,14 @@ def _surrogate(scene):
     return [scene.export(), "s.txt", "--json", "--threads", "1"]
 
 
+def _missing_plan(scene):
+    return [scene.export() / "model.plan", scene.text(), "--json", "--threads", "1"]
+
+
+def _int8_of_fp32_export(scene):
+    return [scene.export(), scene.text(), "--json", "--precision", "int8"]
+
+
 #: A lone surrogate (U+D800) as UTF-8-style bytes: not UTF-8.
 SURROGATE = b"w1 w2 \xed\xa0\x80 w3\n"
 OPTION_CASES = [
@@ -429,6 +438,10 @@ OPTION_CASES = [
     Case("run-stdin-lone-surrogate", "rmt-run",
          lambda scene: [scene.export(), "-", "--json", "--threads", "1"], stdin=SURROGATE,
          says=("not UTF-8 text",)),
+    Case("run-missing-plan", "rmt-run", _missing_plan,
+         says=("good/model.plan", "no such TensorRT plan", "rmt-export --engine")),
+    Case("run-int8-of-an-fp32-export", "rmt-run", _int8_of_fp32_export,
+         says=("no int8 graph (it has fp32); re-export with --precision int8",)),
 ]
 
 

@@ -318,6 +318,18 @@ def test_open_errors(tmp_path, encoder_export, decoder_export, encoder_checkpoin
         assert words in message, (path, message)
 
 
+def test_open_errors_say_how_to_fix_in_one_message(tmp_path, encoder_export, monkeypatch):
+    with pytest.raises(BackendError) as error:
+        open_model(tmp_path / "x.plan")
+    assert "x.plan" in one_line(error) and "rmt-export --engine" in one_line(error)
+    monkeypatch.setenv("RMT_DEPLOY_MEASURE", "1")  # each measured candidate would fail
+    monkeypatch.setenv("RMT_DEPLOY_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(BackendError) as error:
+        open_model(encoder_export, precision="int8")
+    message = one_line(error)
+    assert message.count("no int8 graph") == 1 and "--precision int8" in message, message
+
+
 def test_modified_graph_fails_the_hash_check(tmp_path, encoder_export):
     folder = writable_copy(encoder_export, tmp_path / "export")
     with open(folder / "model.onnx", "ab") as graph:
