@@ -102,6 +102,7 @@ class Case:
     stdout: str = "pipe"  # "pipe", "closed", "read-only" or "broken" (reader gone)
     interrupt: Interrupt | None = None
     absent: tuple[str, ...] = ()  # paths (relative to the work folder) left not existing
+    env: Callable[[Scene], dict[str, str | None]] | None = None  # changes (None: unset)
 
     def __str__(self) -> str:
         return self.name
@@ -147,8 +148,10 @@ def run_case(case: Case, root: Path, assets: Assets) -> subprocess.CompletedProc
         folder.mkdir()
     args = [str(a) for a in case.prepare(scene)]
     before = fingerprint(scene.work)
+    env = {**ENV, "TMPDIR": str(tmp), "HOME": str(scene.home),
+           **(case.env(scene) if case.env else {})}
     proc = _run([str(BIN / case.script), *args], case, scene.work,
-                {**ENV, "TMPDIR": str(tmp), "HOME": str(scene.home)})
+                {key: value for key, value in env.items() if value is not None})
     stderr = proc.stderr.decode(errors="replace")
     assert proc.returncode == case.code, (proc.returncode, stderr)
     assert "Traceback" not in stderr, stderr
