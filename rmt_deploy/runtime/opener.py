@@ -77,7 +77,8 @@ def _open_export(path: Path, options: RuntimeOptions) -> RMTModel:
         choice = BackendChoice(backend, "requested" if options.backend else
                                "TensorRT plans, and TensorRT installed", options.threads,
                                options.fusions, options.hint)
-        engine = _engine(manifest, dataclasses.replace(options, backend=backend))
+        engine = _engine(manifest, dataclasses.replace(options, backend=backend,
+                                                       measure="off"))
     return RMTModel(engine, manifest.load_initial_memory(), tokenizer, description=str(folder),
                     choice=choice)
 

@@ -72,7 +72,7 @@ class Candidate:
     def options(self, options: RuntimeOptions) -> RuntimeOptions:
         return dataclasses.replace(options, backend=self.backend, threads=self.threads,
                                    fusions=self.fusions if self.backend == "onnxruntime"
-                                   else None, hint=self.hint)
+                                   else None, hint=self.hint, measure="off")
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,8 @@ def choose_backend(manifest: Manifest, options: RuntimeOptions, open_engine: Ope
 
 def _plain(options: RuntimeOptions, open_engine: OpenEngine,
            reason: str) -> tuple[BackendChoice, StepEngine]:
-    options = dataclasses.replace(options, backend="onnxruntime", hint=None)  # OpenVINO's
+    options = dataclasses.replace(options, backend="onnxruntime", hint=None,  # OpenVINO's
+                                  measure="off")
     return BackendChoice("onnxruntime", reason, options.threads, options.fusions or None,
                          None), open_engine(options)
 

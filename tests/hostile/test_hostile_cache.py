@@ -54,7 +54,7 @@ def _run_checkpoint(scene):
 
 
 def _export(scene):
-    return [scene.checkpoint(), "-o", "out", "--validation-segments", "2"]
+    return [scene.checkpoint(), "-o", "out", "--validation-segments", "2", "--quiet"]
 
 
 def _typed(**fields) -> bytes:
