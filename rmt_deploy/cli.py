@@ -311,12 +311,22 @@ def _progress_printer(stream):
     return None if bars is None else functools.partial(bars, "segments")
 
 
+def _measure_option(command):
+    """--measure: measure the backend choice again rather than read it from the cache."""
+    return click.option(
+        "--measure", is_flag=True,
+        help="Measure the backend choice again (it is cached per model and host in "
+             "$XDG_CACHE_HOME/rmt-deploy, else ~/.cache/rmt-deploy, and re-measured by "
+             "itself when runs contradict it); not with --backend.")(command)
+
+
 @click.command(context_settings=SETTINGS, epilog=EXIT_STATUS)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("input", type=str)
 @click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "torch"]),
               help="Backend [default: TensorRT where MODEL has plans, else the CPU backend "
                    "and settings measured fastest for MODEL on this host, cached].")
+@_measure_option
 @click.option("--cuda-graphs", is_flag=True, help="TensorRT: replay captured CUDA graphs.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
               show_default=True, help="Which of the export's graphs to run (ONNX backends).")
@@ -342,8 +352,8 @@ def _progress_printer(stream):
               help="Continue a run from the state it saved (same MODEL and INPUT); it goes "
                    "on saving there (or to --state-file) and is removed when the run completes.")
 @_user_errors("rmt-run", "running the model")
-def run_main(model, input, backend, cuda_graphs, precision, generate, temperature, top_k,
-             top_p, seed, as_json, threads, state_file, state_every, resume):
+def run_main(model, input, backend, measure, cuda_graphs, precision, generate, temperature,
+             top_k, top_p, seed, as_json, threads, state_file, state_every, resume):
     """Run MODEL over INPUT, a text file of any length ('-' for stdin).
 
     MODEL is an export folder, its model.onnx or model.plan, or a checkpoint (reference
@@ -367,7 +377,7 @@ def run_main(model, input, backend, cuda_graphs, precision, generate, temperatur
     from rmt_deploy.runtime import open_model
 
     rmt = open_model(model, backend=backend, threads=threads, cuda_graphs=cuda_graphs,
-                     precision=precision)
+                     precision=precision, measure="again" if measure else "auto")
     if resumable:
         from rmt_deploy.runtime.resume import run_resumable
 
@@ -462,17 +472,19 @@ def demo_train(output, seed, threads):
               show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "torch"]))
+@_measure_option
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
               show_default=True, help="Which of the export's graphs to run.")
 @click.option("--threads", type=int, callback=_positive)
 @_user_errors("rmt-demo", "evaluating the model")
-def demo_evaluate(model, segment_counts, samples, seed, mode, batch, backend, precision,
-                  threads):
+def demo_evaluate(model, segment_counts, samples, seed, mode, batch, backend, measure,
+                  precision, threads):
     """Accuracy of MODEL on fresh samples, by input length (prints JSON lines)."""
     from rmt_deploy.demo.evaluate import accuracy
     from rmt_deploy.runtime import open_model
 
-    rmt = open_model(model, backend=backend, threads=threads, precision=precision)
+    rmt = open_model(model, backend=backend, threads=threads, precision=precision,
+                     measure="again" if measure else "auto")
     for count in segment_counts:
         started = time.perf_counter()
         value = accuracy(rmt, count, samples, seed, mode, batch)

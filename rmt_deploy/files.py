@@ -27,15 +27,29 @@ def _umask() -> int:
 
 
 def cache_folder() -> Path | None:
-    """rmt-deploy's cache folder: ``RMT_DEPLOY_CACHE_DIR``, else ``$XDG_CACHE_HOME/rmt-deploy``,
-    else ``~/.cache/rmt-deploy``; None where no folder can be named (no home)."""
+    """rmt-deploy's cache folder: ``RMT_DEPLOY_CACHE_DIR``, else ``$XDG_CACHE_HOME/rmt-deploy``
+    (an absolute path), else ``$HOME/.cache/rmt-deploy``; None where no folder can be named:
+    HOME unset, empty, relative or ``/`` (never ``/.cache``)."""
     if os.environ.get("RMT_DEPLOY_CACHE_DIR"):
         return Path(os.environ["RMT_DEPLOY_CACHE_DIR"])
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     if os.path.isabs(xdg):
         return Path(xdg) / "rmt-deploy"
-    home = os.path.expanduser("~")
-    return Path(home) / ".cache" / "rmt-deploy" if os.path.isabs(home) else None
+    home = os.environ.get("HOME", "")
+    if not os.path.isabs(home) or Path(home).resolve() == Path("/"):
+        return None
+    return Path(home) / ".cache" / "rmt-deploy"
+
+
+def can_create(path: str | Path) -> bool:
+    """Whether ``path`` is a folder this process may write in, or could be made one (its
+    nearest existing ancestor is a writable folder). Nothing is created."""
+    path = Path(path).absolute()
+    while not path.exists():
+        if path.is_symlink() or path == path.parent:  # a dangling link; the root
+            return False
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
 
 
 def sha256_file(path: str | Path) -> str:

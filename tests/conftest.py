@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-#: Default backends are not measured here (reproducible, nothing cached in the home
+#: The CLI measures the default backend; not here (reproducible, nothing cached in the home
 #: folder); tests/runtime/test_selection.py measures with stand-in timings.
 os.environ["RMT_DEPLOY_MEASURE"] = "0"
 

@@ -21,7 +21,7 @@ from rmt_deploy.runtime.generation import GenerationOptions
 from rmt_deploy.runtime.loop import last_segments, last_tokens, never, run_segments
 from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput, Run, encoder_output
 from rmt_deploy.runtime.scoring import PerplexityMeter
-from rmt_deploy.runtime.selection import BackendChoice
+from rmt_deploy.runtime.selection import BackendChoice, check_seen
 from rmt_deploy.runtime.session import StreamSession
 from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.runtime.tokens import Document, TokenSource, TokenSpool, document_source
@@ -137,6 +137,7 @@ class RMTModel:
         with self._stepper(len(sources)) as stepper:
             run_segments(stepper, sources, keep_last, wants_logits=last_segments)
             memory = stepper.memories(range(len(sources)))
+            self._check_choice(stepper)
         self._check_finite(memory, last_logits)
         return [encoder_output(self.config, last_logits[row], memory[row], len(source))
                 for row, source in enumerate(sources)]
@@ -164,6 +165,7 @@ class RMTModel:
                 generated = stepper.generate(rows, lasts, options)
                 advance()
             memory = stepper.memories(rows)
+            self._check_choice(stepper)
         self._check_finite(memory, [np.array(meter.nll) for meter in meters])
         return [DecoderOutput(
             perplexity=None if options is not None else meters[row].perplexity,
@@ -172,6 +174,13 @@ class RMTModel:
             generated=(self.tokenizer.decode(generated[row])
                        if self.tokenizer and generated[row] else None),
         ) for row, source in enumerate(sources)]
+
+    def _check_choice(self, stepper: Stepper) -> None:
+        """Compare a cached backend choice's timing with the steps this run took (a wide
+        disagreement marks the cache entry: the next run measures again)."""
+        choice = self.choice
+        if choice is not None and choice.cache is not None and choice.timed is not None:
+            self.choice = check_seen(choice, *stepper.seen(logits=choice.timed == "step"))
 
     @staticmethod
     def _check_finite(memory: np.ndarray, results: Sequence[np.ndarray | None]) -> None:

@@ -23,11 +23,12 @@ def open_model(path: str | Path, options: RuntimeOptions | None = None,
                **overrides: Any) -> RMTModel:
     """Open an export folder, its ONNX graph or TensorRT plan, or a checkpoint (reference
     backend). ``options`` (or its fields as keywords: ``backend``, ``precision``,
-    ``threads``, ``cuda_graphs``, ``fusions``, ``hint``) say how. Without a backend, an
-    export runs on TensorRT where it has plans and TensorRT is installed, else as
-    ``runtime.selection`` chooses: the CPU backend measured fastest for it on this host
-    (the choice cached), or ONNX Runtime without measuring for large weights, on CUDA or
-    with measuring off; ``model.choice`` says which and why.
+    ``threads``, ``cuda_graphs``, ``fusions``, ``hint``, ``measure``) say how. Without a
+    backend, an export runs on TensorRT where it has plans and TensorRT is installed, else
+    on ONNX Runtime with its defaults, unless ``measure`` asks ``runtime.selection`` to
+    choose (``"auto"``: the cached choice, else the CPU backend measured fastest for it on
+    this host, cached in the user's cache folder; ``"again"``: measured anew), which
+    keeps ONNX Runtime for large weights and on CUDA; ``model.choice`` says which and why.
     """
     try:
         options = dataclasses.replace(options or RuntimeOptions(), **overrides)
@@ -81,7 +82,8 @@ def _open_export(path: Path, options: RuntimeOptions) -> RMTModel:
         choice = BackendChoice(backend, "requested" if options.backend else
                                "TensorRT plans, and TensorRT installed", options.threads,
                                options.fusions, options.hint)
-        engine = _engine(manifest, dataclasses.replace(options, backend=backend))
+        engine = _engine(manifest, dataclasses.replace(options, backend=backend,
+                                                       measure="off"))
     return RMTModel(engine, manifest.load_initial_memory(), tokenizer, description=str(folder),
                     choice=choice)
 

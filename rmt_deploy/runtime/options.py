@@ -12,6 +12,10 @@ from rmt_deploy.manifest import PRECISIONS
 EXPORT_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 BACKENDS = (*EXPORT_BACKENDS, "torch")
 HINTS = ("latency", "throughput")  # OpenVINO performance hints
+#: How a backend left to choose is chosen: ``off`` onnxruntime with its defaults, nothing
+#: measured or cached (the API's default); ``auto`` the cached choice, else measured (and
+#: cached on a calm host; the CLI's default); ``again`` measured now, the cache ignored.
+MEASURES = ("off", "auto", "again")
 
 
 def host_cpus() -> int:
@@ -42,6 +46,7 @@ class RuntimeOptions:
     fusions: bool | None = None  # ONNX Runtime on the CPU: its transformer fusions applied
     #                              when the session is created (None: as measured, else off)
     hint: str | None = None  # OpenVINO performance hint (None: as measured, else latency)
+    measure: str = "off"  # without a backend: one of MEASURES (selection.py)
 
     def __post_init__(self) -> None:
         if self.backend is not None and self.backend not in BACKENDS:
@@ -56,6 +61,11 @@ class RuntimeOptions:
                     not 1 <= self.threads <= cpus:
                 raise ConfigError(f"threads {self.threads!r}: this host has {cpus} CPU"
                                   f"{'s' if cpus > 1 else ''}; pass 1 to {cpus}")
+        if self.measure not in MEASURES:
+            raise ConfigError(f"measure {self.measure!r}: choose one of {', '.join(MEASURES)}")
+        if self.measure == "again" and self.backend is not None:
+            raise ConfigError(f"measuring chooses the backend, and {self.backend} was asked "
+                              "for; drop the backend or the measuring")
         if self.cuda_graphs and self.backend not in (None, "tensorrt"):
             raise ConfigError("CUDA graphs are a TensorRT feature; drop --cuda-graphs or use "
                               "the tensorrt backend")

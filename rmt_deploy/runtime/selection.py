@@ -1,12 +1,17 @@
 """The backend an export runs on when none is asked for, chosen by measurement: each
 installed CPU backend, with the settings that matter (threads; ONNX Runtime's transformer
-fusions; OpenVINO's performance hints), is timed on the model's own step, a few steps
-each; the fastest whose output agrees with the others is kept. The choice is cached per
-model, host and library versions outside the export folder, so later runs only read it.
+fusions; OpenVINO's performance hints), is timed on the model's own step, in turns and in
+rounds; the fastest whose output agrees with the others is kept. The choice is cached per
+model, host and library versions outside the export folder, so later runs only read it,
+unless the measurement cannot be trusted: a busy host (load average) or round timings
+spread wide are not cached. A run that steps much slower or faster than the cached timing
+marks the entry, and the next run measures again.
 
-``RMT_DEPLOY_CACHE_DIR`` names the cache folder (default ``$XDG_CACHE_HOME/rmt-deploy``,
-else ``~/.cache/rmt-deploy``); ``RMT_DEPLOY_MEASURE=0`` turns measuring off (then
-onnxruntime, with its defaults).
+Measuring happens only when ``RuntimeOptions.measure`` asks (the CLI does, the API does
+not by default). ``RMT_DEPLOY_CACHE_DIR`` names the cache folder (default
+``$XDG_CACHE_HOME/rmt-deploy``, else ``$HOME/.cache/rmt-deploy``; none without a home);
+``RMT_DEPLOY_MEASURE=0`` turns measuring off (then onnxruntime, with its defaults). The
+cache is optional: one that cannot be read, parsed or written is measured past.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -34,15 +40,19 @@ from rmt_deploy.files import atomic_path, cache_folder, sha256_file
 from rmt_deploy.manifest import MANIFEST_NAME, Manifest
 from rmt_deploy.runtime.backends.base import StepEngine
 from rmt_deploy.runtime.backends.onnxruntime import shares_weights
-from rmt_deploy.runtime.options import RuntimeOptions, host_cpus
+from rmt_deploy.runtime.options import HINTS, RuntimeOptions, host_cpus
 from rmt_deploy.segmentation import content_id_range, step_inputs
 
 CPU_BACKENDS = ("onnxruntime", "openvino")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 BUDGET_S = 0.6  # stepping time aimed at per stage, all candidates together (loading aside)
 ROUNDS = 4  # rounds of steps, candidates taking turns
 SLOW = 1.5  # a candidate this much slower than the best after one round stops
 TIE = 0.03  # step times within 3% count as equal: the earlier (plainer) candidate wins
+SPREAD = 0.25  # a candidate's round medians further apart than this share: not cached
+BUSY = 0.5  # a 1-minute load average above this many per CPU: others run, not cached
+CONTRADICTED = 2.0  # a run's steps this many times slower or faster: measured again
+SEEN_STEPS = 16  # steps a run must take before its step time is compared
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,7 @@ class Candidate:
     def options(self, options: RuntimeOptions) -> RuntimeOptions:
         return dataclasses.replace(options, backend=self.backend, threads=self.threads,
                                    fusions=self.fusions if self.backend == "onnxruntime"
-                                   else None, hint=self.hint)
+                                   else None, hint=self.hint, measure="off")
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,12 @@ class BackendChoice:
     timings: dict[str, float] = field(default_factory=dict)  # ms per step, by candidate
     rejected: dict[str, str] = field(default_factory=dict)  # candidate -> why not
     measured: str | None = None  # when the timings were taken (UTC)
+    timed: str | None = None  # the graph timed at batch 1: "write" (memory only) or "step"
+    load: float | None = None  # the 1-minute load average when measuring began
+    spread: float | None = None  # widest gap of a candidate's round medians, over its median
+    uncached: str | None = None  # why this measurement was not cached
+    cache: str | None = None  # the cache file read or written
+    contradicted: str | None = None  # why a cached choice is measured again next run
 
     def _details(self) -> list[str]:
         details = []
@@ -103,6 +119,10 @@ class BackendChoice:
                             if label != _label(self))
             text += f": {own:.3g} ms/step" + "".join(f"; {label} {ms:.3g}"
                                                       for ms, label in others[:2])
+        if self.uncached:
+            text += f"; not cached: {self.uncached}"
+        if self.contradicted:
+            text += f"; {self.contradicted}: measured again next run"
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,11 +130,51 @@ class BackendChoice:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BackendChoice:
+        """The choice ``to_dict`` wrote; ValueError names the first field that is missing
+        or of the wrong type (a cache file is outside the tool's control)."""
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        for name, valid in _FIELDS.items():
+            if name in data and not valid(data[name]) or name not in data and name in (
+                    "backend", "reason"):
+                raise ValueError(f"field {name!r}: {data.get(name)!r}")
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
-#: ``measure(engines, manifest) -> {label: ms per step}``: the timer (tests pass stand-ins).
-Measure = Callable[[dict[Candidate, StepEngine], Manifest], dict[str, float]]
+def _text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _ms(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+        value) and value >= 0
+
+
+def _optional(valid: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or valid(value)
+
+
+def _mapping(valid: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, dict) and all(
+        isinstance(key, str) and valid(item) for key, item in value.items())
+
+
+#: What each field of a cached :class:`BackendChoice` may hold.
+_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "backend": lambda value: value in CPU_BACKENDS, "reason": _text,
+    "threads": _optional(lambda value: type(value) is int and value >= 1),
+    "fusions": _optional(lambda value: type(value) is bool),
+    "hint": _optional(lambda value: value in HINTS),
+    "timings": _mapping(_ms), "rejected": _mapping(_text), "measured": _optional(_text),
+    "timed": _optional(lambda value: value in ("write", "step")), "load": _optional(_ms),
+    "spread": _optional(_ms), "uncached": _optional(_text), "cache": _optional(_text),
+    "contradicted": _optional(_text),
+}
+
+
+#: ``measure(engines, manifest) -> {label: [median ms per step of each round]}``: the timer
+#: (tests pass stand-ins).
+Measure = Callable[[dict[Candidate, StepEngine], Manifest], dict[str, list[float]]]
 #: ``open_engine(options) -> engine``.
 OpenEngine = Callable[[RuntimeOptions], StepEngine]
 
@@ -157,10 +217,13 @@ def choose_backend(manifest: Manifest, options: RuntimeOptions, open_engine: Ope
                    measure: Measure | None = None, cache: Path | None = None
                    ) -> tuple[BackendChoice, StepEngine]:
     """The backend for ``manifest`` when ``options.backend`` is None, and its engine:
-    cached, else measured (and cached); onnxruntime where measuring is off, there is
-    nothing to compare, or the weights are large (memory, not speed, decides there:
-    measured on a GPT-2-small decoder RMT, 0.64 GB of peak RSS on onnxruntime against
-    6.9 GB while OpenVINO was measured too)."""
+    as ``options.measure`` says, cached (``auto``), else measured (and cached where the
+    host was calm); onnxruntime where measuring is off, there is nothing to compare, or
+    the weights are large (memory, not speed, decides there: measured on a GPT-2-small
+    decoder RMT, 0.64 GB of peak RSS on onnxruntime against 6.9 GB while OpenVINO was
+    measured too)."""
+    if options.measure == "off":
+        return _plain(options, open_engine, "measuring off (RuntimeOptions.measure)")
     if os.environ.get("RMT_DEPLOY_MEASURE", "1").strip().lower() in ("0", "off", "no",
                                                                      "false"):
         return _plain(options, open_engine, "measuring off (RMT_DEPLOY_MEASURE)")
@@ -175,19 +238,29 @@ def choose_backend(manifest: Manifest, options: RuntimeOptions, open_engine: Ope
     if len(possible) == 1:
         return _given(found[0], options, open_engine, "the only candidate")
     path = cache_file(manifest, options, cache)
-    cached = read_cached(path, {c.label for c in possible})
-    if cached is not None:
+    cached = read_cached(path, {c.label for c in possible}) if options.measure == "auto" \
+        else None
+    if cached is not None and not cached.contradicted:
         winner = next(c for c in possible if c.label == _label(cached))
         return cached, open_engine(winner.options(options))
     choice, engine = _measure(manifest, options, open_engine, found, measure or time_steps)
-    if path is not None:
-        write_cached(path, choice)
+    if cached is not None:
+        choice = dataclasses.replace(choice, reason=f"{choice.reason} again (the cached "
+                                     f"choice was contradicted: {cached.contradicted})")
+    if path is None:
+        choice = dataclasses.replace(choice, uncached=choice.uncached or "no cache folder "
+                                     "(no HOME, XDG_CACHE_HOME or RMT_DEPLOY_CACHE_DIR)")
+    elif choice.uncached is None:
+        choice = dataclasses.replace(choice, **(
+            {"cache": str(path)} if write_cached(path, choice)
+            else {"uncached": f"{path.parent} cannot be written"}))
     return choice, engine
 
 
 def _plain(options: RuntimeOptions, open_engine: OpenEngine,
            reason: str) -> tuple[BackendChoice, StepEngine]:
-    options = dataclasses.replace(options, backend="onnxruntime", hint=None)  # OpenVINO's
+    options = dataclasses.replace(options, backend="onnxruntime", hint=None,  # OpenVINO's
+                                  measure="off")
     return BackendChoice("onnxruntime", reason, options.threads, options.fusions or None,
                          None), open_engine(options)
 
@@ -213,22 +286,58 @@ def _measure(manifest: Manifest, options: RuntimeOptions, open_engine: OpenEngin
     if not engines:
         raise BackendError("no CPU backend can run this model: "
                            + "; ".join(f"{k}: {v}" for k, v in rejected.items()))
-    timings = measure(engines, manifest) if len(engines) > 1 else {}
+    load = machine_load()
+    rounds = measure(engines, manifest) if len(engines) > 1 else {}
+    timings = {label: statistics.median(values) for label, values in rounds.items()}
+    spreads = [_spread(rounds)]
     winner = _fastest(list(engines), timings)
     extra = _open(refinements(winner, manifest, options), options, open_engine, manifest,
                   rejected, against=(winner, engines[winner]))
     if extra:  # timed against the winner again; shown on the first stage's scale
         final = {winner: engines[winner], **extra}
-        again = measure(final, manifest)
+        again_rounds = measure(final, manifest)
+        spreads.append(_spread(again_rounds))
+        again = {label: statistics.median(values) for label, values in again_rounds.items()}
         scale = timings.get(winner.label, again[winner.label]) / again[winner.label]
         timings.update({c.label: again[c.label] * scale for c in extra})
         winner = _fastest(list(final), {**timings, winner.label: again[winner.label] * scale})
         engines.update(extra)
+    spread = max(spreads)
     choice = BackendChoice(winner.backend, "measured on this host", winner.threads,
                            winner.fusions or None, winner.hint,
                            {label: round(ms, 4) for label, ms in timings.items()}, rejected,
-                           time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                           time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "write" if WRITE in manifest.graphs else "step",
+                           None if load is None else round(load, 2), round(spread, 3),
+                           _unsettled(load, spread))
     return choice, engines[winner]
+
+
+def machine_load() -> float | None:
+    """The host's 1-minute load average (None where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def _spread(rounds: dict[str, list[float]]) -> float:
+    """The widest gap between a candidate's round medians, as a share of its median
+    (candidates timed in one round only give none)."""
+    return max(((max(values) - min(values)) / statistics.median(values)
+                for values in rounds.values() if len(values) > 1), default=0.0)
+
+
+def _unsettled(load: float | None, spread: float) -> str | None:
+    """Why a measurement is not worth caching: the host was busy, or the rounds disagree."""
+    cpus = os.cpu_count() or 1
+    if load is not None and load > BUSY * cpus:
+        return (f"the host was busy (load average {load:.2f} on {cpus} CPU"
+                f"{'s' if cpus > 1 else ''}); run with --measure when it is idle")
+    if spread > SPREAD:
+        return (f"the rounds' timings spread {spread:.0%} (over {SPREAD:.0%}): other work "
+                "interfered; run with --measure when the host is idle")
+    return None
 
 
 def _open(found: list[Candidate], options: RuntimeOptions, open_engine: OpenEngine,
@@ -289,15 +398,16 @@ def disagreeing(engines: dict[Candidate, StepEngine], manifest: Manifest,
 
 
 def time_steps(engines: dict[Candidate, StepEngine], manifest: Manifest,
-               budget_s: float = BUDGET_S, rounds: int = ROUNDS) -> dict[str, float]:
-    """Median ms per step of each engine on the model's step at batch 1. Candidates take
+               budget_s: float = BUDGET_S, rounds: int = ROUNDS) -> dict[str, list[float]]:
+    """Median ms per step of each engine in each round, on the model's step at batch 1
+    (the write graph where there is one). Candidates take
     turns in rounds (a burst of load hits them all), a block of steps each, every step
     timed and a block's first not counted (the threads of the one before may still be
     spinning); a step slower than the budget allows runs twice a round in two rounds. A
     candidate :data:`SLOW` times behind after the first round stops."""
     ids, mask, memory, write = _probe(manifest)
     states = {candidate: engine.new_state(memory) for candidate, engine in engines.items()}
-    samples: dict[Candidate, list[float]] = {candidate: [] for candidate in engines}
+    samples: dict[Candidate, list[list[float]]] = {candidate: [] for candidate in engines}
     try:
         block = {}
         for candidate, state in states.items():
@@ -310,19 +420,20 @@ def time_steps(engines: dict[Candidate, StepEngine], manifest: Manifest,
         live = list(states)
         for done in range(rounds):
             for candidate in live:
-                state = states[candidate]
+                state, times = states[candidate], []
                 for index in range(block[candidate]):
                     started = time.perf_counter()
                     state.step(ids, mask, logits=not write)
                     if index:
-                        samples[candidate].append(time.perf_counter() - started)
+                        times.append(time.perf_counter() - started)
+                samples[candidate].append(times)
             if done == 0 and len(live) > 2:
-                best = min(statistics.median(samples[c]) for c in live)
-                live = [c for c in live if statistics.median(samples[c]) <= SLOW * best]
+                best = min(statistics.median(samples[c][0]) for c in live)
+                live = [c for c in live if statistics.median(samples[c][0]) <= SLOW * best]
     finally:
         for state in states.values():
             state.close()
-    return {candidate.label: 1000 * statistics.median(values)
+    return {candidate.label: [1000 * statistics.median(times) for times in values]
             for candidate, values in samples.items()}
 
 
@@ -374,24 +485,48 @@ def cache_file(manifest: Manifest, options: RuntimeOptions,
 
 
 def read_cached(path: Path | None, labels: set[str]) -> BackendChoice | None:
-    """The cached choice, if there is one that still names a candidate; an unreadable or
-    stale file is ignored (measured again and replaced)."""
+    """The cached choice, if there is one that still names a candidate and its timing;
+    an unreadable, ill-typed or stale file is ignored (measured again and replaced)."""
     if path is None:
         return None
     try:
-        choice = BackendChoice.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError, KeyError):
+        choice = BackendChoice.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        label = _label(choice)
+    except (OSError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
-    if _label(choice) not in labels:
+    if label not in labels or label not in choice.timings:
         return None
-    return dataclasses.replace(choice, reason=f"cached, {choice.reason}"
+    return dataclasses.replace(choice, cache=str(path), reason=f"cached, {choice.reason}"
                                + (f" at {choice.measured}" if choice.measured else ""))
 
 
-def write_cached(path: Path, choice: BackendChoice) -> None:
-    """Write the choice atomically; a cache that cannot be written is skipped."""
+def write_cached(path: Path, choice: BackendChoice) -> bool:
+    """Write the choice atomically; False where the cache cannot be written (skipped)."""
     try:
         with atomic_path(path) as temp:
-            temp.write_text(json.dumps(choice.to_dict(), indent=1) + "\n")
+            temp.write_text(json.dumps(choice.to_dict(), indent=1) + "\n", encoding="utf-8")
     except OSError:
-        pass
+        return False
+    return True
+
+
+def check_seen(choice: BackendChoice, steps: int, ms: float) -> BackendChoice:
+    """``choice`` as a run saw it: ``steps`` batch-1 steps of the timed graph at ``ms``
+    each. A cached choice whose timing is :data:`CONTRADICTED` times off is marked in
+    its cache file (the next run measures again) and returned marked; else unchanged."""
+    own = choice.timings.get(_label(choice))
+    if (choice.cache is None or choice.contradicted or own is None or own <= 0
+            or steps < SEEN_STEPS or 1 / CONTRADICTED <= ms / own <= CONTRADICTED):
+        return choice
+    marked = dataclasses.replace(choice, contradicted=f"a run stepped at {ms:.3g} ms/step, "
+                                 f"the cached timing is {own:.3g}")
+    path = Path(choice.cache)
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        BackendChoice.from_dict(stored)
+    except (OSError, ValueError, RecursionError):  # gone or replaced by garbage: nothing to mark
+        return marked
+    if stored.get("measured") == choice.measured:  # still the entry this run read
+        write_cached(path, BackendChoice.from_dict({**stored,
+                                                    "contradicted": marked.contradicted}))
+    return marked

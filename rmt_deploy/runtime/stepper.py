@@ -13,6 +13,7 @@ batcher, the Triton python backend, export validation and calibration recording.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 
@@ -40,6 +41,7 @@ class Stepper:
         self._states: OrderedDict[int, EngineState] = OrderedDict()  # by batch size
         self._lock = threading.RLock()
         self._closed = False
+        self._seen: dict[bool, list[float]] = {}  # batch-1 steps by logits: [count, seconds]
 
     def __len__(self) -> int:
         return len(self._host)
@@ -90,10 +92,26 @@ class Stepper:
             if order is not None:  # the resident rows in another order: permute, not reload
                 input_ids, attention_mask = input_ids[order], attention_mask[order]
             self._stale = True
+            started = time.perf_counter()
             result = state.step(input_ids, attention_mask, logits)
+            if len(keys) == 1:
+                self._time(logits, time.perf_counter() - started)
             if result is not None and order is not None:
                 result = result[np.argsort(order)]
             return result
+
+    def seen(self, logits: bool) -> tuple[int, float]:
+        """How many batch-1 steps with (or without) logits ran here, and their mean ms
+        (the first, which allocates, not counted)."""
+        count, seconds = self._seen.get(logits, (0, 0.0))
+        return int(count), 1000 * seconds / count if count else 0.0
+
+    def _time(self, logits: bool, seconds: float) -> None:
+        if logits not in self._seen:
+            self._seen[logits] = [0, 0.0]  # the first step: allocations, first run
+            return
+        self._seen[logits][0] += 1
+        self._seen[logits][1] += seconds
 
     def generate(self, keys: Sequence[Hashable], segments: Sequence[np.ndarray],
                  options: GenerationOptions,

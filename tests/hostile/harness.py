@@ -105,6 +105,7 @@ class Case:
     interrupt: Interrupt | None = None
     absent: tuple[str, ...] = ()  # paths (relative to the work folder) left not existing
     removes: tuple[str, ...] = ()  # files of the tool's own it must remove (a resumed state)
+    env: Callable[[Scene], dict[str, str | None]] | None = None  # changes (None: unset)
 
     def __str__(self) -> str:
         return self.name
@@ -150,8 +151,10 @@ def run_case(case: Case, root: Path, assets: Assets) -> subprocess.CompletedProc
         folder.mkdir()
     args = [str(a) for a in case.prepare(scene)]
     before = fingerprint(scene.work)
+    env = {**ENV, "TMPDIR": str(tmp), "HOME": str(scene.home),
+           **(case.env(scene) if case.env else {})}
     proc = _run([str(BIN / case.script), *args], case, scene.work,
-                {**ENV, "TMPDIR": str(tmp), "HOME": str(scene.home)})
+                {key: value for key, value in env.items() if value is not None})
     stderr = proc.stderr.decode(errors="replace")
     assert proc.returncode == case.code, (proc.returncode, stderr)
     assert "Traceback" not in stderr, stderr

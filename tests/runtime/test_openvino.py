@@ -62,7 +62,7 @@ def test_a_signal_after_measuring_the_backends_is_handled(encoder_export, tmp_pa
     script = (
         "import os, signal\n"
         "from rmt_deploy.runtime import open_model\n"
-        f"open_model({str(encoder_export)!r})\n"
+        f"open_model({str(encoder_export)!r}, measure='auto')\n"
         "signal.signal(signal.SIGTERM, lambda *a: print('handled'))\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n")
     env = {**os.environ, "RMT_DEPLOY_MEASURE": "1", "RMT_DEPLOY_CACHE_DIR": str(tmp_path)}

@@ -1,10 +1,14 @@
 """The backend chosen by measurement: candidates, stand-in timings, the cache (per model,
-host and versions, written atomically outside the export folder), what rmt-run says, and
-a real first run that leaves nothing behind."""
+host and versions, written atomically outside the export folder, nothing cached from a
+busy host or scattered rounds, measured again when runs contradict it, measured past when
+it is damaged or cannot be written), what rmt-run says, and a real first run that leaves
+nothing behind."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,33 +22,38 @@ from rmt_deploy.manifest import read_manifest
 from rmt_deploy.runtime import open_model, selection
 from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
 from rmt_deploy.runtime.backends.wrapped import WrappedEngine, WrappedState
+from rmt_deploy.runtime.model import RMTModel
 from rmt_deploy.runtime.opener import _engine
 from rmt_deploy.runtime.options import RuntimeOptions, host_cpus
 from rmt_deploy.runtime.selection import BackendChoice, Candidate, choose_backend
 
 ONE = 1
 ALL = host_cpus()
+AUTO = RuntimeOptions(measure="auto")
 
 
 @pytest.fixture
 def measuring(monkeypatch, tmp_path):
-    """Measuring on, the cache in a temporary folder; returns that folder."""
+    """Measuring on, a calm host, the cache in a temporary folder; returns that folder."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("RMT_DEPLOY_MEASURE", "1")
     monkeypatch.setenv("RMT_DEPLOY_CACHE_DIR", str(cache))
+    monkeypatch.setattr(selection, "machine_load", lambda: 0.0)
     return cache
 
 
 class StandIn:
-    """Stand-in timings by candidate label; records what it was asked to time."""
+    """Stand-in timings by candidate label (ms, the same each round, or each round's);
+    records what it was asked to time."""
 
-    def __init__(self, ms: dict[str, float], default: float = 10.0) -> None:
+    def __init__(self, ms: dict[str, float | list[float]], default: float = 10.0) -> None:
         self.ms, self.default, self.calls = ms, default, []
 
     def __call__(self, engines, manifest):
         labels = [candidate.label for candidate in engines]
         self.calls.append(labels)
-        return {label: self.ms.get(label, self.default) for label in labels}
+        rounds = {label: self.ms.get(label, self.default) for label in labels}
+        return {label: ms if isinstance(ms, list) else [ms] * 4 for label, ms in rounds.items()}
 
 
 def label(backend, threads, fusions=False, hint=None):
@@ -86,7 +95,7 @@ def test_the_fastest_candidate_wins_and_is_cached(encoder_export, measuring):
     fast = label("openvino", ALL, hint="latency")
     timer = StandIn({fast: 1.0, label("onnxruntime", 1): 2.0})
     open_engine, opened = opener(manifest)
-    choice, engine = choose_backend(manifest, RuntimeOptions(), open_engine, measure=timer)
+    choice, engine = choose_backend(manifest, AUTO, open_engine, measure=timer)
     assert (choice.backend, choice.threads, choice.hint) == ("openvino", ALL, "latency") or (
         ALL > 1 and choice.hint == "throughput")
     assert engine.name == "openvino" and choice.reason == "measured on this host"
@@ -99,7 +108,7 @@ def test_the_fastest_candidate_wins_and_is_cached(encoder_export, measuring):
     assert json.loads(files[0].read_text())["backend"] == "openvino"
     assert not list(Path(encoder_export).glob("backend-*"))  # never in the export folder
 
-    again, engine = choose_backend(manifest, RuntimeOptions(), open_engine,
+    again, engine = choose_backend(manifest, AUTO, open_engine,
                                    measure=StandIn({}))
     assert again.reason.startswith("cached, measured on this host at ")
     assert (again.backend, again.threads, again.hint) == (choice.backend, choice.threads,
@@ -113,13 +122,13 @@ def test_ties_go_to_the_plainer_candidate_and_fusions_are_measured(encoder_expor
     manifest = read_manifest(encoder_export)
     plain, fused = label("onnxruntime", 1), label("onnxruntime", 1, fusions=True)
     timer = StandIn({plain: 1.00, fused: 0.99})  # within TIE: not worth the fusions
-    choice, engine = choose_backend(manifest, RuntimeOptions(), opener(manifest)[0],
+    choice, engine = choose_backend(manifest, AUTO, opener(manifest)[0],
                                     measure=timer)
     assert timer.calls[-1] == [plain, fused]
     assert (choice.backend, choice.threads, choice.fusions) == ("onnxruntime", 1, None)
     assert not engine.fusions
     faster = StandIn({plain: 1.0, fused: 0.5})
-    choice, engine = choose_backend(manifest, RuntimeOptions(precision="fp32"),
+    choice, engine = choose_backend(manifest, RuntimeOptions(precision="fp32", measure="auto"),
                                     opener(manifest)[0], measure=faster,
                                     cache=measuring / "other")
     assert choice.fusions and engine.fusions
@@ -148,6 +157,13 @@ def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     assert selection.cache_folder() == tmp_path / "home" / ".cache" / "rmt-deploy"
     monkeypatch.setenv("RMT_DEPLOY_CACHE_DIR", str(tmp_path / "mine"))
     assert selection.cache_folder() == tmp_path / "mine"
+    monkeypatch.delenv("RMT_DEPLOY_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    for home in ("", "/", "relative"):  # never /.cache, never the current folder
+        monkeypatch.setenv("HOME", home)
+        assert selection.cache_folder() is None
+    monkeypatch.delenv("HOME")
+    assert selection.cache_folder() is None
 
 
 def test_a_damaged_or_stale_cache_is_measured_again(encoder_export, measuring):
@@ -155,10 +171,14 @@ def test_a_damaged_or_stale_cache_is_measured_again(encoder_export, measuring):
     path = selection.cache_file(manifest, RuntimeOptions())
     path.parent.mkdir(parents=True)
     for text in ("{not json", json.dumps({"backend": "tensorrt", "reason": "x",
-                                          "threads": 1})):
-        path.write_text(text)
+                                          "threads": 1}), "[]", '"x"', "null", "[" * 100_000,
+                 b"\xff\xfe{}"):
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        else:
+            path.write_text(text)
         timer = StandIn({label("onnxruntime", 1): 1.0})
-        choice, _ = choose_backend(manifest, RuntimeOptions(), opener(manifest)[0],
+        choice, _ = choose_backend(manifest, AUTO, opener(manifest)[0],
                                    measure=timer)
         assert timer.calls and choice.reason == "measured on this host"
         assert json.loads(path.read_text())["backend"] == "onnxruntime"
@@ -171,9 +191,132 @@ def test_an_unwritable_cache_never_fails_the_run(encoder_export, monkeypatch, tm
     blocker.write_text("")
     monkeypatch.setenv("RMT_DEPLOY_CACHE_DIR", str(blocker / "cache"))
     manifest = read_manifest(encoder_export)
-    choice, engine = choose_backend(manifest, RuntimeOptions(), opener(manifest)[0],
+    choice, engine = choose_backend(manifest, AUTO, opener(manifest)[0],
                                     measure=StandIn({}))
     assert choice.reason == "measured on this host" and engine is not None
+
+
+GOOD = {"backend": "onnxruntime", "reason": "measured on this host", "threads": 1,
+        "timings": {"onnxruntime 1 thread": 1.0, "onnxruntime 2 threads": 2.0}}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("threads", "2"), ("threads", 0), ("threads", True), ("threads", 1.5),
+    ("timings", "fast"), ("timings", ["onnxruntime 1 thread"]),
+    ("timings", {"onnxruntime 1 thread": "fast"}), ("timings", {"onnxruntime 1 thread": -1}),
+    ("timings", {"onnxruntime 1 thread": math.nan}), ("timings", {"onnxruntime 2 threads": 1}),
+    ("backend", 3), ("backend", "tensorrt"), ("backend", None), ("reason", None),
+    ("reason", ["measured"]), ("fusions", "yes"), ("fusions", 1), ("hint", "fast"),
+    ("hint", 1), ("rejected", ["x"]), ("rejected", {"x": 1}), ("measured", 5),
+    ("timed", "read"), ("load", "high"), ("load", math.inf), ("spread", -1),
+    ("uncached", 1), ("cache", []), ("contradicted", 2)])
+def test_every_ill_typed_cache_field_is_measured_past(field, value, encoder_export,
+                                                      measuring):
+    manifest = read_manifest(encoder_export)
+    path = selection.cache_file(manifest, AUTO)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({**GOOD, field: value}))
+    timer = StandIn({label("onnxruntime", 1): 1.0})
+    choice, engine = choose_backend(manifest, AUTO, opener(manifest)[0], measure=timer)
+    assert timer.calls and choice.reason == "measured on this host", choice
+    assert choice.describe().startswith("1 thread, measured on this host: 1 ms/step")
+    assert BackendChoice.from_dict(json.loads(path.read_text())) == dataclasses.replace(
+        choice, cache=None)  # replaced by a good entry
+
+
+def test_a_well_typed_cache_is_read(encoder_export, measuring):
+    """The control of the test above: the same entry, well typed, is read."""
+    manifest = read_manifest(encoder_export)
+    path = selection.cache_file(manifest, AUTO)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(GOOD))
+    timer = StandIn({})
+    choice, engine = choose_backend(manifest, AUTO, opener(manifest)[0], measure=timer)
+    assert not timer.calls and choice.reason == "cached, measured on this host"
+    assert choice.cache == str(path) and (engine.name, choice.threads) == ("onnxruntime", 1)
+
+
+def test_a_busy_host_or_scattered_rounds_cache_nothing(encoder_export, measuring,
+                                                       monkeypatch):
+    manifest = read_manifest(encoder_export)
+    fast, cpus = label("onnxruntime", 1), os.cpu_count() or 1
+    monkeypatch.setattr(selection, "machine_load", lambda: (selection.BUSY + 0.1) * cpus)
+    choice, _ = choose_backend(manifest, AUTO, opener(manifest)[0],
+                               measure=StandIn({fast: 1.0}))
+    assert choice.reason == "measured on this host" and choice.cache is None
+    assert "the host was busy (load average" in choice.uncached
+    assert "; not cached: the host was busy" in choice.describe()
+    assert choice.load == pytest.approx((selection.BUSY + 0.1) * cpus, abs=0.01)
+    assert not measuring.exists()
+
+    monkeypatch.setattr(selection, "machine_load", lambda: (selection.BUSY - 0.1) * cpus)
+    choice, _ = choose_backend(manifest, AUTO, opener(manifest)[0],
+                               measure=StandIn({fast: [1.0, 1.0, 1.4, 1.0]}))
+    assert choice.spread == pytest.approx(0.4) and "spread 40%" in choice.uncached
+    assert choice.timings[fast] == 1.0 and not measuring.exists()
+
+    choice, _ = choose_backend(manifest, AUTO, opener(manifest)[0],
+                               measure=StandIn({fast: [1.0, 1.1, 1.0, 1.0]}))
+    assert choice.uncached is None and choice.spread == pytest.approx(0.1)
+    assert [p.name for p in measuring.iterdir()] == [Path(choice.cache).name]
+
+
+def _steps_at(manifest, seconds: float, clock: list[float]):
+    def open_engine(options):
+        return Clocked(_engine(manifest, options), clock, seconds)
+    return open_engine
+
+
+def test_a_cached_choice_the_runs_contradict_is_measured_again(encoder_export, measuring,
+                                                               monkeypatch):
+    """Cached at 14 ms/step (say, measured under load); runs step at 1 ms: the entry is
+    marked and the next run measures again. Runs that agree, or are short, change
+    nothing."""
+    manifest = read_manifest(encoder_export)
+    clock = [0.0]
+    monkeypatch.setattr(selection.time, "perf_counter", lambda: clock[0])
+    one = label("onnxruntime", 1)
+    first, _ = choose_backend(manifest, AUTO, opener(manifest)[0],
+                              measure=StandIn({one: 14.0}, default=30.0))
+    assert first.timed == "write" and first.cache is not None
+    path = Path(first.cache)
+    document = 5 + np.arange(manifest.config.segment_size * 20) % 40
+    for seconds, length in ((0.010, len(document)), (0.001, 30)):  # agrees; too short
+        cached, engine = choose_backend(manifest, AUTO, _steps_at(manifest, seconds, clock))
+        assert cached.reason.startswith("cached")
+        model = RMTModel(engine, manifest.load_initial_memory(), choice=cached)
+        assert model.run([document[:length]]).choice.contradicted is None
+        assert json.loads(path.read_text())["contradicted"] is None
+
+    cached, engine = choose_backend(manifest, AUTO, _steps_at(manifest, 0.001, clock))
+    model = RMTModel(engine, manifest.load_initial_memory(), choice=cached)
+    run = model.run([document])
+    assert run.choice is model.choice and "a run stepped at 1 ms/step, the cached timing " \
+        "is 14" in model.choice.contradicted
+    assert "measured again next run" in model.choice.describe()
+    assert json.loads(path.read_text())["contradicted"] == model.choice.contradicted
+
+    timer = StandIn({one: 1.0}, default=30.0)
+    again, _ = choose_backend(manifest, AUTO, opener(manifest)[0], measure=timer)
+    assert timer.calls and again.reason.startswith("measured on this host again (the "
+                                                   "cached choice was contradicted: a run")
+    stored = json.loads(path.read_text())
+    assert stored["contradicted"] is None and stored["timings"][one] == 1.0
+
+
+def test_the_api_measures_only_when_asked(encoder_export, measuring, monkeypatch):
+    def fail(*_args):
+        raise AssertionError("measured")
+
+    monkeypatch.setattr(selection, "time_steps", fail)
+    model = open_model(encoder_export)
+    assert model.backend == "onnxruntime" and model.choice.reason == (
+        "measuring off (RuntimeOptions.measure)")
+    assert not measuring.exists()
+    with pytest.raises(ConfigError, match="measure 'always'"):
+        RuntimeOptions(measure="always")
+    with pytest.raises(ConfigError, match="drop the backend or the measuring"):
+        RuntimeOptions(measure="again", backend="onnxruntime")
 
 
 class Perturbed(WrappedEngine):
@@ -202,7 +345,7 @@ def test_candidates_that_disagree_or_fail_to_open_are_rejected(encoder_export, m
         return Perturbed(engine, 1e-2) if options.backend == "openvino" else engine
 
     timer = StandIn({label("openvino", ALL, hint="latency"): 0.1})
-    choice, engine = choose_backend(manifest, RuntimeOptions(), open_engine, measure=timer)
+    choice, engine = choose_backend(manifest, AUTO, open_engine, measure=timer)
     assert choice.backend == "onnxruntime"
     assert "cannot compile" in choice.rejected[label("openvino", 1, hint="latency")]
     if ALL > 1:
@@ -222,7 +365,9 @@ def test_measuring_off_or_a_backend_given_measures_nothing(encoder_export, measu
     hinted = open_model(encoder_export, hint="throughput")  # OpenVINO's hint: not for ORT
     assert hinted.backend == "onnxruntime" and hinted.choice.hint is None
     monkeypatch.setenv("RMT_DEPLOY_MEASURE", "1")
-    model = open_model(encoder_export, backend="openvino", threads=1)
+    model = open_model(encoder_export)  # the API measures only when asked
+    assert model.backend == "onnxruntime" and model.choice.reason.startswith("measuring off")
+    model = open_model(encoder_export, backend="openvino", threads=1, measure="auto")
     assert model.backend == "openvino" and model.choice.reason == "requested"
     assert model.choice.describe() == "1 thread, requested"
     assert not measuring.exists()
@@ -231,13 +376,15 @@ def test_measuring_off_or_a_backend_given_measures_nothing(encoder_export, measu
 def test_open_model_measures_once_and_runs_say_why(encoder_export, measuring, monkeypatch):
     timer = StandIn({label("onnxruntime", 1): 0.5})
     monkeypatch.setattr(selection, "time_steps", timer)
-    model = open_model(encoder_export)
+    model = open_model(encoder_export, measure="auto")
     assert model.backend == "onnxruntime" and model.choice.threads == 1
     run = model.run([[5, 6, 7, 8, 9, 10, 11]])
     assert run.choice == model.choice and run.choice.timings[label("onnxruntime", 1)] == 0.5
     calls = len(timer.calls)
-    again = open_model(encoder_export)
+    again = open_model(encoder_export, measure="auto")
     assert len(timer.calls) == calls and again.choice.reason.startswith("cached")
+    fresh = open_model(encoder_export, measure="again")
+    assert len(timer.calls) > calls and fresh.choice.reason == "measured on this host"
     np.testing.assert_allclose(again.run_one([5, 6, 7, 8, 9, 10, 11]).logits,
                                run.outputs[0].logits, atol=1e-6)
 
@@ -269,8 +416,12 @@ def test_time_steps_takes_medians_in_rounds_and_drops_the_slow(encoder_export, m
                Candidate("onnxruntime", 2): Clocked(base, clock, 0.002),
                Candidate("openvino", 1, hint="latency"): Clocked(base, clock, 0.01)}
     ms = selection.time_steps(engines, manifest, budget_s=0.3, rounds=4)
-    assert ms == pytest.approx({"onnxruntime 1 thread": 1.0, "onnxruntime 2 threads": 2.0,
-                                "openvino 1 thread latency": 10.0})
+    assert {k: len(v) for k, v in ms.items()} == {"onnxruntime 1 thread": 4,  # rounds
+                                                  "onnxruntime 2 threads": 1,
+                                                  "openvino 1 thread latency": 1}
+    assert {k: max(v) for k, v in ms.items()} == pytest.approx(
+        {"onnxruntime 1 thread": 1.0, "onnxruntime 2 threads": 2.0,
+         "openvino 1 thread latency": 10.0})
     fast, medium, slow = (engine.steps for engine in engines.values())
     assert fast > medium > slow  # the slow one stopped after the first round
     assert sum(e.seconds * e.steps for e in engines.values()) < 0.6  # about the budget
@@ -323,29 +474,88 @@ def test_choice_round_trips_and_reads_well():
                                  "onnxruntime 1 thread 2; onnxruntime 2 threads 3")
 
 
+def _rmt_run(export: Path, text: Path, env: dict[str, str], *options: str) -> dict:
+    """rmt-run's --json report, run as a user would (measuring on: the CLI's default)."""
+    env = {k: v for k, v in env.items()
+           if k not in ("RMT_DEPLOY_MEASURE", "RMT_DEPLOY_CACHE_DIR", "XDG_CACHE_HOME",
+                        "TORCHINDUCTOR_CACHE_DIR")}
+    proc = subprocess.run([sys.executable, "-m", "rmt_deploy.run", str(export), str(text),
+                           "--json", *options], capture_output=True,
+                          env={**env, "OMP_NUM_THREADS": "1"}, timeout=180)
+    assert proc.returncode == 0 and proc.stderr == b"", proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _words(tmp_path: Path) -> Path:
+    text = tmp_path / "in.txt"
+    text.write_text(" ".join(f"w{(7 * i) % 45}" for i in range(25)) + "\n")
+    return text
+
+
 def test_a_first_rmt_run_measures_caches_in_home_and_leaves_nothing_else(encoder_export,
                                                                         tmp_path):
     home, tmp = tmp_path / "home", tmp_path / "tmp"
     home.mkdir(), tmp.mkdir()
-    text = tmp_path / "in.txt"
-    text.write_text(" ".join(f"w{(7 * i) % 45}" for i in range(25)) + "\n")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RMT_DEPLOY_MEASURE", "RMT_DEPLOY_CACHE_DIR", "XDG_CACHE_HOME")}
-    env.update(HOME=str(home), TMPDIR=str(tmp), OMP_NUM_THREADS="1")
-    reports = []
-    for _ in range(2):
-        proc = subprocess.run([sys.executable, "-m", "rmt_deploy.run", str(encoder_export),
-                               str(text), "--json"], capture_output=True, env=env,
-                              timeout=180)
-        assert proc.returncode == 0 and proc.stderr == b"", proc.stderr
-        reports.append(json.loads(proc.stdout)["backend_choice"])
+    env = {**os.environ, "HOME": str(home), "TMPDIR": str(tmp)}
+    reports = [_rmt_run(encoder_export, _words(tmp_path), env)["backend_choice"]
+               for _ in range(2)]
     assert reports[0]["reason"] == "measured on this host"
-    assert reports[1]["reason"].startswith("cached")
     assert reports[0]["timings"] and reports[0]["backend"] in ("onnxruntime", "openvino")
+    assert reports[0]["load"] is not None and reports[0]["spread"] >= 0
     files = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
-    assert files[:2] == [".cache", ".cache/rmt-deploy"] and len(files) == 3
-    assert files[2].startswith(".cache/rmt-deploy/backend-")
+    if reports[0]["uncached"] is None:  # a calm host: cached in HOME, read the next time
+        assert reports[1]["reason"].startswith("cached")
+        assert files[:2] == [".cache", ".cache/rmt-deploy"] and len(files) == 3
+        assert files[2].startswith(".cache/rmt-deploy/backend-")
+        assert reports[0]["cache"] == reports[1]["cache"] == str(home / files[2])
+    else:  # a busy host (this test cannot choose): nothing cached, measured again
+        assert "--measure" in reports[0]["uncached"] and reports[0]["cache"] is None
+        assert reports[1]["reason"] == "measured on this host"
+        assert files in ([], [".cache", ".cache/rmt-deploy"])
     assert list(tmp.iterdir()) == []
+    again = _rmt_run(encoder_export, _words(tmp_path), env, "--measure")["backend_choice"]
+    assert again["reason"] == "measured on this host"
+
+
+def _no_home(home: Path) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "HOME"}
+
+
+def _read_only_home(home: Path) -> dict[str, str]:
+    home.mkdir()
+    (home / ".cache").write_text("")  # no folder can be made under it, not even by root
+    home.chmod(0o555)
+    return {**os.environ, "HOME": str(home)}
+
+
+@pytest.mark.parametrize("environment", [
+    lambda home: {**os.environ, "HOME": ""}, _no_home, _read_only_home,
+    lambda home: {**os.environ, "HOME": "/"}], ids=["empty", "unset", "read-only", "root"])
+def test_without_a_usable_home_rmt_run_measures_and_goes_on(environment, encoder_export,
+                                                           encoder_checkpoint, tmp_path):
+    """No cache (HOME empty, unset, read-only, or /): the run measures, says why nothing
+    is cached, writes nowhere (never /.cache); a checkpoint runs too (torch's compiler
+    cache: a folder of the process's own in TMPDIR, removed at exit)."""
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**environment(home), "TMPDIR": str(tmp)}
+    root_cache = Path("/.cache/rmt-deploy").exists()
+    try:
+        choice = _rmt_run(encoder_export, _words(tmp_path), env)["backend_choice"]
+        assert choice["reason"] == "measured on this host" and choice["cache"] is None
+        assert choice["uncached"]
+        if choice["load"] <= selection.BUSY * (os.cpu_count() or 1) \
+                and choice["spread"] <= selection.SPREAD:
+            assert "cannot be written" in choice["uncached"] or \
+                "no cache folder" in choice["uncached"]
+        report = _rmt_run(encoder_checkpoint, _words(tmp_path), env)
+        assert report["backend"] == "torch"
+    finally:
+        if home.exists():
+            home.chmod(0o755)
+    assert Path("/.cache/rmt-deploy").exists() == root_cache
+    assert list(tmp.iterdir()) == []
+    assert not home.exists() or [p.name for p in home.iterdir()] == [".cache"]
 
 
 def test_large_weights_run_on_onnxruntime_without_measuring(decoder_export, measuring,
@@ -358,7 +568,7 @@ def test_large_weights_run_on_onnxruntime_without_measuring(decoder_export, meas
     manifest = read_manifest(decoder_export)
     timer = StandIn({})
     open_engine, opened = opener(manifest)
-    choice, engine = choose_backend(manifest, RuntimeOptions(), open_engine, measure=timer)
+    choice, engine = choose_backend(manifest, AUTO, open_engine, measure=timer)
     assert (choice.backend, engine.name) == ("onnxruntime", "onnxruntime")
     assert choice.reason.startswith("large weights") and timer.calls == []
     assert [o.backend for o in opened] == ["onnxruntime"] and not measuring.exists()
