@@ -242,7 +242,7 @@ def _read_opened(opened: OpenedFolder, path: Path, verify: bool) -> Manifest:
         raise ManifestError(f"{path}: damaged manifest ({type(error).__name__}: {error}); "
                             "re-export") from None
     except ConfigError as error:
-        raise ManifestError(f"{path}: {error}") from None
+        raise ManifestError(f"{path}: {error}; re-export the model") from None
     if STEP not in manifest.graphs:
         raise ManifestError(f"{path}: no '{STEP}' graph listed; re-export the model")
     _check_graphs(manifest, path)
