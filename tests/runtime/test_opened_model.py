@@ -3,9 +3,14 @@ changed in place under it never mixes two models into one answer."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
+import termios
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +93,10 @@ def test_a_session_pool_serving_while_its_folder_is_swapped_stays_on_its_model(f
         for session in (first, second):
             np.testing.assert_allclose(pool.result(session).logits, expected, rtol=0,
                                        atol=1e-6)
+        saved = pool.save(first)
+    with SessionPool(open_model(live, backend="onnxruntime", threads=1)) as swapped, \
+            pytest.raises(InputError, match="another model"):
+        swapped.restore(saved)  # the folder's model now is not the one that saved it
 
 
 def test_a_state_saved_after_a_swap_restores_only_into_the_model_that_saved_it(
@@ -105,3 +114,32 @@ def test_a_state_saved_after_a_swap_restores_only_into_the_model_that_saved_it(
         restored = same.restore(saved)
         np.testing.assert_allclose(same.result(restored).logits, _logits(encoder_export),
                                    rtol=0, atol=1e-6)
+
+
+def test_rmt_run_reading_a_slow_pipe_while_the_folder_is_reexported_answers_as_opened(
+        folders):
+    """The issue's case: ``rmt-run live - --json`` reads slowly from a pipe while the
+    folder is replaced; it must give the opened model's answer (or fail clearly)."""
+    live, other = folders
+    text = " ".join(f"w{(7 * i) % 45}" for i in range(25)) + "\n"
+    run = [str(Path(sys.executable).parent / "rmt-run"), str(live), "-", "--json",
+           "--backend", "onnxruntime", "--threads", "1"]
+    opened_answer = json.loads(subprocess.run(run, input=text.encode(), capture_output=True,
+                                              check=True).stdout)["logits"]
+    process = subprocess.Popen(run, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdin.write(text[:20].encode())
+    process.stdin.flush()
+    deadline = time.monotonic() + 120
+    while _unread(process.stdin) and process.poll() is None:  # read: the model is open
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    _swap(live, other)
+    out, err = process.communicate(text[20:].encode(), timeout=120)
+    assert process.returncode == 0, err
+    np.testing.assert_allclose(json.loads(out)["logits"], opened_answer, rtol=0, atol=1e-6)
+
+
+def _unread(pipe) -> int:
+    """Bytes written to ``pipe`` that its reader has not read yet."""
+    return int.from_bytes(fcntl.ioctl(pipe.fileno(), termios.FIONREAD, b"\0" * 4), "little")
