@@ -6,7 +6,9 @@ reads it without importing the exporter. numpy only.
 
 from __future__ import annotations
 
+import io
 import json
+import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from rmt_deploy.contract import (
 )
 from rmt_deploy.errors import ConfigError, ManifestError
 from rmt_deploy.files import atomic_path, sha256_file
+from rmt_deploy.opened import OpenedFolder
 from rmt_deploy.spec import RMTConfig
 
 MANIFEST_NAME = "rmt.json"
@@ -99,6 +102,9 @@ class Manifest:
     weights: dict[str, Any] = field(default_factory=dict)  # the graphs' shared weights file:
     # file, and where each tensor lies in it (offset, bytes, dtype, shape) for mapping it
     folder: Path | None = None  # where it was read from
+    sha256: str | None = None  # of rmt.json as read (None: not read from a folder)
+    opened: OpenedFolder | None = field(default=None, repr=False, compare=False)
+    # every listed file, opened and hashed when the manifest was read (None: unverified)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +126,31 @@ class Manifest:
             raise ManifestError("manifest has no folder; read it with read_manifest()")
         return self.folder / relative
 
+    def read_bytes(self, relative: str) -> bytes:
+        """A listed file's bytes as they were when the manifest was read (a file changed
+        in place since is a ManifestError); an unverified manifest's, as they are now."""
+        if self.opened is not None:
+            return self.opened.read(relative)
+        return self.path(relative).read_bytes()
+
+    def size(self, relative: str) -> int:
+        """A listed file's size in bytes."""
+        if self.opened is not None:
+            return self.opened.size(relative)
+        return self.path(relative).stat().st_size
+
+    def mapped(self, relative: str) -> mmap.mmap | np.memmap:
+        """A listed file mapped copy-on-write (never written back), as it was opened."""
+        if self.opened is not None:
+            return self.opened.mapped(relative)
+        return np.memmap(self.path(relative), dtype=np.uint8, mode="c")
+
+    def check_paths(self, relatives: list[str]) -> None:
+        """For libraries that read by path only (call it after they read): each path
+        still names the file opened under it, unchanged; else a ManifestError."""
+        if self.opened is not None:
+            self.opened.check_paths(relatives)
+
     def files(self) -> dict[str, str]:
         """Every file the manifest lists (graphs, their weight data, initial memory,
         tokenizer, plans): relative name -> sha256."""
@@ -135,7 +166,7 @@ class Manifest:
         """The learned initial memory, [M, H] float32, finite."""
         name = self.initial_memory["file"]
         try:
-            memory = np.load(self.path(name), allow_pickle=False)
+            memory = np.load(io.BytesIO(self.read_bytes(name)), allow_pickle=False)
         except (ValueError, OSError, EOFError) as error:
             raise ManifestError(f"{name}: not a readable .npy array ({error}); re-export "
                                 "the model") from None
@@ -162,13 +193,31 @@ def write_manifest(manifest: Manifest, folder: Path) -> Path:
 def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
     """Read and check an export folder: a bounded JSON manifest whose config agrees with
     the graphs' declared tensors, every file a plain name inside the folder, present and
-    matching its sha256."""
+    matching its sha256. Verified, every file stays open (``manifest.opened``): later
+    reads get the files as they were checked here, whatever happens to the folder."""
     folder = Path(folder)
     path = folder / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{folder}: no {MANIFEST_NAME} there; pass a folder written by "
                             "rmt-export")
-    data = _read_json(path)
+    opened = OpenedFolder(folder)
+    try:
+        manifest = _read_opened(opened, path, verify)
+    except BaseException:
+        opened.close()
+        raise
+    if manifest.opened is None:  # unverified: nothing is read through it
+        opened.close()
+    opened.seal()
+    return manifest
+
+
+def _read_opened(opened: OpenedFolder, path: Path, verify: bool) -> Manifest:
+    """:func:`read_manifest` through the folder's handle: the manifest and every file it
+    lists come from one folder, even one renamed meanwhile."""
+    folder = opened.folder
+    opened.open(MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    data = _read_json(opened.read(MANIFEST_NAME), path)
     try:
         if data.get("format") != MANIFEST_FORMAT:
             raise ManifestError(f"{path}: not an rmt-deploy manifest")
@@ -186,13 +235,14 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
             engines={str(k): dict(v) for k, v in data.get("engines", {}).items()},
             weights=dict(data.get("weights") or {}),
             folder=folder,
+            sha256=opened.sha256(MANIFEST_NAME),
         )
         files = manifest.files()
     except (KeyError, TypeError, AttributeError, ValueError) as error:
         raise ManifestError(f"{path}: damaged manifest ({type(error).__name__}: {error}); "
                             "re-export") from None
     except ConfigError as error:
-        raise ManifestError(f"{path}: {error}") from None
+        raise ManifestError(f"{path}: {error}; re-export the model") from None
     if STEP not in manifest.graphs:
         raise ManifestError(f"{path}: no '{STEP}' graph listed; re-export the model")
     _check_graphs(manifest, path)
@@ -200,17 +250,15 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
     for name in files:
         _check_plain_name(name, path)
     if verify:
-        _verify_files(manifest, files)
+        _verify_files(manifest, files, opened)
+        manifest.opened = opened
     return manifest
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    """The manifest's JSON, bounded in size and depth."""
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"{path}: {path.stat().st_size:,} bytes, too large to be a "
-                            "manifest; re-export the model")
+def _read_json(raw: bytes, path: Path) -> dict[str, Any]:
+    """The manifest's JSON (read bounded in size), bounded in depth."""
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ManifestError(f"{path}: not valid JSON ({error}); re-export the model") from None
     except RecursionError:
@@ -310,15 +358,14 @@ def _check_plain_name(name: Any, path: Path) -> None:
                             "re-export the model")
 
 
-def _verify_files(manifest: Manifest, files: dict[str, str]) -> None:
+def _verify_files(manifest: Manifest, files: dict[str, str], opened: OpenedFolder) -> None:
+    """Open every file and check its sha256, from the handle kept for later reads."""
     folder = manifest.folder.resolve()
     for relative, expected in files.items():
         file = manifest.path(relative)
         if file.is_symlink() and file.resolve().parent != folder:
             raise ManifestError(f"{file}: a link that leaves the export folder; copy the "
                                 "file in or re-export the model")
-        if not file.is_file():
-            raise ManifestError(f"{file}: missing from the export folder; re-export the model")
-        if sha256_file(file) != expected:
+        if opened.open(relative) != expected:
             raise ManifestError(f"{file}: sha256 does not match the manifest (the file was "
                                 "changed or replaced); re-export the model")

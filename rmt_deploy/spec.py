@@ -163,6 +163,7 @@ class RMTConfig:
             raise bad("cache_layers, cache_heads and head_dim must be positive or None")
         if self.max_n_segments is not None and self.max_n_segments < 1:
             raise bad(f"max_n_segments must be >= 1 or None, got {self.max_n_segments}")
+        self._check_derived(bad)
         if self.variant == ENCODER:
             if self.cls_token_id is None or self.sep_token_id is None:
                 raise bad("an encoder needs cls_token_id and sep_token_id")
@@ -172,8 +173,6 @@ class RMTConfig:
                 raise bad("an encoder needs its class labels")
             if len(set(self.labels)) != len(self.labels):
                 raise bad(f"labels must be distinct, got {','.join(self.labels)}")
-        elif self.input_size != 2 * self.num_mem_tokens + self.segment_size:
-            raise bad("a decoder's input_size must be 2 * num_mem_tokens + segment_size")
         special = {"pad_token_id": [self.pad_token_id], "cls_token_id": [self.cls_token_id],
                    "sep_token_id": [self.sep_token_id], "eos_token_id": [self.eos_token_id],
                    "strip_token_ids": self.strip_token_ids, "mem_token_ids": self.mem_token_ids}
@@ -182,6 +181,28 @@ class RMTConfig:
             if outside:
                 raise bad(f"{name} {outside[0]} lies outside the vocabulary "
                           f"[0, {self.vocab_size})")
+
+    def _check_derived(self, bad) -> None:
+        """Each derived field agrees with the fields it derives from (a manifest whose
+        config contradicts itself would run a layout the model was never trained on)."""
+        m, encoder = self.num_mem_tokens, self.variant == ENCODER
+        if encoder and self.segment_size != self.input_size - m - ENCODER_SPECIAL_POSITIONS:
+            raise bad(f"segment_size {self.segment_size} contradicts input_size "
+                      f"{self.input_size} and num_mem_tokens {m}, which give "
+                      f"{self.input_size - m - ENCODER_SPECIAL_POSITIONS} (input_size - "
+                      f"num_mem_tokens - {ENCODER_SPECIAL_POSITIONS})")
+        if not encoder and self.input_size != 2 * m + self.segment_size:
+            raise bad(f"input_size {self.input_size} contradicts segment_size "
+                      f"{self.segment_size} and num_mem_tokens {m}, which give "
+                      f"{2 * m + self.segment_size} (2 * num_mem_tokens + segment_size)")
+        expected = ALIGNMENTS[0] if encoder else ALIGNMENTS[1]
+        if self.alignment != expected:
+            raise bad(f"alignment {self.alignment!r} contradicts variant {self.variant!r}, "
+                      f"whose segments are {expected}-aligned")
+        if encoder and self.mem_token_ids != tuple(range(self.vocab_size - m, self.vocab_size)):
+            raise bad(f"mem_token_ids {list(self.mem_token_ids)} contradict vocab_size "
+                      f"{self.vocab_size} and num_mem_tokens {m}: they are the last "
+                      f"{m} ids of the vocabulary")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""

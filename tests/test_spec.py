@@ -36,3 +36,30 @@ def test_invalid_configs_say_what_is_wrong(kwargs, message):
 def test_unknown_keys_are_refused():
     with pytest.raises(ConfigError, match="unknown keys colour"):
         RMTConfig.from_dict({**make().to_dict(), "colour": "red"})
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [  # the example: an encoder whose input size and memory give 57
+        ({"input_size": 63, "num_mem_tokens": 3, "mem_token_ids": [27, 28, 29],
+          "segment_size": 10}, ("segment_size 10", "input_size 63", "num_mem_tokens 3", "57")),
+        ({"segment_size": 5}, ("segment_size 5", "input_size 16", "num_mem_tokens 4")),
+        ({"alignment": "left"}, ("alignment 'left'", "variant 'encoder'")),
+        ({"mem_token_ids": [1, 2, 3, 4]}, ("mem_token_ids [1, 2, 3, 4]", "vocab_size 30")),
+    ],
+)
+def test_a_derived_field_that_contradicts_its_sources_is_refused(changes, words):
+    data = {**make().to_dict(), **changes}
+    with pytest.raises(ConfigError) as error:
+        RMTConfig.from_dict(data)
+    assert all(word in str(error.value) for word in words), str(error.value)
+
+
+def test_a_decoder_input_size_that_contradicts_its_sources_is_refused():
+    config = RMTConfig.decoder(num_mem_tokens=2, hidden_size=8, vocab_size=20, segment_size=4,
+                               pad_token_id=0)
+    with pytest.raises(ConfigError, match="input_size 9 contradicts segment_size 4 and "
+                                          "num_mem_tokens 2, which give 8"):
+        RMTConfig.from_dict({**config.to_dict(), "input_size": 9})
+    with pytest.raises(ConfigError, match="alignment 'right' contradicts variant 'decoder'"):
+        RMTConfig.from_dict({**config.to_dict(), "alignment": "right"})

@@ -1,6 +1,7 @@
 """The runtime's Python API: open a model once, run texts, files or token ids through
 it, get typed results. An opened model is safe to use from several threads: every call
-keeps its memory in its own backend buffers."""
+keeps its memory in its own backend buffers. It is immutable: what it reads later (graphs
+loaded when first used) comes from the files as they were opened."""
 
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from rmt_deploy.errors import BackendError, InputError, NumericError
-from rmt_deploy.files import sha256_file
-from rmt_deploy.manifest import MANIFEST_NAME
 from rmt_deploy.runtime.backends.base import StepEngine
 from rmt_deploy.runtime.generation import GenerationOptions
 from rmt_deploy.runtime.loop import last_segments, last_tokens, never, run_segments
@@ -37,14 +36,14 @@ class RMTModel:
 
     def __init__(self, engine: StepEngine, initial_memory: np.ndarray,
                  tokenizer=None, description: str = "",
-                 choice: BackendChoice | None = None) -> None:
+                 choice: BackendChoice | None = None, identity: str | None = None) -> None:
         self.engine = engine
         self.choice = choice  # which backend and settings, and why (None: given an engine)
         self.config: RMTConfig = engine.config
         self.initial_memory = np.asarray(initial_memory, dtype=np.float32)
         self.tokenizer = tokenizer
         self.description = description
-        self._identity: str | None = None
+        self._identity = identity
         expected = (self.config.num_mem_tokens, self.config.hidden_size)
         if self.initial_memory.shape != expected:
             raise BackendError(f"initial memory has shape {self.initial_memory.shape}, "
@@ -56,12 +55,12 @@ class RMTModel:
 
     @property
     def identity(self) -> str:
-        """sha256 naming this model, which saved session states are checked against: of
-        ``rmt.json`` for an export (it holds every file's sha256, so one identity covers
-        all its graphs and backends), of the file for a checkpoint, else of the config and
-        initial memory."""
+        """sha256 naming this model, which saved session states are checked against: as
+        given when it was opened (``rmt.json``'s for an export: it holds every file's
+        sha256, so one identity covers all its graphs and backends; the file's for a
+        checkpoint), else of the config and initial memory."""
         if self._identity is None:
-            self._identity = _identity(self.description, self.config, self.initial_memory)
+            self._identity = _identity(self.config, self.initial_memory)
         return self._identity
 
     def session(self, total_tokens: int | None = None) -> StreamSession:
@@ -203,12 +202,7 @@ def _generation_options(generate: int | GenerationOptions) -> GenerationOptions 
     return GenerationOptions(generate) if generate else None
 
 
-def _identity(description: str, config: RMTConfig, initial_memory: np.ndarray) -> str:
-    path = Path(description) if description else None
-    if path is not None and (path / MANIFEST_NAME).is_file():
-        return sha256_file(path / MANIFEST_NAME)
-    if path is not None and path.is_file():
-        return sha256_file(path)
+def _identity(config: RMTConfig, initial_memory: np.ndarray) -> str:
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
     digest.update(np.ascontiguousarray(initial_memory, dtype="<f4").tobytes())
     return digest.hexdigest()

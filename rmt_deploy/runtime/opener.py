@@ -85,7 +85,7 @@ def _open_export(path: Path, options: RuntimeOptions) -> RMTModel:
         engine = _engine(manifest, dataclasses.replace(options, backend=backend,
                                                        measure="off"))
     return RMTModel(engine, manifest.load_initial_memory(), tokenizer, description=str(folder),
-                    choice=choice)
+                    choice=choice, identity=manifest.sha256)
 
 
 def _engine(manifest: Manifest, options: RuntimeOptions) -> StepEngine:
@@ -128,4 +128,4 @@ def _open_checkpoint(path: Path, options: RuntimeOptions) -> RMTModel:
                  if loaded.tokenizer_json else None)
     return RMTModel(engine, engine.initial_memory(), tokenizer, description=str(path),
                     choice=BackendChoice("torch", "a checkpoint runs on the reference backend",
-                                         options.threads))
+                                         options.threads), identity=loaded.sha256)

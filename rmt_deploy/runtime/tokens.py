@@ -50,7 +50,8 @@ def manifest_tokenizer(manifest) -> Tokenizer | None:
     """The export's tokenizer, plain (see :func:`plain_tokenizer`); None if it has none."""
     if not manifest.tokenizer:
         return None
-    return plain_tokenizer(Tokenizer.from_file(str(manifest.path(manifest.tokenizer["file"]))))
+    data = manifest.read_bytes(manifest.tokenizer["file"])
+    return plain_tokenizer(Tokenizer.from_str(data.decode("utf-8")))
 
 
 class TokenSource(Protocol):

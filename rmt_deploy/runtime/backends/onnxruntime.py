@@ -1,5 +1,7 @@
 """ONNX Runtime backend: CPU, or CUDA with IOBinding where onnxruntime-gpu is installed.
 
+Graphs are loaded from the files as the manifest was opened with them (``Manifest.
+read_bytes``; large weights from their map), so one replaced meanwhile is never mixed in.
 A state holds two memory OrtValues swapped each step, and one IOBinding per (graph,
 width, parity) bound once to its own input and output OrtValues, so a step only copies
 the token ids in and, where they are read, the logits out."""
@@ -9,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from rmt_deploy.contract import (
     present_names,
 )
 from rmt_deploy.errors import BackendError
-from rmt_deploy.manifest import Manifest
+from rmt_deploy.manifest import GraphSpec, Manifest
 from rmt_deploy.runtime.backends.base import (
     NO_GENERATION,
     EngineState,
@@ -71,19 +72,11 @@ class OnnxRuntimeEngine(StepEngine):
         if self.fusions and (device != "cpu" or not self.config.is_encoder):
             raise BackendError("ONNX Runtime's transformer fusions apply to encoder graphs on "
                                "the CPU; drop them here")
-        session_options = ort.SessionOptions()
-        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if options.threads:
-            session_options.intra_op_num_threads = options.threads
+        self._threads = options.threads
         self._weights = _mapped_weights(manifest, ort)  # kept alive: the sessions use them
-        if self._weights:  # one copy for every session, in place of a prepacked one each
-            session_options.add_session_config_entry("session.disable_prepacking", "1")
-            _share_arena(ort)  # and one arena for their activations
-            session_options.add_session_config_entry("session.use_env_allocators", "1")
-            session_options.enable_mem_pattern = False
-            for name, value in self._weights.items():
-                session_options.add_initializer(name, value)
-        self._load_args = (manifest, session_options, providers)
+        if self._weights:
+            _share_arena(ort)
+        self._manifest, self._providers = manifest, providers
         self._keys = precision_graphs(manifest, options.precision)
         self._sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -98,17 +91,49 @@ class OnnxRuntimeEngine(StepEngine):
                 self._sessions[graph] = self._load(graph)
             return self._sessions[graph]
 
+    def _session_options(self) -> Any:
+        """Options for one session (each gets its own: the graph's weights go in them)."""
+        ort = self._ort
+        session_options = ort.SessionOptions()
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self._threads:
+            session_options.intra_op_num_threads = self._threads
+        if self._weights:  # one copy for every session, in place of a prepacked one each
+            session_options.add_session_config_entry("session.disable_prepacking", "1")
+            # and one arena for their activations (_share_arena)
+            session_options.add_session_config_entry("session.use_env_allocators", "1")
+            session_options.enable_mem_pattern = False
+            for name, value in self._weights.items():
+                session_options.add_initializer(name, value)
+        return session_options
+
     def _load(self, graph: str) -> Any:
-        manifest, session_options, providers = self._load_args
+        """A graph's session, from the files as the manifest was opened with them; with
+        large weights (mapped) the graph is read by path, and checked to be the file
+        opened after it was read."""
+        manifest = self._manifest
         spec = manifest.graphs[self._keys[graph]]
         path = manifest.path(spec.file)
-        source = _fused(path) if self.fusions else str(path)
+        session_options = self._session_options()
+        data = [entry["file"] for entry in spec.data]
+        if self.fusions:
+            source = _fused(manifest, spec)
+        elif self._weights:  # ORT takes no graph in memory whose weights it is not given
+            source = str(path)
+        else:
+            source = manifest.read_bytes(spec.file)
+            contents = [manifest.read_bytes(name) for name in data]
+            session_options.add_external_initializers_from_files_in_memory(
+                data, contents, [len(content) for content in contents])
         try:
-            session = self._ort.InferenceSession(source, session_options, providers=providers)
+            session = self._ort.InferenceSession(source, session_options,
+                                                 providers=self._providers)
         except Exception as error:  # ORT raises its own non-exported types
             first = str(error).strip().splitlines()[0][:200]
             raise BackendError(f"{path}: ONNX Runtime cannot load it ({first}); "
                                "re-export the model") from None
+        if isinstance(source, str):
+            manifest.check_paths([spec.file, *data])
         for kind, declared, actual in (("input", spec.inputs, session.get_inputs()),
                                        ("output", spec.outputs, session.get_outputs())):
             check_io(str(path), declared, {a.name: (_TYPES.get(a.type, a.type),
@@ -124,21 +149,37 @@ class OnnxRuntimeEngine(StepEngine):
         return self._ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device)
 
 
-def _fused(path: Path) -> bytes:
+def _fused(manifest: Manifest, spec: GraphSpec) -> bytes:
     """The graph with ONNX Runtime's transformer fusions (attention, SkipLayerNormalization,
-    bias + GELU, where they match), made in memory: no file is written."""
+    bias + GELU, where they match), made in memory from the files as opened: no file is
+    written."""
     try:
         import onnx
+        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
         from onnxruntime.transformers.fusion_options import FusionOptions
         from onnxruntime.transformers.optimizer import optimize_by_fusion
     except ImportError:
         raise BackendError("ONNX Runtime's transformer fusions need the onnx package: pip "
                            "install onnx, or drop them") from None
+    path = manifest.path(spec.file)
+    model = onnx.load_model_from_string(manifest.read_bytes(spec.file))
+    contents = {entry["file"]: manifest.read_bytes(entry["file"]) for entry in spec.data}
+    for tensor in model.graph.initializer:  # onnx.load's loading of external data
+        if uses_external_data(tensor):
+            info = ExternalDataInfo(tensor)
+            if info.location not in contents:
+                raise BackendError(f"{path}: reads weights from {info.location}, which the "
+                                   "manifest does not list for it; re-export the model")
+            content, start = contents[info.location], info.offset or 0
+            end = len(content) if info.length is None else start + info.length
+            tensor.raw_data = content[start:end]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
     quiet = logging.getLogger("onnxruntime.transformers")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # it logs each fusion it did not find
     try:  # heads and width are read from the graph
-        fused = optimize_by_fusion(onnx.load(str(path)), "bert", 0, 0, FusionOptions("bert"))
+        fused = optimize_by_fusion(model, "bert", 0, 0, FusionOptions("bert"))
     except Exception as error:  # its fusions assert what they expect of a graph
         raise BackendError(f"{path}: ONNX Runtime's transformer fusions fail on it "
                            f"({type(error).__name__}); drop them") from None
@@ -183,8 +224,8 @@ class _HostCache:
 def shares_weights(manifest: Manifest) -> bool:
     """Whether the export's weights file is large enough to be mapped once and shared by
     every session (``SHARED_WEIGHTS_BYTES``)."""
-    return bool(manifest.weights) and manifest.path(
-        manifest.weights["file"]).stat().st_size >= SHARED_WEIGHTS_BYTES
+    return bool(manifest.weights) and manifest.size(
+        manifest.weights["file"]) >= SHARED_WEIGHTS_BYTES
 
 
 def _mapped_weights(manifest: Manifest, ort: Any) -> dict[str, Any]:
@@ -195,7 +236,7 @@ def _mapped_weights(manifest: Manifest, ort: Any) -> dict[str, Any]:
     if not shares_weights(manifest):
         return {}
     path = manifest.path(manifest.weights["file"])
-    mapped = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: never written back
+    mapped = manifest.mapped(manifest.weights["file"])  # the file opened, copy-on-write
     values = {}
     for name, entry in manifest.weights["tensors"].items():
         try:

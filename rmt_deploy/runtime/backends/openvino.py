@@ -105,6 +105,9 @@ class OpenVinoEngine(StepEngine):
                 first = str(error).strip().splitlines()[0][:200]
                 raise BackendError(f"{path}: OpenVINO cannot compile it ({first}); "
                                    "re-export the model") from None
+            # OpenVINO reads ONNX with external weights by path only: what it read must
+            # be the files the manifest was opened with
+            manifest.check_paths([spec.file, *(entry["file"] for entry in spec.data)])
             for kind, declared, ports in (("input", spec.inputs, model.inputs),
                                           ("output", spec.outputs, model.outputs)):
                 check_io(str(path), declared, {p.get_any_name(): _describe(p) for p in ports},

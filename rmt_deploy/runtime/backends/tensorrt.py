@@ -71,7 +71,7 @@ class TensorRTEngine(StepEngine):
             if record is None:
                 continue
             check_compatible(record, trt.__version__, gpu, capability)
-            engine = runtime.deserialize_cuda_engine(manifest.path(record["file"]).read_bytes())
+            engine = runtime.deserialize_cuda_engine(manifest.read_bytes(record["file"]))
             if engine is None:
                 raise BackendError(f"{record['file']}: TensorRT could not deserialize it; "
                                    "rebuild it with rmt-export --engine")
