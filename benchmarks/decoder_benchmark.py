@@ -2,7 +2,8 @@
 50,257, 16 memory tokens, segment 256) in the authors' pytorch_model.bin layout, random
 weights. The job: read 4 segments, then answer with 16 greedy tokens. rmt-deploy (the
 exported graphs on ONNX Runtime: write graph for the segments read, KV-cache prefill and
-decode) against the authors' inference (benchmarks/authors_decoder.py), both in one
+decode) against the plain PyTorch loop and the authors' inference
+(benchmarks/authors_decoder.py; the ids of both checked against the authors'), in one
 process, taking turns: read time, prefill, time per generated token, total, whether the
 tokens are equal, batch 1 and 4; plus the export's size and rmt-run's peak RSS.
 
