@@ -299,12 +299,13 @@ def main() -> None:
         report["export_vs_weights"] = round(report["export_mb"] / report["weights_mb"], 3)
         report["rss_vs_weights"] = round(report["peak_rss_mb"] / report["weights_mb"], 3)
         report["load_after"] = load()
+        earlier = json.loads(args.out.read_text()) if args.out.exists() else {}
         save(report, args)
         if args.large:
             del exported, decoders, model
             report["large"] = {**large(work), "date": report["date"]}
             save(report, args)
-        elif args.out.exists() and "large" in (earlier := json.loads(args.out.read_text())):
+        elif "large" in earlier:
             report["large"] = {"date": earlier["date"], **earlier["large"]}  # kept, not re-run
             save(report, args)
     print(json.dumps(report, indent=2))
