@@ -1,5 +1,6 @@
-"""OpenVINO backend for CPUs: the same ONNX graph, compiled for the host CPU, in BF16
-where the CPU computes it natively (AMX / AVX-512 BF16) and FP32 elsewhere.
+"""OpenVINO backend for CPUs: the same ONNX graph, compiled for the host CPU in the
+precision of the graph it runs (FP32 for the FP32 graph: OpenVINO's own default, BF16 on
+CPUs with AMX / AVX-512 BF16, would change the answers the export validated).
 
 A state holds two memory tensors swapped each step and, for the step and write graphs, an
 infer request per memory parity bound once to them, so a step only copies the token ids
@@ -63,18 +64,13 @@ def core() -> Any:
     return import_openvino().Core()
 
 
-def cpu_precision() -> str:
-    """``bf16`` where OpenVINO can compute BF16 on this CPU, else ``fp32``."""
-    capabilities = core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    return "bf16" if "BF16" in capabilities else "fp32"
-
-
 class OpenVinoEngine(StepEngine):
     name = "openvino"
 
     def __init__(self, manifest: Manifest, options: RuntimeOptions | None = None,
                  compute: str | None = None) -> None:
-        """``compute``: what OpenVINO computes in (default: bf16 where the CPU has it);
+        """``compute``: what OpenVINO computes the FP32 graph in (default fp32; ``bf16``
+        only when asked, as it is not what the export validated);
         ``options.precision``: which of the export's graphs to compile."""
         try:
             ov = import_openvino()
@@ -83,7 +79,7 @@ class OpenVinoEngine(StepEngine):
         options = options or RuntimeOptions()
         self._ov = ov
         self.config = manifest.config
-        self.compute = compute or cpu_precision()
+        self.compute = compute or "fp32"
         if self.compute not in ("fp32", "bf16"):
             raise BackendError(f"the openvino backend computes fp32 or bf16, not {self.compute}")
         self.precision = options.precision if options.precision != "fp32" else self.compute
