@@ -9,8 +9,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from rmt_deploy import __version__
 from rmt_deploy.calibration.policies import policy_named
 from rmt_deploy.calibration.quantize import METHODS
@@ -35,6 +33,7 @@ from rmt_deploy.manifest import (
     Manifest,
     graph_key,
     graph_spec,
+    initial_state_records,
     read_manifest,
     write_manifest,
 )
@@ -112,8 +111,7 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
             f"{store.path.name}), ONNX checks passed")
 
     reference = TorchEngine(rmt, threads=options.threads)
-    initial_memory = reference.initial_memory()
-    np.save(stage / "memory_init.npy", initial_memory)
+    initial_state = reference.initial_state()
     tokenizer = None
     if loaded.tokenizer_json:
         from tokenizers import Tokenizer
@@ -124,8 +122,7 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
     manifest = Manifest(
         config=config,
         graphs=graphs,
-        initial_memory={"file": "memory_init.npy", "sha256": sha256_file(
-            stage / "memory_init.npy"), "shape": list(initial_memory.shape), "dtype": "float32"},
+        initial_state=initial_state_records(config, initial_state, stage),
         tokenizer=tokenizer,
         source={"checkpoint": checkpoint.name, "sha256": loaded.sha256, "format": loaded.format},
         exporter={
@@ -136,7 +133,7 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
         folder=stage,
     )
     candidate = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=options.threads))
-    results = compare(reference, candidate, initial_memory, options.validation_segments)
+    results = compare(reference, candidate, initial_state, options.validation_segments)
     results["runtime"] = "onnxruntime " + _ort_version()
     results["tolerance"] = {"open_loop": options.tolerance.open_loop,
                             "closed_loop": options.tolerance.closed_loop}
@@ -146,7 +143,7 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
             f">= {results[mode]['min_memory_cosine']:.6f}")
     enforce(results, options.tolerance)
     if PREFILL in candidate.graphs:
-        results["generation"] = compare_generation(reference, candidate, initial_memory)
+        results["generation"] = compare_generation(reference, candidate, initial_state)
         _log_generation(results["generation"], "vs PyTorch", log)
         enforce_generation(results["generation"], options.tolerance.open_loop)
     manifest.validation = {"fp32": results}
@@ -221,7 +218,7 @@ def _add_fp16(manifest: Manifest, fp32: Any, names: list[str], stage: Path,
         log(f"wrote {target.name} ({target.stat().st_size / 1e6:.1f} MB), ONNX checks passed")
     candidate = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=options.threads,
                                                            precision="fp16"))
-    results = compare(fp32, candidate, manifest.load_initial_memory(),
+    results = compare(fp32, candidate, manifest.load_initial_state(),
                       options.drift_segments, modes=("closed_loop",))
     results["reference"] = "fp32 graph on onnxruntime"
     drift = results["closed_loop"]
@@ -232,7 +229,7 @@ def _add_fp16(manifest: Manifest, fp32: Any, names: list[str], stage: Path,
     enforce_agreement(results, options.min_agreement, "the FP16 graph")
     if PREFILL in candidate.graphs:
         results["generation"] = compare_generation(fp32, candidate,
-                                                   manifest.load_initial_memory())
+                                                   manifest.load_initial_state())
         _log_generation(results["generation"], "fp16 vs fp32", log)
         if results["generation"]["generated_same"] < options.min_agreement:
             raise ValidationError(

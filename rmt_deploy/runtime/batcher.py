@@ -5,14 +5,14 @@ thread runs the steps of all of them batched together on one stepper."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from rmt_deploy.errors import InputError
-from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.runtime.backends.base import State, StepEngine
 from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.segmentation import step_inputs
 
@@ -20,13 +20,13 @@ from rmt_deploy.segmentation import step_inputs
 class Rows(Protocol):
     """What a session needs of the rows its tracks live in (a :class:`Stepper` is one)."""
 
-    def add(self, key: Hashable, memory: np.ndarray) -> None: ...
+    def add(self, key: Hashable, state: Mapping[str, np.ndarray]) -> None: ...
 
     def remove(self, key: Hashable) -> None: ...
 
-    def memory(self, key: Hashable) -> np.ndarray: ...
+    def state(self, key: Hashable) -> State: ...
 
-    def memories(self, keys: Sequence[Hashable]) -> np.ndarray: ...
+    def states(self, keys: Sequence[Hashable]) -> State: ...
 
     def step(self, keys: Sequence[Hashable], segments: Sequence[np.ndarray],
              logits: bool = True) -> np.ndarray | None: ...
@@ -50,7 +50,7 @@ class StepBatcher:
     thread takes every request waiting, groups those of equal step width (up to
     ``max_rows`` rows, a larger request alone) and runs each group as one step of one
     stepper. Requests gather while the previous step runs, so nothing waits on a timer;
-    sessions that step together each round keep their memory resident."""
+    sessions that step together each round keep their state resident."""
 
     def __init__(self, engine: StepEngine, max_rows: int = 64) -> None:
         if max_rows < 1:
@@ -64,19 +64,19 @@ class StepBatcher:
         self.steps = 0  # batched steps run
         self.rows = 0  # rows they held
 
-    def add(self, key: Hashable, memory: np.ndarray) -> None:
+    def add(self, key: Hashable, state: Mapping[str, np.ndarray]) -> None:
         if self._stopped:
             raise InputError("the session pool is shut down; open a new one")
-        self.stepper.add(key, memory)
+        self.stepper.add(key, state)
 
     def remove(self, key: Hashable) -> None:
         self.stepper.remove(key)
 
-    def memory(self, key: Hashable) -> np.ndarray:
-        return self.stepper.memory(key)
+    def state(self, key: Hashable) -> State:
+        return self.stepper.state(key)
 
-    def memories(self, keys: Sequence[Hashable]) -> np.ndarray:
-        return self.stepper.memories(keys)
+    def states(self, keys: Sequence[Hashable]) -> State:
+        return self.stepper.states(keys)
 
     def step(self, keys: Sequence[Hashable], segments: Sequence[np.ndarray],
              logits: bool = True) -> np.ndarray | None:
