@@ -64,7 +64,7 @@ def test_a_bounded_uniform_sample_over_all_depths(engine):
                                 "first_segments": int((steps.depth == 0).sum())}
     again = collect_steps(engine, initial_state, sources, max_steps=16, seed=3)
     np.testing.assert_array_equal(again.depth, steps.depth)
-    np.testing.assert_array_equal(again.memory_in, steps.state["memory_in"])
+    np.testing.assert_array_equal(again.state["memory_in"], steps.state["memory_in"])
     feeds = list(steps.feeds())
     assert len(feeds) == 16
     assert {k: v.shape for k, v in feeds[0].items()} == {

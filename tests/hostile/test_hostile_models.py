@@ -370,7 +370,7 @@ def _one_more_token(header, arrays):
 
 def _extra_track(header, arrays):
     header["tracks"].append(dict(header["tracks"][0], first=1))
-    for name in ("memory", "logits"):
+    for name in ("state/memory_in", "logits"):
         arrays[name] = np.concatenate([arrays[name], arrays[name]])
 
 
@@ -378,12 +378,13 @@ MALFORMED = "s.state: state is malformed"
 STATE_CASES = [
     Case("resume-crafted-state-intact-completes", "rmt-run", _resume(), code=0),
     Case("resume-memory-of-wrong-shape", "rmt-run",
-         _resume(_set("memory", lambda m: np.zeros((1, 3, 16), np.float32))),
-         says=(MALFORMED, "memory has shape (1, 3, 16)", "(1, 3, 32)")),
-    Case("resume-memory-nan", "rmt-run", _resume(_set("memory", _poisoned)),
-         says=(MALFORMED, "memory", "NaN or infinity")),
-    Case("resume-memory-inf", "rmt-run", _resume(_set("memory", lambda m: _poisoned(m, np.inf))),
-         says=(MALFORMED, "memory", "NaN or infinity")),
+         _resume(_set("state/memory_in", lambda m: np.zeros((1, 3, 16), np.float32))),
+         says=(MALFORMED, "state memory_in is float32 (1, 3, 16)", "(1, 3, 32)")),
+    Case("resume-memory-nan", "rmt-run", _resume(_set("state/memory_in", _poisoned)),
+         says=(MALFORMED, "memory_in", "NaN or infinity")),
+    Case("resume-memory-inf", "rmt-run",
+         _resume(_set("state/memory_in", lambda m: _poisoned(m, np.inf))),
+         says=(MALFORMED, "memory_in", "NaN or infinity")),
     Case("resume-logits-nan", "rmt-run", _resume(_set("logits", _poisoned)),
          says=(MALFORMED, "logits", "NaN or infinity")),
     Case("resume-token-ids-past-the-vocabulary", "rmt-run",
