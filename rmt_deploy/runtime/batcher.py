@@ -48,7 +48,8 @@ class _Request:
 class StepBatcher:
     """Rows shared by many sessions: callers block in :meth:`step` while a scheduler
     thread takes every request waiting, groups those of equal step width (up to
-    ``max_rows`` rows, a larger request alone) and runs each group as one step of one
+    ``max_rows`` rows, and never more than the engine's ``max_batch``; a larger request
+    alone) and runs each group as one step of one
     stepper. Requests gather while the previous step runs, so nothing waits on a timer;
     sessions that step together each round keep their state resident."""
 
@@ -56,7 +57,7 @@ class StepBatcher:
         if max_rows < 1:
             raise InputError(f"max_rows must be >= 1, got {max_rows}")
         self.stepper = Stepper(engine)
-        self._max_rows = max_rows
+        self._max_rows = min(max_rows, engine.max_batch or max_rows)
         self._queue: list[_Request] = []
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None

@@ -87,7 +87,15 @@ class Stepper:
 
     def run(self, keys: Sequence[Hashable], input_ids: np.ndarray,
             attention_mask: np.ndarray, logits: bool = True) -> np.ndarray | None:
-        """:meth:`step` with the step's tensors already laid out."""
+        """:meth:`step` with the step's tensors already laid out. More rows than the
+        engine takes at once (its ``max_batch``: a TensorRT profile) are split into steps
+        of at most that many rows, each resident in turn."""
+        limit = self.engine.max_batch
+        if limit is not None and len(keys) > limit:
+            parts = [self.run(keys[i: i + limit], input_ids[i: i + limit],
+                              attention_mask[i: i + limit], logits)
+                     for i in range(0, len(keys), limit)]
+            return np.concatenate(parts) if logits and parts[0] is not None else None
         with self._lock:
             state, order = self._resident(keys)
             if order is not None:  # the resident rows in another order: permute, not reload

@@ -124,6 +124,7 @@ class StepEngine(ABC):
     config: RMTConfig
     precision: str = "fp32"
     graphs: frozenset[str] = frozenset({STEP})  # the contract's variants it runs
+    max_batch: int | None = None  # the most rows a step takes (None: no limit)
 
     @property
     def generates(self) -> bool:

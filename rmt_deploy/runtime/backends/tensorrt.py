@@ -94,6 +94,10 @@ class TensorRTEngine(StepEngine):
                                "rmt-export --engine")
         self.precision = manifest.engines[STEP].get("precision", "fp16")
         self.graphs = frozenset(self.plans)
+        # the batch every plan's profile takes (the profile's first axis of input_ids)
+        batches = [manifest.engines[graph]["profile"][INPUT_IDS] for graph in self.plans]
+        self.min_batch = max(shapes[0][0] for shapes in batches)
+        self.max_batch = min(shapes[2][0] for shapes in batches)
         # positions a decode step may attend to: its plan's profile says how many
         self.max_total = (manifest.engines[DECODE]["profile"][ATTENTION_MASK][2][1]
                           if DECODE in self.plans else 0)
@@ -114,7 +118,15 @@ class TensorRTEngine(StepEngine):
                               tensors["output"].items()})
 
     def new_state(self, state: Mapping[str, np.ndarray]) -> _State:
-        engine_state = _State(self, rows_of(state))
+        """Refuses a batch outside the plans' profile, naming it (the stepper splits a
+        step of more rows into steps of at most ``max_batch``)."""
+        rows = rows_of(state)
+        if not self.min_batch <= rows <= self.max_batch:
+            raise BackendError(f"a step of {rows} rows is outside the TensorRT plans' batch "
+                               f"profile {self.min_batch}..{self.max_batch}; run at most "
+                               f"{self.max_batch} documents at once, or rebuild the plans "
+                               "with rmt-export --engine --batch MIN,OPT,MAX")
+        engine_state = _State(self, rows)
         engine_state.load(state)
         return engine_state
 

@@ -13,12 +13,14 @@ from rmt_deploy.runtime.backends.base import EngineState, State, StepEngine
 
 
 class WrappedEngine(StepEngine):
-    """``engine`` itself to every caller: its config, name, precision and graphs; its
+    """``engine`` itself to every caller: its config, name, precision, graphs and batch
+    limit; its
     states wrapped by :meth:`wrap`."""
 
     def __init__(self, engine: StepEngine) -> None:
         self.engine, self.config, self.name = engine, engine.config, engine.name
         self.precision, self.graphs = engine.precision, engine.graphs
+        self.max_batch = engine.max_batch
 
     def new_state(self, state: Mapping[str, np.ndarray]) -> WrappedState:
         return self.wrap(self.engine.new_state(state))
