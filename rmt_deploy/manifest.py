@@ -175,6 +175,14 @@ def initial_state_records(config: RMTConfig, state: dict[str, np.ndarray],
     return records
 
 
+def export_identity(folder: str | Path) -> str:
+    """The one identity of an export: the sha256 of its ``rmt.json``, which holds every
+    file's sha256, so one identity covers all its graphs, plans, initial state and
+    backends. Saved sessions, served sequences and progress files are checked against
+    it."""
+    return sha256_file(Path(folder) / MANIFEST_NAME)
+
+
 def write_manifest(manifest: Manifest, folder: Path) -> Path:
     """Write ``rmt.json`` atomically."""
     target = folder / MANIFEST_NAME

@@ -19,8 +19,9 @@ from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine  # noqa: E
 from rmt_deploy.runtime.options import RuntimeOptions  # noqa: E402
 from rmt_deploy.segmentation import content_id_range, segment_bounds, step_inputs  # noqa: E402
 from rmt_deploy.serving.cli import triton_main  # noqa: E402
-from rmt_deploy.serving.errors import ServingError  # noqa: E402
+from rmt_deploy.serving.errors import ServingError, StateFileError  # noqa: E402
 from rmt_deploy.serving.identity import model_identity  # noqa: E402
+from rmt_deploy.serving.progress import Progress, load_progress, save_progress  # noqa: E402
 from rmt_deploy.serving.repository import PYTHON_MODEL  # noqa: E402
 from rmt_deploy.serving.sequences import SequenceStore, StepRequest, StepResult  # noqa: E402
 
@@ -229,3 +230,26 @@ def test_store_forgets_idle_sequences(store_parts):
     (result,) = store.execute([StepRequest(1, False, False, ids, mask)])
     assert isinstance(result, ServingError) and "idle over 10 s" in str(result)
     assert len(store) == 0
+
+
+def test_progress_is_saved_in_the_runtime_state_container(encoder_export, tmp_path):
+    """The client's progress file is the sessions' sealed container, with every state
+    pair; a truncated or foreign one is refused."""
+    manifest = read_manifest(encoder_export)
+    state = {k: v + 1 for k, v in manifest.load_initial_state().items()}
+    path = tmp_path / "progress"
+    saved = Progress(model_identity(manifest), "d" * 64, 40, 3, state,
+                     np.arange(3, dtype=np.float32), 1.5, 7)
+    save_progress(path, saved)
+    assert path.read_bytes().startswith(b"RMTSTATE1")
+    loaded = load_progress(path, manifest.config)
+    np.testing.assert_array_equal(loaded.state["memory_in"], state["memory_in"])
+    assert (loaded.model_id, loaded.tokens, loaded.next_segment, loaded.count) == (
+        saved.model_id, 40, 3, 7)
+    save_progress(path, Progress(saved.model_id, "d" * 64, 40, 3,
+                                 {"memory_in": state["memory_in"][:, :4]}, saved.logits))
+    with pytest.raises(StateFileError, match="memory_in .* another model"):
+        load_progress(path, manifest.config)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(StateFileError, match="damaged or truncated"):
+        load_progress(path, manifest.config)

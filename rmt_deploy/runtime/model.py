@@ -16,7 +16,7 @@ import numpy as np
 from rmt_deploy.contract import check_state, reported, state_pairs
 from rmt_deploy.errors import InputError, NumericError
 from rmt_deploy.files import sha256_file
-from rmt_deploy.manifest import MANIFEST_NAME
+from rmt_deploy.manifest import MANIFEST_NAME, export_identity
 from rmt_deploy.runtime.backends.base import State, StepEngine
 from rmt_deploy.runtime.generation import GenerationOptions
 from rmt_deploy.runtime.loop import last_segments, last_tokens, never, run_segments
@@ -198,7 +198,7 @@ def _generation_options(generate: int | GenerationOptions) -> GenerationOptions 
 def _identity(description: str, config: RMTConfig, initial_state: State) -> str:
     path = Path(description) if description else None
     if path is not None and (path / MANIFEST_NAME).is_file():
-        return sha256_file(path / MANIFEST_NAME)
+        return export_identity(path)
     if path is not None and path.is_file():
         return sha256_file(path)
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())

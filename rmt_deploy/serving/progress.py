@@ -63,10 +63,10 @@ def load_progress(path: str | Path, config: RMTConfig) -> Progress:
     damaged = f"{path}: damaged or truncated progress file; delete it to start the document over"
     try:
         header, arrays = unpack(read_state(path), str(path))
-    except InputError as error:
+    except InputError:
         if not Path(path).exists():
             raise StateFileError(f"{path}: no such progress file") from None
-        raise StateFileError(f"{error}; delete it to start the document over") from None
+        raise StateFileError(damaged) from None
     if header.get("format") != FORMAT or header.get("version") != VERSION:
         raise StateFileError(f"{path}: not an rmt-triton progress file this rmt-deploy reads")
     try:
