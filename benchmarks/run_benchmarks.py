@@ -242,7 +242,8 @@ def skipping(pairs: dict[str, tuple[Path, Path]], repeats: int, steps: int) -> l
                     low, high = content_id_range(config)
                     ids, mask = step_inputs([np.arange(config.segment_size) % (high - low)
                                              + low], config)
-                    states = {k: m.engine.new_state(m.initial_state[None])
+                    states = {k: m.engine.new_state({n: v[None]
+                                                     for n, v in m.initial_state.items()})
                               for k, m in models.items()}
 
                     def run(state, ids=ids, mask=mask, logits=graph == "step"):
