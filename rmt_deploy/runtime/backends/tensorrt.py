@@ -95,9 +95,13 @@ class TensorRTEngine(StepEngine):
         self.precision = manifest.engines[STEP].get("precision", "fp16")
         self.graphs = frozenset(self.plans)
         # the batch every plan's profile takes (the profile's first axis of input_ids)
-        batches = [manifest.engines[graph]["profile"][INPUT_IDS] for graph in self.plans]
-        self.min_batch = max(shapes[0][0] for shapes in batches)
-        self.max_batch = min(shapes[2][0] for shapes in batches)
+        try:
+            batches = [manifest.engines[graph]["profile"][INPUT_IDS] for graph in self.plans]
+            self.min_batch = max(int(shapes[0][0]) for shapes in batches)
+            self.max_batch = min(int(shapes[2][0]) for shapes in batches)
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise BackendError("the manifest does not record the plans' profiles; rebuild "
+                               "them with rmt-export --engine") from None
         # positions a decode step may attend to: its plan's profile says how many
         self.max_total = (manifest.engines[DECODE]["profile"][ATTENTION_MASK][2][1]
                           if DECODE in self.plans else 0)
