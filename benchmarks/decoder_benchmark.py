@@ -117,7 +117,7 @@ def ours(model, docs: np.ndarray) -> dict:
     keys = list(range(len(docs)))
     with Stepper(model.engine) as stepper:
         for key in keys:
-            stepper.add(key, model.initial_memory)
+            stepper.add(key, model.initial_state)
         started = time.perf_counter()
         run_segments(stepper, sources, lambda *_: None, skip_last=True, wants_logits=never)
         read = time.perf_counter() - started

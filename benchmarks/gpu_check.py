@@ -66,7 +66,7 @@ def torch_drift(checkpoint: Path, settings: Settings, authors: Any = None,
     gates = PLAN_GATES["fp16" if half else "fp32"]
     if not memory_gate:  # an untrained memory decorrelates under FP16; judge its outputs
         gates = DriftGates(gates.min_agreement, -1.0, None)
-    results = compare(reference, candidate, reference.initial_memory(), settings.segments,
+    results = compare(reference, candidate, reference.initial_state(), settings.segments,
                       modes=("closed_loop",), series=True)
     return judged(results, drift_failures(results, gates), gates)
 
@@ -82,7 +82,7 @@ def demo_accuracy(settings: Settings) -> dict:
     sides = {}
     for name, as_half in (("fp32", False), ("fp16" if half else "candidate", half)):
         engine = TorchEngine(load_checkpoint(DEMO).rmt, device=settings.device, half=as_half)
-        sides[name] = RMTModel(engine, engine.initial_memory())
+        sides[name] = RMTModel(engine, engine.initial_state())
     trained = sides["fp32"].config.extra["train_segments"]
     figures, failures = {}, []
     for factor in settings.accuracy_factors:
@@ -105,7 +105,7 @@ def onnxruntime_gpu(export: Path, settings: Settings) -> dict:
     manifest = read_manifest(export)
     results = compare(OnnxRuntimeEngine(manifest, device="cpu"),
                       OnnxRuntimeEngine(manifest, device=settings.device),
-                      manifest.load_initial_memory(), settings.segments,
+                      manifest.load_initial_state(), settings.segments,
                       modes=("closed_loop",), series=True)
     gates = PLAN_GATES["fp32"]
     return judged(results, drift_failures(results, gates), gates)
@@ -126,7 +126,7 @@ def tensorrt(export: Path, settings: Settings) -> dict:
         BatchProfile(1, 8, 8), timing_cache=settings.work / "timing.cache",
         drift_segments=settings.segments))
     results = compare(OnnxRuntimeEngine(manifest, device="cpu"), TensorRTEngine(manifest),
-                      manifest.load_initial_memory(), settings.segments, series=True)
+                      manifest.load_initial_state(), settings.segments, series=True)
     gates = PLAN_GATES[manifest.engines["step"]["precision"]]
     failures = drift_failures(results, gates)
     plain = open_model(export / "model.plan")

@@ -299,7 +299,8 @@ def skipping(pairs: dict[str, tuple[Path, Path]], repeats: int, steps: int) -> l
                     low, high = content_id_range(config)
                     ids, mask = step_inputs([np.arange(config.segment_size) % (high - low)
                                              + low], config)
-                    states = {k: m.engine.new_state(m.initial_memory[None])
+                    states = {k: m.engine.new_state({n: v[None]
+                                                     for n, v in m.initial_state.items()})
                               for k, m in models.items()}
 
                     def run(state, ids=ids, mask=mask, logits=graph == "step"):
@@ -369,7 +370,7 @@ def closed_loop_int8(fp32: Path, int8: Path, backend: str, segments: int,
 
     base = open_model(fp32, backend=backend, threads=1)
     quant = open_model(int8, backend=backend, threads=1, precision="int8")
-    result = compare(base.engine, quant.engine, base.initial_memory, segments,
+    result = compare(base.engine, quant.engine, base.initial_state, segments,
                      modes=("closed_loop",))["closed_loop"]
     low, high = content_id_range(base.config)
     doc = [np.arange(8 * base.config.segment_size) * 7919 % (high - low) + low]

@@ -51,7 +51,7 @@ def split(model: RMTModel, document: Path) -> dict[str, float]:
         tokenize = time.perf_counter() - started
         del source
     timed = TimedEngine(model.engine)
-    run = RMTModel(timed, model.initial_memory, model.tokenizer, model.description,
+    run = RMTModel(timed, model.initial_state, model.tokenizer, model.description,
                    model.choice).run([document])
     loop = run.seconds - tokenize - timed.seconds
     return {"segments": run.segments, "tokens": run.tokens, "seconds": run.seconds,

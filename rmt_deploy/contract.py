@@ -1,19 +1,22 @@
 """The step contract, declared once as data: the graph variants an RMT is exported as,
-their inputs and outputs (names, dtypes, shapes with named dynamic axes) and the range of
-every dynamic axis. The exporter's dynamic axes, the manifest's tensor lists, the
-TensorRT profiles, the Triton config dims and the runtime's input checks all derive from
-it, so a new variant is one entry here. numpy only."""
+their inputs and outputs (names, dtypes, shapes with named dynamic axes), the recurrent
+state they carry as pairs (``name_in <- name_out``) and the range of every dynamic axis.
+The exporter's dynamic axes and trace inputs, the manifest's tensor lists and initial
+state, the TensorRT profiles and bindings, every backend's state buffers, the stepper's
+resident state, saved sessions, the Triton config and the runtime's checks all derive
+from it, so a new variant is one entry in :func:`variant`, and a new kind of state one
+entry in :data:`STATE`. numpy only."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from rmt_deploy.errors import ConfigError, InputError
-from rmt_deploy.spec import RMTConfig
+from rmt_deploy.spec import DECODER, ENCODER, RMTConfig
 
 # Tensor names.
 INPUT_IDS = "input_ids"
@@ -35,16 +38,142 @@ CONTEXT = "context"  # positions a prefill caches: memory slots + tokens
 PAST = "past"  # positions cached before a decode step
 TOTAL = "total"  # past + 1: the positions a decode step attends to
 
+# Initial values of a state pair.
+ZEROS = "zeros"  # zeros
+LEARNED = "learned"  # the reference model's own initial value, saved in the export
+FILE = "file"  # an .npy file named by the pair, copied into the export
+INITIALS = (ZEROS, LEARNED, FILE)
+
+
+@dataclass(frozen=True)
+class StatePair:
+    """One recurrent state: a step reads it as ``name_in`` and returns its next value as
+    ``name_out``, which the next step reads. ``shape`` is the input's, batch first, its
+    str entries named axes; ``out_shape`` the output's where it differs (a KV cache grows
+    by one position a step). ``dtype`` is its own, whatever the layers compute in (an FP32
+    state beside FP16 layers). ``sized_by`` names the config field sizing each axis (for
+    error messages); ``file`` is the .npy an ``initial=FILE`` pair starts from."""
+
+    name_in: str
+    name_out: str
+    dtype: str
+    shape: tuple[int | str, ...]
+    initial: str = ZEROS
+    out_shape: tuple[int | str, ...] | None = None
+    sized_by: tuple[str | None, ...] = ()
+    file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.initial not in INITIALS or (self.initial == FILE) != (self.file is not None):
+            raise ConfigError(f"state {self.name_in}: initial must be one of "
+                              f"{', '.join(INITIALS)}, with a file exactly for {FILE}")
+        if not self.shape or self.shape[0] != BATCH:
+            raise ConfigError(f"state {self.name_in}: its shape must start with the "
+                              f"{BATCH} axis")
+
+    @property
+    def input(self) -> Tensor:
+        return Tensor(self.name_in, self.dtype, self.shape)
+
+    @property
+    def output(self) -> Tensor:
+        return Tensor(self.name_out, self.dtype, self.out_shape or self.shape)
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """One row's shape (the batch axis dropped); only for a state of fixed size."""
+        rest = self.shape[1:]
+        if not all(isinstance(d, int) for d in rest):
+            raise ConfigError(f"state {self.name_in} grows ({_shape_text(self.shape)}); "
+                              "it is not carried between segments")
+        return tuple(int(d) for d in rest)
+
+    def zeros(self, rows: int) -> np.ndarray:
+        return np.zeros((rows, *self.row_shape), np.dtype(self.dtype))
+
+
+def rmt_memory(config: RMTConfig) -> tuple[StatePair, ...]:
+    """The RMT's state: its memory tokens, read and written by every step."""
+    return (StatePair(MEMORY_IN, MEMORY_OUT, "float32",
+                      (BATCH, config.num_mem_tokens, config.hidden_size), LEARNED,
+                      sized_by=(None, "num_mem_tokens", "hidden_size")),)
+
+
+#: The state a step carries to the next segment, by model kind (``RMTConfig.variant``).
+STATE: dict[str, Callable[[RMTConfig], tuple[StatePair, ...]]] = {
+    ENCODER: rmt_memory,
+    DECODER: rmt_memory,
+}
+
+
+def state_pairs(config: RMTConfig) -> tuple[StatePair, ...]:
+    """The state carried from one segment to the next, as the contract declares it."""
+    return STATE[config.variant](config)
+
+
+def reported(config: RMTConfig) -> StatePair:
+    """The state pair that results report as the document's ``memory``: the first one
+    declared."""
+    return state_pairs(config)[0]
+
+
+def cache_pairs(config: RMTConfig) -> tuple[StatePair, ...]:
+    """A decoder's KV cache, carried from one decode step to the next, layer by layer:
+    ``past.{i}.key <- present.{i}.key``, ``past.{i}.value <- present.{i}.value``."""
+    shape = (BATCH, config.cache_heads, PAST, config.head_dim)
+    grown = (BATCH, config.cache_heads, TOTAL, config.head_dim)
+    return tuple(StatePair(f"past.{i}.{kind}", f"present.{i}.{kind}", "float32", shape,
+                           out_shape=grown, sized_by=(None, "cache_heads", None, "head_dim"))
+                 for i in range(config.cache_layers or 0) for kind in ("key", "value"))
+
 
 def past_names(config: RMTConfig) -> list[str]:
     """The cache inputs of a decode step, layer by layer: key, value, key, value, ..."""
-    return [f"past.{i}.{kind}" for i in range(config.cache_layers or 0)
-            for kind in ("key", "value")]
+    return [pair.name_in for pair in cache_pairs(config)]
 
 
 def present_names(config: RMTConfig) -> list[str]:
     """The cache outputs of a prefill or decode step, in :func:`past_names` order."""
-    return [name.replace("past.", "present.", 1) for name in past_names(config)]
+    return [pair.name_out for pair in cache_pairs(config)]
+
+
+def concrete(shape: tuple[int | str, ...], sizes: Mapping[str, int]) -> tuple[int, ...]:
+    """``shape`` with its named axes sized from ``sizes``."""
+    return tuple(sizes[d] if isinstance(d, str) else d for d in shape)
+
+
+def start_state(config: RMTConfig, learned: Mapping[str, np.ndarray]
+                  ) -> dict[str, np.ndarray]:
+    """One row's initial state, by input name: zeros, or the ``learned`` (and file)
+    values the export holds."""
+    return {pair.name_in: (pair.zeros(1)[0] if pair.initial == ZEROS
+                           else np.asarray(learned[pair.name_in], dtype=pair.dtype))
+            for pair in state_pairs(config)}
+
+
+def check_state(config: RMTConfig, state: Mapping[str, Any], rows: int | None,
+                what: str = "the state") -> dict[str, np.ndarray]:
+    """The state of ``rows`` rows (None: one row, without the batch axis), every pair
+    present with its declared shape, finite, in its declared dtype (cast within the same
+    kind); anything else is an InputError naming the pair and what it should be."""
+    checked = {}
+    for pair in state_pairs(config):
+        array = state.get(pair.name_in) if isinstance(state, Mapping) else None
+        expected = pair.row_shape if rows is None else (rows, *pair.row_shape)
+        if array is None:
+            raise InputError(f"{what}: state {pair.name_in} is missing; this model carries "
+                             f"{', '.join(p.name_in for p in state_pairs(config))}")
+        array = np.asarray(array)
+        if array.shape != expected or not np.can_cast(array.dtype, pair.dtype, "same_kind"):
+            raise InputError(f"{what}: state {pair.name_in} is {array.dtype} "
+                             f"{tuple(array.shape)}, this model's is {pair.dtype} {expected}; "
+                             "it is from another model")
+        array = array.astype(pair.dtype, copy=False)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise InputError(f"{what}: state {pair.name_in} holds NaN or infinity; it is "
+                             "damaged")
+        checked[pair.name_in] = array
+    return checked
 
 
 @dataclass(frozen=True)
@@ -66,17 +195,16 @@ class Tensor:
 
 @dataclass(frozen=True)
 class Variant:
-    """A graph of the contract."""
+    """A graph of the contract. ``reads``: the state pairs whose input it takes;
+    ``writes``: those whose output it returns (the state it carries to the next step)."""
 
     name: str
     file: str  # its ONNX file in an export folder
     plan_file: str  # its TensorRT plan
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
-
-    @property
-    def writes_memory(self) -> bool:
-        return any(t.name == MEMORY_OUT for t in self.outputs)
+    reads: tuple[StatePair, ...] = ()
+    writes: tuple[StatePair, ...] = ()
 
     def tensor(self, name: str) -> Tensor:
         for tensor in (*self.inputs, *self.outputs):
@@ -130,50 +258,59 @@ def variants(config: RMTConfig) -> dict[str, Variant]:
 
 
 def variant(config: RMTConfig, name: str) -> Variant:
-    """One variant's tensors for this config."""
+    """One variant's tensors for this config: the segment's ids and mask and the state it
+    reads in, its logits and the state it writes out."""
     if name not in variant_names(config):
         raise ConfigError(f"a {config.variant} RMT has no {name!r} graph; it has "
                           f"{', '.join(variant_names(config))}")
-    if name in (PREFILL, DECODE):
-        return _generation_variant(config, name)
-    m, h = config.num_mem_tokens, config.hidden_size
+    state = state_pairs(config)
+    if name == DECODE:
+        cache = cache_pairs(config)
+        return Variant(name, f"{name}.onnx", f"{name}.plan",
+                       (Tensor(INPUT_IDS, "int64", (BATCH, 1)),
+                        Tensor(ATTENTION_MASK, "int64", (BATCH, TOTAL)),
+                        *(pair.input for pair in cache)),
+                       (Tensor(LOGITS, "float32", (BATCH, config.vocab_size)),
+                        *(pair.output for pair in cache)), cache, cache)
     positions: int | str = config.input_size if config.is_encoder else TOKENS
-    inputs = (
-        Tensor(INPUT_IDS, "int64", (BATCH, positions)),
-        Tensor(ATTENTION_MASK, "int64", (BATCH, positions)),
-        Tensor(MEMORY_IN, "float32", (BATCH, m, h)),
-    )
+    inputs = (Tensor(INPUT_IDS, "int64", (BATCH, positions)),
+              Tensor(ATTENTION_MASK, "int64", (BATCH, positions)),
+              *(pair.input for pair in state))
+    if name == PREFILL:  # logits [batch, vocab] after each row's last real token, the cache
+        cached = (Tensor(p.name_out, p.dtype, tuple(CONTEXT if d == TOTAL else d
+                                                     for d in p.output.shape))
+                  for p in cache_pairs(config))
+        return Variant(name, f"{name}.onnx", f"{name}.plan", inputs,
+                       (Tensor(LOGITS, "float32", (BATCH, config.vocab_size)), *cached),
+                       state)
     if config.is_encoder:
         logits = Tensor(LOGITS, "float32", (BATCH, len(config.labels)))
     else:
         logits = Tensor(LOGITS, "float32", (BATCH, positions, config.vocab_size))
-    memory = Tensor(MEMORY_OUT, "float32", (BATCH, m, h))
+    written = tuple(pair.output for pair in state)
     files = {STEP: ("model.onnx", "model.plan"), WRITE: ("write.onnx", "write.plan")}
-    outputs = {STEP: (logits, memory), WRITE: (memory,)}[name]
-    return Variant(name, *files[name], inputs, outputs)
+    outputs = {STEP: (logits, *written), WRITE: written}[name]
+    return Variant(name, *files[name], inputs, outputs, state, state)
 
 
-def _generation_variant(config: RMTConfig, name: str) -> Variant:
-    """Prefill: (input_ids, attention_mask, memory_in) -> (logits [batch, vocab] after each
-    row's last real token, present.*). Decode: (input_ids [batch, 1], attention_mask
-    [batch, total], past.*) -> (logits, present.*)."""
-    cache = (config.cache_heads, config.head_dim)
-    logits = Tensor(LOGITS, "float32", (BATCH, config.vocab_size))
-    if name == PREFILL:
-        inputs = (Tensor(INPUT_IDS, "int64", (BATCH, TOKENS)),
-                  Tensor(ATTENTION_MASK, "int64", (BATCH, TOKENS)),
-                  Tensor(MEMORY_IN, "float32", (BATCH, config.num_mem_tokens,
-                                                config.hidden_size)))
-        grown = CONTEXT
-    else:
-        inputs = (Tensor(INPUT_IDS, "int64", (BATCH, 1)),
-                  Tensor(ATTENTION_MASK, "int64", (BATCH, TOTAL)),
-                  *(Tensor(n, "float32", (BATCH, cache[0], PAST, cache[1]))
-                    for n in past_names(config)))
-        grown = TOTAL
-    outputs = (logits, *(Tensor(n, "float32", (BATCH, cache[0], grown, cache[1]))
-                         for n in present_names(config)))
-    return Variant(name, f"{name}.onnx", f"{name}.plan", inputs, outputs)
+def step_graph(graphs: frozenset[str] | Mapping[str, Any], logits: bool) -> str:
+    """The variant that runs a segment: the write graph where no logits are read and the
+    engine has it, else the step."""
+    return WRITE if not logits and WRITE in graphs else STEP
+
+
+def sizes_of(variant: Variant, feed: Mapping[str, Any]) -> dict[str, int]:
+    """The named axes' sizes that the shapes of ``feed``'s arrays (or shapes) give."""
+    sizes: dict[str, int] = {}
+    for tensor in variant.inputs:
+        if tensor.name in feed:
+            shape = feed[tensor.name]
+            shape = shape if isinstance(shape, tuple) else np.shape(shape)
+            sizes.update((d, int(n)) for d, n in zip(tensor.shape, shape, strict=True)
+                         if isinstance(d, str))
+    if PAST in sizes:
+        sizes.setdefault(TOTAL, sizes[PAST] + 1)
+    return sizes
 
 
 def axis_ranges(config: RMTConfig, name: str, batch: BatchProfile | None = None,

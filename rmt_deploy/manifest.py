@@ -20,10 +20,12 @@ from rmt_deploy.contract import (
     ATTENTION_MASK,
     INPUT_IDS,
     LOGITS,
-    MEMORY_IN,
-    MEMORY_OUT,
     STEP,
+    ZEROS,
     Tensor,
+    cache_pairs,
+    start_state,
+    state_pairs,
     variant,
     variant_names,
 )
@@ -34,7 +36,8 @@ from rmt_deploy.spec import RMTConfig
 
 MANIFEST_NAME = "rmt.json"
 MANIFEST_FORMAT = "rmt-deploy-export"
-MANIFEST_VERSION = 2  # 2: generation with a KV cache (prefill, decode), one weights file
+MANIFEST_VERSION = 3  # 2: generation with a KV cache (prefill, decode), one weights file;
+# 3: the initial value of every state pair (initial_state) in place of initial_memory
 MAX_MANIFEST_BYTES = 8 << 20  # a manifest is a few KB; anything this big is not one
 MAX_JSON_DEPTH = 32
 
@@ -93,7 +96,8 @@ class Manifest:
 
     config: RMTConfig
     graphs: dict[str, GraphSpec]  # by graph_key: "step", "write", "prefill", "step.fp16", ...
-    initial_memory: dict[str, Any]  # file, sha256, shape, dtype
+    initial_state: dict[str, dict[str, Any]]  # state pairs that do not start at zero, by
+    # input name: file, sha256, shape (one row's), dtype
     tokenizer: dict[str, Any] | None  # file, sha256
     source: dict[str, Any]  # checkpoint name, sha256, format
     exporter: dict[str, Any]  # versions, opset, attention kernel
@@ -112,7 +116,7 @@ class Manifest:
             "format_version": MANIFEST_VERSION,
             "rmt_config": self.config.to_dict(),
             "graphs": {name: graph.to_dict() for name, graph in self.graphs.items()},
-            "initial_memory": self.initial_memory,
+            "initial_state": self.initial_state,
             "tokenizer": self.tokenizer,
             "source": self.source,
             "exporter": self.exporter,
@@ -152,34 +156,62 @@ class Manifest:
             self.opened.check_paths(relatives)
 
     def files(self) -> dict[str, str]:
-        """Every file the manifest lists (graphs, their weight data, initial memory,
+        """Every file the manifest lists (graphs, their weight data, initial state,
         tokenizer, plans): relative name -> sha256."""
         entries = [(g.file, g.sha256) for g in self.graphs.values()]
         entries += [(d["file"], d["sha256"]) for g in self.graphs.values() for d in g.data]
-        entries.append((self.initial_memory["file"], self.initial_memory["sha256"]))
+        entries += [(r["file"], r["sha256"]) for r in self.initial_state.values()]
         if self.tokenizer:
             entries.append((self.tokenizer["file"], self.tokenizer["sha256"]))
         entries += [(plan["file"], plan["sha256"]) for plan in self.engines.values()]
         return dict(entries)
 
-    def load_initial_memory(self) -> np.ndarray:
-        """The learned initial memory, [M, H] float32, finite."""
-        name = self.initial_memory["file"]
-        try:
-            memory = np.load(io.BytesIO(self.read_bytes(name)), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as error:
-            raise ManifestError(f"{name}: not a readable .npy array ({error}); re-export "
-                                "the model") from None
-        expected = (self.config.num_mem_tokens, self.config.hidden_size)
-        if not isinstance(memory, np.ndarray) or memory.dtype != np.float32 or \
-                memory.shape != expected:
-            raise ManifestError(f"{name}: {getattr(memory, 'dtype', type(memory).__name__)} "
-                                f"{getattr(memory, 'shape', '')}, expected float32 {expected}; "
-                                "re-export the model")
-        if not np.isfinite(memory).all():
-            raise ManifestError(f"{name}: the initial memory holds NaN or infinity; "
-                                "re-export the model from a healthy checkpoint")
-        return memory
+    def load_initial_state(self) -> dict[str, np.ndarray]:
+        """One row's initial state, every pair of the contract by input name: zeros, or
+        the value the export holds, in the pair's dtype and shape, finite."""
+        learned = {}
+        pairs = {pair.name_in: pair for pair in state_pairs(self.config)}
+        for name, record in self.initial_state.items():
+            file, pair = record["file"], pairs[name]
+            try:
+                value = np.load(io.BytesIO(self.read_bytes(file)), allow_pickle=False)
+            except (ValueError, OSError, EOFError) as error:
+                raise ManifestError(f"{file}: not a readable .npy array ({error}); re-export "
+                                    "the model") from None
+            if not isinstance(value, np.ndarray) or value.dtype != np.dtype(pair.dtype) or \
+                    value.shape != pair.row_shape:
+                raise ManifestError(f"{file}: {getattr(value, 'dtype', type(value).__name__)} "
+                                    f"{getattr(value, 'shape', '')}, expected {pair.dtype} "
+                                    f"{pair.row_shape} (the initial {name}); re-export the "
+                                    "model")
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise ManifestError(f"{file}: the initial {name} holds NaN or infinity; "
+                                    "re-export the model from a healthy checkpoint")
+            learned[name] = value
+        return start_state(self.config, learned)
+
+
+def initial_state_records(config: RMTConfig, state: dict[str, np.ndarray],
+                          folder: Path) -> dict[str, dict[str, Any]]:
+    """Save the initial value of each state pair that does not start at zero into
+    ``folder`` (``{name}.init.npy``) and return the manifest's records of them."""
+    records = {}
+    for pair in state_pairs(config):
+        if pair.initial != ZEROS:
+            file = f"{pair.name_in}.init.npy"
+            value = np.ascontiguousarray(state[pair.name_in], dtype=pair.dtype)
+            np.save(folder / file, value)
+            records[pair.name_in] = {"file": file, "sha256": sha256_file(folder / file),
+                                     "shape": list(value.shape), "dtype": pair.dtype}
+    return records
+
+
+def export_identity(folder: str | Path) -> str:
+    """The one identity of an export: the sha256 of its ``rmt.json``, which holds every
+    file's sha256, so one identity covers all its graphs, plans, initial state and
+    backends. Saved sessions, served sequences and progress files are checked against
+    it."""
+    return sha256_file(Path(folder) / MANIFEST_NAME)
 
 
 def write_manifest(manifest: Manifest, folder: Path) -> Path:
@@ -227,7 +259,7 @@ def _read_opened(opened: OpenedFolder, path: Path, verify: bool) -> Manifest:
         manifest = Manifest(
             config=RMTConfig.from_dict(data["rmt_config"]),
             graphs={str(k): GraphSpec.from_dict(v) for k, v in data["graphs"].items()},
-            initial_memory=dict(data["initial_memory"]),
+            initial_state={str(k): dict(v) for k, v in data["initial_state"].items()},
             tokenizer=dict(data["tokenizer"]) if data.get("tokenizer") else None,
             source=data.get("source", {}),
             exporter=data.get("exporter", {}),
@@ -293,12 +325,18 @@ def _check_graphs(manifest: Manifest, path: Path) -> None:
                 raise ManifestError(f"{path}: graph {key!r} declares "
                                     f"{_mismatch(config, kind, declared, expected)}; "
                                     "re-export the model")
-    record = manifest.initial_memory
-    expected = [config.num_mem_tokens, config.hidden_size]
-    if record.get("shape") != expected or record.get("dtype") != "float32":
-        raise ManifestError(f"{path}: initial_memory is {record.get('dtype')} "
-                            f"{record.get('shape')}, the config implies float32 {expected}; "
-                            "re-export the model")
+    pairs = {pair.name_in: pair for pair in state_pairs(config) if pair.initial != ZEROS}
+    if sorted(manifest.initial_state) != sorted(pairs):
+        raise ManifestError(f"{path}: initial_state lists {sorted(manifest.initial_state)}, "
+                            f"the contract's state starts from {sorted(pairs)}; re-export the "
+                            "model")
+    for name, pair in pairs.items():
+        record = manifest.initial_state[name]
+        expected = list(pair.row_shape)
+        if record.get("shape") != expected or record.get("dtype") != pair.dtype:
+            raise ManifestError(f"{path}: initial_state {name} is {record.get('dtype')} "
+                                f"{record.get('shape')}, the config implies {pair.dtype} "
+                                f"{expected}; re-export the model")
 
 
 def _check_weights(manifest: Manifest, path: Path) -> None:
@@ -341,8 +379,9 @@ def _mismatch(config: RMTConfig, kind: str, declared: tuple[Tensor, ...],
 
 def _sized_by(config: RMTConfig, name: str) -> tuple[str | None, ...]:
     """The config field sizing each axis of a contract tensor (None: a dynamic axis)."""
-    if name in (MEMORY_IN, MEMORY_OUT):
-        return (None, "num_mem_tokens", "hidden_size")
+    for pair in (*state_pairs(config), *cache_pairs(config)):
+        if name in (pair.name_in, pair.name_out):
+            return pair.sized_by
     if name == LOGITS:
         return (None, "labels") if config.is_encoder else (None, None, "vocab_size")
     if name in (INPUT_IDS, ATTENTION_MASK):

@@ -40,7 +40,7 @@ class Fault:
 
 FAULTS = (
     Fault("open-loop reset removed from validation", "rmt_deploy/export/validate.py",
-          "            self.candidate.load(self.reference.memory())\n", "            pass\n",
+          "            self.candidate.load(self.reference.state())\n", "            pass\n",
           (f"{GATES}::test_open_loop_starts_every_step_from_the_reference_memory",)),
     Fault("memory cosine hard-coded to 1.0", "rmt_deploy/export/validate.py",
           "worst = float(cosine.min(initial=1.0))", "worst = 1.0",

@@ -10,8 +10,8 @@ from rmt_deploy.runtime.backends.wrapped import WrappedEngine, WrappedState
 
 
 class CountingEngine(WrappedEngine):
-    """Counts states made and closed, memory moved to the engine (new_state, load) and to
-    the host (memory), and steps (with each step's batch size in ``batches``)."""
+    """Counts states made and closed, state moved to the engine (new_state, load) and to
+    the host (state), and steps (with each step's batch size in ``batches``)."""
 
     def __init__(self, engine: StepEngine) -> None:
         super().__init__(engine)
@@ -29,13 +29,13 @@ class CountingEngine(WrappedEngine):
 
 
 class _CountingState(WrappedState):
-    def load(self, memory):
+    def load(self, state):
         self.owner.counts["uploads"] += 1
-        super().load(memory)
+        super().load(state)
 
-    def memory(self):
+    def state(self):
         self.owner.counts["downloads"] += 1
-        return super().memory()
+        return super().state()
 
     def step(self, input_ids, attention_mask, logits=True):
         self.owner.counts["steps"] += 1

@@ -143,10 +143,14 @@ def _array(address: int, shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 def fake_tensorrt(cuda: FakeCuda, version: str = "10.13.0") -> types.ModuleType:
-    """A ``tensorrt`` module whose runtime runs fake plans (see :func:`plan_bytes`)."""
+    """A ``tensorrt`` module whose runtime runs fake plans (see :func:`plan_bytes`). An
+    execution context's calls that report success as a bool (``set_input_shape``,
+    ``set_tensor_address``, ``execute_async_v3``) return False while their name is in
+    ``trt.failing``, as TensorRT does for a shape outside the profile or a failed launch."""
     import onnxruntime as ort
 
     trt = types.ModuleType("tensorrt")
+    trt.failing = set()
     trt.__version__ = version
     trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # found, as if installed
     dtypes = {"tensor(int64)": np.int64, "tensor(float)": np.float32}
@@ -166,15 +170,23 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.13.0") -> types.ModuleType:
             cuda.counts["context"] += 1
 
         def set_input_shape(self, name, shape):
+            if "set_input_shape" in trt.failing:
+                return False
             self.shapes[name] = tuple(shape)
+            return True
 
         def get_tensor_shape(self, name):
             return self.engine.output_shape(name, self.shapes)
 
         def set_tensor_address(self, name, address):
+            if "set_tensor_address" in trt.failing:
+                return False
             self.addresses[name] = address
+            return True
 
         def execute_async_v3(self, stream):
+            if "execute_async_v3" in trt.failing:
+                return False
             shapes, addresses = dict(self.shapes), dict(self.addresses)  # fixed at launch
 
             def launch():

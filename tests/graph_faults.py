@@ -54,38 +54,41 @@ class FaultyEngine(StepEngine):
         self.config, self.name, self.graphs = engine.config, engine.name, engine.graphs
         self.precision = engine.precision
 
-    def new_state(self, memory: np.ndarray) -> _FaultyState:
-        return _FaultyState(self, self.engine.new_state(memory), memory)
+    def new_state(self, state) -> _FaultyState:
+        return _FaultyState(self, self.engine.new_state(state), state)
 
 
 class _FaultyState(EngineState):
-    def __init__(self, owner: FaultyEngine, state: EngineState, memory: np.ndarray) -> None:
+    def __init__(self, owner: FaultyEngine, state: EngineState, first) -> None:
         super().__init__(state.batch)
-        self.owner, self.state, self.first = owner, state, np.array(memory)
+        self.owner, self.inner, self.first = owner, state, dict(first)
         self.steps = 0
         self.since_load = 0
 
-    def load(self, memory):
-        self.first = np.array(memory)
+    def load(self, state):
+        self.first = dict(state)
         self.since_load = 0
-        self.state.load(memory)
+        self.inner.load(state)
 
-    def memory(self):
-        return self.state.memory()
+    def state(self):
+        return self.inner.state()
+
+    def _load_memory(self, memory):
+        self.inner.load({**self.inner.state(), "memory_in": memory})
 
     def step(self, input_ids, attention_mask, logits=True):
         owner = self.owner
         if owner.fault == "no_feedback":
-            self.state.load(self.first)
-        result = self.state.step(input_ids, attention_mask, logits)
+            self.inner.load(self.first)
+        result = self.inner.step(input_ids, attention_mask, logits)
         self.steps += 1
         self.since_load += 1
         late = self.steps > owner.segment
         if owner.fault == "drift":
-            self.state.load(self.state.memory() + np.float32(owner.size * self.since_load))
+            self._load_memory(self.inner.state()["memory_in"]
+                              + np.float32(owner.size * self.since_load))
         if owner.fault == "rotate" and late:
-            memory = self.state.memory()
-            self.state.load(memory[:, ::-1].copy())
+            self._load_memory(self.inner.state()["memory_in"][:, ::-1].copy())
         if result is not None and late and owner.fault == "nan":
             result = result.copy()
             result.flat[0] = np.nan
@@ -94,11 +97,11 @@ class _FaultyState(EngineState):
         return result
 
     def prefill(self, input_ids, attention_mask):
-        return self.state.prefill(input_ids, attention_mask)
+        return self.inner.prefill(input_ids, attention_mask)
 
     def decode(self, cache, input_ids, attention_mask):
-        return self.state.decode(cache, input_ids, attention_mask)
+        return self.inner.decode(cache, input_ids, attention_mask)
 
     def close(self):
-        self.state.close()
+        self.inner.close()
         super().close()

@@ -304,7 +304,7 @@ def test_convert_then_export_without_options(tmp_path, variant):
     from tokenizers import Tokenizer
 
     engine = TorchEngine(source, threads=1)
-    reference = RMTModel(engine, engine.initial_memory(),
+    reference = RMTModel(engine, engine.initial_state(),
                          Tokenizer.from_str(loaded.tokenizer_json)).run_one(text)
     assert report["tokens"] == reference.tokens and report["segments"] == reference.segments
     assert reference.segments == (3 if variant == "bert" else 5)

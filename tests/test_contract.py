@@ -18,6 +18,7 @@ from rmt_deploy.contract import (
     BatchProfile,
     check_feed,
     profile_shapes,
+    state_pairs,
     variant,
     variant_names,
 )
@@ -48,7 +49,7 @@ def test_encoder_step_tensors(encoder_config):
         (MEMORY_IN, "float32", ("batch", 3, 32))]
     assert [(t.name, t.shape) for t in step.outputs] == [
         (LOGITS, ("batch", 3)), (MEMORY_OUT, ("batch", 3, 32))]
-    assert step.writes_memory
+    assert step.reads == step.writes == state_pairs(encoder_config)
     assert step.dynamic_axes() == {INPUT_IDS: {0: "batch"}, ATTENTION_MASK: {0: "batch"},
                                    MEMORY_IN: {0: "batch"}, LOGITS: {0: "batch"},
                                    MEMORY_OUT: {0: "batch"}}
@@ -58,7 +59,7 @@ def test_the_write_variant_returns_the_memory_only(encoder_config, decoder_confi
     for config in (encoder_config, decoder_config):
         write, step = variant(config, WRITE), variant(config, STEP)
         assert write.inputs == step.inputs and write.outputs == step.outputs[1:]
-        assert write.writes_memory and (write.file, write.plan_file) == ("write.onnx",
+        assert write.writes == step.writes and (write.file, write.plan_file) == ("write.onnx",
                                                                          "write.plan")
 
 
@@ -77,7 +78,7 @@ def test_generation_variants_carry_the_kv_cache(decoder_config):
     assert [t.name for t in decode.outputs][1:] == [n.replace("past", "present") for n in cache]
     assert decode.outputs[1].shape == ("batch", heads, "total", width)
     assert prefill.outputs[1].shape == ("batch", heads, "context", width)
-    assert not prefill.writes_memory and not decode.writes_memory
+    assert not prefill.writes and decode.writes == decode.reads != prefill.reads
     assert (decode.file, decode.plan_file) == ("decode.onnx", "decode.plan")
 
 

@@ -224,7 +224,7 @@ def _the_manifest(tmp, export, doc):
 
 
 def _a_graph_of_the_model_file(tmp, export, doc):
-    return export / "model.onnx", export / "memory_init.npy", "inside the export folder"
+    return export / "model.onnx", export / "memory_in.init.npy", "inside the export folder"
 
 
 def _a_new_file_in_the_export(tmp, export, doc):

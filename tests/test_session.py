@@ -406,11 +406,11 @@ def test_batcher_runs_waiting_sessions_as_one_step(decoder_model):
     with Stepper(decoder_model.engine) as alone:
         expected = []
         for row in range(5):
-            alone.add(row, decoder_model.initial_memory)
+            alone.add(row, decoder_model.initial_state)
             expected.append((alone.step([row], segments[row: row + 1]), None))
-            expected[-1] = (expected[-1][0], alone.memory(row))
+            expected[-1] = (expected[-1][0], alone.state(row)["memory_in"])
     for row in range(5):
-        batcher.add(row, decoder_model.initial_memory)
+        batcher.add(row, decoder_model.initial_state)
     results: dict[int, np.ndarray] = {}
 
     def call(row: int) -> None:
@@ -427,7 +427,7 @@ def test_batcher_runs_waiting_sessions_as_one_step(decoder_model):
     engine.gate.set()
     for thread in [first, *others]:
         thread.join()
-    memory = batcher.memories(range(5))
+    memory = batcher.states(range(5))["memory_in"]
     batcher.close()
     assert engine.batches == [1, 4]
     assert (batcher.steps, batcher.rows) == (2, 5)

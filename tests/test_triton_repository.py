@@ -19,8 +19,9 @@ from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine  # noqa: E
 from rmt_deploy.runtime.options import RuntimeOptions  # noqa: E402
 from rmt_deploy.segmentation import content_id_range, segment_bounds, step_inputs  # noqa: E402
 from rmt_deploy.serving.cli import triton_main  # noqa: E402
-from rmt_deploy.serving.errors import ServingError  # noqa: E402
+from rmt_deploy.serving.errors import ServingError, StateFileError  # noqa: E402
 from rmt_deploy.serving.identity import model_identity  # noqa: E402
+from rmt_deploy.serving.progress import Progress, load_progress, save_progress  # noqa: E402
 from rmt_deploy.serving.repository import PYTHON_MODEL  # noqa: E402
 from rmt_deploy.serving.sequences import SequenceStore, StepRequest, StepResult  # noqa: E402
 
@@ -96,7 +97,7 @@ def test_onnxruntime_repository_initial_state(export_fixture, request, tmp_path)
     # Triton reads data_file from the model folder's initial_state/ (kInitialStateFolder).
     data = (folder / "initial_state" / initial.data_file).read_bytes()
     assert len(data) == m * h * 4
-    learned = np.load(export / "memory_init.npy")
+    learned = np.load(export / "memory_in.init.npy")
     assert np.array_equal(np.frombuffer(data, "<f4").reshape(m, h), learned)
     assert not np.allclose(learned, 0)
     assert (folder / "1" / "model.onnx").read_bytes() == (export / graph.file).read_bytes()
@@ -150,7 +151,7 @@ def segments_of(ids, config):
 def store_parts(encoder_export):
     manifest = read_manifest(encoder_export)
     return (OnnxRuntimeEngine(manifest, RuntimeOptions(threads=1)),
-            manifest.load_initial_memory())
+            manifest.load_initial_state())
 
 
 def documents(config, lengths, seed):
@@ -181,7 +182,7 @@ def test_store_interleaves_sequences_like_local_runs(store_parts, encoder_export
     local = open_model(encoder_export).run(docs).outputs
     for seq, output in zip((5, 9, 11), local, strict=True):
         np.testing.assert_allclose(last[seq].logits[0], output.logits, atol=1e-5)
-        np.testing.assert_allclose(last[seq].memory[0], output.memory, atol=1e-5)
+        np.testing.assert_allclose(last[seq].state["memory_in"][0], output.memory, atol=1e-5)
 
 
 def test_store_rejects_bad_requests_without_disturbing_others(store_parts):
@@ -191,12 +192,14 @@ def test_store_rejects_bad_requests_without_disturbing_others(store_parts):
     (ids, mask), = list(segments_of(documents(config, (5,), seed=4)[0], config))
     m, h = config.num_mem_tokens, config.hidden_size
     assert isinstance(store.execute([StepRequest(1, True, False, ids, mask)])[0], StepResult)
-    before = store.stepper.memory(1)
+    before = store.stepper.state(1)["memory_in"]
     bad = [
         StepRequest(2, False, False, ids, mask),  # never started
-        StepRequest(3, False, False, ids, mask, np.zeros((1, m, h), np.float32)),
-        StepRequest(4, True, False, ids, mask, np.zeros((1, m + 1, h), np.float32)),
-        StepRequest(5, True, False, ids, mask, np.full((1, m, h), np.nan, np.float32)),
+        StepRequest(3, False, False, ids, mask, {"memory_in": np.zeros((1, m, h), np.float32)}),
+        StepRequest(4, True, False, ids, mask, {"memory_in": np.zeros((1, m + 1, h),
+                                                                       np.float32)}),
+        StepRequest(5, True, False, ids, mask, {"memory_in": np.full((1, m, h), np.nan,
+                                                                      np.float32)}),
         StepRequest(6, True, False, ids[:, :-1], mask[:, :-1]),
         StepRequest(7, True, False, ids + config.vocab_size, mask),
         StepRequest(1, False, False, ids, mask),  # the good one, after the bad ones
@@ -205,15 +208,16 @@ def test_store_rejects_bad_requests_without_disturbing_others(store_parts):
     messages = [str(r) for r in results[:-1]]
     assert "sequence 2 is not open on this server" in messages[0]
     assert "only allowed on its START request" in messages[1]
-    assert "the state is from another model" in messages[2]
+    assert "is from another model" in messages[2]
     assert "NaN" in messages[3]
     assert "input_ids has shape" in messages[4]
     assert "token ids must lie in" in messages[5]
     assert all(isinstance(r, ServingError) for r in results[:-1])
     assert isinstance(results[-1], StepResult) and len(store) == 1
-    with engine.new_state(before[None]) as state:
+    with engine.new_state({"memory_in": before[None]}) as state:
         state.step(ids, mask)
-        np.testing.assert_allclose(store.stepper.memory(1), state.memory()[0], atol=1e-6)
+        np.testing.assert_allclose(store.stepper.state(1)["memory_in"],
+                                   state.state()["memory_in"][0], atol=1e-6)
 
 
 def test_store_forgets_idle_sequences(store_parts):
@@ -226,3 +230,26 @@ def test_store_forgets_idle_sequences(store_parts):
     (result,) = store.execute([StepRequest(1, False, False, ids, mask)])
     assert isinstance(result, ServingError) and "idle over 10 s" in str(result)
     assert len(store) == 0
+
+
+def test_progress_is_saved_in_the_runtime_state_container(encoder_export, tmp_path):
+    """The client's progress file is the sessions' sealed container, with every state
+    pair; a truncated or foreign one is refused."""
+    manifest = read_manifest(encoder_export)
+    state = {k: v + 1 for k, v in manifest.load_initial_state().items()}
+    path = tmp_path / "progress"
+    saved = Progress(model_identity(manifest), "d" * 64, 40, 3, state,
+                     np.arange(3, dtype=np.float32), 1.5, 7)
+    save_progress(path, saved)
+    assert path.read_bytes().startswith(b"RMTSTATE1")
+    loaded = load_progress(path, manifest.config)
+    np.testing.assert_array_equal(loaded.state["memory_in"], state["memory_in"])
+    assert (loaded.model_id, loaded.tokens, loaded.next_segment, loaded.count) == (
+        saved.model_id, 40, 3, 7)
+    save_progress(path, Progress(saved.model_id, "d" * 64, 40, 3,
+                                 {"memory_in": state["memory_in"][:, :4]}, saved.logits))
+    with pytest.raises(StateFileError, match="memory_in .* another model"):
+        load_progress(path, manifest.config)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(StateFileError, match="damaged or truncated"):
+        load_progress(path, manifest.config)

@@ -204,7 +204,7 @@ def test_bad_requests_fail_clearly_and_disturb_nothing(server, encoder_export, t
             client.step(502, ids, mask, start=False, end=False)
         wrong = np.zeros((1, config.num_mem_tokens + 1, config.hidden_size), np.float32)
         with pytest.raises(ServingError, match="memory_in"):
-            client.step(503, ids, mask, start=True, end=False, memory_in=wrong)
+            client.step(503, ids, mask, start=True, end=False, state_in={"memory_in": wrong})
         with pytest.raises(ServingError, match="token ids must lie in"):
             client.step(504, ids + config.vocab_size, mask, start=True, end=True)
         # Progress from another model, or truncated: refused before anything is sent.
@@ -222,10 +222,10 @@ def test_bad_requests_fail_clearly_and_disturb_nothing(server, encoder_export, t
             client.run(doc[:-1], progress_file=other)  # writes it
             client.run(doc, progress_file=other)
         for index in range(3, 6):  # sequence 501 goes on as if nothing happened
-            logits, memory = client.step(501, *segments[index], start=False, end=index == 5)
+            logits, state = client.step(501, *segments[index], start=False, end=index == 5)
     local = model.run_one(doc)
     np.testing.assert_allclose(logits[0], local.logits, atol=1e-5)
-    np.testing.assert_allclose(memory[0], local.memory, atol=1e-5)
+    np.testing.assert_allclose(state["memory_in"][0], local.memory, atol=1e-5)
     assert_same(partial.output, local)
 
 

@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     options = TrainOptions(seed=args.seed)
     rmt = train(options)
     save_demo(rmt, args.output, options)
-    model = RMTModel(TorchEngine(rmt), TorchEngine(rmt).initial_memory())
+    model = RMTModel(TorchEngine(rmt), TorchEngine(rmt).initial_state())
     for factor in (1, 10):
         n = options.train_segments * factor
         print(f"accuracy at {n} segments: {accuracy(model, n, 200, seed=1000 + factor):.3f}")

@@ -9,12 +9,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from rmt_deploy.contract import STEP
 from rmt_deploy.errors import ConfigError, ManifestError, RmtError
 from rmt_deploy.manifest import MANIFEST_NAME, read_manifest, split_key
-from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.runtime.backends.base import State, StepEngine
 from rmt_deploy.runtime.opener import CHECKPOINT_SUFFIXES, open_model
 from rmt_deploy.spec import RMTConfig
 
@@ -24,11 +22,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class Artifact:
-    """An opened artifact: its engine, learned initial memory and a short description."""
+    """An opened artifact: its engine, initial state (one row's) and a short description."""
 
     path: Path
     engine: StepEngine
-    initial_memory: np.ndarray
+    initial_state: State
 
     @property
     def config(self) -> RMTConfig:
@@ -54,14 +52,14 @@ def open_artifact(path: str | Path, authors: AuthorsOptions | None = None,
         from rmt_deploy.runtime.backends.torch import TorchEngine
 
         engine = TorchEngine(load_checkpoint(path, authors).rmt, threads=threads)
-        return Artifact(path, engine, engine.initial_memory())
+        return Artifact(path, engine, engine.initial_state())
     target, precision, backend = path, "fp32", backend or "onnxruntime"
     if path.suffix == ".onnx":
         target, precision = path.parent, _graph_precision(path)
     elif path.suffix == ".plan":
         backend = "tensorrt"
     model = open_model(target, backend=backend, precision=precision, threads=threads)
-    return Artifact(path, model.engine, model.initial_memory)
+    return Artifact(path, model.engine, model.initial_state)
 
 
 def _graph_precision(path: Path) -> str:

@@ -133,7 +133,7 @@ def compare_artifacts(reference: str | Path, candidates: Sequence[str | Path],
     config = base.config
     batches = [[ArraySource(doc, config) for doc in docs]
                for docs in validation_batches(config, options.segments, options.seed)]
-    steps = record_steps(base.engine, base.initial_memory, batches)
+    steps = record_steps(base.engine, base.initial_state, batches)
     comparisons = [_compare(base, other, batches, steps, options) for other in opened[1:]]
     for comparison in comparisons:
         log(f"{comparison.candidate}: {'pass' if comparison.passed else 'drift'}")
@@ -143,8 +143,8 @@ def compare_artifacts(reference: str | Path, candidates: Sequence[str | Path],
 def _compare(base: Artifact, other: Artifact, batches, steps, options: CompareOptions
              ) -> Comparison:
     open_loop = compare_open_loop(base.engine, other.engine, steps, options.atol, options.rtol)
-    closed = compare(base.engine, other.engine, base.initial_memory, modes=("closed_loop",),
-                     batches=batches, candidate_memory=other.initial_memory, series=True)
+    closed = compare(base.engine, other.engine, base.initial_state, modes=("closed_loop",),
+                     batches=batches, candidate_state=other.initial_state, series=True)
     failures = _open_loop_failures(open_loop, options) + drift_failures(closed, options.gates)
     failures.sort(key=lambda f: f.segment)  # the earliest first (each gate names one)
     return Comparison(other.label, open_loop, closed, failures)

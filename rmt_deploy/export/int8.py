@@ -24,7 +24,7 @@ from rmt_deploy.errors import ValidationError
 from rmt_deploy.export.validate import check_onnx, compare
 from rmt_deploy.export.weights import WeightStore
 from rmt_deploy.manifest import Manifest, graph_key, graph_spec
-from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.runtime.backends.base import State, StepEngine
 from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.runtime.tokens import ArraySource, TokenSource
 from rmt_deploy.spec import RMTConfig
@@ -59,8 +59,8 @@ def add_int8(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str], 
 
     config = manifest.config
     calibrate, judge = _split(corpus.documents)
-    initial_memory = manifest.load_initial_memory()
-    steps = collect_steps(fp32, initial_memory, calibrate, options.max_steps)
+    initial_state = manifest.load_initial_state()
+    steps = collect_steps(fp32, initial_state, calibrate, options.max_steps)
     log(f"calibration: {len(corpus.documents)} documents, {corpus.tokens:,} tokens; "
         f"{len(steps)} steps recorded from the rolled FP32 recurrence (segments 0 to "
         f"{steps.describe()['deepest_segment']}); {len(judge)} documents held out")
@@ -76,7 +76,7 @@ def add_int8(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str], 
         table = {}
         for policy in candidates:
             table[policy.name] = _judge(policy, manifest, fp32, prepared, steps, judge,
-                                        initial_memory, work, options)
+                                        initial_state, work, options)
             log(_describe(policy, table[policy.name]))
         chosen = _choose(candidates, table, options)
         log(f"int8 policy: {chosen.name} ({chosen.description})")
@@ -104,7 +104,7 @@ def _split(documents: Sequence[TokenSource]) -> tuple[list[TokenSource], list[To
 
 
 def _judge(policy: Policy, manifest: Manifest, fp32: StepEngine, prepared: dict[str, Path],
-           steps: CalibrationSteps, judge: list[TokenSource], initial_memory: np.ndarray,
+           steps: CalibrationSteps, judge: list[TokenSource], initial_state: State,
            work: Path, options: Int8Options) -> dict[str, Any]:
     """Quantize under ``policy``; its closed-loop errors on held-out data and its speed."""
     from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
@@ -121,13 +121,13 @@ def _judge(policy: Policy, manifest: Manifest, fp32: StepEngine, prepared: dict[
     try:
         candidate = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=options.threads,
                                                                precision="int8"))
-        results = compare(fp32, candidate, initial_memory, modes=("closed_loop",),
+        results = compare(fp32, candidate, initial_state, modes=("closed_loop",),
                           batches=_judging_batches(judge, manifest.config,
                                                    options.drift_segments),
                           progress=None if options.progress is None else functools.partial(
                               options.progress, f"judging int8 policy {policy.name}"))
         # one step from FP32's own memory: the quantization error before it compounds
-        results["open_loop"] = compare(fp32, candidate, initial_memory, modes=("open_loop",),
+        results["open_loop"] = compare(fp32, candidate, initial_state, modes=("open_loop",),
                                        batches=_judging_batches(judge, manifest.config, 0)
                                        )["open_loop"]
         speed = _ms_per_step(fp32, candidate, steps)
@@ -160,7 +160,7 @@ def _ms_per_step(fp32: StepEngine, int8: StepEngine, steps: CalibrationSteps,
     with Stepper(fp32) as reference, Stepper(int8) as candidate:
         steppers = {"fp32_ms": reference, "int8_ms": candidate}
         for stepper in steppers.values():
-            stepper.add(0, steps.memory_in[0])
+            stepper.add(0, {name: array[0] for name, array in steps.state.items()})
         for i in range(repeats + 2):
             j = i % len(steps)
             for key, stepper in steppers.items():

@@ -8,7 +8,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmt_deploy.contract import DECODE, PREFILL, STEP, WRITE, variant
+from rmt_deploy.contract import (
+    BATCH,
+    DECODE,
+    PAST,
+    PREFILL,
+    STEP,
+    TOKENS,
+    TOTAL,
+    WRITE,
+    concrete,
+    variant,
+)
 from rmt_deploy.model.base import StepVariant
 from rmt_deploy.model.encoder import EncoderRMT, skipping_step
 from rmt_deploy.segmentation import content_id_range, step_inputs
@@ -20,9 +31,11 @@ EXPORTER = "torch.onnx TorchScript exporter (dynamo=False)"
 def trace_inputs(rmt: torch.nn.Module, graph: str = STEP,
                  seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Batch-2 example inputs (one full and one short segment) so the batch axis stays
-    dynamic; the memory is perturbed so no slot is constant. A decode step gets a cache of
-    a padded prefill (its mask holds zeros) and one new token a row."""
+    dynamic; the state inputs are derived from the contract's declaration, random so no
+    slot is constant. A decode step gets a cache of a padded prefill (its mask holds
+    zeros) and one new token a row."""
     config = rmt.rmt_config
+    contract = variant(config, graph)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     low, high = content_id_range(config)
@@ -30,17 +43,17 @@ def trace_inputs(rmt: torch.nn.Module, graph: str = STEP,
                 rng.integers(low, high, max(1, config.segment_size // 2))]
     ids, mask = step_inputs(segments, config)
     if graph == DECODE:
-        past = config.num_mem_tokens + ids.shape[1] + 1
         mask = np.concatenate([np.ones((2, config.num_mem_tokens), np.int64), mask,
                                np.ones((2, 2), np.int64)], axis=1)
-        shape = (2, config.cache_heads, past, config.head_dim)
-        cache = [torch.randn(shape, generator=generator) for _ in range(2 * config.cache_layers)]
-        return (torch.from_numpy(rng.integers(low, high, (2, 1))), torch.from_numpy(mask),
-                *cache)
-    with torch.no_grad():
-        memory = rmt.initial_memory(2).detach().clone()
-        memory += 0.01 * torch.randn(memory.shape, generator=generator)
-    return torch.from_numpy(ids), torch.from_numpy(mask), memory
+        ids = rng.integers(low, high, (2, 1))
+    sizes = {BATCH: 2, TOKENS: ids.shape[1], PAST: mask.shape[1] - 1, TOTAL: mask.shape[1]}
+    state = []
+    for pair in contract.reads:
+        shape = concrete(pair.shape, sizes)
+        dtype = getattr(torch, pair.dtype)
+        state.append(torch.randn(shape, generator=generator).to(dtype) if dtype.is_floating_point
+                     else torch.zeros(shape, dtype=dtype))
+    return torch.from_numpy(ids), torch.from_numpy(mask), *state
 
 
 def export_graph(rmt: torch.nn.Module, path: Path, graph: str,

@@ -1,6 +1,6 @@
 """The open loop of a comparison through Polygraphy's Comparator: the reference's steps
-over a batch of documents are recorded (token ids, mask and the memory each step starts
-from), then each side runs every recorded step from that same memory as a Polygraphy
+over a batch of documents are recorded (token ids, mask and the state each step starts
+from), then each side runs every recorded step from that same state as a Polygraphy
 runner, and ``SimpleCompareFunc`` (``CompareFunc.simple``) judges each output with its
 own atol and rtol."""
 
@@ -17,13 +17,14 @@ from rmt_deploy.contract import (
     ATTENTION_MASK,
     INPUT_IDS,
     LOGITS,
-    MEMORY_IN,
-    MEMORY_OUT,
     PREFILL,
+    STEP,
     WRITE,
+    state_pairs,
+    variant,
 )
-from rmt_deploy.runtime.backends.base import EngineState, StepEngine
-from rmt_deploy.runtime.backends.wrapped import WrappedEngine, WrappedState
+from rmt_deploy.runtime.backends.base import State, StepEngine
+from rmt_deploy.runtime.backends.wrapped import StepRecorder
 from rmt_deploy.runtime.loop import run_segments
 from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.runtime.tokens import TokenSource
@@ -31,64 +32,52 @@ from rmt_deploy.runtime.tokens import TokenSource
 
 @dataclass(frozen=True)
 class Step:
-    """One recorded step: its inputs, the memory it starts from, its segment."""
+    """One recorded step: its inputs, the state it starts from, its segment."""
 
     feed: dict[str, np.ndarray]
     segment: int
 
 
-def record_steps(engine: StepEngine, initial_memory: np.ndarray,
+def record_steps(engine: StepEngine, initial_state: State,
                  batches: Sequence[Sequence[TokenSource]]) -> list[Step]:
     """Every step ``engine`` runs over ``batches`` in closed loop, with its inputs."""
-    recorder = _Recorder(engine)
+    recorded: list[Step] = []
     for sources in batches:
-        recorder.steps = 0
-        with Stepper(recorder) as stepper:
+        first = len(recorded)
+
+        def record(input_ids, attention_mask, state, first=first):
+            feed = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, **state}
+            recorded.append(Step(feed, len(recorded) - first))
+
+        with Stepper(StepRecorder(engine, record)) as stepper:
             for row in range(len(sources)):
-                stepper.add(row, initial_memory)
+                stepper.add(row, initial_state)
             run_segments(stepper, sources, lambda *args: None)
-    return recorder.recorded
-
-
-class _Recorder(WrappedEngine):
-    def __init__(self, engine: StepEngine) -> None:
-        super().__init__(engine)
-        self.recorded: list[Step] = []
-        self.steps = 0
-
-    def wrap(self, state: EngineState) -> _RecordingState:
-        return _RecordingState(self, state)
-
-
-class _RecordingState(WrappedState):
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-             logits: bool = True) -> np.ndarray | None:
-        owner = self.owner
-        feed = {INPUT_IDS: np.array(input_ids), ATTENTION_MASK: np.array(attention_mask),
-                MEMORY_IN: self.state.memory()}
-        owner.recorded.append(Step(feed, owner.steps))
-        owner.steps += 1
-        return self.state.step(input_ids, attention_mask, logits)
+    return recorded
 
 
 def step_outputs(engine: StepEngine, feed: Mapping[str, np.ndarray], prefill: bool
                  ) -> dict[str, np.ndarray]:
-    """One step of ``engine`` from ``feed``'s memory: the logits (a decoder's padded
-    positions zeroed: they are not used), the new memory, its write graph's memory where
-    it has one, and with ``prefill`` its prefill graph's logits (generation's first
-    step)."""
+    """One step of ``engine`` from ``feed``'s state: the logits (a decoder's padded
+    positions zeroed: they are not used), the new state (each pair as its output name),
+    its write graph's (``write_`` + the output name) where it has one, and with
+    ``prefill`` its prefill graph's logits (generation's first step)."""
     ids, mask = feed[INPUT_IDS], feed[ATTENTION_MASK]
+    pairs = state_pairs(engine.config)
+    start = {pair.name_in: feed[pair.name_in] for pair in pairs}
     outputs = OrderedDict()
-    with engine.new_state(feed[MEMORY_IN]) as state:
+    with engine.new_state(start) as state:
         if prefill:
             outputs["prefill_logits"] = state.prefill(ids, mask)[0]
         logits = state.step(ids, mask)
         outputs[LOGITS] = logits if engine.config.is_encoder else logits * mask[..., None]
-        outputs[MEMORY_OUT] = state.memory()
+        written = state.state()
+        outputs.update((pair.name_out, written[pair.name_in]) for pair in pairs)
     if WRITE in engine.graphs:
-        with engine.new_state(feed[MEMORY_IN]) as state:
+        with engine.new_state(start) as state:
             state.step(ids, mask, logits=False)
-            outputs["write_memory_out"] = state.memory()
+            written = state.state()
+            outputs.update((f"write_{pair.name_out}", written[pair.name_in]) for pair in pairs)
     return outputs
 
 
@@ -109,12 +98,11 @@ def _runner(engine: StepEngine, name: str, prefill: bool) -> Any:
             pass
 
         def get_input_metadata_impl(self) -> Any:
-            positions = config.input_size if config.is_encoder else None
             metadata = TensorMetadata()
-            metadata.add(INPUT_IDS, np.int64, (None, positions))
-            metadata.add(ATTENTION_MASK, np.int64, (None, positions))
-            return metadata.add(MEMORY_IN, np.float32,
-                                (None, config.num_mem_tokens, config.hidden_size))
+            for tensor in variant(config, STEP).inputs:
+                metadata.add(tensor.name, np.dtype(tensor.dtype),
+                             tuple(None if isinstance(d, str) else d for d in tensor.shape))
+            return metadata
 
         def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             started = time.perf_counter()

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tokenizers import Tokenizer
 
 from rmt_deploy import __version__
@@ -39,6 +38,7 @@ from rmt_deploy.manifest import (
     Manifest,
     graph_key,
     graph_spec,
+    initial_state_records,
     read_manifest,
     write_manifest,
 )
@@ -160,8 +160,7 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
             f"{store.path.name}), ONNX checks passed")
 
     reference = TorchEngine(rmt, threads=options.threads)
-    initial_memory = reference.initial_memory()
-    np.save(stage / "memory_init.npy", initial_memory)
+    initial_state = reference.initial_state()
     tokenizer = None
     if loaded.tokenizer_json:
         (stage / "tokenizer.json").write_text(
@@ -170,8 +169,7 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
     manifest = Manifest(
         config=config,
         graphs=graphs,
-        initial_memory={"file": "memory_init.npy", "sha256": sha256_file(
-            stage / "memory_init.npy"), "shape": list(initial_memory.shape), "dtype": "float32"},
+        initial_state=initial_state_records(config, initial_state, stage),
         tokenizer=tokenizer,
         source={"checkpoint": checkpoint.name, "sha256": loaded.sha256, "format": loaded.format},
         exporter={
@@ -182,7 +180,7 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
         folder=stage,
     )
     candidate = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=options.threads))
-    results = compare(reference, candidate, initial_memory, options.validation_segments,
+    results = compare(reference, candidate, initial_state, options.validation_segments,
                       progress=_phase(options, "validating against PyTorch"))
     results["runtime"] = "onnxruntime " + _ort_version()
     results["tolerance"] = {"open_loop": options.tolerance.open_loop,
@@ -193,7 +191,7 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
             f">= {results[mode]['min_memory_cosine']:.6f}")
     enforce(results, options.tolerance)
     if PREFILL in candidate.graphs:
-        results["generation"] = compare_generation(reference, candidate, initial_memory)
+        results["generation"] = compare_generation(reference, candidate, initial_state)
         _log_generation(results["generation"], "vs PyTorch", log)
         enforce_generation(results["generation"], options.tolerance.open_loop)
     manifest.validation = {"fp32": results}
@@ -269,7 +267,7 @@ def _add_fp16(manifest: Manifest, fp32: Any, names: list[str], stage: Path,
         log(f"wrote {target.name} ({target.stat().st_size / 1e6:.1f} MB), ONNX checks passed")
     candidate = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=options.threads,
                                                            precision="fp16"))
-    results = compare(fp32, candidate, manifest.load_initial_memory(),
+    results = compare(fp32, candidate, manifest.load_initial_state(),
                       options.drift_segments, modes=("closed_loop",),
                       progress=_estimating(_phase(options, "judging fp16 closed loop"), log,
                                            "fp16 closed loop"))
@@ -282,7 +280,7 @@ def _add_fp16(manifest: Manifest, fp32: Any, names: list[str], stage: Path,
     enforce_agreement(results, options.min_agreement, "the FP16 graph")
     if PREFILL in candidate.graphs:
         results["generation"] = compare_generation(fp32, candidate,
-                                                   manifest.load_initial_memory())
+                                                   manifest.load_initial_state())
         _log_generation(results["generation"], "fp16 vs fp32", log)
         if results["generation"]["generated_same"] < options.min_agreement:
             raise ValidationError(

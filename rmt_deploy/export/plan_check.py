@@ -67,7 +67,7 @@ def check_plans(manifest: Manifest, options: EngineOptions,
     gates = plan_gates(precision, options)
     reference, description = reference_engine(manifest, options)
     candidate = TensorRTEngine(manifest, RuntimeOptions(backend="tensorrt"))
-    results = compare(reference, candidate, manifest.load_initial_memory(),
+    results = compare(reference, candidate, manifest.load_initial_state(),
                       options.drift_segments, modes=("closed_loop",), series=True)
     drift = results["closed_loop"]
     log(f"tensorrt {precision} plans closed loop vs {description} over "

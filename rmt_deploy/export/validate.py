@@ -1,21 +1,21 @@
 """Proof that an exported graph or engine reproduces its reference: ONNX checks, then
 both run side by side over several batches, open loop (each step given the reference
-memory) and closed loop (each side feeding back its own memory), and the gates that
-judge the errors (non-finite values, max abs per output, memory cosine, agreement)."""
+state) and closed loop (each side feeding back its own state), and the gates that
+judge the errors (non-finite values, max abs per output, state cosine, agreement)."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rmt_deploy.contract import WRITE
+from rmt_deploy.contract import WRITE, state_pairs
 from rmt_deploy.errors import ValidationError
-from rmt_deploy.runtime.backends.base import EngineState, StepEngine
+from rmt_deploy.runtime.backends.base import EngineState, State, StepEngine
 from rmt_deploy.runtime.loop import every_step, never, run_segments
 from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.runtime.tokens import ArraySource, TokenSource
@@ -45,13 +45,15 @@ class DriftGates:
 
 @dataclass
 class ErrorStats:
-    """Largest absolute error per output, the worst cosine of memory slots, and how many
+    """Largest absolute error per output, the worst cosine of state slots (the last axis
+    of every state pair: the memory's slots), which output had it, and how many
     values of each output were not finite on either side (those count in no other
     figure, so every figure stays a finite number). ``series`` holds the same figures per
     segment (the step of the run: the longest document's segment), set by ``segment``."""
 
     max_abs: dict[str, float] = field(default_factory=dict)
     min_memory_cosine: float = 1.0
+    cosine_output: str = ""  # the state output the worst cosine was measured on
     agreeing: int = 0  # predictions (argmax of the logits) equal on both sides
     predictions: int = 0
     non_finite: dict[str, int] = field(default_factory=dict)
@@ -73,8 +75,8 @@ class ErrorStats:
         self._record(f"max_abs/{name}", error, 0.0)
         self._record(f"non_finite/{name}", bad, 0)
 
-    def update_memory(self, expected: np.ndarray, actual: np.ndarray,
-                      name: str = "memory_out") -> None:
+    def update_memory(self, expected: np.ndarray, actual: np.ndarray, name: str) -> None:
+        """A state output: its errors and the cosine of its slots."""
         self.update(name, expected, actual)
         a, b = expected.astype(np.float64), actual.astype(np.float64)
         finite = (np.isfinite(a) & np.isfinite(b)).all(-1)
@@ -82,6 +84,8 @@ class ErrorStats:
         cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
                                     + 1e-30)
         worst = float(cosine.min(initial=1.0))
+        if worst < self.min_memory_cosine or not self.cosine_output:
+            self.cosine_output = name
         self.min_memory_cosine = min(self.min_memory_cosine, worst)
         self._record("memory_cosine", worst, 1.0, min)
 
@@ -97,7 +101,8 @@ class ErrorStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {"max_abs": self.max_abs, "min_memory_cosine": self.min_memory_cosine,
-                "agreement": self.agreement, "non_finite": self.non_finite}
+                "cosine_output": self.cosine_output, "agreement": self.agreement,
+                "non_finite": self.non_finite}
 
 
 def check_onnx(path: Path) -> None:
@@ -114,12 +119,21 @@ def check_onnx(path: Path) -> None:
         Path(str(path) + ".inferred").unlink(missing_ok=True)
 
 
+REFERENCE, CANDIDATE = "reference/", "candidate/"
+
+
+def _side(state: Mapping[str, np.ndarray], prefix: str) -> State:
+    return {name[len(prefix):]: array for name, array in state.items()
+            if name.startswith(prefix)}
+
+
 class _Paired(StepEngine):
     """Runs the reference and the candidate in lockstep and records their differences.
 
-    Its memory is both sides' memory side by side on the last axis, so the stepper's
-    per-row bookkeeping carries each side's own memory. In open loop the candidate is
-    given the reference's memory before every step.
+    Its state holds both sides' states, every pair named with its side's prefix
+    (``reference/``, ``candidate/``), so the stepper's per-row bookkeeping carries each
+    side's own state. In open loop the candidate is given the reference's state before
+    every step.
     """
 
     name = "paired"
@@ -131,10 +145,9 @@ class _Paired(StepEngine):
         self.stats = ErrorStats()
         self.steps = 0  # steps of the current run
 
-    def new_state(self, memory: np.ndarray) -> _PairedState:
-        h = self.config.hidden_size
-        return _PairedState(self, self.reference.new_state(memory[..., :h]),
-                            self.candidate.new_state(memory[..., h:]))
+    def new_state(self, state: Mapping[str, np.ndarray]) -> _PairedState:
+        return _PairedState(self, self.reference.new_state(_side(state, REFERENCE)),
+                            self.candidate.new_state(_side(state, CANDIDATE)))
 
 
 class _PairedState(EngineState):
@@ -142,28 +155,33 @@ class _PairedState(EngineState):
         super().__init__(reference.batch)
         self._paired, self.reference, self.candidate = paired, reference, candidate
 
-    def load(self, memory: np.ndarray) -> None:
-        h = self._paired.config.hidden_size
-        self.reference.load(memory[..., :h])
-        self.candidate.load(memory[..., h:])
+    def load(self, state: Mapping[str, np.ndarray]) -> None:
+        self.reference.load(_side(state, REFERENCE))
+        self.candidate.load(_side(state, CANDIDATE))
 
-    def memory(self) -> np.ndarray:
-        return np.concatenate([self.reference.memory(), self.candidate.memory()], axis=-1)
+    def state(self) -> State:
+        return {**{REFERENCE + k: v for k, v in self.reference.state().items()},
+                **{CANDIDATE + k: v for k, v in self.candidate.state().items()}}
+
+    def _compare_state(self, prefix: str = "") -> None:
+        expected, actual = self.reference.state(), self.candidate.state()
+        for pair in state_pairs(self._paired.config):
+            self._paired.stats.update_memory(expected[pair.name_in], actual[pair.name_in],
+                                             prefix + pair.name_out)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              logits: bool = True) -> np.ndarray | None:
         """The step of both sides; with ``logits=False`` the candidate runs its write
-        graph and only the memory is compared (as ``write_memory_out``)."""
+        graph and only the state is compared (as ``write_`` + each state output)."""
         paired, stats = self._paired, self._paired.stats
         stats.segment = paired.steps
         paired.steps += 1
         if not paired.closed_loop:
-            self.candidate.load(self.reference.memory())
+            self.candidate.load(self.reference.state())
         if not logits:
             self.reference.step(input_ids, attention_mask)
             self.candidate.step(input_ids, attention_mask, logits=False)
-            stats.update_memory(self.reference.memory(), self.candidate.memory(),
-                                "write_memory_out")
+            self._compare_state("write_")
             return None
         expected = self.reference.step(input_ids, attention_mask)
         actual = self.candidate.step(input_ids, attention_mask)
@@ -172,7 +190,7 @@ class _PairedState(EngineState):
             expected, actual = expected[keep], actual[keep]
         stats.update("logits", expected, actual)
         stats.update_agreement(expected, actual)
-        stats.update_memory(self.reference.memory(), self.candidate.memory())
+        self._compare_state()
         return expected
 
     def close(self) -> None:
@@ -197,19 +215,20 @@ def validation_batches(config: RMTConfig, segments: int, seed: int = 0) -> list[
     ]
 
 
-def compare(reference: StepEngine, candidate: StepEngine, initial_memory: np.ndarray,
+def compare(reference: StepEngine, candidate: StepEngine, initial_state: State,
             segments: int = 32, modes: tuple[str, ...] = MODES,
             batches: Sequence[Sequence[TokenSource]] | None = None,
-            candidate_memory: np.ndarray | None = None, series: bool = False,
+            candidate_state: State | None = None, series: bool = False,
             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Open- and closed-loop errors of ``candidate`` against ``reference``, over
     ``batches`` of documents (default: :func:`validation_batches` of ``segments``);
     ``segments`` in the result is the longest run's. Where the candidate has a write
     graph, each mode runs the documents twice: through its step graph, then through its
-    write graph (``write_memory_out``). Each side starts from ``initial_memory``, or the
-    candidate from its own ``candidate_memory``. With ``series``, ``result["series"]``
-    holds each mode's figures per segment (what the gates use to name the first segment
-    that fails). ``progress(steps_done, steps_total)`` is called after every step."""
+    write graph (``write_`` + each state output). Each side starts from ``initial_state``
+    (one row's), or the candidate from its own ``candidate_state``. With ``series``,
+    ``result["series"]`` holds each mode's figures per segment (what the gates use to name
+    the first segment that fails). ``progress(steps_done, steps_total)`` is called after
+    every step."""
     config = reference.config
     if batches is None:
         batches = [[ArraySource(d, config) for d in docs]
@@ -218,8 +237,8 @@ def compare(reference: StepEngine, candidate: StepEngine, initial_memory: np.nda
         segments = max(count_segments(len(source), config)
                        for sources in batches for source in sources)
     results: dict[str, Any] = {}
-    both = np.concatenate([initial_memory, initial_memory if candidate_memory is None
-                           else candidate_memory], axis=-1)
+    both = {**{REFERENCE + k: v for k, v in initial_state.items()},
+            **{CANDIDATE + k: v for k, v in (candidate_state or initial_state).items()}}
     passes = [every_step] + ([never] if WRITE in candidate.graphs else [])
     per_segment = {}
     total = len(modes) * len(passes) * sum(
@@ -304,11 +323,11 @@ def max_abs_failures(results: dict[str, Any], mode: str, limit: float) -> list[F
 
 
 def cosine_failures(results: dict[str, Any], mode: str, minimum: float) -> list[Failure]:
-    """The memory, when its worst slot cosine in ``mode`` is below ``minimum``."""
+    """The state, when its worst slot cosine in ``mode`` is below ``minimum``."""
     cosine = results[mode]["min_memory_cosine"]
     if cosine >= minimum:
         return []
-    return [Failure("memory_cosine", mode, "memory_out", _first(
+    return [Failure("memory_cosine", mode, results[mode].get("cosine_output", "state"), _first(
         results, mode, "memory_cosine", lambda v: v < minimum), cosine, minimum)]
 
 

@@ -1,5 +1,5 @@
 """Proof that an export generates as the reference does: after the same documents, from
-the same memory, both sides generate greedily with their KV-cache graphs (prefill, then
+the same state, both sides generate greedily with their KV-cache graphs (prefill, then
 one decode step a token); the tokens must be the same and the logits of every step close."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import numpy as np
 
 from rmt_deploy.errors import ValidationError
 from rmt_deploy.export.validate import ErrorStats, validation_batches
-from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.runtime.backends.base import State, StepEngine
 from rmt_deploy.runtime.generation import GenerationOptions
 from rmt_deploy.runtime.loop import last_tokens, never, run_segments
 from rmt_deploy.runtime.stepper import Stepper
@@ -18,11 +18,11 @@ NEW_TOKENS = 8
 
 
 def compare_generation(reference: StepEngine, candidate: StepEngine,
-                       initial_memory: np.ndarray, segments: int = 4,
+                       initial_state: State, segments: int = 4,
                        new_tokens: int = NEW_TOKENS) -> dict:
     """Tokens and logits of greedy generation on both sides over the validation
     documents (batches of 3 and 1 rows, padded last segments): the candidate starts from
-    the reference's memory after each document's head (so only generation is judged)."""
+    the reference's state after each document's head (so only generation is judged)."""
     config = reference.config
     limit = config.max_positions
     if limit is not None:
@@ -36,11 +36,11 @@ def compare_generation(reference: StepEngine, candidate: StepEngine,
         keys = list(range(len(sources)))
         with Stepper(reference) as expected, Stepper(candidate) as actual:
             for key in keys:
-                expected.add(key, initial_memory)
+                expected.add(key, initial_state)
             run_segments(expected, sources, lambda *_: None, skip_last=True,
                          wants_logits=never)
-            for key, memory in zip(keys, expected.memories(keys), strict=True):
-                actual.add(key, memory)
+            for key in keys:
+                actual.add(key, expected.state(key))
             logits: dict[str, list[np.ndarray]] = {"expected": [], "actual": []}
             want = expected.generate(keys, lasts, options, logits["expected"].append)
             got = actual.generate(keys, lasts, options, logits["actual"].append)

@@ -5,14 +5,14 @@ thread runs the steps of all of them batched together on one stepper."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from rmt_deploy.errors import InputError
-from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.runtime.backends.base import State, StepEngine
 from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.segmentation import step_inputs
 
@@ -20,13 +20,13 @@ from rmt_deploy.segmentation import step_inputs
 class Rows(Protocol):
     """What a session needs of the rows its tracks live in (a :class:`Stepper` is one)."""
 
-    def add(self, key: Hashable, memory: np.ndarray) -> None: ...
+    def add(self, key: Hashable, state: Mapping[str, np.ndarray]) -> None: ...
 
     def remove(self, key: Hashable) -> None: ...
 
-    def memory(self, key: Hashable) -> np.ndarray: ...
+    def state(self, key: Hashable) -> State: ...
 
-    def memories(self, keys: Sequence[Hashable]) -> np.ndarray: ...
+    def states(self, keys: Sequence[Hashable]) -> State: ...
 
     def step(self, keys: Sequence[Hashable], segments: Sequence[np.ndarray],
              logits: bool = True) -> np.ndarray | None: ...
@@ -48,15 +48,16 @@ class _Request:
 class StepBatcher:
     """Rows shared by many sessions: callers block in :meth:`step` while a scheduler
     thread takes every request waiting, groups those of equal step width (up to
-    ``max_rows`` rows, a larger request alone) and runs each group as one step of one
+    ``max_rows`` rows, and never more than the engine's ``max_batch``; a larger request
+    alone) and runs each group as one step of one
     stepper. Requests gather while the previous step runs, so nothing waits on a timer;
-    sessions that step together each round keep their memory resident."""
+    sessions that step together each round keep their state resident."""
 
     def __init__(self, engine: StepEngine, max_rows: int = 64) -> None:
         if max_rows < 1:
             raise InputError(f"max_rows must be >= 1, got {max_rows}")
         self.stepper = Stepper(engine)
-        self._max_rows = max_rows
+        self._max_rows = min(max_rows, engine.max_batch or max_rows)
         self._queue: list[_Request] = []
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -64,19 +65,19 @@ class StepBatcher:
         self.steps = 0  # batched steps run
         self.rows = 0  # rows they held
 
-    def add(self, key: Hashable, memory: np.ndarray) -> None:
+    def add(self, key: Hashable, state: Mapping[str, np.ndarray]) -> None:
         if self._stopped:
             raise InputError("the session pool is shut down; open a new one")
-        self.stepper.add(key, memory)
+        self.stepper.add(key, state)
 
     def remove(self, key: Hashable) -> None:
         self.stepper.remove(key)
 
-    def memory(self, key: Hashable) -> np.ndarray:
-        return self.stepper.memory(key)
+    def state(self, key: Hashable) -> State:
+        return self.stepper.state(key)
 
-    def memories(self, keys: Sequence[Hashable]) -> np.ndarray:
-        return self.stepper.memories(keys)
+    def states(self, keys: Sequence[Hashable]) -> State:
+        return self.stepper.states(keys)
 
     def step(self, keys: Sequence[Hashable], segments: Sequence[np.ndarray],
              logits: bool = True) -> np.ndarray | None:

@@ -8,14 +8,15 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
-from rmt_deploy.errors import BackendError, InputError, NumericError
-from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.contract import check_state, reported, state_pairs
+from rmt_deploy.errors import InputError, NumericError
+from rmt_deploy.runtime.backends.base import State, StepEngine
 from rmt_deploy.runtime.generation import GenerationOptions
 from rmt_deploy.runtime.loop import last_segments, last_tokens, never, run_segments
 from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput, Run, encoder_output
@@ -34,20 +35,19 @@ Progress = Callable[[int, int], None]
 class RMTModel:
     """An RMT ready to run on one backend."""
 
-    def __init__(self, engine: StepEngine, initial_memory: np.ndarray,
+    def __init__(self, engine: StepEngine, initial_state: Mapping[str, np.ndarray],
                  tokenizer=None, description: str = "",
                  choice: BackendChoice | None = None, identity: str | None = None) -> None:
+        """``initial_state``: one row's state a document starts from, every pair the
+        contract declares; ``identity``: the model's, as it was opened."""
         self.engine = engine
         self.choice = choice  # which backend and settings, and why (None: given an engine)
         self.config: RMTConfig = engine.config
-        self.initial_memory = np.asarray(initial_memory, dtype=np.float32)
+        self.initial_state: State = check_state(self.config, initial_state, None,
+                                                "the initial state")
         self.tokenizer = tokenizer
         self.description = description
         self._identity = identity
-        expected = (self.config.num_mem_tokens, self.config.hidden_size)
-        if self.initial_memory.shape != expected:
-            raise BackendError(f"initial memory has shape {self.initial_memory.shape}, "
-                               f"expected {expected}")
 
     @property
     def backend(self) -> str:
@@ -58,9 +58,9 @@ class RMTModel:
         """sha256 naming this model, which saved session states are checked against: as
         given when it was opened (``rmt.json``'s for an export: it holds every file's
         sha256, so one identity covers all its graphs and backends; the file's for a
-        checkpoint), else of the config and initial memory."""
+        checkpoint), else of the config and initial state."""
         if self._identity is None:
-            self._identity = _identity(self.config, self.initial_memory)
+            self._identity = _identity(self.config, self.initial_state)
         return self._identity
 
     def session(self, total_tokens: int | None = None) -> StreamSession:
@@ -117,10 +117,10 @@ class RMTModel:
         return advance
 
     def _stepper(self, rows: int) -> Stepper:
-        """A stepper whose rows 0..rows-1 start from the initial memory."""
+        """A stepper whose rows 0..rows-1 start from the initial state."""
         stepper = Stepper(self.engine)
         for row in range(rows):
-            stepper.add(row, self.initial_memory)
+            stepper.add(row, self.initial_state)
         return stepper
 
     def _run_encoder(self, sources, progress) -> list[EncoderOutput]:
@@ -135,9 +135,10 @@ class RMTModel:
 
         with self._stepper(len(sources)) as stepper:
             run_segments(stepper, sources, keep_last, wants_logits=last_segments)
-            memory = stepper.memories(range(len(sources)))
+            state = stepper.states(range(len(sources)))
             self._check_choice(stepper)
-        self._check_finite(memory, last_logits)
+        self._check_finite(state, last_logits)
+        memory = state[reported(self.config).name_in]
         return [encoder_output(self.config, last_logits[row], memory[row], len(source))
                 for row, source in enumerate(sources)]
 
@@ -163,9 +164,10 @@ class RMTModel:
                 lasts = [last_tokens(source, self.config) for source in sources]
                 generated = stepper.generate(rows, lasts, options)
                 advance()
-            memory = stepper.memories(rows)
+            state = stepper.states(rows)
             self._check_choice(stepper)
-        self._check_finite(memory, [np.array(meter.nll) for meter in meters])
+        self._check_finite(state, [np.array(meter.nll) for meter in meters])
+        memory = state[reported(self.config).name_in]
         return [DecoderOutput(
             perplexity=None if options is not None else meters[row].perplexity,
             tokens=len(source), segments=count_segments(len(source), self.config),
@@ -182,10 +184,10 @@ class RMTModel:
             self.choice = check_seen(choice, *stepper.seen(logits=choice.timed == "step"))
 
     @staticmethod
-    def _check_finite(memory: np.ndarray, results: Sequence[np.ndarray | None]) -> None:
-        """A run whose memory or results (logits, log-likelihoods) are not finite has no
+    def _check_finite(state: State, results: Sequence[np.ndarray | None]) -> None:
+        """A run whose state or results (logits, log-likelihoods) are not finite has no
         answer: say so."""
-        if not np.isfinite(memory).all() or not all(
+        if not all(np.isfinite(array).all() for array in state.values()) or not all(
                 np.isfinite(row).all() for row in results if row is not None):
             raise NumericError("the model produced NaN or infinity (in its memory or "
                                "logits); the export or its weights are damaged: re-export "
@@ -202,7 +204,9 @@ def _generation_options(generate: int | GenerationOptions) -> GenerationOptions 
     return GenerationOptions(generate) if generate else None
 
 
-def _identity(config: RMTConfig, initial_memory: np.ndarray) -> str:
+def _identity(config: RMTConfig, initial_state: State) -> str:
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
-    digest.update(np.ascontiguousarray(initial_memory, dtype="<f4").tobytes())
+    for pair in state_pairs(config):
+        value = initial_state[pair.name_in]
+        digest.update(np.ascontiguousarray(value, value.dtype.newbyteorder("<")).tobytes())
     return digest.hexdigest()

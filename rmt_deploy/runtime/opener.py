@@ -84,7 +84,7 @@ def _open_export(path: Path, options: RuntimeOptions) -> RMTModel:
                                options.fusions, options.hint)
         engine = _engine(manifest, dataclasses.replace(options, backend=backend,
                                                        measure="off"))
-    return RMTModel(engine, manifest.load_initial_memory(), tokenizer, description=str(folder),
+    return RMTModel(engine, manifest.load_initial_state(), tokenizer, description=str(folder),
                     choice=choice, identity=manifest.sha256)
 
 
@@ -126,6 +126,6 @@ def _open_checkpoint(path: Path, options: RuntimeOptions) -> RMTModel:
     engine = TorchEngine(loaded.rmt, threads=options.threads)
     tokenizer = (plain_tokenizer(Tokenizer.from_str(loaded.tokenizer_json))
                  if loaded.tokenizer_json else None)
-    return RMTModel(engine, engine.initial_memory(), tokenizer, description=str(path),
+    return RMTModel(engine, engine.initial_state(), tokenizer, description=str(path),
                     choice=BackendChoice("torch", "a checkpoint runs on the reference backend",
                                          options.threads), identity=loaded.sha256)

@@ -38,7 +38,7 @@ from rmt_deploy.contract import WRITE
 from rmt_deploy.errors import BackendError, RmtError
 from rmt_deploy.files import atomic_path, cache_folder, sha256_file
 from rmt_deploy.manifest import MANIFEST_NAME, Manifest
-from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.runtime.backends.base import State, StepEngine
 from rmt_deploy.runtime.backends.onnxruntime import shares_weights
 from rmt_deploy.runtime.options import HINTS, RuntimeOptions, host_cpus
 from rmt_deploy.segmentation import content_id_range, step_inputs
@@ -366,21 +366,22 @@ def _fastest(found: list[Candidate], timings: dict[str, float]) -> Candidate:
     return next(c for c in found if timings[c.label] <= best * (1 + TIE))
 
 
-def _probe(manifest: Manifest) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """A full segment of the model's own layout, its initial memory, and whether the
+def _probe(manifest: Manifest) -> tuple[np.ndarray, np.ndarray, State, bool]:
+    """A full segment of the model's own layout, its initial state, and whether the
     write graph (what every segment but the last runs) is what is timed."""
     config = manifest.config
     low, high = content_id_range(config)
     tokens = low + np.arange(config.segment_size) * 7919 % max(1, high - low)
     ids, mask = step_inputs([tokens], config)
-    return ids, mask, manifest.load_initial_memory()[None], WRITE in manifest.graphs
+    state = {name: value[None] for name, value in manifest.load_initial_state().items()}
+    return ids, mask, state, WRITE in manifest.graphs
 
 
 def disagreeing(engines: dict[Candidate, StepEngine], manifest: Manifest,
                 precision: str = "fp32") -> dict[str, str]:
-    """Candidates computing fp32 whose new memory after one step differs from the first's
-    by more than the export's open-loop tolerance (reduced precision is judged at export,
-    and OpenVINO's BF16 by its own rules)."""
+    """Candidates computing fp32 whose new state after one step differs from the first's
+    by more than the export's open-loop tolerance (reduced precision is judged at
+    export)."""
     exact = [c for c, engine in engines.items() if getattr(engine, "precision", "fp32") == "fp32"]
     if precision != "fp32" or len(exact) < 2:
         return {}
@@ -390,10 +391,11 @@ def disagreeing(engines: dict[Candidate, StepEngine], manifest: Manifest,
     for candidate in exact:
         with engines[candidate].new_state(memory) as state:
             state.step(ids, mask, logits=not write)
-            results[candidate] = state.memory()
+            results[candidate] = state.state()
     first = exact[0]
-    errors = {c: float(np.abs(results[c] - results[first]).max()) for c in exact}
-    return {c.label: f"its memory differs from {first.label}'s by {error:.2g}"
+    errors = {c: max(float(np.abs(results[c][name] - array).max())
+                     for name, array in results[first].items()) for c in exact}
+    return {c.label: f"its state differs from {first.label}'s by {error:.2g}"
             for c, error in errors.items() if not error <= tolerance}
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rmt_deploy.contract import check_state, reported, state_pairs
 from rmt_deploy.errors import InputError, NumericError
 from rmt_deploy.runtime.batcher import Rows
 from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput, encoder_output
@@ -44,7 +45,8 @@ if TYPE_CHECKING:
     from rmt_deploy.runtime.model import RMTModel
 
 STATE_FORMAT = "rmt-deploy-session"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: every state pair of the contract, as STATE_PREFIX + its input name
+STATE_PREFIX = "state/"
 #: What a session is fed: text (str or UTF-8 bytes) or token ids.
 Piece = str | bytes | bytearray | Sequence[int] | np.ndarray
 Output = EncoderOutput | DecoderOutput
@@ -67,7 +69,7 @@ class _Meter(PerplexityMeter):
 @dataclass
 class _Track:
     """The recurrence over one segmentation: its first segment has ``first`` tokens,
-    the others ``segment_size``. Its memory is row ``key`` of the session's rows."""
+    the others ``segment_size``. Its state is row ``key`` of the session's rows."""
 
     first: int
     key: tuple[str, int]
@@ -88,7 +90,7 @@ class StreamSession:
     def __init__(self, model: RMTModel, *, total_tokens: int | None = None,
                  rows: Rows | None = None) -> None:
         """``total_tokens``: the document's length in tokens, where known beforehand
-        (a right-aligned model then runs one track); ``rows``: where the tracks' memory
+        (a right-aligned model then runs one track); ``rows``: where the tracks' state
         lives and steps (default: a stepper of its own, stepping in the calling thread;
         a ``StepBatcher`` batches sessions)."""
         self.model = model
@@ -109,7 +111,7 @@ class StreamSession:
         self._tokens = 0
         self._final: Output | None = None
         self._closed = False
-        self._tracks = [self._new_track(key, model.initial_memory) for key in keys]
+        self._tracks = [self._new_track(key, model.initial_state) for key in keys]
 
     @property
     def tokens(self) -> int:
@@ -185,10 +187,10 @@ class StreamSession:
         with self._lock:
             self._check_open()
             kept = self.metadata if metadata is None else dict(metadata)
-            memory = self._rows.memories([t.key for t in self._tracks])
-            if not np.isfinite(memory).all():
-                raise NumericError("the session's memory holds NaN or infinity, so its state "
-                                   "is not worth saving; the model or its inputs are damaged")
+            state = self._rows.states([t.key for t in self._tracks])
+            if not all(np.isfinite(array).all() for array in state.values()):
+                raise NumericError("the session's state holds NaN or infinity, so it is not "
+                                   "worth saving; the model or its inputs are damaged")
             header = {
                 "format": STATE_FORMAT, "version": STATE_VERSION,
                 "model": self.model.identity, "variant": self.config.variant,
@@ -200,7 +202,8 @@ class StreamSession:
                             "count": t.meter.count if t.meter else 0} for t in self._tracks],
                 "metadata": kept,
             }
-            arrays = {"ids": self._ids, "memory": memory}
+            arrays = {"ids": self._ids, **{STATE_PREFIX + name: array
+                                           for name, array in state.items()}}
             if self.config.is_encoder:
                 width = len(self.config.labels)
                 arrays["logits"] = np.stack([np.zeros(width, np.float32) if t.logits is None
@@ -250,7 +253,11 @@ class StreamSession:
         config = self.config
         tracks = header["tracks"]
         width = len(config.labels) if config.is_encoder else config.vocab_size
-        _check_array(arrays, "memory", (len(tracks), config.num_mem_tokens, config.hidden_size))
+        try:
+            state = check_state(config, {pair.name_in: arrays.get(STATE_PREFIX + pair.name_in)
+                                         for pair in state_pairs(config)}, len(tracks), "saved")
+        except InputError as error:
+            raise ValueError(str(error)) from None
         _check_array(arrays, "logits" if config.is_encoder else "last", (len(tracks), width))
         ids = arrays["ids"]
         if ids.ndim != 1 or (ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size)):
@@ -260,7 +267,8 @@ class StreamSession:
         fresh, self._tracks = self._tracks, []
         for row, (saved, old) in enumerate(zip(tracks, fresh, strict=True)):
             self._rows.remove(old.key)
-            track = self._new_track(old.key, arrays["memory"][row])
+            track = self._new_track(old.key, {name: array[row]
+                                              for name, array in state.items()})
             track.done = _count(saved["done"])
             if track.done:
                 if config.is_encoder:
@@ -295,8 +303,8 @@ class StreamSession:
             return [_first_length(usable_tokens(self.total_tokens, self.config), size)]
         return list(range(1, size + 1))
 
-    def _new_track(self, key: tuple[str, int], memory: np.ndarray) -> _Track:
-        self._rows.add(key, memory)
+    def _new_track(self, key: tuple[str, int], state: dict[str, np.ndarray]) -> _Track:
+        self._rows.add(key, state)
         return _Track(key[1], key, meter=None if self.config.is_encoder else _Meter())
 
     def _check_open(self) -> None:
@@ -370,17 +378,18 @@ class StreamSession:
             return None
         track = self._track_for(total).copy()
         ids = self._ids if extra is None else np.concatenate([self._ids, extra])
-        memory = self._rows.memory(track.key)
+        state = self._rows.state(track.key)
         if track.done < total:  # the rest runs on a copy: the session stays as it is
             with Stepper(self.model.engine) as scratch:
-                scratch.add(track.key, memory)
+                scratch.add(track.key, state)
                 while track.done < total:
                     self._step(scratch, [track], ids, total)
-                memory = scratch.memory(track.key)
-        if not np.isfinite(memory).all() or (track.logits is not None and not np.isfinite(
-                track.logits).all()) or (track.meter is not None and not np.isfinite(
-                track.meter.nll)):
-            raise NumericError("the model produced NaN or infinity (in its memory or "
+                state = scratch.state(track.key)
+        memory = state[reported(self.config).name_in]
+        if not all(np.isfinite(array).all() for array in state.values()) or (
+                track.logits is not None and not np.isfinite(track.logits).all()) or (
+                track.meter is not None and not np.isfinite(track.meter.nll)):
+            raise NumericError("the model produced NaN or infinity (in its state or "
                                "logits); the export or its weights are damaged: re-export it")
         if self.config.is_encoder:
             return encoder_output(self.config, track.logits, memory, total)

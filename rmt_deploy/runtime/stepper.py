@@ -1,11 +1,12 @@
-"""The one place segments are stepped. A :class:`Stepper` holds the memory of a set of
-keyed rows (the documents of a run, the tracks of a session, the sequences a server
-keeps) for their whole life, in the engine's own buffers between steps.
+"""The one place segments are stepped. A :class:`Stepper` holds the recurrent state (every
+pair the contract declares) of a set of keyed rows (the documents of a run, the tracks
+of a session, the sequences a server keeps) for their whole life, in the engine's own
+buffers between steps.
 
 The rows of the last step stay resident in one engine state; stepping the same rows
-again moves no memory. Memory crosses to the host only when a caller asks for it
-(:meth:`Stepper.memory`) or when a step takes other rows than the last (their memory is
-then gathered into a state of the new size, kept for reuse). Every path that steps
+again moves no state. State crosses to the host only when a caller asks for it
+(:meth:`Stepper.state`) or when a step takes other rows than the last (their state is
+then gathered into an engine state of the new size, kept for reuse). Every path that steps
 segments goes through here: ``RMTModel.run``, stream sessions, the session pool's
 batcher, the Triton python backend, export validation and calibration recording.
 """
@@ -15,12 +16,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
 from rmt_deploy.errors import InputError
-from rmt_deploy.runtime.backends.base import EngineState, StepEngine
+from rmt_deploy.runtime.backends.base import EngineState, State, StepEngine
 from rmt_deploy.runtime.generation import GenerationOptions, generate
 from rmt_deploy.segmentation import step_inputs
 
@@ -28,16 +29,16 @@ MAX_STATES = 8  # engine states kept for reuse, one per batch size, least recent
 
 
 class Stepper:
-    """Rows by key, their memory, and the engine states that step them. Thread-safe: calls
+    """Rows by key, their state, and the engine states that step them. Thread-safe: calls
     serialize. Close it (or use it in ``with``) to free the engine states."""
 
     def __init__(self, engine: StepEngine) -> None:
         self.engine = engine
         self.config = engine.config
-        self._host: dict[Hashable, np.ndarray] = {}  # every live row's memory, as last synced
+        self._host: dict[Hashable, State] = {}  # every live row's state, as last synced
         self._rows: list[Hashable] = []  # the rows of the resident state, in its order
         self._state: EngineState | None = None
-        self._stale = False  # the resident state's memory is newer than the host copies
+        self._stale = False  # the resident state is newer than the host copies
         self._states: OrderedDict[int, EngineState] = OrderedDict()  # by batch size
         self._lock = threading.RLock()
         self._closed = False
@@ -49,8 +50,9 @@ class Stepper:
     def __contains__(self, key: object) -> bool:
         return key in self._host
 
-    def add(self, key: Hashable, memory: np.ndarray) -> None:
-        """A new row whose memory is ``memory`` [M, H] (copied)."""
+    def add(self, key: Hashable, state: Mapping[str, np.ndarray]) -> None:
+        """A new row whose state is ``state`` (one row's, every pair the engine carries,
+        as :func:`~rmt_deploy.contract.check_state` accepts it; copied)."""
         with self._lock:
             self._check_open()
             if key in self._host:
@@ -59,23 +61,24 @@ class Stepper:
                 if self._stale:
                     self._sync()
                 self._state, self._rows = None, []
-            self._host[key] = np.array(memory, dtype=np.float32)
+            self._host[key] = {name: np.array(array) for name, array in state.items()}
 
     def remove(self, key: Hashable) -> None:
         """Forget a row (nothing happens if it is not there)."""
         with self._lock:
             self._host.pop(key, None)
 
-    def memory(self, key: Hashable) -> np.ndarray:
-        """A host copy of one row's memory [M, H]."""
-        return self.memories([key])[0]
+    def state(self, key: Hashable) -> State:
+        """A host copy of one row's state."""
+        return {name: array[0] for name, array in self.states([key]).items()}
 
-    def memories(self, keys: Sequence[Hashable]) -> np.ndarray:
-        """Host copies of some rows' memory [len(keys), M, H]: one transfer at most."""
+    def states(self, keys: Sequence[Hashable]) -> State:
+        """Host copies of some rows' state, every pair ``[len(keys), ...]``: one transfer
+        at most."""
         with self._lock:
             if self._stale and any(key in self._rows for key in keys):
                 self._sync()
-            return np.stack([self._host[self._known(key)] for key in keys])
+            return _stacked([self._host[self._known(key)] for key in keys])
 
     def step(self, keys: Sequence[Hashable], segments: Sequence[np.ndarray],
              logits: bool = True) -> np.ndarray | None:
@@ -86,7 +89,15 @@ class Stepper:
 
     def run(self, keys: Sequence[Hashable], input_ids: np.ndarray,
             attention_mask: np.ndarray, logits: bool = True) -> np.ndarray | None:
-        """:meth:`step` with the step's tensors already laid out."""
+        """:meth:`step` with the step's tensors already laid out. More rows than the
+        engine takes at once (its ``max_batch``: a TensorRT profile) are split into steps
+        of at most that many rows, each resident in turn."""
+        limit = self.engine.max_batch
+        if limit is not None and len(keys) > limit:
+            parts = [self.run(keys[i: i + limit], input_ids[i: i + limit],
+                              attention_mask[i: i + limit], logits)
+                     for i in range(0, len(keys), limit)]
+            return np.concatenate(parts) if logits and parts[0] is not None else None
         with self._lock:
             state, order = self._resident(keys)
             if order is not None:  # the resident rows in another order: permute, not reload
@@ -117,7 +128,7 @@ class Stepper:
                  options: GenerationOptions,
                  on_logits: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
         """Decoders: the tokens each row ``keys[i]`` generates after ``segments[i]``, from
-        its memory (which generation leaves unchanged); ``on_logits`` sees every step's
+        its state (which generation leaves unchanged); ``on_logits`` sees every step's
         logits (rows in ``keys`` order)."""
         with self._lock:
             state, order = self._resident(keys)
@@ -170,12 +181,12 @@ class Stepper:
                 return self._state, np.array([position[key] for key in self._rows])
         if self._stale:
             self._sync()
-        memory = np.stack([self._host[key] for key in keys])
+        rows = _stacked([self._host[key] for key in keys])
         state = self._states.pop(len(keys), None)
         if state is None:
-            state = self.engine.new_state(memory)
+            state = self.engine.new_state(rows)
         else:
-            state.load(memory)
+            state.load(rows)
         self._states[len(keys)] = state
         while len(self._states) > MAX_STATES:
             self._states.popitem(last=False)[1].close()
@@ -183,8 +194,14 @@ class Stepper:
         return state, None
 
     def _sync(self) -> None:
-        """Copy the resident state's memory to the host copies of its live rows."""
-        for key, memory in zip(self._rows, self._state.memory(), strict=True):
+        """Copy the resident state to the host copies of its live rows."""
+        resident = self._state.state()
+        for row, key in enumerate(self._rows):
             if key in self._host:
-                self._host[key] = memory
+                self._host[key] = {name: array[row] for name, array in resident.items()}
         self._stale = False
+
+
+def _stacked(rows: Sequence[State]) -> State:
+    """Rows' states as one batch, pair by pair."""
+    return {name: np.stack([row[name] for row in rows]) for name in rows[0]}

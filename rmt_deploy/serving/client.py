@@ -3,15 +3,16 @@ segments exactly as rmt-run does (the runtime's token sources and segmentation),
 the segments as one Triton sequence, and returns what rmt-run returns. With a progress
 file it saves where it is and resumes there, against the same or a restarted server.
 
-Encoders: label, scores, logits (and the final memory). Decoders: perplexity
-(generation needs the prefill and decode graphs, which are not served).
+Encoders: label, scores, logits (and the final memory: the state pair results report).
+Decoders: perplexity (generation needs the prefill and decode graphs, which are not
+served).
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rmt_deploy.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, MEMORY_IN, MEMORY_OUT
+from rmt_deploy.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, reported, state_pairs
 from rmt_deploy.manifest import read_manifest
+from rmt_deploy.runtime.backends.base import State
 from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput, encoder_output
 from rmt_deploy.runtime.scoring import PerplexityMeter
 from rmt_deploy.runtime.tokens import Document, TokenSource, document_source, manifest_tokenizer
@@ -38,7 +40,7 @@ from rmt_deploy.serving.progress import (
 @dataclass(frozen=True)
 class StreamResult:
     """A document answered by Triton. ``output.memory`` is None where the server keeps
-    the memory itself (implicit state)."""
+    the state itself (implicit state)."""
 
     output: EncoderOutput | DecoderOutput
     sequence_id: int
@@ -76,7 +78,9 @@ class TritonClient:
             raise ServingError(f"model {model!r} at {url} is not the export {export} (model id "
                                f"{served_id} != {self.model_id}); pass the export it was "
                                "written from")
-        self.keeps_memory = not any(o["name"] == MEMORY_OUT for o in served.get("output", []))
+        self.pairs = state_pairs(self.config)
+        outputs = {o["name"] for o in served.get("output", [])}
+        self.keeps_state = not any(pair.name_out in outputs for pair in self.pairs)
 
     def close(self) -> None:
         self._client.close()
@@ -91,8 +95,8 @@ class TritonClient:
             sequence_id: int | None = None, save_every: int = 1) -> StreamResult:
         """Stream one document as one sequence. With ``progress_file``, progress is saved
         every ``save_every`` segments and, if the file exists, the run resumes there."""
-        if progress_file is not None and self.keeps_memory:
-            raise ServingError(f"model {self.model!r} keeps the memory inside Triton (implicit "
+        if progress_file is not None and self.keeps_state:
+            raise ServingError(f"model {self.model!r} keeps the state inside Triton (implicit "
                                "state), so progress cannot be saved; serve it with "
                                "rmt-triton --backend python to resume runs")
         started = time.perf_counter()
@@ -106,7 +110,7 @@ class TritonClient:
                 done = index + 1 - run.first
                 last = index == run.total - 1
                 saving = progress_file is not None and (done % save_every == 0 or last)
-                run.step(index, want_memory=saving or last)
+                run.step(index, want_state=saving or last)
                 if saving:
                     save_progress(progress_file, run.progress(self.model_id, digest))
         return StreamResult(run.output(), sequence_id, run.total - run.first,
@@ -126,28 +130,32 @@ class TritonClient:
         return saved
 
     def step(self, sequence_id: int, input_ids: np.ndarray, attention_mask: np.ndarray,
-             start: bool, end: bool, memory_in: np.ndarray | None = None,
-             want_memory: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+             start: bool, end: bool, state_in: Mapping[str, np.ndarray] | None = None,
+             want_state: bool = True) -> tuple[np.ndarray, State | None]:
         """One segment of a sequence: logits [1, ...] and, where asked and the server
-        returns it, the new memory [1, M, H]."""
+        returns it, the new state (every pair [1, ...]); ``state_in`` restores a saved
+        sequence on its START request."""
+        from tritonclient.utils import np_to_triton_dtype
+
         http = self._http
+        arrays = [(INPUT_IDS, np.ascontiguousarray(input_ids, np.int64)),
+                  (ATTENTION_MASK, np.ascontiguousarray(attention_mask, np.int64))]
+        if state_in is not None:
+            arrays += [(pair.name_in, np.ascontiguousarray(state_in[pair.name_in], pair.dtype))
+                       for pair in self.pairs]
         inputs = []
-        for name, array in ((INPUT_IDS, input_ids), (ATTENTION_MASK, attention_mask),
-                            (MEMORY_IN, memory_in)):
-            if array is not None:
-                array = np.ascontiguousarray(array, dtype=np.float32 if name == MEMORY_IN
-                                             else np.int64)
-                tensor = http.InferInput(name, list(array.shape),
-                                         "FP32" if name == MEMORY_IN else "INT64")
-                tensor.set_data_from_numpy(array)
-                inputs.append(tensor)
-        returns_memory = want_memory and not self.keeps_memory
-        names = [LOGITS, MEMORY_OUT] if returns_memory else [LOGITS]
+        for name, array in arrays:
+            tensor = http.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        returns_state = want_state and not self.keeps_state
+        names = [LOGITS] + ([pair.name_out for pair in self.pairs] if returns_state else [])
         outputs = [http.InferRequestedOutput(name) for name in names]
         result = self._call(lambda: self._client.infer(
             self.model, inputs, outputs=outputs, sequence_id=sequence_id,
             sequence_start=start, sequence_end=end))
-        return result.as_numpy(LOGITS), result.as_numpy(MEMORY_OUT) if returns_memory else None
+        state = {pair.name_in: result.as_numpy(pair.name_out) for pair in self.pairs}
+        return result.as_numpy(LOGITS), state if returns_state else None
 
     def _call(self, request):
         try:
@@ -184,8 +192,9 @@ class _Run:
         self.config = client.config
         self.total = count_segments(len(source), self.config)
         self.first = saved.next_segment if saved else 0
-        self.memory = saved.memory[None] if saved else None
-        self.restore = saved is not None  # the first request carries the saved memory
+        self.state = ({name: array[None] for name, array in saved.state.items()} if saved
+                      else None)
+        self.restore = saved is not None  # the first request carries the saved state
         self.logits = saved.logits if saved else None
         self.next_segment = self.first
         self.meter = PerplexityMeter()
@@ -193,15 +202,15 @@ class _Run:
             self.meter.add(np.zeros(1, np.int64), saved.logits[None])  # only sets the last row
             self.meter.nll, self.meter.count = saved.nll, saved.count
 
-    def step(self, index: int, want_memory: bool) -> None:
+    def step(self, index: int, want_state: bool) -> None:
         tokens = self.source.tokens(*segment_range(len(self.source), index, self.config))
         input_ids, attention_mask = step_inputs([tokens], self.config)
-        logits, memory = self.client.step(
+        logits, state = self.client.step(
             self.sequence_id, input_ids, attention_mask, start=index == self.first,
-            end=index == self.total - 1, memory_in=self.memory if self.restore else None,
-            want_memory=want_memory)
-        if want_memory:
-            self.memory = memory
+            end=index == self.total - 1, state_in=self.state if self.restore else None,
+            want_state=want_state)
+        if want_state:
+            self.state = state
         self.restore = False
         if self.config.is_encoder:
             self.logits = logits[0]
@@ -211,11 +220,12 @@ class _Run:
         self.next_segment = index + 1
 
     def progress(self, model_id: str, digest: str) -> Progress:
-        return Progress(model_id, digest, len(self.source), self.next_segment, self.memory[0],
+        return Progress(model_id, digest, len(self.source), self.next_segment,
+                        {name: array[0] for name, array in self.state.items()},
                         self.logits, self.meter.nll, self.meter.count)
 
     def output(self) -> EncoderOutput | DecoderOutput:
-        memory = None if self.memory is None else self.memory[0]
+        memory = None if self.state is None else self.state[reported(self.config).name_in][0]
         segments = self.total
         if not self.config.is_encoder:
             return DecoderOutput(perplexity=self.meter.perplexity, tokens=len(self.source),

@@ -4,11 +4,12 @@ tritonclient's model_config_pb2), so every field is checked against Triton's sch
 Two kinds of model:
 
 * ``python``: rmt-deploy's runtime in Triton's python backend. The model keeps each
-  sequence's memory by correlation id (CONTROL_SEQUENCE_START / END / CORRID); a
-  request carries one segment, the response returns the logits and the new memory,
-  and an optional ``memory_in`` on a START request restores a saved sequence.
+  sequence's state by correlation id (CONTROL_SEQUENCE_START / END / CORRID); a
+  request carries one segment, the response returns the logits and the new state
+  (every state pair's output), and the optional state inputs on a START request
+  restore a saved sequence.
 * ``onnxruntime`` / ``tensorrt`` (NGC containers): the step graph with Triton's
-  implicit state for the memory, initialised from the learned initial memory.
+  implicit state for every state pair, initialised as the contract declares.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from rmt_deploy.contract import (
     ATTENTION_MASK,
     INPUT_IDS,
     LOGITS,
-    MEMORY_IN,
-    MEMORY_OUT,
     STEP,
+    ZEROS,
+    StatePair,
     Tensor,
+    state_pairs,
 )
 from rmt_deploy.errors import ConfigError
 from rmt_deploy.manifest import Manifest
@@ -32,8 +34,14 @@ BACKENDS = ("python", "onnxruntime", "tensorrt")
 STRATEGIES = ("oldest", "direct")
 #: Control inputs of the python-backend model.
 START, END, CORRID = "START", "END", "CORRID"
-#: The learned initial memory, raw little-endian float32, in ``NAME/initial_state/``.
-INITIAL_STATE_FILE = "memory_init.f32"
+#: Triton data types of the contract's dtypes.
+TRITON_TYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
+
+
+def initial_state_file(pair: StatePair) -> str:
+    """The file in ``NAME/initial_state/`` holding a pair's initial value (raw,
+    little-endian, row-major), where it does not start at zero."""
+    return f"{pair.name_in}.init"
 #: Where the python-backend model finds its export folder, inside the version folder.
 EXPORT_FOLDER = "export"
 #: The config.pbtxt parameter naming the graphs the python-backend model runs.
@@ -79,9 +87,8 @@ def _pb2():
 
 def _tensor(pb2, message, spec: Tensor) -> None:
     """Name, Triton data type and dims (batch axis dropped, named axes -1) of a tensor."""
-    types = {"int64": pb2.TYPE_INT64, "float32": pb2.TYPE_FP32, "float16": pb2.TYPE_FP16}
     message.name = spec.name
-    message.data_type = types[spec.dtype]
+    message.data_type = getattr(pb2, TRITON_TYPES[spec.dtype])
     message.dims.extend(d if isinstance(d, int) else -1 for d in spec.shape[1:])
 
 
@@ -106,13 +113,15 @@ def model_config(manifest: Manifest, options: ServingOptions, graph_key: str = S
     group = config.instance_group.add(count=options.instances)
     if options.backend == "python":
         group.kind = pb2.ModelInstanceGroup.KIND_CPU
-        memory_in = config.input.add()
-        _tensor(pb2, memory_in, tensors[MEMORY_IN])
-        memory_in.optional = True  # only on a START request that restores a sequence
-        _tensor(pb2, config.output.add(), tensors[MEMORY_OUT])
+        for pair in state_pairs(manifest.config):
+            state_in = config.input.add()
+            _tensor(pb2, state_in, tensors[pair.name_in])
+            state_in.optional = True  # only on a START request that restores a sequence
+            _tensor(pb2, config.output.add(), tensors[pair.name_out])
         _controls(pb2, batching)
     else:
-        _implicit_state(pb2, batching, tensors[MEMORY_IN])
+        for pair in state_pairs(manifest.config):
+            _implicit_state(pb2, batching, pair)
     config.parameters[MODEL_ID_PARAMETER].string_value = model_identity(manifest)
     return config
 
@@ -126,16 +135,20 @@ def _controls(pb2, batching) -> None:
         kind=kinds.CONTROL_SEQUENCE_CORRID, data_type=pb2.TYPE_UINT64)
 
 
-def _implicit_state(pb2, batching, memory_in: Tensor) -> None:
-    """memory_in / memory_out as Triton-held state, starting from the learned initial
-    memory (not zeros). memory_out is not also listed as an output: with batching, the
+def _implicit_state(pb2, batching, pair: StatePair) -> None:
+    """A state pair as Triton-held state, starting from zeros or from its initial value
+    in the repository. Its output is not also listed as an output: with batching, the
     onnxruntime backend then fails to split the state tensor."""
-    state = batching.state.add(input_name=MEMORY_IN, output_name=MEMORY_OUT,
-                               data_type=pb2.TYPE_FP32)
-    dims = [int(d) for d in memory_in.shape[1:]]
+    data_type = getattr(pb2, TRITON_TYPES[pair.dtype])
+    state = batching.state.add(input_name=pair.name_in, output_name=pair.name_out,
+                               data_type=data_type)
+    dims = list(pair.row_shape)
     state.dims.extend(dims)
-    initial = state.initial_state.add(data_type=pb2.TYPE_FP32, name="memory_init",
-                                      data_file=INITIAL_STATE_FILE)
+    initial = state.initial_state.add(data_type=data_type, name=f"{pair.name_in}_init")
+    if pair.initial == ZEROS:
+        initial.zero_data = True
+    else:
+        initial.data_file = initial_state_file(pair)
     initial.dims.extend(dims)
 
 

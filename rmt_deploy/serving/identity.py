@@ -1,21 +1,16 @@
-"""What identifies a model across server and client: the step graph and the learned
-initial memory, as hashed in the manifest. A saved sequence state is only valid for
-the model it came from."""
+"""What identifies a model across server and client: the export's one identity
+(``manifest.export_identity``, the sha256 of its rmt.json), the same the runtime checks
+saved sessions against. A saved sequence state is only valid for the model it came
+from."""
 
 from __future__ import annotations
 
-import hashlib
-
-from rmt_deploy.contract import STEP
-from rmt_deploy.manifest import Manifest
+from rmt_deploy.manifest import Manifest, export_identity
 
 #: Name of the config.pbtxt parameter that carries the identity to clients.
 MODEL_ID_PARAMETER = "rmt_model_id"
 
 
 def model_identity(manifest: Manifest) -> str:
-    """A short hex digest of the step graph and the initial memory of an export."""
-    digest = hashlib.sha256()
-    digest.update(manifest.graphs[STEP].sha256.encode())
-    digest.update(manifest.initial_memory["sha256"].encode())
-    return digest.hexdigest()[:32]
+    """The identity of the export ``manifest`` was read from, as it was read."""
+    return manifest.sha256 or export_identity(manifest.path(""))

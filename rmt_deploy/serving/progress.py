@@ -1,21 +1,27 @@
 """A client's saved progress through one document: enough to resume the sequence on a
-restarted (or another) server. Written atomically as .npz; checked when read."""
+restarted (or another) server. Written atomically in the runtime's one saved-state
+container (``runtime/state.py``: a JSON header and raw arrays sealed by a sha256), with
+every state pair of the contract; checked when read."""
 
 from __future__ import annotations
 
 import hashlib
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from rmt_deploy.files import atomic_path
+from rmt_deploy.contract import check_state, state_pairs
+from rmt_deploy.errors import InputError
+from rmt_deploy.runtime.backends.base import State
+from rmt_deploy.runtime.state import pack, read_state, unpack, write_state
 from rmt_deploy.runtime.tokens import TokenSource
 from rmt_deploy.serving.errors import StateFileError
 from rmt_deploy.spec import RMTConfig
 
-FORMAT = "rmt-triton-progress-1"
+FORMAT = "rmt-triton-progress"
+VERSION = 2  # 2: the runtime's state container, every state pair
+STATE_PREFIX = "state/"
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,7 @@ class Progress:
     document_sha256: str  # of the document's cleaned token ids
     tokens: int
     next_segment: int  # the first segment not yet answered
-    memory: np.ndarray  # [M, H] the memory after segment next_segment - 1
+    state: State  # one row's state (every pair) after segment next_segment - 1
     logits: np.ndarray  # encoder: last segment's logits; decoder: last position's logits
     nll: float = 0.0  # decoder: perplexity so far
     count: int = 0
@@ -43,33 +49,36 @@ def document_digest(source: TokenSource, config: RMTConfig) -> str:
 
 def save_progress(path: str | Path, progress: Progress) -> None:
     """Write ``path`` atomically (a crash leaves the previous version)."""
-    with atomic_path(path) as temp, open(temp, "wb") as handle:
-        np.savez(handle, format=np.array(FORMAT), model_id=np.array(progress.model_id),
-                 document_sha256=np.array(progress.document_sha256),
-                 counters=np.array([progress.tokens, progress.next_segment, progress.count]),
-                 nll=np.array(progress.nll), memory=progress.memory.astype(np.float32),
-                 logits=progress.logits.astype(np.float32))
+    header = {"format": FORMAT, "version": VERSION, "model_id": progress.model_id,
+              "document_sha256": progress.document_sha256, "tokens": progress.tokens,
+              "next_segment": progress.next_segment, "nll": progress.nll,
+              "count": progress.count}
+    arrays = {"logits": np.asarray(progress.logits, np.float32),
+              **{STATE_PREFIX + name: array for name, array in progress.state.items()}}
+    write_state(path, pack(header, arrays))
 
 
 def load_progress(path: str | Path, config: RMTConfig) -> Progress:
     """Read a progress file; a damaged or foreign one is a StateFileError."""
     damaged = f"{path}: damaged or truncated progress file; delete it to start the document over"
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if str(data["format"]) != FORMAT:
-                raise StateFileError(f"{path}: not an rmt-triton progress file")
-            tokens, next_segment, count = (int(x) for x in data["counters"])
-            progress = Progress(str(data["model_id"]), str(data["document_sha256"]), tokens,
-                                next_segment, data["memory"], data["logits"],
-                                float(data["nll"]), count)
-    except (zipfile.BadZipFile, EOFError, KeyError, ValueError, OSError) as error:
-        if isinstance(error, FileNotFoundError):
+        header, arrays = unpack(read_state(path), str(path))
+    except InputError:
+        if not Path(path).exists():
             raise StateFileError(f"{path}: no such progress file") from None
         raise StateFileError(damaged) from None
-    expected = (config.num_mem_tokens, config.hidden_size)
-    if progress.memory.shape != expected:
-        raise StateFileError(f"{path}: memory of shape {progress.memory.shape}, this model's "
-                             f"is {expected}: the progress was saved from another model")
-    if not np.isfinite(progress.memory).all():
-        raise StateFileError(damaged)
+    if header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise StateFileError(f"{path}: not an rmt-triton progress file this rmt-deploy reads")
+    try:
+        state = check_state(config, {pair.name_in: arrays.get(STATE_PREFIX + pair.name_in)
+                                     for pair in state_pairs(config)}, None, str(path))
+    except InputError as error:
+        raise StateFileError(f"{error}: the progress was saved from another model or is "
+                             "damaged; delete it to start over") from None
+    try:
+        progress = Progress(str(header["model_id"]), str(header["document_sha256"]),
+                            int(header["tokens"]), int(header["next_segment"]), state,
+                            arrays["logits"], float(header["nll"]), int(header["count"]))
+    except (KeyError, TypeError, ValueError):
+        raise StateFileError(damaged) from None
     return progress

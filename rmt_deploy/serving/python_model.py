@@ -1,6 +1,6 @@
 """Triton python-backend model of an exported RMT (copied to ``NAME/1/model.py`` by
 rmt-triton). It runs rmt-deploy's ONNX Runtime step on the export in ``1/export/`` and
-keeps each sequence's memory by correlation id. Runs inside Triton's python stub only."""
+keeps each sequence's state by correlation id. Runs inside Triton's python stub only."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from rmt_deploy.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, MEMORY_IN, MEMORY_OUT
+from rmt_deploy.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, state_pairs
 from rmt_deploy.manifest import read_manifest
 from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
 from rmt_deploy.runtime.options import RuntimeOptions
@@ -29,11 +29,13 @@ class TritonPythonModel:
         idle = int(config["sequence_batching"]["max_sequence_idle_microseconds"]) / 1e6
         manifest = read_manifest(folder)
         engine = OnnxRuntimeEngine(manifest, RuntimeOptions(precision=precision), device="cpu")
-        self.store = SequenceStore(engine, manifest.load_initial_memory(), idle)
+        self.store = SequenceStore(engine, manifest.load_initial_state(), idle)
+        self.pairs = state_pairs(manifest.config)
 
     def execute(self, requests: list) -> list:
-        results = self.store.execute([_step_request(request) for request in requests])
-        return [_response(result) for result in results]
+        results = self.store.execute([_step_request(request, self.pairs)
+                                      for request in requests])
+        return [_response(result, self.pairs) for result in results]
 
     def finalize(self) -> None:
         self.store.close()
@@ -45,23 +47,25 @@ def _input(request, name: str) -> np.ndarray | None:
     return None if tensor is None else tensor.as_numpy()
 
 
-def _step_request(request) -> StepRequest:
+def _step_request(request, pairs) -> StepRequest:
+    state = {pair.name_in: _input(request, pair.name_in) for pair in pairs}
+    wanted = request.requested_output_names()
     return StepRequest(
         sequence_id=int(_input(request, CORRID).reshape(-1)[0]),
         start=bool(_input(request, START).reshape(-1)[0]),
         end=bool(_input(request, END).reshape(-1)[0]),
         input_ids=_input(request, INPUT_IDS),
         attention_mask=_input(request, ATTENTION_MASK),
-        memory_in=_input(request, MEMORY_IN),
-        wants_memory=MEMORY_OUT in request.requested_output_names(),
+        state_in={name: value for name, value in state.items() if value is not None} or None,
+        wants_state=any(pair.name_out in wanted for pair in pairs),
     )
 
 
-def _response(result):
+def _response(result, pairs):
     if isinstance(result, StepResult):
         tensors = [pb_utils.Tensor(LOGITS, np.ascontiguousarray(result.logits, np.float32))]
-        if result.memory is not None:
-            tensors.append(pb_utils.Tensor(MEMORY_OUT,
-                                           np.ascontiguousarray(result.memory, np.float32)))
+        if result.state is not None:
+            tensors += [pb_utils.Tensor(pair.name_out, np.ascontiguousarray(
+                result.state[pair.name_in], pair.dtype)) for pair in pairs]
         return pb_utils.InferenceResponse(output_tensors=tensors)
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result)))

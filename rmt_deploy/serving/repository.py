@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from rmt_deploy.contract import STEP
+from rmt_deploy.contract import STEP, ZEROS, state_pairs
 from rmt_deploy.errors import ConfigError, ManifestError
 from rmt_deploy.export.folder import foreign_files
 from rmt_deploy.export.weights import WEIGHTS_FILE
@@ -14,10 +14,10 @@ from rmt_deploy.files import atomic_folder, sha256_file
 from rmt_deploy.manifest import MANIFEST_NAME, Manifest, graph_key, read_manifest
 from rmt_deploy.serving.config import (
     EXPORT_FOLDER,
-    INITIAL_STATE_FILE,
     PRECISION_PARAMETER,
     ServingOptions,
     config_text,
+    initial_state_file,
     model_config,
 )
 from rmt_deploy.serving.identity import MODEL_ID_PARAMETER
@@ -32,8 +32,8 @@ def write_repository(repo: str | Path, export: str | Path, options: ServingOptio
     model folder."""
     manifest = read_manifest(export)
     target = Path(repo) / options.name
-    _check_replaceable(target)
-    with atomic_folder(target, check=lambda: _check_replaceable(target)) as stage:
+    _check_replaceable(target, manifest)
+    with atomic_folder(target, check=lambda: _check_replaceable(target, manifest)) as stage:
         version = stage / "1"
         version.mkdir()
         if options.backend == "python":
@@ -53,19 +53,21 @@ def write_repository(repo: str | Path, export: str | Path, options: ServingOptio
             key = _copy_plan(manifest, version / "model.plan", options.max_batch_size)
             config = model_config(manifest, options, key)
         if options.backend != "python":
-            _write_initial_state(manifest, stage / "initial_state" / INITIAL_STATE_FILE)
+            _write_initial_state(manifest, stage / "initial_state")
         (stage / "config.pbtxt").write_text(config_text(config))
     return target
 
 
-#: What a model folder written by rmt-triton holds, besides the export in 1/export/.
-_ENTRY_FILES = {"config.pbtxt", "1/model.py", "1/model.onnx", f"1/{WEIGHTS_FILE}", "1/model.plan",
-                f"initial_state/{INITIAL_STATE_FILE}"}
+#: What a model folder written by rmt-triton holds, besides the export in 1/export/ and
+#: the initial state files.
+_ENTRY_FILES = {"config.pbtxt", "1/model.py", "1/model.onnx", f"1/{WEIGHTS_FILE}", "1/model.plan"}
 
 
-def _check_replaceable(target: Path) -> None:
-    """Refuse to replace ``target`` unless it is a model folder rmt-triton wrote, holding
-    nothing else."""
+def _check_replaceable(target: Path, manifest: Manifest) -> None:
+    """Refuse to replace ``target`` unless it is a model folder rmt-triton wrote for this
+    model's contract, holding nothing else."""
+    entries = _ENTRY_FILES | {f"initial_state/{initial_state_file(pair)}"
+                              for pair in state_pairs(manifest.config) if pair.initial != ZEROS}
     if not target.exists():
         return
     if not target.is_dir() or target.is_symlink():
@@ -79,7 +81,7 @@ def _check_replaceable(target: Path) -> None:
         if export.is_dir() else []
     for path in target.rglob("*"):
         relative = path.relative_to(target).as_posix()
-        if path.is_file() and relative not in _ENTRY_FILES and not relative.startswith(
+        if path.is_file() and relative not in entries and not relative.startswith(
                 f"1/{EXPORT_FOLDER}/"):
             foreign.append(relative)
     if foreign:
@@ -125,8 +127,14 @@ def _copy_plan(manifest: Manifest, target: Path, max_batch_size: int) -> str:
                 if spec.file == engine["source_graph"])
 
 
-def _write_initial_state(manifest: Manifest, target: Path) -> None:
-    """The learned initial memory as raw little-endian float32 (row-major [M, H])."""
-    target.parent.mkdir()
-    target.write_bytes(manifest.load_initial_memory().astype("<f4").tobytes())
+def _write_initial_state(manifest: Manifest, folder: Path) -> None:
+    """The initial value of every state pair that does not start at zero, raw
+    little-endian and row-major, in ``folder``."""
+    folder.mkdir()
+    initial = manifest.load_initial_state()
+    for pair in state_pairs(manifest.config):
+        if pair.initial != ZEROS:
+            value = initial[pair.name_in]
+            (folder / initial_state_file(pair)).write_bytes(
+                value.astype(value.dtype.newbyteorder("<")).tobytes())
 

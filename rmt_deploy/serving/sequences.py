@@ -1,20 +1,20 @@
-"""Per-sequence memory kept by correlation id, for the python-backend model: each
+"""Per-sequence state kept by correlation id, for the python-backend model: each
 request carries one segment of one sequence; requests of different sequences that
 arrive together are stepped as one batch of one stepper, whose rows are the open
-sequences (their memory stays in the engine's buffers while the same sequences step
+sequences (their state stays in the engine's buffers while the same sequences step
 together). No Triton here, so it is tested directly."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from rmt_deploy.contract import ATTENTION_MASK, INPUT_IDS, MEMORY_IN, STEP, check_feed
+from rmt_deploy.contract import ATTENTION_MASK, INPUT_IDS, STEP, check_feed, check_state
 from rmt_deploy.errors import InputError
-from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.runtime.backends.base import State, StepEngine
 from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.serving.errors import ServingError
 
@@ -28,24 +28,25 @@ class StepRequest:
     end: bool
     input_ids: np.ndarray  # [1, positions] int64
     attention_mask: np.ndarray  # [1, positions] int64
-    memory_in: np.ndarray | None = None  # [1, M, H]: restore a saved sequence (START only)
-    wants_memory: bool = True  # whether the response carries the memory after the step
+    state_in: Mapping[str, np.ndarray] | None = None  # every pair [1, ...]: restore a saved
+    # sequence (START only)
+    wants_state: bool = True  # whether the response carries the state after the step
 
 
 @dataclass(frozen=True)
 class StepResult:
     logits: np.ndarray  # [1, ...] the step's logits
-    memory: np.ndarray | None  # [1, M, H] the sequence's memory after the step, if asked
+    state: State | None  # every pair [1, ...]: the sequence's state after the step, if asked
 
 
 class SequenceStore:
-    """The open sequences of one model instance and their memory."""
+    """The open sequences of one model instance and their state."""
 
-    def __init__(self, engine: StepEngine, initial_memory: np.ndarray, idle_seconds: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, engine: StepEngine, initial_state: Mapping[str, np.ndarray],
+                 idle_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.stepper = Stepper(engine)
         self.config = engine.config
-        self.initial_memory = np.asarray(initial_memory, dtype=np.float32)
+        self.initial_state = check_state(self.config, initial_state, None, "the initial state")
         self.idle_seconds = idle_seconds
         self._clock = clock
         self._used: dict[int, float] = {}  # open sequence id -> last step time
@@ -61,13 +62,13 @@ class SequenceStore:
         """Step every valid request; a bad request gets its error and changes nothing."""
         self._forget_idle()
         results: list[StepResult | ServingError | None] = [None] * len(requests)
-        starts: dict[int, np.ndarray] = {}  # position -> memory a START request begins with
+        starts: dict[int, State] = {}  # position -> state a START request begins with
         groups: dict[int, list[int]] = {}  # width -> request positions
         for position, request in enumerate(requests):
             try:
-                memory = self._check(request, requests[:position])
-                if memory is not None:
-                    starts[position] = memory
+                state = self._check(request, requests[:position])
+                if state is not None:
+                    starts[position] = state
                 groups.setdefault(request.input_ids.shape[1], []).append(position)
             except ServingError as error:
                 results[position] = error
@@ -93,33 +94,34 @@ class SequenceStore:
             message = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
             failure = ServingError(f"the step failed ({type(error).__name__}: {message})")
             return [failure] * len(batch)
-        memory = (self.stepper.memories(keys) if any(r.wants_memory for r in batch)
-                  else None)
+        state = self.stepper.states(keys) if any(r.wants_state for r in batch) else None
         now = self._clock()
         for request in batch:
             if request.end:
                 self._forget(request.sequence_id)
             else:
                 self._used[request.sequence_id] = now
-        return [StepResult(logits[row : row + 1], memory[row : row + 1]
-                           if memory is not None and request.wants_memory else None)
-                for row, request in enumerate(batch)]
+        return [StepResult(logits[row : row + 1], {
+            name: array[row : row + 1] for name, array in state.items()}
+            if state is not None and request.wants_state else None)
+            for row, request in enumerate(batch)]
 
-    def _check(self, request: StepRequest, earlier: Sequence[StepRequest]) -> np.ndarray | None:
-        """The memory a START request begins with (None for a sequence that continues),
+    def _check(self, request: StepRequest, earlier: Sequence[StepRequest]) -> State | None:
+        """The state a START request begins with (None for a sequence that continues),
         or a ServingError saying what is wrong."""
         sequence = request.sequence_id
         if any(other.sequence_id == sequence for other in earlier):
             raise ServingError(f"sequence {sequence}: two segments in one batch; send the "
                                "next segment after the previous one's response")
         self._check_tokens(request)
-        if request.memory_in is not None:
+        if request.state_in is not None:
             if not request.start:
-                raise ServingError(f"sequence {sequence}: memory_in restores a sequence and "
-                                   "is only allowed on its START request")
-            return self._check_memory(sequence, request.memory_in)
+                raise ServingError(f"sequence {sequence}: {', '.join(request.state_in)} "
+                                   "restores a sequence and is only allowed on its START "
+                                   "request")
+            return self._check_state(sequence, request.state_in)
         if request.start:
-            return self.initial_memory
+            return self.initial_state
         if sequence not in self.stepper:
             raise ServingError(
                 f"sequence {sequence} is not open on this server (never started, ended, idle "
@@ -133,21 +135,18 @@ class SequenceStore:
             raise ServingError(f"sequence {request.sequence_id}: input_ids must be [1, "
                                "positions], one segment of one sequence")
         try:
-            check_feed(self.config, STEP, {INPUT_IDS: ids, ATTENTION_MASK: mask,
-                                           MEMORY_IN: self.initial_memory[None]},
+            check_feed(self.config, STEP, {INPUT_IDS: ids, ATTENTION_MASK: mask, **{
+                name: value[None] for name, value in self.initial_state.items()}},
                        f"sequence {request.sequence_id}")
         except InputError as error:
             raise ServingError(f"{error}; segment the input as rmt-run does") from None
 
-    def _check_memory(self, sequence: int, memory: np.ndarray) -> np.ndarray:
-        expected = (1, self.config.num_mem_tokens, self.config.hidden_size)
-        if memory.shape != expected:
-            raise ServingError(f"sequence {sequence}: memory_in has shape {memory.shape}, this "
-                               f"model's memory is {expected}; the state is from another model")
-        if not np.isfinite(memory).all():
-            raise ServingError(f"sequence {sequence}: memory_in holds NaN or infinity; the "
-                               "saved state is damaged")
-        return memory[0].astype(np.float32)
+    def _check_state(self, sequence: int, state: Mapping[str, np.ndarray]) -> State:
+        try:
+            checked = check_state(self.config, state, 1, f"sequence {sequence}")
+        except InputError as error:
+            raise ServingError(str(error)) from None
+        return {name: array[0] for name, array in checked.items()}
 
     def _forget(self, sequence: int) -> None:
         self.stepper.remove(sequence)

@@ -149,7 +149,7 @@ def test_percentile_ranges_clip_what_minmax_keeps(encoder_export, tmp_path):
     manifest = read_manifest(encoder_export)
     rng = np.random.default_rng(3)
     sources = [ArraySource(rng.integers(5, 45, 200), manifest.config) for _ in range(4)]
-    steps = collect_steps(OnnxRuntimeEngine(manifest), manifest.load_initial_memory(), sources)
+    steps = collect_steps(OnnxRuntimeEngine(manifest), manifest.load_initial_state(), sources)
     prepare(encoder_export / "model.onnx", tmp_path / "prepared.onnx")
     scales = {}
     for method in ("minmax", "percentile"):

@@ -45,7 +45,7 @@ torch.set_num_threads(1)  # a training job shares this machine's two cores
 FAST = ExportOptions(validation_segments=3, threads=1)
 FAILING = ExportOptions(tolerance=Tolerance(open_loop=1e-30, closed_loop=1e-30),
                         validation_segments=2, threads=1)
-ENCODER_FILES = {"model.onnx", "write.onnx", "weights.data", "rmt.json", "memory_init.npy",
+ENCODER_FILES = {"model.onnx", "write.onnx", "weights.data", "rmt.json", "memory_in.init.npy",
                  "tokenizer.json"}
 DECODER_FILES = ENCODER_FILES | {"prefill.onnx", "decode.onnx"}
 LABELS = ("a", "b", "c")
@@ -74,7 +74,7 @@ def reference_model(rmt, tokenizer_json: str | None = None) -> RMTModel:
 
     engine = TorchEngine(rmt, threads=1)
     tokenizer = Tokenizer.from_str(tokenizer_json) if tokenizer_json else None
-    return RMTModel(engine, engine.initial_memory(), tokenizer)
+    return RMTModel(engine, engine.initial_state(), tokenizer)
 
 
 def assert_same_results(exported: RMTModel, reference: RMTModel, documents, generate=0):
@@ -130,7 +130,7 @@ def test_export_folder_and_manifest(variant, request):
     assert hidden_leftovers(folder.parent) == []
 
     data = json.loads((folder / "rmt.json").read_text())
-    assert data["format"] == "rmt-deploy-export" and data["format_version"] == 2
+    assert data["format"] == "rmt-deploy-export" and data["format_version"] == 3
     loaded = load_checkpoint(checkpoint)
     config = loaded.rmt.rmt_config
     assert RMTConfig.from_dict(data["rmt_config"]) == config
@@ -179,11 +179,11 @@ def test_export_folder_and_manifest(variant, request):
         t["offset"] + t["bytes"] for t in tensors.values())
 
     # initial memory, tokenizer, source
-    init = data["initial_memory"]
-    assert init["file"] == "memory_init.npy" and init["dtype"] == "float32"
-    assert init["shape"] == [m, h] and init["sha256"] == sha256(folder / "memory_init.npy")
+    init = data["initial_state"]["memory_in"]
+    assert init["file"] == "memory_in.init.npy" and init["dtype"] == "float32"
+    assert init["shape"] == [m, h] and init["sha256"] == sha256(folder / "memory_in.init.npy")
     expected_memory = loaded.rmt.initial_memory(1)[0].detach().numpy()
-    np.testing.assert_array_equal(np.load(folder / "memory_init.npy"), expected_memory)
+    np.testing.assert_array_equal(np.load(folder / "memory_in.init.npy"), expected_memory)
     assert data["tokenizer"]["file"] == "tokenizer.json"
     assert data["tokenizer"]["sha256"] == sha256(folder / "tokenizer.json")
     written = Tokenizer.from_file(str(folder / "tokenizer.json"))  # the checkpoint's, plain
@@ -227,7 +227,7 @@ def test_export_folder_and_manifest(variant, request):
 def test_manifest_hashes_are_checked_on_read(encoder_export, tmp_path):
     folder = shutil.copytree(encoder_export, tmp_path / "copy")
     read_manifest(folder)
-    with open(folder / "memory_init.npy", "r+b") as handle:
+    with open(folder / "memory_in.init.npy", "r+b") as handle:
         handle.seek(-4, 2)
         handle.write(b"\x00\x00\x80\x7f")
     with pytest.raises(ManifestError, match="sha256 does not match"):
@@ -242,7 +242,7 @@ def test_closed_loop_validation_runs_the_recorded_number_of_segments(encoder_che
     rmt = load_checkpoint(encoder_checkpoint).rmt
     reference = TorchEngine(rmt, threads=1)
     counting = CountingEngine(TorchEngine(rmt, threads=1))
-    results = compare(reference, counting, reference.initial_memory(), 32)
+    results = compare(reference, counting, reference.initial_state(), 32)
     assert results["segments"] == 32
     assert counting.counts["steps"] >= 2 * 32  # open and closed loop: >= 32 segments each
     assert {1, 3} <= set(counting.batches)  # batches of one and three rows
@@ -368,7 +368,7 @@ def test_authors_bert_checkpoint_exports_equal_to_its_source(tmp_path):
     assert manifest.source == {"checkpoint": "model_best.pth", "sha256": sha256(path),
                                "format": "authors-bert"}
     assert manifest.config == source.rmt_config
-    np.testing.assert_array_equal(manifest.load_initial_memory(),
+    np.testing.assert_array_equal(manifest.load_initial_state()["memory_in"],
                                   source.initial_memory(1)[0].detach().numpy())
 
     exported = open_model(manifest.folder, threads=1)
@@ -400,7 +400,7 @@ def test_authors_gpt2_checkpoint_exports_equal_to_its_source(tmp_path, family):
     assert manifest.source["format"] == "authors-gpt2"
     assert manifest.source["sha256"] == sha256(path)
     assert manifest.config == source.rmt_config
-    np.testing.assert_array_equal(manifest.load_initial_memory(),
+    np.testing.assert_array_equal(manifest.load_initial_state()["memory_in"],
                                   source.memory.detach().numpy())
 
     exported = open_model(manifest.folder, threads=1)

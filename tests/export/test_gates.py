@@ -44,7 +44,7 @@ def sides(encoder_checkpoint, encoder_export):
     initial memory."""
     reference = TorchEngine(load_checkpoint(encoder_checkpoint).rmt, threads=1)
     return reference, OnnxRuntimeEngine(read_manifest(encoder_export)), \
-        reference.initial_memory()
+        reference.initial_state()
 
 
 def test_a_sound_export_passes_every_gate(encoder_checkpoint, tmp_path):

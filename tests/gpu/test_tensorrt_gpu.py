@@ -66,7 +66,7 @@ def test_closed_loop_parity_with_onnxruntime_over_1000_segments(encoder_plans):
 
     manifest = read_manifest(encoder_plans)
     results = compare(OnnxRuntimeEngine(manifest, device="cpu"), TensorRTEngine(manifest),
-                      manifest.load_initial_memory(), 1000, series=True)
+                      manifest.load_initial_state(), 1000, series=True)
     enforce_drift(results, PLAN_GATES["fp32"], "the TensorRT plans")
     assert results["open_loop"]["max_abs"]["memory_out"] < 1e-4
 

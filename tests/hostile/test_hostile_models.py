@@ -98,7 +98,7 @@ def tamper(folder: Path, edit=None) -> None:
         edit(data)
     entries = [g for g in data["graphs"].values()]
     entries += [d for g in data["graphs"].values() for d in g.get("data", [])]
-    entries += [data["initial_memory"], data.get("tokenizer") or {}]
+    entries += [*data["initial_state"].values(), data.get("tokenizer") or {}]
     entries += list(data.get("engines", {}).values())
     for entry in entries:
         if "file" in entry and (folder / entry["file"]).is_file():
@@ -120,8 +120,8 @@ def _tampered(edit, backend="onnxruntime"):
 
 def _memory(array):
     def edit(folder):
-        (folder / "memory_init.npy").unlink()
-        np.save(folder / "memory_init.npy", array, allow_pickle=True)
+        (folder / "memory_in.init.npy").unlink()
+        np.save(folder / "memory_in.init.npy", array, allow_pickle=True)
         tamper(folder)
     return edit
 
@@ -204,12 +204,12 @@ def _four_labels_declared(folder):
 
 def _hidden_16_declared(folder):
     """hidden_size 16 everywhere in the manifest, and an initial memory of that width."""
-    (folder / "memory_init.npy").unlink()
-    np.save(folder / "memory_init.npy", np.zeros((3, 16), np.float32))
+    (folder / "memory_in.init.npy").unlink()
+    np.save(folder / "memory_in.init.npy", np.zeros((3, 16), np.float32))
 
     def edit(data):
         data["rmt_config"]["hidden_size"] = 16
-        data["initial_memory"]["shape"] = [3, 16]
+        data["initial_state"]["memory_in"]["shape"] = [3, 16]
         for tensor in ("memory_in", "memory_out"):
             _declared(data, tensor, ["batch", 3, 16])
     tamper(folder, edit)
@@ -252,16 +252,16 @@ def _changed_plan(folder):
 NOT_PLAIN = "which is not a plain name inside the export folder"
 TAMPERED_CASES = [
     Case("export-memory-init-nan", "rmt-run", _tampered(_memory(_nan_memory())),
-         says=("memory_init.npy", "NaN or infinity")),
+         says=("memory_in.init.npy", "NaN or infinity")),
     Case("export-memory-init-pickled-object", "rmt-run", _tampered(_memory(_pickled())),
-         says=("memory_init.npy", "not a readable .npy array", "allow_pickle"),
+         says=("memory_in.init.npy", "not a readable .npy array", "allow_pickle"),
          absent=("pwned",)),
     Case("export-memory-init-float64", "rmt-run",
          _tampered(_memory(np.zeros((3, HIDDEN), np.float64))),
-         says=("memory_init.npy", "float64 (3, 32), expected float32 (3, 32)")),
+         says=("memory_in.init.npy", "float64 (3, 32), expected float32 (3, 32)")),
     Case("export-memory-init-wrong-shape", "rmt-run",
          _tampered(_memory(np.zeros((4, HIDDEN), np.float32))),
-         says=("memory_init.npy", "float32 (4, 32), expected float32 (3, 32)")),
+         says=("memory_in.init.npy", "float32 (4, 32), expected float32 (3, 32)")),
     Case("export-graph-file-dot-dot", "rmt-run", _tampered(_graph_file("../x.onnx")),
          says=("'../x.onnx'", NOT_PLAIN)),
     Case("export-graph-file-absolute", "rmt-run", _tampered(_graph_file("/etc/passwd")),
@@ -370,7 +370,7 @@ def _one_more_token(header, arrays):
 
 def _extra_track(header, arrays):
     header["tracks"].append(dict(header["tracks"][0], first=1))
-    for name in ("memory", "logits"):
+    for name in ("state/memory_in", "logits"):
         arrays[name] = np.concatenate([arrays[name], arrays[name]])
 
 
@@ -379,12 +379,13 @@ STATE_CASES = [
     Case("resume-crafted-state-intact-completes", "rmt-run", _resume(), code=0,
          removes=("s.state",)),
     Case("resume-memory-of-wrong-shape", "rmt-run",
-         _resume(_set("memory", lambda m: np.zeros((1, 3, 16), np.float32))),
-         says=(MALFORMED, "memory has shape (1, 3, 16)", "(1, 3, 32)")),
-    Case("resume-memory-nan", "rmt-run", _resume(_set("memory", _poisoned)),
-         says=(MALFORMED, "memory", "NaN or infinity")),
-    Case("resume-memory-inf", "rmt-run", _resume(_set("memory", lambda m: _poisoned(m, np.inf))),
-         says=(MALFORMED, "memory", "NaN or infinity")),
+         _resume(_set("state/memory_in", lambda m: np.zeros((1, 3, 16), np.float32))),
+         says=(MALFORMED, "state memory_in is float32 (1, 3, 16)", "(1, 3, 32)")),
+    Case("resume-memory-nan", "rmt-run", _resume(_set("state/memory_in", _poisoned)),
+         says=(MALFORMED, "memory_in", "NaN or infinity")),
+    Case("resume-memory-inf", "rmt-run",
+         _resume(_set("state/memory_in", lambda m: _poisoned(m, np.inf))),
+         says=(MALFORMED, "memory_in", "NaN or infinity")),
     Case("resume-logits-nan", "rmt-run", _resume(_set("logits", _poisoned)),
          says=(MALFORMED, "logits", "NaN or infinity")),
     Case("resume-token-ids-past-the-vocabulary", "rmt-run",

@@ -18,7 +18,7 @@ from rmt_deploy.runtime.backends.openvino import OpenVinoEngine  # noqa: E402
 def test_openvino_fp32_matches_onnxruntime_open_and_closed_loop(export, request):
     manifest = read_manifest(request.getfixturevalue(export))
     errors = compare(OnnxRuntimeEngine(manifest), OpenVinoEngine(manifest, compute="fp32"),
-                     manifest.load_initial_memory(), segments=32)
+                     manifest.load_initial_state(), segments=32)
     for mode in ("open_loop", "closed_loop"):
         assert errors[mode]["max_abs"]["memory_out"] < 1e-4
         assert errors[mode]["max_abs"]["logits"] < 1e-4

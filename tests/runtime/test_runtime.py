@@ -90,8 +90,10 @@ def test_backends_are_what_they_say(encoder_onnx, decoder_onnx, encoder_torch, d
     assert encoder_onnx.config.is_encoder and not decoder_onnx.config.is_encoder
     assert encoder_onnx.config == encoder_torch.config
     assert decoder_onnx.config == decoder_torch.config
-    np.testing.assert_allclose(encoder_onnx.initial_memory, encoder_torch.initial_memory)
-    np.testing.assert_allclose(decoder_onnx.initial_memory, decoder_torch.initial_memory)
+    np.testing.assert_allclose(encoder_onnx.initial_state["memory_in"],
+                               encoder_torch.initial_state["memory_in"])
+    np.testing.assert_allclose(decoder_onnx.initial_state["memory_in"],
+                               decoder_torch.initial_state["memory_in"])
 
 
 @pytest.mark.parametrize("model_name", ["encoder_onnx", "encoder_torch"])
@@ -165,8 +167,9 @@ def test_decoder_batch_perplexities_equal_single_runs(request, model_name):
 def test_decoder_one_token_document_has_no_perplexity(decoder_onnx):
     output = decoder_onnx.run_one([7])
     assert output.perplexity is None
-    np.testing.assert_allclose(output.memory.shape, decoder_onnx.initial_memory.shape)
-    assert not np.allclose(output.memory, decoder_onnx.initial_memory)  # it was written
+    initial = decoder_onnx.initial_state["memory_in"]
+    np.testing.assert_allclose(output.memory.shape, initial.shape)
+    assert not np.allclose(output.memory, initial)  # it was written
 
 
 @pytest.mark.parametrize("model_name", ["decoder_onnx", "decoder_torch"])
@@ -342,8 +345,8 @@ def test_modified_graph_fails_the_hash_check(tmp_path, encoder_export):
 
 def test_modified_initial_memory_fails_the_hash_check(tmp_path, decoder_export):
     folder = writable_copy(decoder_export, tmp_path / "export")
-    memory = np.load(folder / "memory_init.npy")
-    np.save(folder / "memory_init.npy", memory + 1)
+    memory = np.load(folder / "memory_in.init.npy")
+    np.save(folder / "memory_in.init.npy", memory + 1)
     with pytest.raises(ManifestError) as error:
         open_model(folder)
     assert "sha256" in one_line(error)

@@ -21,12 +21,13 @@ def test_new_state_copies_the_memory_it_is_given(encoder_export):
     config = manifest.config
     ids, mask = step_inputs([np.arange(5, 5 + config.segment_size)], config)
     for engine in engines(manifest):
-        memory = manifest.load_initial_memory()[None]
-        before = memory.copy()
-        with engine.new_state(memory) as state:
+        state_in = {k: v[None] for k, v in manifest.load_initial_state().items()}
+        before = {k: v.copy() for k, v in state_in.items()}
+        with engine.new_state(state_in) as state:
             for _ in range(3):
                 state.step(ids, mask)
-            np.testing.assert_array_equal(memory, before, err_msg=engine.name)
-            assert not np.allclose(state.memory(), before)
+            for name, value in before.items():
+                np.testing.assert_array_equal(state_in[name], value, err_msg=engine.name)
+                assert not np.allclose(state.state()[name], value)
 
 

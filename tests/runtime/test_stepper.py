@@ -26,7 +26,7 @@ def opened(encoder_export, decoder_export):
 
 def counted(model: RMTModel) -> tuple[RMTModel, CountingEngine]:
     engine = CountingEngine(model.engine)
-    return RMTModel(engine, model.initial_memory, model.tokenizer, model.description), engine
+    return RMTModel(engine, model.initial_state, model.tokenizer, model.description), engine
 
 
 def document(model: RMTModel, segments: int, seed: int = 0) -> np.ndarray:
@@ -93,18 +93,19 @@ def test_a_pooled_session_alone_makes_one_state(opened):
 
 def test_a_served_sequence_moves_memory_only_when_asked(opened):
     model, engine = counted(opened["encoder"])
-    store = SequenceStore(engine, model.initial_memory, idle_seconds=60)
+    store = SequenceStore(engine, model.initial_state, idle_seconds=60)
     ids = document(model, SEGMENTS)
     size = model.config.segment_size
     for index in range(SEGMENTS):
         input_ids, mask = step_inputs([ids[index * size:(index + 1) * size]], model.config)
         last = index == SEGMENTS - 1
         (result,) = store.execute([StepRequest(7, index == 0, last, input_ids, mask,
-                                               wants_memory=last)])
-        assert (result.memory is not None) == last
+                                               wants_state=last)])
+        assert (result.state is not None) == last
     store.close()
     assert (engine.counts["states"], engine.counts["downloads"]) == (1, 1)
-    np.testing.assert_array_equal(result.memory[0], opened["encoder"].run_one(ids).memory)
+    np.testing.assert_array_equal(result.state["memory_in"][0],
+                                  opened["encoder"].run_one(ids).memory)
 
 
 def test_rows_in_another_order_are_permuted_not_reloaded(opened):
@@ -112,14 +113,15 @@ def test_rows_in_another_order_are_permuted_not_reloaded(opened):
     segments = [document(model, 1, seed) for seed in range(3)]
     with Stepper(engine) as stepper, Stepper(opened["encoder"].engine) as alone:
         for row in range(3):
-            stepper.add(row, model.initial_memory)
-            alone.add(row, model.initial_memory)
+            stepper.add(row, model.initial_state)
+            alone.add(row, model.initial_state)
         stepper.step([0, 1, 2], segments)
         logits = stepper.step([2, 0, 1], [segments[2], segments[0], segments[1]])
         alone.step([0, 1, 2], segments)
         expected = alone.step([0, 1, 2], segments)
         np.testing.assert_array_equal(logits, expected[[2, 0, 1]])
-        np.testing.assert_array_equal(stepper.memories([0, 1, 2]), alone.memories([0, 1, 2]))
+        np.testing.assert_array_equal(stepper.states([0, 1, 2])["memory_in"],
+                                      alone.states([0, 1, 2])["memory_in"])
     assert engine.counts["uploads"] == 1
 
 
@@ -129,31 +131,31 @@ def test_subsets_removal_and_readding_keep_each_row_exact(opened):
     segments = [document(model, 1, seed) for seed in range(4)]
     with Stepper(engine) as stepper:
         for row in range(3):
-            stepper.add(row, model.initial_memory)
+            stepper.add(row, model.initial_state)
         stepper.step([0, 1, 2], segments[:3])
         stepper.step([1], [segments[3]])  # a subset: row 1 alone
         stepper.remove(2)
-        stepper.add(2, model.initial_memory)  # removed while resident, then added again
+        stepper.add(2, model.initial_state)  # removed while resident, then added again
         stepper.step([0, 2], [segments[0], segments[1]])
-        memory = stepper.memories([0, 1, 2])
+        memory = stepper.states([0, 1, 2])["memory_in"]
         with pytest.raises(InputError, match="not stepped here"):
             stepper.step([5], [segments[0]])
         with pytest.raises(InputError, match="already stepped here"):
-            stepper.add(0, model.initial_memory)
+            stepper.add(0, model.initial_state)
         with pytest.raises(InputError, match="at most once"):
             stepper.step([0, 0], segments[:2])
     expected = []
     for row_segments in ([segments[0], segments[0]], [segments[1], segments[3]],
                          [segments[1]]):
         with Stepper(base.engine) as alone:
-            alone.add(0, model.initial_memory)
+            alone.add(0, model.initial_state)
             for segment in row_segments:
                 alone.step([0], [segment])
-            expected.append(alone.memory(0))
+            expected.append(alone.state(0)["memory_in"])
     np.testing.assert_array_equal(memory, np.stack(expected))
     assert engine.open_states == 0
     with pytest.raises(InputError, match="closed"):
-        stepper.add(9, model.initial_memory)
+        stepper.add(9, model.initial_state)
 
 
 def test_states_are_reused_per_batch_size_and_bounded(opened):
@@ -161,7 +163,7 @@ def test_states_are_reused_per_batch_size_and_bounded(opened):
     segment = document(model, 1)
     with Stepper(engine) as stepper:
         for row in range(MAX_STATES + 2):
-            stepper.add(row, model.initial_memory)
+            stepper.add(row, model.initial_state)
         for _ in range(2):
             for size in range(1, MAX_STATES + 3):
                 stepper.step(list(range(size)), [segment] * size)

@@ -12,15 +12,18 @@ import sys
 
 import numpy as np
 import pytest
+from engines import CountingEngine
 from fake_tensorrt import FakeCuda, fake_tensorrt, plan_bytes
 from generation_reference import check_backend_generation
 
 from rmt_deploy.contract import BatchProfile, profile_shapes, variants
+from rmt_deploy.errors import BackendError
 from rmt_deploy.files import sha256_file
 from rmt_deploy.manifest import MANIFEST_NAME, read_manifest
 from rmt_deploy.model.checkpoint import load_checkpoint
 from rmt_deploy.runtime import SessionPool, open_model
 from rmt_deploy.runtime.backends import _cuda
+from rmt_deploy.runtime.model import RMTModel
 
 
 @pytest.fixture
@@ -126,4 +129,37 @@ def test_device_memory_stays_flat_over_10000_segments(cuda, tmp_path, encoder_ex
             peaks.append(cuda.counts["device"])
         assert len(set(peaks)) == 1  # nothing allocated after the first 1,000 segments
         assert session.tokens == 10_000 * size
+    assert cuda.leaks() == {}
+
+
+@pytest.mark.parametrize(("call", "says"), [
+    ("set_input_shape", "outside the plan's profile"),
+    ("set_tensor_address", "refused the address"),
+    ("execute_async_v3", "failed to run the step"),
+])
+def test_a_tensorrt_call_that_reports_failure_is_an_error(cuda, tmp_path, encoder_export,
+                                                         call, says):
+    model = open_model(with_plans(encoder_export, tmp_path / "enc"), backend="tensorrt")
+    sys.modules["tensorrt"].failing.add(call)
+    with pytest.raises(BackendError, match=says):
+        model.run_one(documents(model, (20,))[0])
+    assert cuda.leaks() == {}
+
+
+def test_a_batch_outside_the_plans_profile_is_refused_or_split(cuda, tmp_path,
+                                                               encoder_export):
+    """An engine state of more rows than the profile takes is refused, naming the limit;
+    the stepper splits a step of more rows into steps the plans take."""
+    model = open_model(with_plans(encoder_export, tmp_path / "enc"), backend="tensorrt")
+    assert model.engine.max_batch == 8
+    state = {k: np.stack([v] * 9) for k, v in model.initial_state.items()}
+    with pytest.raises(BackendError, match=r"9 rows is outside .* batch profile 1\.\.8"):
+        model.engine.new_state(state)
+    counting = CountingEngine(model.engine)
+    docs = documents(model, (20, 35, 7, 60, 20, 3, 44, 20, 9, 11))
+    outputs = RMTModel(counting, model.initial_state).run(docs).outputs
+    assert max(counting.batches) == 8 and len(counting.batches) > 0
+    expected = open_model(encoder_export, backend="onnxruntime").run(docs).outputs
+    for got, want in zip(outputs, expected, strict=True):
+        np.testing.assert_allclose(got.logits, want.logits, atol=1e-5)
     assert cuda.leaks() == {}

@@ -1,16 +1,17 @@
 """What a backend is: an engine that runs one step of the contract, and the states that
-hold a stream's memory in the engine's own buffers between steps."""
+hold a stream's recurrent state (every pair the contract declares) in the engine's own
+buffers between steps."""
 
 from __future__ import annotations
 
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from rmt_deploy.contract import DECODE, PREFILL, STEP, WRITE, Tensor
+from rmt_deploy.contract import DECODE, PREFILL, STEP, Tensor, variant_names
 from rmt_deploy.errors import BackendError
 from rmt_deploy.manifest import Manifest, graph_key
 from rmt_deploy.spec import RMTConfig
@@ -28,7 +29,7 @@ def precision_graphs(manifest: Manifest, precision: str) -> dict[str, str]:
         raise BackendError(f"this export has no {precision} graph (it has "
                            f"{', '.join(available)}); re-export with --precision {precision}")
     keys = {}
-    for graph in (STEP, WRITE, PREFILL, DECODE):
+    for graph in variant_names(manifest.config):
         key = next((k for k in (graph_key(graph, precision), graph) if k in manifest.graphs),
                    None)
         if key is not None:
@@ -55,11 +56,15 @@ def check_io(where: str, declared: tuple[Tensor, ...], actual: dict[str, tuple[s
                                "re-export the model")
 
 
+#: A recurrent state: an array per state pair of the contract, by its input name.
+State = dict[str, np.ndarray]
+
+
 class EngineState(ABC):
-    """The memory of ``batch`` rows in an engine's buffers (two of them, swapped each step,
-    where the backend allows it), with what its steps reuse (bindings, requests, contexts).
-    A state is used by one thread at a time; ``close()`` frees it (a finalizer does too,
-    as a backstop)."""
+    """The recurrent state of ``batch`` rows in an engine's buffers (two of them per state
+    pair, swapped each step, or bound in place), with what its steps reuse (bindings,
+    requests, contexts). A state is used by one thread at a time; ``close()`` frees it (a
+    finalizer does too, as a backstop)."""
 
     def __init__(self, batch: int, free: Callable[[], None] | None = None) -> None:
         self.batch = batch
@@ -67,24 +72,25 @@ class EngineState(ABC):
         self.closed = False
 
     @abstractmethod
-    def load(self, memory: np.ndarray) -> None:
-        """Make ``memory`` [batch, M, H] float32 the state's memory (a copy)."""
+    def load(self, state: Mapping[str, np.ndarray]) -> None:
+        """Make ``state`` (every pair, ``[batch, ...]`` in its declared dtype) the
+        state's (a copy)."""
 
     @abstractmethod
-    def memory(self) -> np.ndarray:
-        """A host copy of the current memory [batch, M, H]."""
+    def state(self) -> State:
+        """A host copy of the current state, every pair ``[batch, ...]``."""
 
     @abstractmethod
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              logits: bool = True) -> np.ndarray | None:
-        """Run one segment: the memory goes in, the new memory replaces it. Returns the
+        """Run one segment: the state goes in, the new state replaces it. Returns the
         logits on the host, or None with ``logits=False``: then the write graph runs
         where the export has one (no head, nothing copied to the host)."""
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                 capacity: int | None = None) -> tuple[np.ndarray, Any]:
         """Decoders: generation's first step, ``[memory ; tokens]`` read without write
-        slots (the memory is left unchanged). Returns the logits after each row's last
+        slots (the state is left unchanged). Returns the logits after each row's last
         real token [batch, vocab] and the keys and values it cached, in the backend's own
         buffers; ``capacity``: the most positions the cache will hold (a backend may
         allocate it once)."""
@@ -112,12 +118,13 @@ class EngineState(ABC):
 
 class StepEngine(ABC):
     """Runs the segment step of one model; shared between threads. Each stream keeps its
-    memory in a state the engine creates (:meth:`new_state`)."""
+    recurrent state in an engine state the engine creates (:meth:`new_state`)."""
 
     name: str
     config: RMTConfig
     precision: str = "fp32"
     graphs: frozenset[str] = frozenset({STEP})  # the contract's variants it runs
+    max_batch: int | None = None  # the most rows a step takes (None: no limit)
 
     @property
     def generates(self) -> bool:
@@ -125,5 +132,10 @@ class StepEngine(ABC):
         return PREFILL in self.graphs and DECODE in self.graphs
 
     @abstractmethod
-    def new_state(self, memory: np.ndarray) -> EngineState:
-        """A state of ``len(memory)`` rows holding ``memory`` [batch, M, H] (a copy)."""
+    def new_state(self, state: Mapping[str, np.ndarray]) -> EngineState:
+        """An engine state of ``batch`` rows holding ``state`` (a copy)."""
+
+
+def rows_of(state: Mapping[str, np.ndarray]) -> int:
+    """The number of rows a state holds (its arrays' first axis)."""
+    return len(next(iter(state.values())))

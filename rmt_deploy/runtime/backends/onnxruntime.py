@@ -2,40 +2,46 @@
 
 Graphs are loaded from the files as the manifest was opened with them (``Manifest.
 read_bytes``; large weights from their map), so one replaced meanwhile is never mixed in.
-A state holds two memory OrtValues swapped each step, and one IOBinding per (graph,
-width, parity) bound once to its own input and output OrtValues, so a step only copies
-the token ids in and, where they are read, the logits out."""
+A state holds two OrtValues per state pair swapped each step, and one IOBinding per
+(graph, width, parity) bound once to its own input and output OrtValues, so a step only
+copies the token ids in and, where they are read, the logits out."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from rmt_deploy.contract import (
     ATTENTION_MASK,
+    BATCH,
     DECODE,
     INPUT_IDS,
     LOGITS,
-    MEMORY_IN,
-    MEMORY_OUT,
+    PAST,
     PREFILL,
     STEP,
-    WRITE,
-    past_names,
-    present_names,
+    cache_pairs,
+    concrete,
+    sizes_of,
+    state_pairs,
+    step_graph,
+    variant,
 )
 from rmt_deploy.errors import BackendError
 from rmt_deploy.manifest import GraphSpec, Manifest
 from rmt_deploy.runtime.backends.base import (
     NO_GENERATION,
     EngineState,
+    State,
     StepEngine,
     check_io,
     precision_graphs,
+    rows_of,
 )
 from rmt_deploy.runtime.options import RuntimeOptions
 
@@ -140,13 +146,14 @@ class OnnxRuntimeEngine(StepEngine):
                                                     tuple(a.shape)) for a in actual}, kind)
         return session
 
-    def new_state(self, memory: np.ndarray) -> _State:
-        state = _State(self, len(memory))
-        state.load(memory)
-        return state
+    def new_state(self, state: Mapping[str, np.ndarray]) -> _State:
+        engine_state = _State(self, rows_of(state))
+        engine_state.load(state)
+        return engine_state
 
     def ortvalue(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        return self._ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device)
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(dtype).type,
+                                                               self.device)
 
 
 def _fused(manifest: Manifest, spec: GraphSpec) -> bytes:
@@ -198,27 +205,27 @@ def _share_arena(ort: Any) -> None:
 
 
 class _HostCache:
-    """Two sets of key/value buffers in host memory for one generation, each holding up to
-    ``capacity`` positions: a decode step reads one set and writes the other, so no
-    memory is allocated per token."""
+    """Two sets of buffers in host memory for the cache pairs of one generation, each
+    holding up to ``capacity`` positions: a decode step reads one set and writes the
+    other, so no memory is allocated per token."""
 
     def __init__(self, engine: OnnxRuntimeEngine, batch: int, capacity: int) -> None:
-        config = engine.config
-        self._ort, self.capacity = engine._ort, capacity
-        self._shape = (batch, config.cache_heads, config.head_dim)
-        size = batch * config.cache_heads * capacity * config.head_dim
-        self._sets = [[np.empty(size, np.float32) for _ in present_names(config)]
-                      for _ in range(2)]
+        self._ort, self.capacity, self._batch = engine._ort, capacity, batch
+        self._pairs = cache_pairs(engine.config)
+        self._sets = [[np.empty(int(np.prod(concrete(p.shape, {BATCH: batch, PAST: capacity}))),
+                                np.dtype(p.dtype)) for p in self._pairs] for _ in range(2)]
 
     def values(self, which: int, length: int) -> list[Any]:
         """Set ``which`` as OrtValues of ``length`` positions (views, no copy)."""
         if length > self.capacity:
             raise BackendError(f"the generation cache holds {self.capacity} positions, the "
                                f"step needs {length}")
-        batch, heads, width = self._shape
-        count = batch * heads * length * width
-        return [self._ort.OrtValue.ortvalue_from_numpy(
-            buffer[:count].reshape(batch, heads, length, width)) for buffer in self._sets[which]]
+        values = []
+        for pair, buffer in zip(self._pairs, self._sets[which], strict=True):
+            shape = concrete(pair.shape, {BATCH: self._batch, PAST: length})
+            values.append(self._ort.OrtValue.ortvalue_from_numpy(
+                buffer[: int(np.prod(shape))].reshape(shape)))
+        return values
 
 
 def shares_weights(manifest: Manifest) -> bool:
@@ -251,26 +258,27 @@ def _mapped_weights(manifest: Manifest, ort: Any) -> dict[str, Any]:
 
 class _Binding:
     """One step-like graph's IOBinding (step, write or prefill) at one input width and
-    memory parity; a prefill binds its cache outputs at each run (``_State.prefill``)."""
+    state parity: the state it reads bound to ``reads``, the state it writes to
+    ``writes``; a prefill binds its cache outputs at each run (``_State.prefill``)."""
 
-    def __init__(self, engine: OnnxRuntimeEngine, graph: str, memory_in: Any,
-                 memory_out: Any | None, shape: tuple[int, int]) -> None:
-        config = engine.config
+    def __init__(self, engine: OnnxRuntimeEngine, graph: str, reads: dict[str, Any],
+                 writes: dict[str, Any], shape: tuple[int, int]) -> None:
+        contract = variant(engine.config, graph)
         self.session = engine.session(graph)
         self.binding = self.session.io_binding()
         self.ids, self.mask = engine.ortvalue(shape, np.int64), engine.ortvalue(shape, np.int64)
         self.binding.bind_ortvalue_input(INPUT_IDS, self.ids)
         self.binding.bind_ortvalue_input(ATTENTION_MASK, self.mask)
-        self.binding.bind_ortvalue_input(MEMORY_IN, memory_in)
+        for pair in contract.reads:
+            self.binding.bind_ortvalue_input(pair.name_in, reads[pair.name_in])
+        for pair in contract.writes:
+            self.binding.bind_ortvalue_output(pair.name_out, writes[pair.name_in])
         self.logits = None
-        if graph != WRITE:
-            logits_shape = ((shape[0], len(config.labels)) if config.is_encoder
-                            else (shape[0], config.vocab_size) if graph == PREFILL
-                            else (*shape, config.vocab_size))
-            self.logits = engine.ortvalue(logits_shape, np.float32)
+        if any(t.name == LOGITS for t in contract.outputs):
+            logits = contract.tensor(LOGITS)
+            self.logits = engine.ortvalue(concrete(logits.shape, sizes_of(
+                contract, {INPUT_IDS: tuple(shape)})), np.dtype(logits.dtype))
             self.binding.bind_ortvalue_output(LOGITS, self.logits)
-        if memory_out is not None:
-            self.binding.bind_ortvalue_output(MEMORY_OUT, memory_out)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, logits: bool
             ) -> np.ndarray | None:
@@ -283,31 +291,32 @@ class _Binding:
 class _State(EngineState):
     def __init__(self, engine: OnnxRuntimeEngine, batch: int) -> None:
         super().__init__(batch)
-        config = engine.config
         self._engine = engine
-        shape = (batch, config.num_mem_tokens, config.hidden_size)
-        self._buffers = [engine.ortvalue(shape, np.float32) for _ in range(2)]
+        self._pairs = state_pairs(engine.config)
+        self._buffers = [{p.name_in: engine.ortvalue((batch, *p.row_shape), np.dtype(p.dtype))
+                          for p in self._pairs} for _ in range(2)]
         self._parity = 0
         self._bindings: dict[tuple[str, int, int], _Binding] = {}
 
     def _binding(self, graph: str, shape: tuple[int, int]) -> _Binding:
         key = (graph, shape[1], self._parity)
         if key not in self._bindings:
-            memory_out = self._buffers[1 - self._parity] if graph != PREFILL else None
             self._bindings[key] = _Binding(self._engine, graph, self._buffers[self._parity],
-                                           memory_out, shape)
+                                           self._buffers[1 - self._parity], shape)
         return self._bindings[key]
 
-    def load(self, memory: np.ndarray) -> None:
-        self._buffers[self._parity].update_inplace(
-            np.ascontiguousarray(memory, dtype=np.float32))
+    def load(self, state: Mapping[str, np.ndarray]) -> None:
+        for pair in self._pairs:
+            self._buffers[self._parity][pair.name_in].update_inplace(
+                np.ascontiguousarray(state[pair.name_in], dtype=pair.dtype))
 
-    def memory(self) -> np.ndarray:
-        return self._buffers[self._parity].numpy().copy()
+    def state(self) -> State:
+        return {name: value.numpy().copy()
+                for name, value in self._buffers[self._parity].items()}
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              logits: bool = True) -> np.ndarray | None:
-        graph = WRITE if not logits and WRITE in self._engine.graphs else STEP
+        graph = step_graph(self._engine.graphs, logits)
         result = self._binding(graph, input_ids.shape).run(input_ids, attention_mask, logits)
         self._parity ^= 1
         return result
@@ -319,7 +328,7 @@ class _State(EngineState):
             raise BackendError(NO_GENERATION)
         binding = self._binding(PREFILL, input_ids.shape)
         length = engine.config.num_mem_tokens + input_ids.shape[1]
-        names = present_names(engine.config)
+        names = [pair.name_out for pair in cache_pairs(engine.config)]
         if engine.device != "cpu" or capacity is None:  # ORT allocates each step's cache
             for name in names:
                 binding.binding.bind_output(name, engine.device)
@@ -348,13 +357,12 @@ class _State(EngineState):
             past, present = host.values(which, length), host.values(1 - which, length + 1)
         else:
             past, present = cache, None
-        for name, value in zip(past_names(config), past, strict=True):
-            binding.bind_ortvalue_input(name, value)
-        for index, name in enumerate(present_names(config)):
+        for index, pair in enumerate(cache_pairs(config)):
+            binding.bind_ortvalue_input(pair.name_in, past[index])
             if present is None:
-                binding.bind_output(name, engine.device)
+                binding.bind_output(pair.name_out, engine.device)
             else:
-                binding.bind_ortvalue_output(name, present[index])
+                binding.bind_ortvalue_output(pair.name_out, present[index])
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         grown = (host, 1 - which, length + 1) if hosted else outputs[1:]

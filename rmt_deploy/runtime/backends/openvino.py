@@ -2,14 +2,15 @@
 precision of the graph it runs (FP32 for the FP32 graph: OpenVINO's own default, BF16 on
 CPUs with AMX / AVX-512 BF16, would change the answers the export validated).
 
-A state holds two memory tensors swapped each step and, for the step and write graphs, an
-infer request per memory parity bound once to them, so a step only copies the token ids
-in and, where they are read, the logits out."""
+A state holds two tensors per state pair swapped each step and, for the step and write
+graphs, an infer request per parity bound once to them, so a step only copies the token
+ids in and, where they are read, the logits out."""
 
 from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -19,22 +20,22 @@ from rmt_deploy.contract import (
     DECODE,
     INPUT_IDS,
     LOGITS,
-    MEMORY_IN,
-    MEMORY_OUT,
     PREFILL,
-    STEP,
-    WRITE,
-    past_names,
-    present_names,
+    cache_pairs,
+    state_pairs,
+    step_graph,
+    variant,
 )
 from rmt_deploy.errors import BackendError
 from rmt_deploy.manifest import Manifest
 from rmt_deploy.runtime.backends.base import (
     NO_GENERATION,
     EngineState,
+    State,
     StepEngine,
     check_io,
     precision_graphs,
+    rows_of,
 )
 from rmt_deploy.runtime.options import RuntimeOptions
 
@@ -111,10 +112,10 @@ class OpenVinoEngine(StepEngine):
             self.compiled[graph] = compiled
         self.graphs = frozenset(self.compiled)
 
-    def new_state(self, memory: np.ndarray) -> _State:
-        state = _State(self, len(memory))
-        state.load(memory)
-        return state
+    def new_state(self, state: Mapping[str, np.ndarray]) -> _State:
+        engine_state = _State(self, rows_of(state))
+        engine_state.load(state)
+        return engine_state
 
 
 def _describe(port: Any) -> tuple[str, tuple]:
@@ -127,35 +128,44 @@ def _describe(port: Any) -> tuple[str, tuple]:
 class _State(EngineState):
     def __init__(self, engine: OpenVinoEngine, batch: int) -> None:
         super().__init__(batch)
-        ov, config = engine._ov, engine.config
         self._engine = engine
-        shape = (batch, config.num_mem_tokens, config.hidden_size)
-        self._buffers = [ov.Tensor(ov.Type.f32, shape) for _ in range(2)]
+        self._pairs = state_pairs(engine.config)
+        self._buffers = [{p.name_in: engine._ov.Tensor(np.zeros((batch, *p.row_shape), p.dtype))
+                          for p in self._pairs} for _ in range(2)]
         self._parity = 0
         # requests are not thread-safe: each state has its own
         self._prefill = (engine.compiled[PREFILL].create_infer_request()
                          if PREFILL in engine.compiled else None)
-        # step and write: a request per memory parity, its memory tensors bound once, and
+        # step and write: a request per parity, its state tensors bound once, and
         # input tensors of its own that each step copies the token ids into (their views)
         self._stepping: dict[tuple[str, int], tuple[Any, dict[str, np.ndarray]]] = {}
         # decode steps alternate between two requests: one's outputs are the other's inputs
         self._decoders = [engine.compiled[DECODE].create_infer_request() for _ in range(2)
                           ] if DECODE in engine.compiled else []
 
-    def load(self, memory: np.ndarray) -> None:
-        self._buffers[self._parity].data[...] = memory
+    def load(self, state: Mapping[str, np.ndarray]) -> None:
+        for name, tensor in self._buffers[self._parity].items():
+            tensor.data[...] = state[name]
 
-    def memory(self) -> np.ndarray:
-        return np.array(self._buffers[self._parity].data, copy=True)
+    def state(self) -> State:
+        return {name: np.array(tensor.data, copy=True)
+                for name, tensor in self._buffers[self._parity].items()}
+
+    def _bind(self, request: Any, graph: str) -> None:
+        """Bind the state ``graph`` reads and writes to this parity's buffers."""
+        contract = variant(self._engine.config, graph)
+        for pair in contract.reads:
+            request.set_tensor(pair.name_in, self._buffers[self._parity][pair.name_in])
+        for pair in contract.writes:
+            request.set_tensor(pair.name_out, self._buffers[1 - self._parity][pair.name_in])
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              logits: bool = True) -> np.ndarray | None:
-        graph = WRITE if not logits and WRITE in self._engine.compiled else STEP
+        graph = step_graph(self._engine.graphs, logits)
         key = (graph, self._parity)
         if key not in self._stepping:
             request = self._engine.compiled[graph].create_infer_request()
-            request.set_tensor(MEMORY_IN, self._buffers[self._parity])
-            request.set_tensor(MEMORY_OUT, self._buffers[1 - self._parity])
+            self._bind(request, graph)
             self._stepping[key] = request, {}
         request, inputs = self._stepping[key]
         for name, array in ((INPUT_IDS, input_ids), (ATTENTION_MASK, attention_mask)):
@@ -179,9 +189,9 @@ class _State(EngineState):
         request.set_tensor(INPUT_IDS, ov.Tensor(np.ascontiguousarray(input_ids, np.int64)))
         request.set_tensor(ATTENTION_MASK,
                            ov.Tensor(np.ascontiguousarray(attention_mask, np.int64)))
-        request.set_tensor(MEMORY_IN, self._buffers[self._parity])
+        self._bind(request, PREFILL)
         request.infer()
-        cache = [request.get_tensor(name) for name in present_names(self._engine.config)]
+        cache = [request.get_tensor(pair.name_out) for pair in cache_pairs(self._engine.config)]
         return np.array(request.get_tensor(LOGITS).data, dtype=np.float32), cache
 
     def decode(self, cache: list[Any], input_ids: np.ndarray, attention_mask: np.ndarray
@@ -192,10 +202,11 @@ class _State(EngineState):
         request.set_tensor(INPUT_IDS, ov.Tensor(np.ascontiguousarray(input_ids, np.int64)))
         request.set_tensor(ATTENTION_MASK,
                            ov.Tensor(np.ascontiguousarray(attention_mask, np.int64)))
-        for name, tensor in zip(past_names(config), cache, strict=True):
-            request.set_tensor(name, tensor)
+        pairs = cache_pairs(config)
+        for pair, tensor in zip(pairs, cache, strict=True):
+            request.set_tensor(pair.name_in, tensor)
         request.infer()
-        cache = [request.get_tensor(name) for name in present_names(config)]
+        cache = [request.get_tensor(pair.name_out) for pair in pairs]
         return np.array(request.get_tensor(LOGITS).data, dtype=np.float32), cache
 
     def close(self) -> None:
