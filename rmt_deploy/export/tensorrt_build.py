@@ -78,7 +78,9 @@ def build_engines(folder: str | Path, options: EngineOptions | None = None,
             }
             log(f"built {target.name} on {gpu} with TensorRT {trt.__version__} in "
                 f"{time.perf_counter() - started:.0f} s")
-        results = check_plans(dataclasses.replace(manifest, engines=records), options, log)
+        # the plans under their temporary names, which the opened folder does not list
+        unopened = dataclasses.replace(manifest, engines=records, opened=None)
+        results = check_plans(unopened, options, log)
     manifest.engines = {graph: {**record, "file": variant(manifest.config, graph).plan_file}
                         for graph, record in records.items()}
     manifest.validation["tensorrt"] = results
