@@ -87,8 +87,7 @@ FAULTS = (
           "                        ):",
           (f"{GATES}::test_the_closed_loop_gate_refuses_an_error_that_compounds",)),
     Fault("plans kept without their closed-loop check", "rmt_deploy/export/tensorrt_build.py",
-          "        results = check_plans(dataclasses.replace(manifest, engines=records), "
-          "options, log)\n", "        results = {}\n",
+          "        results = check_plans(unopened, options, log)\n", "        results = {}\n",
           (f"{BUILD}::test_a_plan_that_drifts_is_not_kept_and_the_folder_is_left_as_it_was",)),
     Fault("rmt-compare's open loop not judged", "rmt_deploy/export/open_loop.py",
           "            if not bool(result) and name not in first:\n",
@@ -121,19 +120,19 @@ FAULTS = (
           (f"{GENERATION}::test_generation_reads_the_memory_the_last_written_segment_left",)),
     # memory in the other modules
     Fault("OpenVINO's prefill reading memory buffer 0", "rmt_deploy/runtime/backends/openvino.py",
-          "        request.set_tensor(MEMORY_IN, self._buffers[self._parity])\n"
-          "        request.infer()\n",
-          "        request.set_tensor(MEMORY_IN, self._buffers[0])\n"
-          "        request.infer()\n",
+          "            request.set_tensor(pair.name_in, self._buffers[self._parity][pair.name_in])",
+          "            request.set_tensor(pair.name_in, self._buffers[0 if graph == PREFILL else "
+          "self._parity][pair.name_in])",
           (f"{GENERATION}::{ODD_EVEN}",)),
     Fault("TensorRT's prefill reading memory buffer 0", "rmt_deploy/runtime/backends/tensorrt.py",
-          "context.set_tensor_address(MEMORY_IN, self._buffers[self._parity].ptr)",
-          "context.set_tensor_address(MEMORY_IN, self._buffers[0 if graph == PREFILL else "
-          "self._parity].ptr)",
+          "_set_address(context, pair.name_in, self._buffers[self._parity][pair.name_in].ptr)",
+          "_set_address(context, pair.name_in, self._buffers[0 if graph == PREFILL else "
+          "self._parity][pair.name_in].ptr)",
           (f"{BACKEND}::{ODD_EVEN}",)),
     Fault("a restored session starting from the initial memory", "rmt_deploy/runtime/session.py",
-          'track = self._new_track(old.key, arrays["memory"][row])',
-          "track = self._new_track(old.key, self.model.initial_memory)",
+          "track = self._new_track(old.key, {name: array[row]\n"
+          "                                              for name, array in state.items()})",
+          "track = self._new_track(old.key, self.model.initial_state)",
           ("tests/test_session.py::test_state_restores_mid_word_and_mid_character",)),
     Fault("the stepper ignoring the order of resident rows", "rmt_deploy/runtime/stepper.py",
           "return self._state, np.array([position[key] for key in self._rows])",

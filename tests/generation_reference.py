@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from rmt_deploy.model.loop import run_decoder
-from rmt_deploy.runtime.backends.base import StepEngine
+from rmt_deploy.runtime.backends.base import State, StepEngine
 from rmt_deploy.runtime.generation import GenerationOptions
 from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.segmentation import segment_bounds
@@ -102,7 +102,7 @@ def reference_generation(rmt, doc: Sequence[int], memory: torch.Tensor,
     return generated, seen
 
 
-def runtime_generation(engine: StepEngine, initial_memory: np.ndarray, doc: Sequence[int],
+def runtime_generation(engine: StepEngine, initial_state: State, doc: Sequence[int],
                        options: GenerationOptions) -> tuple[list[int], list[np.ndarray]]:
     """The tokens ``engine`` generates after ``doc`` (every segment but the last written,
     the last read by prefill and decode) and the logits of every step."""
@@ -110,7 +110,7 @@ def runtime_generation(engine: StepEngine, initial_memory: np.ndarray, doc: Sequ
     bounds = segment_bounds(len(ids), engine.config)
     seen: list[np.ndarray] = []
     with Stepper(engine) as stepper:
-        stepper.add(0, initial_memory)
+        stepper.add(0, initial_state)
         for start, end in bounds[:-1]:
             stepper.step([0], [ids[start:end]], logits=False)
         (generated,) = stepper.generate([0], [ids[bounds[-1][0]:]], options,
@@ -123,7 +123,7 @@ def written(doc: Sequence[int], config) -> int:
     return len(segment_bounds(len(doc), config)) - 1
 
 
-def check_backend_generation(engine, initial_memory, reference) -> None:
+def check_backend_generation(engine, initial_state, reference) -> None:
     """Greedy and sampled generation on ``engine`` after every document of DOCS equal the
     reference's, token for token, and the logits of every step equal the reference's."""
     config = reference.rmt_config
@@ -132,7 +132,7 @@ def check_backend_generation(engine, initial_memory, reference) -> None:
         memory = memory_before(reference, doc)
         for options in (GREEDY, SAMPLED):
             expected, expected_logits = reference_generation(reference, doc, memory, options)
-            ids, logits = runtime_generation(engine, initial_memory, doc, options)
+            ids, logits = runtime_generation(engine, initial_state, doc, options)
             assert ids == expected, (written(doc, config), options)
             for got, want in zip(logits, expected_logits, strict=True):
                 np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)

@@ -16,7 +16,7 @@ def test_compare_reports_every_step_up_to_its_total(encoder_export):
     manifest = read_manifest(encoder_export)
     engine = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=1))
     calls = []
-    compare(engine, engine, manifest.load_initial_memory(), 4,
+    compare(engine, engine, manifest.load_initial_state(), 4,
             progress=lambda done, total: calls.append((done, total)))
     total = calls[0][1]
     # 2 modes x (step, write) passes x (4 + 6 segments: the two validation batches)

@@ -84,7 +84,7 @@ def test_the_memory_decoder_generates_from_its_memory(reference):
 def test_prefill_and_decode_after_odd_and_even_steps_equal_the_reference(
         backend, memory_decoder_export, reference):
     engine, manifest = engine_of(backend, memory_decoder_export)
-    check_backend_generation(engine, manifest.load_initial_memory(), reference)
+    check_backend_generation(engine, manifest.load_initial_state(), reference)
 
 
 def test_generation_reads_the_memory_the_last_written_segment_left(onnx_model, reference):

@@ -284,12 +284,12 @@ def test_a_cached_choice_the_runs_contradict_is_measured_again(encoder_export, m
     for seconds, length in ((0.010, len(document)), (0.001, 30)):  # agrees; too short
         cached, engine = choose_backend(manifest, AUTO, _steps_at(manifest, seconds, clock))
         assert cached.reason.startswith("cached")
-        model = RMTModel(engine, manifest.load_initial_memory(), choice=cached)
+        model = RMTModel(engine, manifest.load_initial_state(), choice=cached)
         assert model.run([document[:length]]).choice.contradicted is None
         assert json.loads(path.read_text())["contradicted"] is None
 
     cached, engine = choose_backend(manifest, AUTO, _steps_at(manifest, 0.001, clock))
-    model = RMTModel(engine, manifest.load_initial_memory(), choice=cached)
+    model = RMTModel(engine, manifest.load_initial_state(), choice=cached)
     run = model.run([document])
     assert run.choice is model.choice and "a run stepped at 1 ms/step, the cached timing " \
         "is 14" in model.choice.contradicted

@@ -83,7 +83,7 @@ def test_prefill_and_decode_after_odd_and_even_steps_equal_the_reference(
         cuda, tmp_path, memory_decoder_export, memory_decoder_checkpoint, graphs):
     model = open_model(with_plans(memory_decoder_export, tmp_path / "memdec"),
                        backend="tensorrt", cuda_graphs=graphs)
-    check_backend_generation(model.engine, model.initial_memory,
+    check_backend_generation(model.engine, model.initial_state,
                              load_checkpoint(memory_decoder_checkpoint).rmt)
 
 
