@@ -87,8 +87,7 @@ FAULTS = (
           "                        ):",
           (f"{GATES}::test_the_closed_loop_gate_refuses_an_error_that_compounds",)),
     Fault("plans kept without their closed-loop check", "rmt_deploy/export/tensorrt_build.py",
-          "        results = check_plans(dataclasses.replace(manifest, engines=records), "
-          "options, log)\n", "        results = {}\n",
+          "        results = check_plans(unopened, options, log)\n", "        results = {}\n",
           (f"{BUILD}::test_a_plan_that_drifts_is_not_kept_and_the_folder_is_left_as_it_was",)),
     Fault("rmt-compare's open loop not judged", "rmt_deploy/export/open_loop.py",
           "            if not bool(result) and name not in first:\n",
