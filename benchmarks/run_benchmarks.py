@@ -672,7 +672,7 @@ def main() -> None:
 
         report["loads"] = {}
         section("demo_speed", lambda: encoder_speed(
-            {"default (measured choice)": open_model(demo),
+            {"default (measured choice)": open_model(demo, measure="again"),
              "onnxruntime fp32, 1 thread": open_model(demo, backend="onnxruntime", threads=1)},
             demo_loops(), args.demo_segments, [1], repeats))
         section("minilm", lambda: minilm_speed(minilm, minilm_full, base, checkpoint,
@@ -713,7 +713,7 @@ def minilm_speed(minilm: Path, minilm_full: Path, base: Path, checkpoint: Path,
                  segments: int, repeats: int) -> dict:
     """The MiniLM rows: batch 1 on every backend, batch 8 on the default one."""
     models = {
-        "default (measured choice)": open_model(minilm),
+        "default (measured choice)": open_model(minilm, measure="again"),
         "onnxruntime fp32": open_model(minilm, backend="onnxruntime"),
         "openvino fp32": open_model(minilm, backend="openvino"),
         "onnxruntime fp32, no work skipping": open_model(minilm_full, backend="onnxruntime"),
