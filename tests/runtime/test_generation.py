@@ -22,6 +22,7 @@ from generation_reference import (
     reference_loop,
 )
 
+from rmt_deploy.contract import reported
 from rmt_deploy.manifest import read_manifest
 from rmt_deploy.model.checkpoint import load_checkpoint
 from rmt_deploy.runtime import open_model
@@ -160,11 +161,11 @@ class ScriptedState(EngineState):
         self.decodes += 1
         return self._logits(cache + 1), cache + 1
 
-    def load(self, memory):
-        raise AssertionError("generation does not load memory")
+    def load(self, state):
+        raise AssertionError("generation does not load the state")
 
-    def memory(self):
-        raise AssertionError("generation does not read memory")
+    def state(self):
+        raise AssertionError("generation does not read the state")
 
     def step(self, input_ids, attention_mask, logits=True):
         raise AssertionError("generation does not step")
@@ -192,7 +193,8 @@ def test_sampled_generation_in_a_batch_equals_the_reference_loop(onnx_model, ref
     seen = []
     with Stepper(onnx_model.engine) as stepper:
         for row, doc in enumerate(docs):
-            stepper.add(row, memory_before(reference, doc)[0].numpy())
+            stepper.add(row, {reported(onnx_model.config).name_in:
+                              memory_before(reference, doc)[0].numpy()})
         lasts = [np.array(doc[segment_bounds(len(doc), onnx_model.config)[-1][0]:])
                  for doc in docs]
         generated = stepper.generate(list(range(len(docs))), lasts, options,
