@@ -245,6 +245,13 @@ def export_main(checkpoint, output, base_model, input_size, segment_size, labels
         check_file_target(convert, checkpoint, base_model, overwrite)
     elif output is not None:
         check_target(output, (checkpoint, base_model, calibration))
+    if timing_cache is not None:
+        from rmt_deploy.outputs import check_output_file
+
+        check_output_file(timing_cache, "--timing-cache", example="timing.cache", reused=True,
+                          inputs={"the checkpoint": checkpoint},
+                          folders={"the base model": base_model, "the output folder": output,
+                                   "the calibration data": calibration})
     from rmt_deploy.model.checkpoint import AuthorsOptions, load_checkpoint, save_checkpoint
 
     authors = AuthorsOptions(base_model, input_size, segment_size, labels)

@@ -1,5 +1,5 @@
 """Where a command may write a file (``--convert``, ``--state-file``, ``--plot``,
-``--progress``): never over one of its inputs, never inside an export folder or another
+``--timing-cache``): never over one of its inputs, never inside an export folder or another
 protected folder, never over an existing file the command did not write (unless the
 user says ``--overwrite``), never below a folder that does not exist."""
 
@@ -17,13 +17,14 @@ def check_output_file(path: Path, option: str, *, example: str,
                       inputs: Mapping[str, Path | None] = {},  # noqa: B006 - read only
                       folders: Mapping[str, Path | None] = {},  # noqa: B006 - read only
                       ours: Callable[[Path], bool] | None = None, mine: str = "",
-                      overwrite: bool | None = None) -> None:
+                      overwrite: bool | None = None, reused: bool = False) -> None:
     """Refuse ``path`` as the file ``option`` writes (and may later replace or delete)
     when it is a folder; one of ``inputs`` (what it is -> file, links and hard links
     resolved); inside an export folder or one of ``folders`` (what -> folder); an
     existing file that ``ours`` does not recognize as ``mine`` (what the command
-    writes), unless ``overwrite`` (None: the command has no --overwrite flag); or a path
-    whose folder does not exist. ``example`` is a file name to suggest."""
+    writes), unless ``overwrite`` (None: the command has no --overwrite flag) or the file
+    is ``reused`` (read, then updated: a cache); or a path whose folder does not exist.
+    ``example`` is a file name to suggest."""
     if path.is_dir():
         raise InputError(f"{path}: is a folder; give {option} a file name such as {example}")
     for what, read in inputs.items():
@@ -38,7 +39,7 @@ def check_output_file(path: Path, option: str, *, example: str,
         if folder is not None and is_within(path, folder):
             raise InputError(f"{path}: is inside {what} {folder}; give {option} a file outside "
                              "it")
-    if path.exists() and not overwrite and (ours is None or not ours(path)):
+    if path.exists() and not reused and not overwrite and (ours is None or not ours(path)):
         raise InputError(f"{path}: exists" + (f" and is not {mine}" if ours else "") + "; "
                          + ("pass --overwrite to replace it or " if overwrite is False else "")
                          + "choose another file name")

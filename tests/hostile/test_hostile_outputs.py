@@ -1,7 +1,9 @@
-"""Hostile ``rmt-compare --plot`` targets: a plot never replaces an artifact being
-compared, a file of an export folder or the base model, nor an existing file that is not
-a plot rmt-compare wrote (without ``--overwrite``), and makes no folder; each is refused
-before the comparison runs (harness: tests/hostile/harness.py)."""
+"""Hostile ``rmt-compare --plot`` and ``rmt-export --timing-cache`` targets: a plot never
+replaces an artifact being compared, a file of an export folder or the base model, nor an
+existing file that is not a plot rmt-compare wrote (without ``--overwrite``), and makes no
+folder; a timing cache is never the checkpoint, nor inside the output folder, an export
+or the base model. Each is refused before the work runs (harness:
+tests/hostile/harness.py)."""
 
 from __future__ import annotations
 
@@ -54,6 +56,20 @@ def _plot_into_base(scene):
             "base/drift.png"]
 
 
+def _timing_cache(target, out="out"):
+    """``rmt-export enc.pt -o OUT --engine --timing-cache TARGET``."""
+    def prepare(scene):
+        scene.export("gp")
+        return [scene.checkpoint(), "-o", out, "--engine", "--timing-cache", target]
+    return prepare
+
+
+def _timing_cache_authors(scene):
+    checkpoint, base = scene.authors()
+    return [checkpoint, "--base-model", base, "-o", "out", "--engine", "--timing-cache",
+            "base/config.json"]
+
+
 INSIDE = "is inside the export folder"
 NOT_OURS = "exists and is not a plot rmt-compare wrote"
 CASES = [
@@ -83,6 +99,20 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_hostile_plot_target(case, assets, tmp_path):
+TIMING_CACHE = [
+    Case("timing-cache-onto-checkpoint", "rmt-export", _timing_cache("enc.pt"),
+         says=("is the checkpoint",)),
+    Case("timing-cache-in-other-export", "rmt-export", _timing_cache("gp/weights.data"),
+         says=(INSIDE,)),
+    Case("timing-cache-in-output-folder", "rmt-export", _timing_cache("out/timing.cache"),
+         says=("is inside the output folder",)),
+    Case("timing-cache-in-base-model", "rmt-export", _timing_cache_authors,
+         says=("is inside the base model",)),
+    Case("timing-cache-missing-folder", "rmt-export", _timing_cache("caches/timing.cache"),
+         says=("does not exist",)),
+]
+
+
+@pytest.mark.parametrize("case", CASES + TIMING_CACHE, ids=str)
+def test_hostile_output_target(case, assets, tmp_path):
     run_case(case, tmp_path, assets)
