@@ -346,7 +346,8 @@ def _measure_option(command):
               help="--generate sampling: only the K most likely tokens (0: all).")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0,
               show_default=True, help="--generate sampling: the smallest set of tokens "
-              "whose probability reaches P.")
+              "whose probability (after the temperature and renormalized over the top k) "
+              "reaches P.")
 @click.option("--seed", type=SEED, help="--generate sampling: the random seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--threads", type=int, callback=_positive, help="CPU threads.")
