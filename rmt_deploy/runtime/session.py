@@ -38,7 +38,14 @@ from rmt_deploy.runtime.scoring import PerplexityMeter
 from rmt_deploy.runtime.state import pack, unpack
 from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.runtime.tokens import ArraySource, TextStream, check_tokenizer_ids
-from rmt_deploy.segmentation import count_segments, strip_special, usable_tokens
+from rmt_deploy.segmentation import (
+    count_segments,
+    first_size,
+    segment_end,
+    stream_first_sizes,
+    strip_special,
+    usable_tokens,
+)
 from rmt_deploy.spec import RMTConfig
 
 if TYPE_CHECKING:
@@ -77,9 +84,6 @@ class _Track:
     logits: np.ndarray | None = None  # encoder: of its last segment
     meter: _Meter | None = None  # decoder
 
-    def next_end(self, segment_size: int) -> int:
-        return self.done + (self.first if self.done == 0 else segment_size)
-
     def copy(self) -> _Track:
         return replace(self, meter=copy.copy(self.meter))
 
@@ -102,7 +106,7 @@ class StreamSession:
         self.metadata: dict[str, Any] = {}  # kept with the saved state
         self._rows: Rows = rows if rows is not None else Stepper(model.engine)
         session_id = uuid.uuid4().hex  # names this session's rows among shared rows
-        keys = [(session_id, first) for first in self._firsts()]
+        keys = [(session_id, first) for first in stream_first_sizes(total_tokens, self.config)]
         self._release = weakref.finalize(self, _release_rows, self._rows, keys, rows is None)
         self._lock = threading.RLock()
         self._text = TextStream(model.tokenizer) if model.tokenizer is not None else None
@@ -295,14 +299,6 @@ class StreamSession:
             raise ValueError("metadata is not a dict")
         self.metadata = dict(metadata)
 
-    def _firsts(self) -> list[int]:
-        size = self.config.segment_size
-        if self.config.alignment == "left":
-            return [size]
-        if self.total_tokens is not None:
-            return [_first_length(usable_tokens(self.total_tokens, self.config), size)]
-        return list(range(1, size + 1))
-
     def _new_track(self, key: tuple[str, int], state: dict[str, np.ndarray]) -> _Track:
         self._rows.add(key, state)
         return _Track(key[1], key, meter=None if self.config.is_encoder else _Meter())
@@ -351,8 +347,7 @@ class StreamSession:
             return
         self._ids = np.concatenate([self._ids, ids])
         self._tokens += len(ids)
-        size = self.config.segment_size
-        while ready := [t for t in self._tracks if t.next_end(size) <= self._tokens]:
+        while ready := [t for t in self._tracks if self._end(t) <= self._tokens]:
             self._step(self._rows, ready, self._ids, self._tokens)
         low = min(t.done for t in self._tracks)
         self._ids, self._base = self._ids[low - self._base:], low
@@ -360,8 +355,7 @@ class StreamSession:
     def _step(self, rows: Rows, tracks: list[_Track], ids: np.ndarray, end: int) -> None:
         """Run the next segment of each track in ``rows`` (``ids`` start at ``_base``; none
         past ``end``)."""
-        size = self.config.segment_size
-        segments = [ids[t.done - self._base: min(t.next_end(size), end) - self._base]
+        segments = [ids[t.done - self._base: min(self._end(t), end) - self._base]
                     for t in tracks]
         logits = rows.step([t.key for t in tracks], segments)
         for row, (track, tokens) in enumerate(zip(tracks, segments, strict=True)):
@@ -396,10 +390,12 @@ class StreamSession:
         return DecoderOutput(perplexity=track.meter.perplexity, tokens=total,
                              segments=count_segments(total, self.config), memory=memory)
 
+    def _end(self, track: _Track) -> int:
+        """Where the track's next segment ends (unless the document ends sooner)."""
+        return segment_end(track.done, track.first, self.config)
+
     def _track_for(self, total: int) -> _Track:
-        if self.config.alignment == "left":
-            return self._tracks[0]
-        first = _first_length(total, self.config.segment_size)
+        first = first_size(total, self.config)
         for track in self._tracks:
             if track.first == first:
                 return track
@@ -428,8 +424,3 @@ def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{value!r} is not a count")
     return value
-
-
-def _first_length(total: int, segment_size: int) -> int:
-    """Tokens in the first segment of a right-aligned document of ``total`` tokens."""
-    return (total - 1) % segment_size + 1
