@@ -33,13 +33,17 @@ import numpy as np
 from rmt_deploy.contract import check_state, reported, state_pairs
 from rmt_deploy.errors import InputError, NumericError
 from rmt_deploy.runtime.batcher import Rows
-from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput, encoder_output
-from rmt_deploy.runtime.scoring import PerplexityMeter
+from rmt_deploy.runtime.results import (
+    DecoderOutput,
+    EncoderOutput,
+    decoder_output,
+    encoder_output,
+)
+from rmt_deploy.runtime.scoring import MeterState, PerplexityMeter
 from rmt_deploy.runtime.state import pack, unpack
 from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.runtime.tokens import ArraySource, TextStream, check_tokenizer_ids
 from rmt_deploy.segmentation import (
-    count_segments,
     first_size,
     segment_end,
     stream_first_sizes,
@@ -59,20 +63,6 @@ Piece = str | bytes | bytearray | Sequence[int] | np.ndarray
 Output = EncoderOutput | DecoderOutput
 
 
-class _Meter(PerplexityMeter):
-    """A perplexity meter whose running state can be saved."""
-
-    @property
-    def last(self) -> np.ndarray | None:
-        return self._last
-
-    @classmethod
-    def restored(cls, nll: float, count: int, last: np.ndarray | None) -> _Meter:
-        meter = cls()
-        meter.nll, meter.count, meter._last = nll, count, last
-        return meter
-
-
 @dataclass
 class _Track:
     """The recurrence over one segmentation: its first segment has ``first`` tokens,
@@ -82,7 +72,7 @@ class _Track:
     key: tuple[str, int]
     done: int = 0  # tokens its segments have read
     logits: np.ndarray | None = None  # encoder: of its last segment
-    meter: _Meter | None = None  # decoder
+    meter: PerplexityMeter | None = None  # decoder
 
     def copy(self) -> _Track:
         return replace(self, meter=copy.copy(self.meter))
@@ -195,15 +185,15 @@ class StreamSession:
             if not all(np.isfinite(array).all() for array in state.values()):
                 raise NumericError("the session's state holds NaN or infinity, so it is not "
                                    "worth saving; the model or its inputs are damaged")
+            meters = [t.meter.state if t.meter else MeterState(0.0, 0) for t in self._tracks]
             header = {
                 "format": STATE_FORMAT, "version": STATE_VERSION,
                 "model": self.model.identity, "variant": self.config.variant,
                 "tokens": self._tokens, "base": self._base, "total_tokens": self.total_tokens,
                 "text_tail": self._text.tail if self._text else "",
                 "text_pending": self._text.pending.hex() if self._text else "",
-                "tracks": [{"first": t.first, "done": t.done,
-                            "nll": t.meter.nll if t.meter else 0.0,
-                            "count": t.meter.count if t.meter else 0} for t in self._tracks],
+                "tracks": [{"first": t.first, "done": t.done, "nll": m.nll, "count": m.count}
+                           for t, m in zip(self._tracks, meters, strict=True)],
                 "metadata": kept,
             }
             arrays = {"ids": self._ids, **{STATE_PREFIX + name: array
@@ -214,9 +204,8 @@ class StreamSession:
                                              else t.logits for t in self._tracks])
             else:
                 width = self.config.vocab_size
-                arrays["last"] = np.stack([
-                    np.zeros(width) if t.meter.last is None else t.meter.last
-                    for t in self._tracks]).astype(np.float64)
+                arrays["last"] = np.stack([np.zeros(width) if m.last is None else m.last
+                                           for m in meters]).astype(np.float64)
             try:
                 data = pack(header, arrays)
             except (TypeError, ValueError) as error:
@@ -278,11 +267,8 @@ class StreamSession:
                 if config.is_encoder:
                     track.logits = arrays["logits"][row].astype(np.float32)
                 else:
-                    nll = float(saved["nll"])
-                    if not np.isfinite(nll):
-                        raise ValueError("a log-likelihood is not finite")
-                    track.meter = _Meter.restored(nll, _count(saved["count"]),
-                                                  arrays["last"][row])
+                    track.meter = PerplexityMeter(MeterState(
+                        float(saved["nll"]), saved["count"], arrays["last"][row]))
             self._tracks.append(track)
         self._tokens, self._base = _count(header["tokens"]), _count(header["base"])
         self._ids = ids.astype(np.int64)
@@ -301,7 +287,7 @@ class StreamSession:
 
     def _new_track(self, key: tuple[str, int], state: dict[str, np.ndarray]) -> _Track:
         self._rows.add(key, state)
-        return _Track(key[1], key, meter=None if self.config.is_encoder else _Meter())
+        return _Track(key[1], key, meter=None if self.config.is_encoder else PerplexityMeter())
 
     def _check_open(self) -> None:
         if self._closed:
@@ -387,8 +373,7 @@ class StreamSession:
                                "logits); the export or its weights are damaged: re-export it")
         if self.config.is_encoder:
             return encoder_output(self.config, track.logits, memory, total)
-        return DecoderOutput(perplexity=track.meter.perplexity, tokens=total,
-                             segments=count_segments(total, self.config), memory=memory)
+        return decoder_output(self.config, track.meter.perplexity, memory, total)
 
     def _end(self, track: _Track) -> int:
         """Where the track's next segment ends (unless the document ends sooner)."""
