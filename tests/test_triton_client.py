@@ -5,6 +5,8 @@ bit for bit (the meter's and the state's saved form)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -15,8 +17,9 @@ from rmt_deploy.runtime.options import RuntimeOptions
 from rmt_deploy.runtime.tokens import manifest_tokenizer
 from rmt_deploy.segmentation import content_id_range
 from rmt_deploy.serving.client import TritonClient
+from rmt_deploy.serving.errors import StateFileError
 from rmt_deploy.serving.identity import model_identity
-from rmt_deploy.serving.progress import load_progress
+from rmt_deploy.serving.progress import Progress, load_progress, save_progress
 from rmt_deploy.serving.sequences import SequenceStore, StepRequest
 
 
@@ -76,3 +79,18 @@ def test_a_stopped_run_resumes_from_its_progress_to_the_same_answer(export, tmp_
             resumed = LocalClient(export).run(doc, progress_file=progress)  # a new server
             assert resumed.segments_sent == local.segments - stop
             same(resumed.output, local)
+
+
+@pytest.mark.parametrize("nll, count", [(math.inf, 3), (math.nan, 3), (1.5, -2)])
+def test_progress_with_an_impossible_score_is_refused(memory_decoder_export, tmp_path, nll,
+                                                      count):
+    """A sealed progress file whose perplexity so far cannot be resumed (a log-likelihood
+    that is not finite, a negative count) is refused as damaged, not resumed to NaN."""
+    manifest = read_manifest(memory_decoder_export)
+    config = manifest.config
+    path = tmp_path / "progress"
+    save_progress(path, Progress(model_identity(manifest), "d" * 64, 40, 3,
+                                 manifest.load_initial_state(),
+                                 np.zeros(config.vocab_size, np.float32), nll, count))
+    with pytest.raises(StateFileError, match="damaged or truncated progress file"):
+        load_progress(path, config)
