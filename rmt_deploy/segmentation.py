@@ -1,6 +1,8 @@
-"""Segmentation and segment layout, written once for the reference model and the
-runtime: stripping special tokens, splitting, the per-row schedule of a batch, and the
-step tensors (``input_ids``, ``attention_mask``) of each variant. numpy only."""
+"""Segmentation and segment layout, written once for the reference model, the runtime,
+stream sessions and the Triton client: stripping special tokens, where segments start and
+end (of a whole document, or of a stream whose length is not known yet), the per-row
+schedule of a batch, and the step tensors (``input_ids``, ``attention_mask``) of each
+variant. numpy only."""
 
 from __future__ import annotations
 
@@ -46,19 +48,40 @@ def count_segments(n_tokens: int, config: RMTConfig) -> int:
     return -(-n_tokens // config.segment_size)
 
 
-def segment_range(n_tokens: int, index: int, config: RMTConfig) -> tuple[int, int]:
-    """``(start, end)`` of segment ``index`` of ``n_tokens`` tokens.
+def first_size(n_tokens: int, config: RMTConfig) -> int:
+    """Tokens the first segment of a document of ``n_tokens`` tokens takes.
 
-    Right alignment puts the remainder in the first segment, left alignment in the last.
+    Right alignment puts the remainder in the first segment (every later one is full);
+    left alignment gives it a full segment (the document may end sooner).
     """
     size = config.segment_size
     if config.alignment == "left":
-        start = index * size
-        return start, min(start + size, n_tokens)
-    first = n_tokens - (count_segments(n_tokens, config) - 1) * size
-    if index == 0:
-        return 0, first
-    return first + (index - 1) * size, first + index * size
+        return size
+    return (n_tokens - 1) % size + 1
+
+
+def stream_first_sizes(total_tokens: int | None, config: RMTConfig) -> list[int]:
+    """The first-segment sizes a stream of ``total_tokens`` tokens (None: not known
+    beforehand) must follow: one, unless the model is right-aligned and the length
+    unknown, where the final length picks one of ``1..segment_size``."""
+    if total_tokens is not None:
+        return [first_size(usable_tokens(total_tokens, config), config)]
+    if config.alignment == "left":
+        return [config.segment_size]
+    return list(range(1, config.segment_size + 1))
+
+
+def segment_end(start: int, first: int, config: RMTConfig) -> int:
+    """Where the segment starting at token ``start`` ends, in the segmentation whose first
+    segment takes ``first`` tokens (unless the document ends sooner)."""
+    return start + (first if start == 0 else config.segment_size)
+
+
+def segment_range(n_tokens: int, index: int, config: RMTConfig) -> tuple[int, int]:
+    """``(start, end)`` of segment ``index`` of ``n_tokens`` tokens."""
+    first = first_size(n_tokens, config)
+    start = 0 if index == 0 else first + (index - 1) * config.segment_size
+    return start, min(segment_end(start, first, config), n_tokens)
 
 
 def segment_bounds(n_tokens: int, config: RMTConfig) -> list[tuple[int, int]]:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -21,6 +22,13 @@ from rmt_deploy.runtime import SessionPool, StreamSession, open_model
 from rmt_deploy.runtime.backends.wrapped import WrappedEngine, WrappedState
 from rmt_deploy.runtime.batcher import StepBatcher
 from rmt_deploy.runtime.stepper import Stepper
+from rmt_deploy.segmentation import (
+    content_id_range,
+    first_size,
+    segment_bounds,
+    segment_end,
+    stream_first_sizes,
+)
 
 PUNCTUATION = (",", ".", "!", "?", "'", "(", ")", "-")
 MULTIBYTE = ("é", "日本", "😀", "naïve", "Ω")
@@ -159,6 +167,55 @@ def test_right_aligned_sessions_read_the_track_of_the_length_so_far(encoder_mode
         assert_same(session.result(), encoder_model.run_one(ids[:n]))
     assert session.tokens == 3 * size + 1
     assert_same(session.close(), encoder_model.run_one(ids[: 3 * size + 1]))
+
+
+class RecordingRows(Stepper):
+    """A stepper that keeps the segments each row stepped."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.stepped = defaultdict(list)
+
+    def step(self, keys, segments, logits=True):
+        for key, tokens in zip(keys, segments, strict=True):
+            self.stepped[key[1]].append(tokens.tolist())
+        return super().step(keys, segments, logits)
+
+
+def walked(ids, first: int, config) -> list[list[int]]:
+    """The complete segments of ``ids`` in the segmentation whose first takes ``first``."""
+    segments, start = [], 0
+    while (end := segment_end(start, first, config)) <= len(ids):
+        segments.append(ids[start:end].tolist())
+        start = end
+    return segments
+
+
+@pytest.mark.parametrize("known", [False, True], ids=["unknown_length", "known_length"])
+def test_sessions_step_the_segments_of_segmentation(model, known):
+    """Lengths around segment boundaries, fed token by token: every track steps the
+    segmentation of its first size, the one the final length picks steps exactly
+    ``segment_bounds`` (a left-aligned short last segment runs on a copy at the end), and
+    the answer is run_one's."""
+    config = model.config
+    size = config.segment_size
+    low, high = content_id_range(config)
+    ids = np.random.default_rng(7).integers(low, high, 4 * size + 1)
+    lengths = sorted({1, 2, 4 * size + 1} | {k * size + d for k in (1, 2, 3) for d in (-1, 0, 1)})
+    for n in lengths:
+        rows = RecordingRows(model.engine)
+        session = StreamSession(model, total_tokens=n if known else None, rows=rows)
+        for token in ids[:n]:
+            session.feed([int(token)])
+        firsts = stream_first_sizes(n if known else None, config)
+        assert sorted(rows.stepped) == sorted(f for f in firsts if walked(ids[:n], f, config))
+        for first in firsts:
+            assert rows.stepped.get(first, []) == walked(ids[:n], first, config), (n, first)
+        bounds = [ids[start:end].tolist() for start, end in segment_bounds(n, config)]
+        assert rows.stepped[first_size(n, config)] == [
+            segment for segment in bounds if len(segment) == size or config.alignment == "right"]
+        assert_same(session.close(), model.run_one(ids[:n]))
+        rows.close()
 
 
 def test_known_length_runs_one_track(encoder_model):

@@ -19,7 +19,13 @@ from rmt_deploy.errors import InputError, NumericError
 from rmt_deploy.runtime.backends.base import State, StepEngine
 from rmt_deploy.runtime.generation import GenerationOptions
 from rmt_deploy.runtime.loop import last_segments, last_tokens, never, run_segments
-from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput, Run, encoder_output
+from rmt_deploy.runtime.results import (
+    DecoderOutput,
+    EncoderOutput,
+    Run,
+    decoder_output,
+    encoder_output,
+)
 from rmt_deploy.runtime.scoring import PerplexityMeter
 from rmt_deploy.runtime.selection import BackendChoice, check_seen
 from rmt_deploy.runtime.session import StreamSession
@@ -168,12 +174,10 @@ class RMTModel:
             self._check_choice(stepper)
         self._check_finite(state, [np.array(meter.nll) for meter in meters])
         memory = state[reported(self.config).name_in]
-        return [DecoderOutput(
-            perplexity=None if options is not None else meters[row].perplexity,
-            tokens=len(source), segments=count_segments(len(source), self.config),
-            memory=memory[row], generated_ids=generated[row],
-            generated=(self.tokenizer.decode(generated[row])
-                       if self.tokenizer and generated[row] else None),
+        return [decoder_output(
+            self.config, None if options is not None else meters[row].perplexity,
+            memory[row], len(source), generated[row],
+            self.tokenizer.decode(generated[row]) if self.tokenizer and generated[row] else None,
         ) for row, source in enumerate(sources)]
 
     def _check_choice(self, stepper: Stepper) -> None:

@@ -73,3 +73,12 @@ def encoder_output(config: RMTConfig, logits: np.ndarray, memory: np.ndarray,
         scores={label: float(score) for label, score in zip(config.labels, scores, strict=True)},
         logits=logits, memory=memory, tokens=tokens, segments=count_segments(tokens, config),
     )
+
+
+def decoder_output(config: RMTConfig, perplexity: float | None, memory: np.ndarray,
+                   tokens: int, generated_ids: list[int] | None = None,
+                   generated: str | None = None) -> DecoderOutput:
+    """A language model's result on ``tokens`` tokens (a meter's perplexity, or None)."""
+    return DecoderOutput(perplexity=perplexity, tokens=tokens,
+                         segments=count_segments(tokens, config), memory=memory,
+                         generated_ids=generated_ids or [], generated=generated)

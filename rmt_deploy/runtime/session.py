@@ -33,12 +33,23 @@ import numpy as np
 from rmt_deploy.contract import check_state, reported, state_pairs
 from rmt_deploy.errors import InputError, NumericError
 from rmt_deploy.runtime.batcher import Rows
-from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput, encoder_output
-from rmt_deploy.runtime.scoring import PerplexityMeter
+from rmt_deploy.runtime.results import (
+    DecoderOutput,
+    EncoderOutput,
+    decoder_output,
+    encoder_output,
+)
+from rmt_deploy.runtime.scoring import MeterState, PerplexityMeter
 from rmt_deploy.runtime.state import pack, unpack
 from rmt_deploy.runtime.stepper import Stepper
 from rmt_deploy.runtime.tokens import ArraySource, TextStream, check_tokenizer_ids
-from rmt_deploy.segmentation import count_segments, strip_special, usable_tokens
+from rmt_deploy.segmentation import (
+    first_size,
+    segment_end,
+    stream_first_sizes,
+    strip_special,
+    usable_tokens,
+)
 from rmt_deploy.spec import RMTConfig
 
 if TYPE_CHECKING:
@@ -52,20 +63,6 @@ Piece = str | bytes | bytearray | Sequence[int] | np.ndarray
 Output = EncoderOutput | DecoderOutput
 
 
-class _Meter(PerplexityMeter):
-    """A perplexity meter whose running state can be saved."""
-
-    @property
-    def last(self) -> np.ndarray | None:
-        return self._last
-
-    @classmethod
-    def restored(cls, nll: float, count: int, last: np.ndarray | None) -> _Meter:
-        meter = cls()
-        meter.nll, meter.count, meter._last = nll, count, last
-        return meter
-
-
 @dataclass
 class _Track:
     """The recurrence over one segmentation: its first segment has ``first`` tokens,
@@ -75,10 +72,7 @@ class _Track:
     key: tuple[str, int]
     done: int = 0  # tokens its segments have read
     logits: np.ndarray | None = None  # encoder: of its last segment
-    meter: _Meter | None = None  # decoder
-
-    def next_end(self, segment_size: int) -> int:
-        return self.done + (self.first if self.done == 0 else segment_size)
+    meter: PerplexityMeter | None = None  # decoder
 
     def copy(self) -> _Track:
         return replace(self, meter=copy.copy(self.meter))
@@ -102,7 +96,7 @@ class StreamSession:
         self.metadata: dict[str, Any] = {}  # kept with the saved state
         self._rows: Rows = rows if rows is not None else Stepper(model.engine)
         session_id = uuid.uuid4().hex  # names this session's rows among shared rows
-        keys = [(session_id, first) for first in self._firsts()]
+        keys = [(session_id, first) for first in stream_first_sizes(total_tokens, self.config)]
         self._release = weakref.finalize(self, _release_rows, self._rows, keys, rows is None)
         self._lock = threading.RLock()
         self._text = TextStream(model.tokenizer) if model.tokenizer is not None else None
@@ -191,15 +185,15 @@ class StreamSession:
             if not all(np.isfinite(array).all() for array in state.values()):
                 raise NumericError("the session's state holds NaN or infinity, so it is not "
                                    "worth saving; the model or its inputs are damaged")
+            meters = [t.meter.state if t.meter else MeterState(0.0, 0) for t in self._tracks]
             header = {
                 "format": STATE_FORMAT, "version": STATE_VERSION,
                 "model": self.model.identity, "variant": self.config.variant,
                 "tokens": self._tokens, "base": self._base, "total_tokens": self.total_tokens,
                 "text_tail": self._text.tail if self._text else "",
                 "text_pending": self._text.pending.hex() if self._text else "",
-                "tracks": [{"first": t.first, "done": t.done,
-                            "nll": t.meter.nll if t.meter else 0.0,
-                            "count": t.meter.count if t.meter else 0} for t in self._tracks],
+                "tracks": [{"first": t.first, "done": t.done, "nll": m.nll, "count": m.count}
+                           for t, m in zip(self._tracks, meters, strict=True)],
                 "metadata": kept,
             }
             arrays = {"ids": self._ids, **{STATE_PREFIX + name: array
@@ -210,9 +204,8 @@ class StreamSession:
                                              else t.logits for t in self._tracks])
             else:
                 width = self.config.vocab_size
-                arrays["last"] = np.stack([
-                    np.zeros(width) if t.meter.last is None else t.meter.last
-                    for t in self._tracks]).astype(np.float64)
+                arrays["last"] = np.stack([np.zeros(width) if m.last is None else m.last
+                                           for m in meters]).astype(np.float64)
             try:
                 data = pack(header, arrays)
             except (TypeError, ValueError) as error:
@@ -274,11 +267,8 @@ class StreamSession:
                 if config.is_encoder:
                     track.logits = arrays["logits"][row].astype(np.float32)
                 else:
-                    nll = float(saved["nll"])
-                    if not np.isfinite(nll):
-                        raise ValueError("a log-likelihood is not finite")
-                    track.meter = _Meter.restored(nll, _count(saved["count"]),
-                                                  arrays["last"][row])
+                    track.meter = PerplexityMeter(MeterState(
+                        float(saved["nll"]), saved["count"], arrays["last"][row]))
             self._tracks.append(track)
         self._tokens, self._base = _count(header["tokens"]), _count(header["base"])
         self._ids = ids.astype(np.int64)
@@ -295,17 +285,9 @@ class StreamSession:
             raise ValueError("metadata is not a dict")
         self.metadata = dict(metadata)
 
-    def _firsts(self) -> list[int]:
-        size = self.config.segment_size
-        if self.config.alignment == "left":
-            return [size]
-        if self.total_tokens is not None:
-            return [_first_length(usable_tokens(self.total_tokens, self.config), size)]
-        return list(range(1, size + 1))
-
     def _new_track(self, key: tuple[str, int], state: dict[str, np.ndarray]) -> _Track:
         self._rows.add(key, state)
-        return _Track(key[1], key, meter=None if self.config.is_encoder else _Meter())
+        return _Track(key[1], key, meter=None if self.config.is_encoder else PerplexityMeter())
 
     def _check_open(self) -> None:
         if self._closed:
@@ -351,8 +333,7 @@ class StreamSession:
             return
         self._ids = np.concatenate([self._ids, ids])
         self._tokens += len(ids)
-        size = self.config.segment_size
-        while ready := [t for t in self._tracks if t.next_end(size) <= self._tokens]:
+        while ready := [t for t in self._tracks if self._end(t) <= self._tokens]:
             self._step(self._rows, ready, self._ids, self._tokens)
         low = min(t.done for t in self._tracks)
         self._ids, self._base = self._ids[low - self._base:], low
@@ -360,8 +341,7 @@ class StreamSession:
     def _step(self, rows: Rows, tracks: list[_Track], ids: np.ndarray, end: int) -> None:
         """Run the next segment of each track in ``rows`` (``ids`` start at ``_base``; none
         past ``end``)."""
-        size = self.config.segment_size
-        segments = [ids[t.done - self._base: min(t.next_end(size), end) - self._base]
+        segments = [ids[t.done - self._base: min(self._end(t), end) - self._base]
                     for t in tracks]
         logits = rows.step([t.key for t in tracks], segments)
         for row, (track, tokens) in enumerate(zip(tracks, segments, strict=True)):
@@ -393,13 +373,14 @@ class StreamSession:
                                "logits); the export or its weights are damaged: re-export it")
         if self.config.is_encoder:
             return encoder_output(self.config, track.logits, memory, total)
-        return DecoderOutput(perplexity=track.meter.perplexity, tokens=total,
-                             segments=count_segments(total, self.config), memory=memory)
+        return decoder_output(self.config, track.meter.perplexity, memory, total)
+
+    def _end(self, track: _Track) -> int:
+        """Where the track's next segment ends (unless the document ends sooner)."""
+        return segment_end(track.done, track.first, self.config)
 
     def _track_for(self, total: int) -> _Track:
-        if self.config.alignment == "left":
-            return self._tracks[0]
-        first = _first_length(total, self.config.segment_size)
+        first = first_size(total, self.config)
         for track in self._tracks:
             if track.first == first:
                 return track
@@ -428,8 +409,3 @@ def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{value!r} is not a count")
     return value
-
-
-def _first_length(total: int, segment_size: int) -> int:
-    """Tokens in the first segment of a right-aligned document of ``total`` tokens."""
-    return (total - 1) % segment_size + 1

@@ -23,8 +23,13 @@ import numpy as np
 from rmt_deploy.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, reported, state_pairs
 from rmt_deploy.manifest import read_manifest
 from rmt_deploy.runtime.backends.base import State
-from rmt_deploy.runtime.results import DecoderOutput, EncoderOutput, encoder_output
-from rmt_deploy.runtime.scoring import PerplexityMeter
+from rmt_deploy.runtime.results import (
+    DecoderOutput,
+    EncoderOutput,
+    decoder_output,
+    encoder_output,
+)
+from rmt_deploy.runtime.scoring import MeterState, PerplexityMeter
 from rmt_deploy.runtime.tokens import Document, TokenSource, document_source, manifest_tokenizer
 from rmt_deploy.segmentation import count_segments, segment_range, step_inputs
 from rmt_deploy.serving.errors import ServingError, StateFileError
@@ -197,10 +202,9 @@ class _Run:
         self.restore = saved is not None  # the first request carries the saved state
         self.logits = saved.logits if saved else None
         self.next_segment = self.first
-        self.meter = PerplexityMeter()
-        if saved is not None and not self.config.is_encoder:
-            self.meter.add(np.zeros(1, np.int64), saved.logits[None])  # only sets the last row
-            self.meter.nll, self.meter.count = saved.nll, saved.count
+        self.meter = PerplexityMeter(
+            MeterState.after(saved.logits, saved.nll, saved.count)
+            if saved is not None and not self.config.is_encoder else None)
 
     def step(self, index: int, want_state: bool) -> None:
         tokens = self.source.tokens(*segment_range(len(self.source), index, self.config))
@@ -220,14 +224,13 @@ class _Run:
         self.next_segment = index + 1
 
     def progress(self, model_id: str, digest: str) -> Progress:
+        meter = self.meter.state
         return Progress(model_id, digest, len(self.source), self.next_segment,
                         {name: array[0] for name, array in self.state.items()},
-                        self.logits, self.meter.nll, self.meter.count)
+                        self.logits, meter.nll, meter.count)
 
     def output(self) -> EncoderOutput | DecoderOutput:
         memory = None if self.state is None else self.state[reported(self.config).name_in][0]
-        segments = self.total
         if not self.config.is_encoder:
-            return DecoderOutput(perplexity=self.meter.perplexity, tokens=len(self.source),
-                                 segments=segments, memory=memory)
+            return decoder_output(self.config, self.meter.perplexity, memory, len(self.source))
         return encoder_output(self.config, self.logits, memory, len(self.source))

@@ -14,6 +14,7 @@ import numpy as np
 from rmt_deploy.contract import check_state, state_pairs
 from rmt_deploy.errors import InputError
 from rmt_deploy.runtime.backends.base import State
+from rmt_deploy.runtime.scoring import MeterState
 from rmt_deploy.runtime.state import pack, read_state, unpack, write_state
 from rmt_deploy.runtime.tokens import TokenSource
 from rmt_deploy.serving.errors import StateFileError
@@ -79,6 +80,7 @@ def load_progress(path: str | Path, config: RMTConfig) -> Progress:
         progress = Progress(str(header["model_id"]), str(header["document_sha256"]),
                             int(header["tokens"]), int(header["next_segment"]), state,
                             arrays["logits"], float(header["nll"]), int(header["count"]))
+        MeterState.after(progress.logits, progress.nll, progress.count)  # as resumed
     except (KeyError, TypeError, ValueError):
         raise StateFileError(damaged) from None
     return progress

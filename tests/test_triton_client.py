@@ -1,0 +1,96 @@
+"""The Triton client's run over a stand-in server (the python backend's SequenceStore on
+the local engine, no Triton): it segments and scores as run_one does, and a run stopped
+mid-document resumes from its progress file, on a restarted server, to the same answer
+bit for bit (the meter's and the state's saved form)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from rmt_deploy.manifest import read_manifest
+from rmt_deploy.runtime import open_model
+from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
+from rmt_deploy.runtime.options import RuntimeOptions
+from rmt_deploy.runtime.tokens import manifest_tokenizer
+from rmt_deploy.segmentation import content_id_range
+from rmt_deploy.serving.client import TritonClient
+from rmt_deploy.serving.errors import StateFileError
+from rmt_deploy.serving.identity import model_identity
+from rmt_deploy.serving.progress import Progress, load_progress, save_progress
+from rmt_deploy.serving.sequences import SequenceStore, StepRequest
+
+
+class LocalClient(TritonClient):
+    """A TritonClient whose server is a SequenceStore in this process; ``stop_after``
+    steps, the client is stopped (KeyboardInterrupt)."""
+
+    def __init__(self, export, stop_after: int | None = None) -> None:
+        manifest = read_manifest(export)
+        self.config, self.model_id = manifest.config, model_identity(manifest)
+        self.tokenizer = manifest_tokenizer(manifest)
+        self.model, self.keeps_state = "local", False
+        engine = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=1))
+        self.store = SequenceStore(engine, manifest.load_initial_state(), idle_seconds=60)
+        self.stop_after, self.steps = stop_after, 0
+
+    def step(self, sequence_id, input_ids, attention_mask, start, end, state_in=None,
+             want_state=True):
+        if self.stop_after is not None and self.steps == self.stop_after:
+            raise KeyboardInterrupt
+        self.steps += 1
+        (result,) = self.store.execute([StepRequest(sequence_id, start, end, input_ids,
+                                                    attention_mask, state_in, want_state)])
+        return result.logits, result.state
+
+
+def same(got, expected) -> None:
+    """Bit for bit."""
+    assert (got.tokens, got.segments) == (expected.tokens, expected.segments)
+    np.testing.assert_array_equal(got.memory, expected.memory)
+    if hasattr(expected, "logits"):
+        np.testing.assert_array_equal(got.logits, expected.logits)
+        assert (got.label, got.scores) == (expected.label, expected.scores)
+    else:
+        assert got.perplexity == expected.perplexity
+
+
+@pytest.fixture(params=["encoder", "decoder"])
+def export(request, encoder_export, memory_decoder_export):
+    return encoder_export if request.param == "encoder" else memory_decoder_export
+
+
+def test_a_stopped_run_resumes_from_its_progress_to_the_same_answer(export, tmp_path):
+    model = open_model(export, threads=1)
+    config = model.config
+    low, high = content_id_range(config)
+    rng = np.random.default_rng(3)
+    for n in (config.segment_size * 4 + 1, config.segment_size * 5):
+        doc = rng.integers(low, high, n).tolist()
+        local = model.run_one(doc)
+        same(LocalClient(export).run(doc).output, local)
+        for stop in (1, 2, local.segments - 1):
+            progress = tmp_path / f"progress-{n}-{stop}"
+            with pytest.raises(KeyboardInterrupt):
+                LocalClient(export, stop_after=stop).run(doc, progress_file=progress)
+            assert load_progress(progress, config).next_segment == stop
+            resumed = LocalClient(export).run(doc, progress_file=progress)  # a new server
+            assert resumed.segments_sent == local.segments - stop
+            same(resumed.output, local)
+
+
+@pytest.mark.parametrize("nll, count", [(math.inf, 3), (math.nan, 3), (1.5, -2)])
+def test_progress_with_an_impossible_score_is_refused(memory_decoder_export, tmp_path, nll,
+                                                      count):
+    """A sealed progress file whose perplexity so far cannot be resumed (a log-likelihood
+    that is not finite, a negative count) is refused as damaged, not resumed to NaN."""
+    manifest = read_manifest(memory_decoder_export)
+    config = manifest.config
+    path = tmp_path / "progress"
+    save_progress(path, Progress(model_identity(manifest), "d" * 64, 40, 3,
+                                 manifest.load_initial_state(),
+                                 np.zeros(config.vocab_size, np.float32), nll, count))
+    with pytest.raises(StateFileError, match="damaged or truncated progress file"):
+        load_progress(path, config)
