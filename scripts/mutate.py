@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GATES = "tests/export/test_gates.py"
 BUILD = "tests/export/test_tensorrt_build.py"
 COMPARE = "tests/export/test_compare.py"
+COMPARATOR = "tests/export/test_comparator.py"
 BACKEND = "tests/runtime/test_tensorrt_backend.py"
 GENERATION = "tests/runtime/test_generation.py"
 ODD_EVEN = "test_prefill_and_decode_after_odd_and_even_steps_equal_the_reference"
@@ -93,6 +94,12 @@ FAULTS = (
           "        return {name: bool(result) for name, result in results.items()}\n",
           "        return {name: True for name in results}\n",
           (f"{COMPARE}::test_a_drifting_candidate_fails_in_one_line_naming_output_and_segment",)),
+    Fault("the comparator's segments counted from 1", "rmt_deploy/export/comparator.py",
+          "segment, paired.steps = paired.steps, paired.steps + 1",
+          "segment, paired.steps = paired.steps + 1, paired.steps + 1",
+          (f"{COMPARATOR}::test_export_validation_names_the_output_and_segment_where_a_fault"
+           "_starts",
+           f"{COMPARATOR}::test_rmt_compare_names_the_output_and_segment_where_a_fault_starts")),
     # generation and sampling (issue 21: each survived the whole suite before)
     Fault("top-p applied to the probabilities before the temperature",
           "rmt_deploy/runtime/generation.py",
