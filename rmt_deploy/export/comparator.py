@@ -95,7 +95,7 @@ class LoopErrors:
         """One step's outputs of both sides at ``segment``; ``states`` names the state
         outputs among them."""
         series = self.series
-        finite_outputs = {}
+        finite_expected, finite_actual = {}, {}  # what the judge sees
         for name, reference in expected.items():
             a, b = reference.astype(np.float64), actual[name].astype(np.float64)
             finite = np.isfinite(a) & np.isfinite(b)
@@ -106,15 +106,13 @@ class LoopErrors:
             _record(series.non_finite.setdefault(name, []), segment, bad, 0)
             _record(series.max_abs.setdefault(name, []), segment, error, 0.0)
             if not bad:
-                finite_outputs[name] = reference, actual[name]
+                finite_expected[name], finite_actual[name] = reference, actual[name]
             if name in states:
                 self._record_cosine(segment, name, a, b)
             if name == LOGITS:
                 self._record_agreement(segment, reference, actual[name])
-        if judge is not None and finite_outputs:
-            verdicts = judge({name: pair[0] for name, pair in finite_outputs.items()},
-                             {name: pair[1] for name, pair in finite_outputs.items()})
-            for name, passed in verdicts.items():
+        if judge is not None and finite_expected:
+            for name, passed in judge(finite_expected, finite_actual).items():
                 _record(series.rejected.setdefault(name, []), segment, not passed, False,
                         lambda a, b: a or b)
 
