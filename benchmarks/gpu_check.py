@@ -33,9 +33,12 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from rmt_deploy.export.comparator import Comparison
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "demo-rmt.pt"
@@ -54,8 +57,9 @@ class Settings:
 def torch_drift(checkpoint: Path, settings: Settings, authors: Any = None,
                 memory_gate: bool = True) -> dict:
     """The reference in FP16 on the GPU (FP32 on the CPU run) against FP32."""
+    from rmt_deploy.export.comparator import compare
     from rmt_deploy.export.plan_check import PLAN_GATES
-    from rmt_deploy.export.validate import DriftGates, compare, drift_failures
+    from rmt_deploy.export.validate import DriftGates, drift_failures
     from rmt_deploy.model.checkpoint import load_checkpoint
     from rmt_deploy.runtime.backends.torch import TorchEngine
 
@@ -67,7 +71,7 @@ def torch_drift(checkpoint: Path, settings: Settings, authors: Any = None,
     if not memory_gate:  # an untrained memory decorrelates under FP16; judge its outputs
         gates = DriftGates(gates.min_agreement, -1.0, None)
     results = compare(reference, candidate, reference.initial_state(), settings.segments,
-                      modes=("closed_loop",), series=True)
+                      modes=("closed_loop",))
     return judged(results, drift_failures(results, gates), gates)
 
 
@@ -97,8 +101,9 @@ def demo_accuracy(settings: Settings) -> dict:
 
 def onnxruntime_gpu(export: Path, settings: Settings) -> dict:
     """The FP32 graph on onnxruntime's CUDA provider against its CPU provider."""
+    from rmt_deploy.export.comparator import compare
     from rmt_deploy.export.plan_check import PLAN_GATES
-    from rmt_deploy.export.validate import compare, drift_failures
+    from rmt_deploy.export.validate import drift_failures
     from rmt_deploy.manifest import read_manifest
     from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
 
@@ -106,7 +111,7 @@ def onnxruntime_gpu(export: Path, settings: Settings) -> dict:
     results = compare(OnnxRuntimeEngine(manifest, device="cpu"),
                       OnnxRuntimeEngine(manifest, device=settings.device),
                       manifest.load_initial_state(), settings.segments,
-                      modes=("closed_loop",), series=True)
+                      modes=("closed_loop",))
     gates = PLAN_GATES["fp32"]
     return judged(results, drift_failures(results, gates), gates)
 
@@ -115,9 +120,10 @@ def tensorrt(export: Path, settings: Settings) -> dict:
     """Plans of the demo export: build (with its own check), parity, CUDA graphs, state
     lifetime, speed."""
     from rmt_deploy.contract import BatchProfile
+    from rmt_deploy.export.comparator import compare
     from rmt_deploy.export.plan_check import PLAN_GATES
     from rmt_deploy.export.tensorrt_build import EngineOptions, build_engines
-    from rmt_deploy.export.validate import compare, drift_failures
+    from rmt_deploy.export.validate import drift_failures
     from rmt_deploy.runtime import open_model
     from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
     from rmt_deploy.runtime.backends.tensorrt import TensorRTEngine
@@ -126,7 +132,7 @@ def tensorrt(export: Path, settings: Settings) -> dict:
         BatchProfile(1, 8, 8), timing_cache=settings.work / "timing.cache",
         drift_segments=settings.segments))
     results = compare(OnnxRuntimeEngine(manifest, device="cpu"), TensorRTEngine(manifest),
-                      manifest.load_initial_state(), settings.segments, series=True)
+                      manifest.load_initial_state(), settings.segments)
     gates = PLAN_GATES[manifest.engines["step"]["precision"]]
     failures = drift_failures(results, gates)
     plain = open_model(export / "model.plan")
@@ -176,13 +182,13 @@ def segments_per_second(model: Any, batch: int, segments: int = 200) -> float:
     return round(batch * segments / (time.perf_counter() - started), 1)
 
 
-def judged(results: dict, failures: list, gates: Any) -> dict:
+def judged(results: Comparison, failures: list, gates: Any) -> dict:
     """A check's report: its closed-loop figures, gates and failures (one line each)."""
-    closed = results["closed_loop"]
+    closed = results.closed_loop
     return {"passed": not failures, "failures": [f.describe("closed loop") for f in failures],
-            "segments": results["segments"], "gates": gates.__dict__,
-            "max_abs": closed["max_abs"], "min_memory_cosine": closed["min_memory_cosine"],
-            "agreement": closed["agreement"], "non_finite": closed["non_finite"]}
+            "segments": results.segments, "gates": gates.__dict__,
+            "max_abs": closed.max_abs, "min_memory_cosine": closed.min_memory_cosine,
+            "agreement": closed.agreement, "non_finite": closed.non_finite}
 
 
 def minilm(work: Path) -> tuple[Path, Any] | str:

@@ -366,19 +366,19 @@ def closed_loop_int8(fp32: Path, int8: Path, backend: str, segments: int,
                      repeats: int) -> dict:
     """Speed of the int8 graphs against the fp32 ones on one backend (batch 1, in turns)
     and their closed-loop agreement and memory drift against FP32."""
-    from rmt_deploy.export.validate import compare
+    from rmt_deploy.export.comparator import compare
 
     base = open_model(fp32, backend=backend, threads=1)
     quant = open_model(int8, backend=backend, threads=1, precision="int8")
     result = compare(base.engine, quant.engine, base.initial_state, segments,
-                     modes=("closed_loop",))["closed_loop"]
+                     modes=("closed_loop",)).closed_loop
     low, high = content_id_range(base.config)
     doc = [np.arange(8 * base.config.segment_size) * 7919 % (high - low) + low]
     seconds = in_turns({"fp32": lambda: base.run(doc), "int8": lambda: quant.run(doc)},
                        repeats)
     return {"backend": backend, "speedup": seconds["fp32"] / seconds["int8"],
-            "agreement": result["agreement"], "min_memory_cosine": result["min_memory_cosine"],
-            "max_abs": result["max_abs"], "segments": segments}
+            "agreement": result.agreement, "min_memory_cosine": result.min_memory_cosine,
+            "max_abs": result.max_abs, "segments": segments}
 
 
 def demo_accuracy(exports: dict[str, Path], segments: int, samples: int) -> list[dict]:

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GATES = "tests/export/test_gates.py"
 BUILD = "tests/export/test_tensorrt_build.py"
 COMPARE = "tests/export/test_compare.py"
+COMPARATOR = "tests/export/test_comparator.py"
 BACKEND = "tests/runtime/test_tensorrt_backend.py"
 GENERATION = "tests/runtime/test_generation.py"
 ODD_EVEN = "test_prefill_and_decode_after_odd_and_even_steps_equal_the_reference"
@@ -39,10 +40,10 @@ class Fault:
 
 
 FAULTS = (
-    Fault("open-loop reset removed from validation", "rmt_deploy/export/validate.py",
+    Fault("open-loop reset removed from validation", "rmt_deploy/export/comparator.py",
           "            self.candidate.load(self.reference.state())\n", "            pass\n",
           (f"{GATES}::test_open_loop_starts_every_step_from_the_reference_memory",)),
-    Fault("memory cosine hard-coded to 1.0", "rmt_deploy/export/validate.py",
+    Fault("memory cosine hard-coded to 1.0", "rmt_deploy/export/comparator.py",
           "worst = float(cosine.min(initial=1.0))", "worst = 1.0",
           (f"{GATES}::test_the_memory_cosine_gate_refuses_memory_slots_that_turn",)),
     Fault("create_network(1): a weakly typed network (no STRONGLY_TYPED bit)",
@@ -79,20 +80,26 @@ FAULTS = (
     Fault("agreement gate never fires", "rmt_deploy/export/validate.py",
           "    if agreement >= minimum:\n", "    if True:\n",
           (f"{GATES}::test_the_agreement_gate_refuses_predictions_that_change",)),
-    Fault("non-finite values not counted", "rmt_deploy/export/validate.py",
+    Fault("non-finite values not counted", "rmt_deploy/export/comparator.py",
           "bad = int(finite.size - finite.sum())", "bad = 0",
           (f"{GATES}::test_the_non_finite_gate_refuses_nan_outputs",)),
     Fault("closed-loop tolerance not enforced", "rmt_deploy/export/validate.py",
-          '                        ("closed_loop", tolerance.closed_loop)):',
+          "                        (comparison.closed_loop, tolerance.closed_loop)):",
           "                        ):",
           (f"{GATES}::test_the_closed_loop_gate_refuses_an_error_that_compounds",)),
     Fault("plans kept without their closed-loop check", "rmt_deploy/export/tensorrt_build.py",
           "        results = check_plans(unopened, options, log)\n", "        results = {}\n",
           (f"{BUILD}::test_a_plan_that_drifts_is_not_kept_and_the_folder_is_left_as_it_was",)),
-    Fault("rmt-compare's open loop not judged", "rmt_deploy/export/open_loop.py",
-          "            if not bool(result) and name not in first:\n",
-          "            if False:\n",
+    Fault("rmt-compare's open loop not judged", "rmt_deploy/export/polygraphy_judge.py",
+          "        return {name: bool(result) for name, result in results.items()}\n",
+          "        return {name: True for name in results}\n",
           (f"{COMPARE}::test_a_drifting_candidate_fails_in_one_line_naming_output_and_segment",)),
+    Fault("the comparator's segments counted from 1", "rmt_deploy/export/comparator.py",
+          "segment, paired.steps = paired.steps, paired.steps + 1",
+          "segment, paired.steps = paired.steps + 1, paired.steps + 1",
+          (f"{COMPARATOR}::test_export_validation_names_the_output_and_segment_where_a_fault"
+           "_starts",
+           f"{COMPARATOR}::test_rmt_compare_names_the_output_and_segment_where_a_fault_starts")),
     # generation and sampling (issue 21: each survived the whole suite before)
     Fault("top-p applied to the probabilities before the temperature",
           "rmt_deploy/runtime/generation.py",

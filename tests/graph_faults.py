@@ -46,11 +46,14 @@ class FaultyEngine(StepEngine):
     memory after each step (an error that compounds while the memory is fed back);
     ``"rotate"`` reverses the order of the memory slots after ``segment`` steps (the
     values stay, each slot's cosine falls); ``"flip"`` rolls the logits' last axis by one
-    (every prediction changes)."""
+    (every prediction changes); ``"offset"`` adds ``size`` to one ``output`` (the logits or
+    the memory) after ``segment`` steps. Steps are counted per engine state: a batch
+    whose rows change gets a new one."""
 
     def __init__(self, engine: StepEngine, fault: str, segment: int = 0,
-                 size: float = 0.0) -> None:
+                 size: float = 0.0, output: str = "logits") -> None:
         self.engine, self.fault, self.segment, self.size = engine, fault, segment, size
+        self.output = output
         self.config, self.name, self.graphs = engine.config, engine.name, engine.graphs
         self.precision = engine.precision
 
@@ -89,6 +92,10 @@ class _FaultyState(EngineState):
                               + np.float32(owner.size * self.since_load))
         if owner.fault == "rotate" and late:
             self._load_memory(self.inner.state()["memory_in"][:, ::-1].copy())
+        if owner.fault == "offset" and late and owner.output == "memory_out":
+            self._load_memory(self.inner.state()["memory_in"] + np.float32(owner.size))
+        if owner.fault == "offset" and late and owner.output == "logits" and result is not None:
+            result = result + np.float32(owner.size)
         if result is not None and late and owner.fault == "nan":
             result = result.copy()
             result.flat[0] = np.nan

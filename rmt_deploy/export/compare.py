@@ -1,8 +1,8 @@
 """``rmt-compare``: any artifacts of one model against a reference artifact, on the same
-documents, open loop (each step from the reference's memory, every output within its
-atol/rtol, judged by Polygraphy) and closed loop (each side feeding back its own memory:
-max abs, memory cosine, prediction agreement), with a verdict that names the first
-output and segment that fail."""
+documents, through the comparator export validation uses: open loop (each step from the
+reference's memory, every output within its atol/rtol, judged by Polygraphy) and closed
+loop (each side feeding back its own memory: max abs, memory cosine, prediction
+agreement), with a verdict that names the first output and segment that fail."""
 
 from __future__ import annotations
 
@@ -15,16 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 from rmt_deploy.errors import ConfigError
 from rmt_deploy.export.artifacts import Artifact, check_same_model, open_artifact
-from rmt_deploy.export.open_loop import OpenLoopResult, compare_open_loop, record_steps
+from rmt_deploy.export.comparator import Comparison, compare, validation_batches
+from rmt_deploy.export.polygraphy_judge import PolygraphyJudge
 from rmt_deploy.export.validate import (
     DriftGates,
     Failure,
-    compare,
-    drift_failures,
-    validation_batches,
+    closed_loop_failures,
+    non_finite_failures,
+    rejected_failures,
 )
 from rmt_deploy.runtime.options import idle_cpus
-from rmt_deploy.runtime.tokens import ArraySource
+from rmt_deploy.runtime.tokens import ArraySource, TokenSource
 
 if TYPE_CHECKING:
     from rmt_deploy.model.checkpoint import AuthorsOptions
@@ -64,12 +65,11 @@ class CompareOptions:
 
 
 @dataclass
-class Comparison:
-    """One candidate against the reference."""
+class Judged:
+    """One candidate against the reference: its comparison and the gates it failed."""
 
     candidate: str  # label: file (backend precision)
-    open_loop: OpenLoopResult
-    closed_loop: dict[str, Any]  # validate.compare's result, with its per-segment series
+    errors: Comparison  # both modes
     failures: list[Failure]
 
     @property
@@ -77,15 +77,14 @@ class Comparison:
         return not self.failures
 
     def to_dict(self) -> dict[str, Any]:
-        closed = self.closed_loop
+        opened, closed = self.errors.open_loop, self.errors.closed_loop
         return {
             "candidate": self.candidate, "passed": self.passed,
-            "open_loop": {"steps": self.open_loop.steps, "max_abs": self.open_loop.max_abs,
-                          "non_finite": {name: count for name, (count, _) in
-                                         self.open_loop.non_finite.items()}},
-            "closed_loop": {**closed["closed_loop"], "segments": closed["segments"],
-                            "batches": closed["batches"]},
-            "series": self.closed_loop["series"]["closed_loop"],
+            "open_loop": {"steps": opened.steps, "max_abs": opened.max_abs,
+                          "non_finite": opened.non_finite},
+            "closed_loop": {**closed.to_dict(), "segments": self.errors.segments,
+                            "batches": self.errors.batches},
+            "series": closed.series.to_dict(),
             "failures": [dataclasses.asdict(failure) for failure in self.failures],
         }
 
@@ -94,7 +93,7 @@ class Comparison:
 class Report:
     reference: str
     options: CompareOptions
-    comparisons: list[Comparison]
+    comparisons: list[Judged]
 
     @property
     def passed(self) -> bool:
@@ -133,30 +132,23 @@ def compare_artifacts(reference: str | Path, candidates: Sequence[str | Path],
     config = base.config
     batches = [[ArraySource(doc, config) for doc in docs]
                for docs in validation_batches(config, options.segments, options.seed)]
-    steps = record_steps(base.engine, base.initial_state, batches)
-    comparisons = [_compare(base, other, batches, steps, options) for other in opened[1:]]
+    comparisons = [judge_candidate(base, other, batches, options) for other in opened[1:]]
     for comparison in comparisons:
         log(f"{comparison.candidate}: {'pass' if comparison.passed else 'drift'}")
     return Report(base.label, options, comparisons)
 
 
-def _compare(base: Artifact, other: Artifact, batches, steps, options: CompareOptions
-             ) -> Comparison:
-    open_loop = compare_open_loop(base.engine, other.engine, steps, options.atol, options.rtol)
-    closed = compare(base.engine, other.engine, base.initial_state, modes=("closed_loop",),
-                     batches=batches, candidate_state=other.initial_state, series=True)
-    failures = _open_loop_failures(open_loop, options) + drift_failures(closed, options.gates)
-    failures.sort(key=lambda f: f.segment)  # the earliest first (each gate names one)
-    return Comparison(other.label, open_loop, closed, failures)
-
-
-def _open_loop_failures(result: OpenLoopResult, options: CompareOptions) -> list[Failure]:
-    failures = [Failure("non_finite", "open_loop", name, segment, count, 0)
-                for name, (count, segment) in result.non_finite.items()]
-    for name, (segment, error) in result.first_failure.items():
-        limit = options.atol.get(name, options.atol.get("", 1e-5))
-        failures.append(Failure("max_abs", "open_loop", name, segment, error, limit))
-    return failures
+def judge_candidate(base: Artifact, other: Artifact, batches: Sequence[Sequence[TokenSource]],
+                    options: CompareOptions) -> Judged:
+    """``other`` against ``base`` on ``batches``, open and closed loop, by the options'
+    gates; the failures earliest first (each gate names its first segment)."""
+    judge = PolygraphyJudge(options.atol, options.rtol)
+    errors = compare(base.engine, other.engine, base.initial_state, batches=batches,
+                     candidate_state=other.initial_state, judge=judge, prefill=True)
+    failures = (non_finite_failures(errors) + rejected_failures(errors.open_loop, judge.atol_of)
+                + closed_loop_failures(errors.closed_loop, options.gates))
+    failures.sort(key=lambda f: math.inf if f.segment is None else f.segment)
+    return Judged(other.label, errors, failures)
 
 
 def format_table(report: Report) -> list[str]:
@@ -166,17 +158,15 @@ def format_table(report: Report) -> list[str]:
     lines = [f"reference: {report.reference}"]
     header = f"{'':2}{'output':<20}{'open loop':>12}{'closed loop':>14}"
     for comparison in report.comparisons:
-        closed = comparison.closed_loop["closed_loop"]
-        lines += ["", f"candidate: {comparison.candidate} (open loop: "
-                      f"{comparison.open_loop.steps} steps; closed loop: "
-                      f"{comparison.closed_loop['segments']} segments)", header]
-        names = list(dict.fromkeys([*comparison.open_loop.max_abs, *closed["max_abs"],
-                                    *comparison.open_loop.non_finite, *closed["non_finite"]]))
+        opened, closed = comparison.errors.open_loop, comparison.errors.closed_loop
+        lines += ["", f"candidate: {comparison.candidate} (open loop: {opened.steps} steps; "
+                      f"closed loop: {comparison.errors.segments} segments)", header]
+        names = list(dict.fromkeys([*opened.max_abs, *closed.max_abs]))
         for name in names:
-            lines.append(f"{'':2}{name:<20}{_error(comparison.open_loop.max_abs, name):>12}"
-                         f"{_error(closed['max_abs'], name):>14}")
-        lines.append(f"{'':2}{'memory cosine':<20}{'':>12}{closed['min_memory_cosine']:>14.8f}")
-        lines.append(f"{'':2}{'agreement':<20}{'':>12}{closed['agreement']:>14.2%}")
+            lines.append(f"{'':2}{name:<20}{_error(opened.max_abs, name):>12}"
+                         f"{_error(closed.max_abs, name):>14}")
+        lines.append(f"{'':2}{'memory cosine':<20}{'':>12}{closed.min_memory_cosine:>14.8f}")
+        lines.append(f"{'':2}{'agreement':<20}{'':>12}{closed.agreement:>14.2%}")
         lines.append(f"{'':2}{'verdict':<20}{'pass' if comparison.passed else 'drift':>12}")
     return lines
 

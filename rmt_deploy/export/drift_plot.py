@@ -35,20 +35,18 @@ def plot_drift(report: Report, path: str | Path) -> Path:
     try:
         candidates, outputs = [], []
         for index, comparison in enumerate(report.comparisons):
-            series = comparison.closed_loop["series"]["closed_loop"]
+            series = comparison.errors.closed_loop.series
             colour = f"C{index % 10}"
             # markers staggered per candidate, lines thinner for each later one: curves
             # that coincide still show every candidate
             look = {"color": colour, "marker": MARKERS[index % len(MARKERS)], "alpha": 0.85,
                     "markevery": (index, len(report.comparisons) + 2), "markersize": 5,
                     "linewidth": max(0.8, 2.4 - 0.5 * index)}
-            cosine.plot([max(1 - v, FLOOR) for v in series["memory_cosine"]], **look)
-            for key, values in series.items():
-                if key.startswith("max_abs/"):
-                    output = key.split("/", 1)[1]
-                    error.plot([max(v, FLOOR) for v in values],
-                               **{**look, "linestyle": STYLES.get(output, "-.")})
-                    outputs.append(output)
+            cosine.plot([max(1 - v, FLOOR) for v in series.worst_memory_cosine()], **look)
+            for output, values in series.max_abs.items():
+                error.plot([max(v, FLOOR) for v in values],
+                           **{**look, "linestyle": STYLES.get(output, "-.")})
+                outputs.append(output)
             candidates.append(Line2D([], [], color=colour, marker=look["marker"],
                                      label=comparison.candidate))
         cosine.axhline(1 - options.min_memory_cosine, **LIMIT)

@@ -21,7 +21,8 @@ from rmt_deploy.calibration.policies import Policy, applicable_policies, policy_
 from rmt_deploy.calibration.quantize import int8_graph, prepare
 from rmt_deploy.contract import STEP, WRITE
 from rmt_deploy.errors import ValidationError
-from rmt_deploy.export.validate import check_onnx, compare
+from rmt_deploy.export.comparator import Comparison, compare
+from rmt_deploy.export.validate import agreement_failures, check_onnx, non_finite_failures
 from rmt_deploy.export.weights import WeightStore
 from rmt_deploy.manifest import Manifest, graph_key, graph_spec
 from rmt_deploy.runtime.backends.base import State, StepEngine
@@ -31,6 +32,18 @@ from rmt_deploy.spec import RMTConfig
 
 HOLD_OUT_EVERY = 4  # every 4th calibration document judges instead of calibrating
 SPEED_NOISE = 0.05  # step-time ratios closer than this to the fastest count as equal
+
+
+@dataclass
+class Trial:
+    """A policy's errors against FP32 (closed loop on the held-out documents and one
+    long document through them; open loop on the held-out documents) and its speed."""
+
+    errors: Comparison
+    speed: dict[str, float]  # fp32_ms, int8_ms, speedup
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"errors": self.errors.to_dict(), **self.speed}
 
 
 @dataclass(frozen=True)
@@ -92,7 +105,8 @@ def add_int8(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str], 
         "reference": "fp32 graph on onnxruntime", "min_agreement": options.min_agreement,
         "calibration": {**corpus.describe(config), **steps.describe(),
                         "held_out_documents": len(judge), "method": options.method},
-        "candidates": table, **table[chosen.name]["errors"],
+        "candidates": {name: trial.to_dict() for name, trial in table.items()},
+        **table[chosen.name].errors.to_dict(),
     }
 
 
@@ -105,7 +119,7 @@ def _split(documents: Sequence[TokenSource]) -> tuple[list[TokenSource], list[To
 
 def _judge(policy: Policy, manifest: Manifest, fp32: StepEngine, prepared: dict[str, Path],
            steps: CalibrationSteps, judge: list[TokenSource], initial_state: State,
-           work: Path, options: Int8Options) -> dict[str, Any]:
+           work: Path, options: Int8Options) -> Trial:
     """Quantize under ``policy``; its closed-loop errors on held-out data and its speed."""
     from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
     from rmt_deploy.runtime.options import RuntimeOptions
@@ -121,21 +135,21 @@ def _judge(policy: Policy, manifest: Manifest, fp32: StepEngine, prepared: dict[
     try:
         candidate = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=options.threads,
                                                                precision="int8"))
-        results = compare(fp32, candidate, initial_state, modes=("closed_loop",),
-                          batches=_judging_batches(judge, manifest.config,
-                                                   options.drift_segments),
-                          progress=None if options.progress is None else functools.partial(
-                              options.progress, f"judging int8 policy {policy.name}"))
+        closed = compare(fp32, candidate, initial_state, modes=("closed_loop",),
+                         batches=_judging_batches(judge, manifest.config,
+                                                  options.drift_segments),
+                         progress=None if options.progress is None else functools.partial(
+                             options.progress, f"judging int8 policy {policy.name}"))
         # one step from FP32's own memory: the quantization error before it compounds
-        results["open_loop"] = compare(fp32, candidate, initial_state, modes=("open_loop",),
-                                       batches=_judging_batches(judge, manifest.config, 0)
-                                       )["open_loop"]
+        opened = compare(fp32, candidate, initial_state, modes=("open_loop",),
+                         batches=_judging_batches(judge, manifest.config, 0))
         speed = _ms_per_step(fp32, candidate, steps)
     finally:
         for key in key_graphs:
             del manifest.graphs[key]
     speed["speedup"] = speed["fp32_ms"] / speed["int8_ms"]
-    return {"errors": results, **{k: round(v, 4) for k, v in speed.items()}}
+    return Trial(replace(closed, open_loop=opened.open_loop),
+                 {k: round(v, 4) for k, v in speed.items()})
 
 
 def _judging_batches(judge: list[TokenSource], config: RMTConfig, drift_segments: int
@@ -170,30 +184,30 @@ def _ms_per_step(fp32: StepEngine, int8: StepEngine, steps: CalibrationSteps,
     return {key: float(np.median(values[2:]) * 1e3) for key, values in times.items()}
 
 
-def _describe(policy: Policy, row: dict[str, Any]) -> str:
-    drift, step = row["errors"]["closed_loop"], row["errors"]["open_loop"]
-    return (f"int8 {policy.name}: one step: memory cosine >= {step['min_memory_cosine']:.4f}; "
-            f"closed loop: predictions agree {drift['agreement']:.2%}, memory cosine "
-            f">= {drift['min_memory_cosine']:.4f}, memory max abs "
-            f"{drift['max_abs']['memory_out']:.2e} over {row['errors']['segments']} held-out "
-            f"segments; {row['int8_ms']:.2f} ms/step vs fp32 {row['fp32_ms']:.2f} "
-            f"({row['speedup']:.2f}x)")
+def _describe(policy: Policy, trial: Trial) -> str:
+    drift, step = trial.errors.closed_loop, trial.errors.open_loop
+    memory = max(drift.max_abs[name] for name in drift.memory_cosine)  # the state outputs
+    return (f"int8 {policy.name}: one step: memory cosine >= {step.min_memory_cosine:.4f}; "
+            f"closed loop: predictions agree {drift.agreement:.2%}, memory cosine "
+            f">= {drift.min_memory_cosine:.4f}, memory max abs {memory:.2e} over "
+            f"{trial.errors.segments} held-out segments; {trial.speed['int8_ms']:.2f} ms/step "
+            f"vs fp32 {trial.speed['fp32_ms']:.2f} ({trial.speed['speedup']:.2f}x)")
 
 
-def _passes(errors: dict[str, Any], min_agreement: float) -> bool:
-    return errors["closed_loop"]["agreement"] >= min_agreement and not any(
-        sum(errors[mode].get("non_finite", {}).values()) for mode in ("open_loop", "closed_loop"))
+def _passes(errors: Comparison, min_agreement: float) -> bool:
+    return not (non_finite_failures(errors)
+                or agreement_failures(errors.closed_loop, min_agreement))
 
 
-def _choose(candidates: list[Policy], table: dict[str, Any], options: Int8Options) -> Policy:
-    passing = [p for p in candidates if _passes(table[p.name]["errors"], options.min_agreement)]
+def _choose(candidates: list[Policy], table: dict[str, Trial], options: Int8Options) -> Policy:
+    passing = [p for p in candidates if _passes(table[p.name].errors, options.min_agreement)]
     if passing:  # the fastest; within timing noise of it, the one that drifts least
-        fastest = max(table[p.name]["speedup"] for p in passing)
-        close = [p for p in passing if table[p.name]["speedup"] >= fastest * (1 - SPEED_NOISE)]
-        return max(close, key=lambda p: table[p.name]["errors"]["closed_loop"]
-                   ["min_memory_cosine"])
-    best = max(candidates, key=lambda p: table[p.name]["errors"]["closed_loop"]["agreement"])
-    agreement = table[best.name]["errors"]["closed_loop"]["agreement"]
+        fastest = max(table[p.name].speed["speedup"] for p in passing)
+        close = [p for p in passing
+                 if table[p.name].speed["speedup"] >= fastest * (1 - SPEED_NOISE)]
+        return max(close, key=lambda p: table[p.name].errors.closed_loop.min_memory_cosine)
+    best = max(candidates, key=lambda p: table[p.name].errors.closed_loop.agreement)
+    agreement = table[best.name].errors.closed_loop.agreement
     raise ValidationError(
         f"no INT8 policy keeps the accuracy: the best ({best.name}) agrees with FP32 on "
         f"{agreement:.2%} of held-out closed-loop predictions, below "

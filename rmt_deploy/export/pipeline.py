@@ -19,17 +19,12 @@ from rmt_deploy.calibration.policies import policy_named
 from rmt_deploy.calibration.quantize import METHODS
 from rmt_deploy.contract import PREFILL, variants
 from rmt_deploy.errors import ConfigError, ValidationError
+from rmt_deploy.export.comparator import compare
 from rmt_deploy.export.folder import check_target
 from rmt_deploy.export.int8 import QUANTIZED, Int8Options, add_int8
 from rmt_deploy.export.onnx_graph import DEFAULT_OPSET, EXPORTER, export_graph
 from rmt_deploy.export.precision import fp16_graph
-from rmt_deploy.export.validate import (
-    Tolerance,
-    check_onnx,
-    compare,
-    enforce,
-    enforce_agreement,
-)
+from rmt_deploy.export.validate import Tolerance, check_onnx, enforce, enforce_agreement
 from rmt_deploy.export.validate_generation import compare_generation, enforce_generation
 from rmt_deploy.export.weights import WeightStore
 from rmt_deploy.files import atomic_folder, sha256_file
@@ -180,16 +175,15 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
         folder=stage,
     )
     candidate = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=options.threads))
-    results = compare(reference, candidate, initial_state, options.validation_segments,
-                      progress=_phase(options, "validating against PyTorch"))
+    comparison = compare(reference, candidate, initial_state, options.validation_segments,
+                         progress=_phase(options, "validating against PyTorch"))
+    for loop in comparison.loops:
+        log(f"{loop.mode.replace('_', ' ')} vs PyTorch: {loop.summary()}")
+    enforce(comparison, options.tolerance)
+    results = comparison.to_dict()
     results["runtime"] = "onnxruntime " + _ort_version()
     results["tolerance"] = {"open_loop": options.tolerance.open_loop,
                             "closed_loop": options.tolerance.closed_loop}
-    for mode in ("open_loop", "closed_loop"):
-        errors = ", ".join(f"{k} {v:.2e}" for k, v in results[mode]["max_abs"].items())
-        log(f"{mode.replace('_', ' ')} vs PyTorch: max abs error {errors}; memory cosine "
-            f">= {results[mode]['min_memory_cosine']:.6f}")
-    enforce(results, options.tolerance)
     if PREFILL in candidate.graphs:
         results["generation"] = compare_generation(reference, candidate, initial_state)
         _log_generation(results["generation"], "vs PyTorch", log)
@@ -267,17 +261,15 @@ def _add_fp16(manifest: Manifest, fp32: Any, names: list[str], stage: Path,
         log(f"wrote {target.name} ({target.stat().st_size / 1e6:.1f} MB), ONNX checks passed")
     candidate = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=options.threads,
                                                            precision="fp16"))
-    results = compare(fp32, candidate, manifest.load_initial_state(),
-                      options.drift_segments, modes=("closed_loop",),
-                      progress=_estimating(_phase(options, "judging fp16 closed loop"), log,
-                                           "fp16 closed loop"))
+    comparison = compare(fp32, candidate, manifest.load_initial_state(),
+                         options.drift_segments, modes=("closed_loop",),
+                         progress=_estimating(_phase(options, "judging fp16 closed loop"), log,
+                                              "fp16 closed loop"))
+    log(f"fp16 closed loop vs fp32 over {options.drift_segments} segments: "
+        + comparison.closed_loop.summary())
+    enforce_agreement(comparison, options.min_agreement, "the FP16 graph")
+    results = comparison.to_dict()
     results["reference"] = "fp32 graph on onnxruntime"
-    drift = results["closed_loop"]
-    log(f"fp16 closed loop vs fp32 over {options.drift_segments} segments: max abs error "
-        + ", ".join(f"{k} {v:.2e}" for k, v in drift["max_abs"].items())
-        + f"; memory cosine >= {drift['min_memory_cosine']:.6f}; predictions agree "
-        f"{drift['agreement']:.2%}")
-    enforce_agreement(results, options.min_agreement, "the FP16 graph")
     if PREFILL in candidate.graphs:
         results["generation"] = compare_generation(fp32, candidate,
                                                    manifest.load_initial_state())

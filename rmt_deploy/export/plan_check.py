@@ -10,7 +10,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rmt_deploy.contract import STEP
-from rmt_deploy.export.validate import DriftGates, compare, enforce_drift
+from rmt_deploy.export.comparator import compare
+from rmt_deploy.export.validate import DriftGates, enforce_drift
 from rmt_deploy.manifest import Manifest
 from rmt_deploy.runtime.backends.base import StepEngine
 from rmt_deploy.runtime.options import RuntimeOptions
@@ -67,19 +68,14 @@ def check_plans(manifest: Manifest, options: EngineOptions,
     gates = plan_gates(precision, options)
     reference, description = reference_engine(manifest, options)
     candidate = TensorRTEngine(manifest, RuntimeOptions(backend="tensorrt"))
-    results = compare(reference, candidate, manifest.load_initial_state(),
-                      options.drift_segments, modes=("closed_loop",), series=True)
-    drift = results["closed_loop"]
+    comparison = compare(reference, candidate, manifest.load_initial_state(),
+                         options.drift_segments, modes=("closed_loop",))
     log(f"tensorrt {precision} plans closed loop vs {description} over "
-        f"{results['segments']} segments: max abs error "
-        + ", ".join(f"{k} {v:.2e}" for k, v in drift["max_abs"].items())
-        + f"; memory cosine >= {drift['min_memory_cosine']:.6f}; predictions agree "
-        f"{drift['agreement']:.2%}")
-    enforce_drift(results, gates, f"the TensorRT {precision} plans", reference="FP32",
+        f"{comparison.segments} segments: {comparison.closed_loop.summary()}")
+    enforce_drift(comparison, gates, f"the TensorRT {precision} plans", reference="FP32",
                   advice="; the plans were not kept (rebuild from FP32 graphs, or loosen "
                          "the gate in EngineOptions)")
-    del results["series"]
-    return {**results, "reference": description, "precision": precision,
+    return {**comparison.to_dict(), "reference": description, "precision": precision,
             "gates": dataclasses.asdict(gates)}
 
 

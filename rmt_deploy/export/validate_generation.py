@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from rmt_deploy.errors import ValidationError
-from rmt_deploy.export.validate import ErrorStats, validation_batches
+from rmt_deploy.export.comparator import LoopErrors, validation_batches
 from rmt_deploy.runtime.backends.base import State, StepEngine
 from rmt_deploy.runtime.generation import GenerationOptions
 from rmt_deploy.runtime.loop import last_tokens, never, run_segments
@@ -29,7 +29,7 @@ def compare_generation(reference: StepEngine, candidate: StepEngine,
         new_tokens = max(1, min(new_tokens, limit - config.num_mem_tokens
                                 - config.segment_size + 1))
     options = GenerationOptions(new_tokens)
-    stats, same, rows = ErrorStats(), 0, 0
+    errors, same, rows = LoopErrors("generation"), 0, 0
     for docs in validation_batches(config, segments, seed=1):
         sources = [ArraySource(doc, config) for doc in docs]
         lasts = [last_tokens(source, config) for source in sources]
@@ -46,10 +46,11 @@ def compare_generation(reference: StepEngine, candidate: StepEngine,
             got = actual.generate(keys, lasts, options, logits["actual"].append)
         for index, (a, b) in enumerate(zip(logits["expected"], logits["actual"],
                                            strict=False)):
-            stats.update("prefill_logits" if index == 0 else "decode_logits", a, b)
+            name = "prefill_logits" if index == 0 else "decode_logits"
+            errors.record(index, {name: a}, {name: b}, states=set())
         same += sum(w == g for w, g in zip(want, got, strict=True))
         rows += len(keys)
-    return {**stats.to_dict(), "generated_same": same / rows, "rows": rows,
+    return {**errors.to_dict(), "generated_same": same / rows, "rows": rows,
             "new_tokens": new_tokens}
 
 

@@ -237,21 +237,22 @@ def test_manifest_hashes_are_checked_on_read(encoder_export, tmp_path):
 def test_closed_loop_validation_runs_the_recorded_number_of_segments(encoder_checkpoint):
     from engines import CountingEngine
 
-    from rmt_deploy.export.validate import compare
+    from rmt_deploy.export.comparator import compare
 
     rmt = load_checkpoint(encoder_checkpoint).rmt
     reference = TorchEngine(rmt, threads=1)
     counting = CountingEngine(TorchEngine(rmt, threads=1))
     results = compare(reference, counting, reference.initial_state(), 32)
-    assert results["segments"] == 32
+    assert results.segments == 32
     assert counting.counts["steps"] >= 2 * 32  # open and closed loop: >= 32 segments each
     assert {1, 3} <= set(counting.batches)  # batches of one and three rows
     assert counting.graphs == reference.graphs  # the wrapper hides nothing of the engine
     outputs = {"logits", "memory_out"} | ({"write_memory_out"} if WRITE in reference.graphs
                                           else set())
-    for mode in ("open_loop", "closed_loop"):  # the same engine: no error at all
-        assert set(results[mode]["max_abs"]) == outputs
-        assert all(error == 0.0 for error in results[mode]["max_abs"].values())
+    assert len(results.loops) == 2
+    for loop in results.loops:  # the same engine: no error at all
+        assert set(loop.max_abs) == outputs
+        assert all(error == 0.0 for error in loop.max_abs.values())
 
 
 # ---------------------------------------------------------------- the ONNX graphs

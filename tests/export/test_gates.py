@@ -13,10 +13,10 @@ import pytest
 from graph_faults import FaultyEngine, damaged_graph
 
 from rmt_deploy.errors import ValidationError
+from rmt_deploy.export.comparator import compare
 from rmt_deploy.export.validate import (
     DriftGates,
     Tolerance,
-    compare,
     enforce,
     enforce_agreement,
     enforce_drift,
@@ -50,9 +50,8 @@ def sides(encoder_checkpoint, encoder_export):
 def test_a_sound_export_passes_every_gate(encoder_checkpoint, tmp_path):
     from rmt_deploy.export.pipeline import export_checkpoint
 
-    manifest = export_checkpoint(encoder_checkpoint, tmp_path / "sound")
+    manifest = export_checkpoint(encoder_checkpoint, tmp_path / "sound")  # its gates pass
     results = manifest.validation["fp32"]
-    enforce(results, Tolerance())
     for mode in ("open_loop", "closed_loop"):
         assert results[mode]["min_memory_cosine"] > 0.9999
         assert results[mode]["agreement"] == 1.0
@@ -65,15 +64,14 @@ def test_open_loop_starts_every_step_from_the_reference_memory(sides):
     step = 2e-5  # added to the candidate's memory each step: an error that compounds
     results = compare(reference, FaultyEngine(graph, "drift", size=step), memory,
                       batches=one_document(graph.config, 16))
-    one_step = results["open_loop"]["max_abs"]["memory_out"]
+    one_step = results.open_loop.max_abs["memory_out"]
     assert step * 0.9 < one_step < step * 1.5  # one step's error, never more
-    assert results["closed_loop"]["max_abs"]["memory_out"] > 10 * step
+    assert results.closed_loop.max_abs["memory_out"] > 10 * step
 
 
 def test_the_open_loop_gate_refuses_an_error_in_one_step(sides):
     reference, graph, memory = sides
-    results = compare(reference, FaultyEngine(graph, "drift", size=2e-4), memory, 8,
-                      series=True)
+    results = compare(reference, FaultyEngine(graph, "drift", size=2e-4), memory, 8)
     with pytest.raises(ValidationError, match=r"^validation: open loop error on memory_out is "
                                               r"0.000[0-9]+, above the tolerance 0.0001 "
                                               r"\(first at segment 0\)"):
@@ -83,7 +81,7 @@ def test_the_open_loop_gate_refuses_an_error_in_one_step(sides):
 def test_the_closed_loop_gate_refuses_an_error_that_compounds(sides):
     reference, graph, memory = sides
     results = compare(reference, FaultyEngine(graph, "drift", size=5e-5), memory,
-                      batches=one_document(graph.config, 32), series=True)
+                      batches=one_document(graph.config, 32))
     with pytest.raises(ValidationError, match=r"closed loop error on memory_out is .*, above "
                                               r"the tolerance 0.001 \(first at segment "
                                               r"(19|20|21)\)"):
@@ -92,8 +90,8 @@ def test_the_closed_loop_gate_refuses_an_error_that_compounds(sides):
 
 def test_memory_that_is_not_fed_back_passes_open_loop_and_fails_closed_loop(sides):
     reference, graph, memory = sides
-    results = compare(reference, FaultyEngine(graph, "no_feedback"), memory, 8, series=True)
-    assert results["open_loop"]["max_abs"]["memory_out"] < 1e-4
+    results = compare(reference, FaultyEngine(graph, "no_feedback"), memory, 8)
+    assert results.open_loop.max_abs["memory_out"] < 1e-4
     with pytest.raises(ValidationError, match="closed loop error on memory_out"):
         enforce(results, Tolerance())
 
@@ -111,11 +109,11 @@ def test_one_weight_changed_by_one_percent_is_refused(sides, encoder_export, tmp
 def test_the_memory_cosine_gate_refuses_memory_slots_that_turn(sides):
     reference, graph, memory = sides
     gates = DriftGates(min_agreement=0, min_memory_cosine=0.9999, max_abs=None)
-    sound = compare(reference, graph, memory, 8, modes=("closed_loop",), series=True)
+    sound = compare(reference, graph, memory, 8, modes=("closed_loop",))
     enforce_drift(sound, gates, "sound")
     results = compare(reference, FaultyEngine(graph, "rotate", segment=3), memory, 8,
-                      modes=("closed_loop",), series=True)
-    assert results["closed_loop"]["min_memory_cosine"] < 0.99
+                      modes=("closed_loop",))
+    assert results.closed_loop.min_memory_cosine < 0.99
     with pytest.raises(ValidationError, match=r"^turned: closed loop memory cosine falls to "
                                               r"-?[0-9.]+, below 0.9999 \(first at segment 3\)"):
         enforce_drift(results, gates, "turned")
@@ -126,7 +124,7 @@ def test_the_agreement_gate_refuses_predictions_that_change(sides):
     sound = compare(reference, graph, memory, 8, modes=("closed_loop",))
     enforce_agreement(sound, 0.99, "the sound graph")
     results = compare(reference, FaultyEngine(graph, "flip"), memory, 8,
-                      modes=("closed_loop",), series=True)
+                      modes=("closed_loop",))
     with pytest.raises(ValidationError, match=r"^the flipped graph agrees with FP32 on "
                                               r"[0-9.]+% of closed loop predictions, below 99% "
                                               r"\(first at segment 0\)"):
@@ -137,21 +135,20 @@ def test_the_non_finite_gate_refuses_nan_outputs(sides):
     reference, graph, memory = sides
     sound = compare(reference, graph, memory, 8)
     enforce_finite(sound, "sound")
-    results = compare(reference, FaultyEngine(graph, "nan", segment=4), memory, 8,
-                      series=True)
-    assert results["open_loop"]["non_finite"]["logits"] > 0
+    results = compare(reference, FaultyEngine(graph, "nan", segment=4), memory, 8)
+    assert results.open_loop.non_finite["logits"] > 0
     with pytest.raises(ValidationError, match=r"^validation: \d+ value\(s\) of logits are NaN "
                                               r"or infinite in the open loop run \(first at "
                                               r"segment 4\)"):
         enforce(results, Tolerance())
     # the other figures stay finite numbers
-    assert results["closed_loop"]["max_abs"]["logits"] < 1e-3
+    assert results.closed_loop.max_abs["logits"] < 1e-3
 
 
 def test_the_drift_gates_name_the_first_failure_in_order(sides):
     reference, graph, memory = sides
     results = compare(reference, FaultyEngine(graph, "drift", size=1e-3), memory, 8,
-                      modes=("closed_loop",), series=True)
+                      modes=("closed_loop",))
     with pytest.raises(ValidationError, match=r"^plan: closed loop error on \w+ is .*, above "
                                               r"the tolerance 0.001 \(first at segment"):
         enforce_drift(results, DriftGates(max_abs=1e-3), "plan")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 
 from rmt_deploy.cli import _phase_bars
-from rmt_deploy.export.validate import compare
+from rmt_deploy.export.comparator import compare
 from rmt_deploy.manifest import read_manifest
 from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
 from rmt_deploy.runtime.options import RuntimeOptions

@@ -58,17 +58,18 @@ def test_plans_are_built_and_kept_by_their_closed_loop_check(encoder_plans, devi
 
 
 def test_closed_loop_parity_with_onnxruntime_over_1000_segments(encoder_plans):
+    from rmt_deploy.export.comparator import compare
     from rmt_deploy.export.plan_check import PLAN_GATES
-    from rmt_deploy.export.validate import compare, enforce_drift
+    from rmt_deploy.export.validate import enforce_drift
     from rmt_deploy.manifest import read_manifest
     from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
     from rmt_deploy.runtime.backends.tensorrt import TensorRTEngine
 
     manifest = read_manifest(encoder_plans)
     results = compare(OnnxRuntimeEngine(manifest, device="cpu"), TensorRTEngine(manifest),
-                      manifest.load_initial_state(), 1000, series=True)
+                      manifest.load_initial_state(), 1000)
     enforce_drift(results, PLAN_GATES["fp32"], "the TensorRT plans")
-    assert results["open_loop"]["max_abs"]["memory_out"] < 1e-4
+    assert results.open_loop.max_abs["memory_out"] < 1e-4
 
 
 def test_cuda_graphs_equal_plain_steps(encoder_plans):

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("openvino", reason="openvino is not installed")
 
-from rmt_deploy.export.validate import compare  # noqa: E402
+from rmt_deploy.export.comparator import compare  # noqa: E402
 from rmt_deploy.manifest import read_manifest  # noqa: E402
 from rmt_deploy.runtime import open_model  # noqa: E402
 from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine  # noqa: E402
@@ -19,10 +19,10 @@ def test_openvino_fp32_matches_onnxruntime_open_and_closed_loop(export, request)
     manifest = read_manifest(request.getfixturevalue(export))
     errors = compare(OnnxRuntimeEngine(manifest), OpenVinoEngine(manifest, compute="fp32"),
                      manifest.load_initial_state(), segments=32)
-    for mode in ("open_loop", "closed_loop"):
-        assert errors[mode]["max_abs"]["memory_out"] < 1e-4
-        assert errors[mode]["max_abs"]["logits"] < 1e-4
-        assert errors[mode]["min_memory_cosine"] > 0.99999
+    for loop in errors.loops:
+        assert loop.max_abs["memory_out"] < 1e-4
+        assert loop.max_abs["logits"] < 1e-4
+        assert loop.min_memory_cosine > 0.99999
 
 
 def test_openvino_runs_documents_like_onnxruntime(encoder_export):

@@ -65,8 +65,7 @@ Record = Callable[[np.ndarray, np.ndarray, State], None]
 
 class StepRecorder(WrappedEngine):
     """``engine``, handing every step's inputs and the state it starts from (read from
-    the engine before the step) to ``record``: what open-loop validation replays and
-    INT8 calibration samples."""
+    the engine before the step) to ``record``: what INT8 calibration samples."""
 
     def __init__(self, engine: StepEngine, record: Record) -> None:
         super().__init__(engine)

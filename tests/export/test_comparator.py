@@ -1,0 +1,71 @@
+"""The one comparator: export validation and rmt-compare pair the reference and the
+candidate through the same code (comparator.compare), and the gates read its typed
+result. An engine that perturbs one output from segment k is named, with k, by both."""
+
+from __future__ import annotations
+
+import pytest
+from graph_faults import FaultyEngine
+from test_gates import one_document
+
+from rmt_deploy.errors import ValidationError
+from rmt_deploy.export.artifacts import Artifact
+from rmt_deploy.export.comparator import compare
+from rmt_deploy.export.compare import CompareOptions, Report, judge_candidate
+from rmt_deploy.export.validate import Tolerance, enforce
+from rmt_deploy.manifest import read_manifest
+from rmt_deploy.model.checkpoint import load_checkpoint
+from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
+from rmt_deploy.runtime.backends.torch import TorchEngine
+
+SEGMENT, SIZE = 5, 1e-2  # the fault: SIZE added to one output from segment SEGMENT on
+
+
+@pytest.fixture(scope="module")
+def sides(encoder_checkpoint, encoder_export):
+    """The tiny encoder's PyTorch reference and its exported graph on ONNX Runtime."""
+    return (TorchEngine(load_checkpoint(encoder_checkpoint).rmt, threads=1),
+            OnnxRuntimeEngine(read_manifest(encoder_export)))
+
+
+def faulty(graph, output):
+    return FaultyEngine(graph, "offset", segment=SEGMENT, size=SIZE, output=output)
+
+
+@pytest.mark.parametrize("output", ["logits", "memory_out"])
+def test_export_validation_names_the_output_and_segment_where_a_fault_starts(sides, output):
+    reference, graph = sides
+    comparison = compare(reference, faulty(graph, output), reference.initial_state(),
+                         batches=one_document(graph.config, 8))
+    opened = comparison.open_loop
+    series = opened.series.max_abs[output]
+    assert len(series) == 8 and max(series[:SEGMENT]) < 1e-4  # sound before the fault
+    assert min(series[SEGMENT:]) == pytest.approx(SIZE, rel=1e-3)  # one step's offset
+    others = [name for name in opened.max_abs if name not in (output, "write_" + output)]
+    assert others and all(opened.max_abs[name] < 1e-4 for name in others)
+    with pytest.raises(ValidationError, match=rf"^validation: open loop error on {output} is "
+                                              rf"0\.01, above the tolerance 0\.0001 \(first "
+                                              rf"at segment {SEGMENT}\)"):
+        enforce(comparison, Tolerance())
+
+
+@pytest.mark.parametrize("output", ["logits", "memory_out"])
+def test_rmt_compare_names_the_output_and_segment_where_a_fault_starts(
+        sides, encoder_checkpoint, encoder_export, output):
+    reference, graph = sides
+    state = reference.initial_state()
+    base = Artifact(encoder_checkpoint, reference, state)
+    other = Artifact(encoder_export, faulty(graph, output), state)
+    batches = one_document(graph.config, 8)
+    judged = judge_candidate(base, other, batches, CompareOptions())
+    first = judged.failures[0]  # Polygraphy's atol/rtol judgement of the open loop
+    assert (first.gate, first.mode, first.output, first.segment) == ("max_abs", "open_loop",
+                                                                     output, SEGMENT)
+    assert first.value == pytest.approx(SIZE, rel=1e-3) and first.limit == 1e-4
+    verdict = Report(base.label, CompareOptions(), [judged]).verdict()
+    assert verdict.startswith(f"{other.label}: open loop error on {output} is 0.01, above the "
+                              f"tolerance 0.0001 (first at segment {SEGMENT})"), verdict
+    # the open loop export validation measures, from the same pairing
+    validation = compare(reference, faulty(graph, output), state, batches=batches)
+    assert judged.errors.open_loop.max_abs == validation.open_loop.max_abs
+    assert judged.errors.open_loop.series.max_abs == validation.open_loop.series.max_abs
