@@ -14,7 +14,8 @@ from rmt_deploy.files import atomic_path
 
 FLOOR = 1e-12  # where exact agreement (0) is drawn on the log axes
 MARKERS = "osD^vP*X"
-STYLES = {"logits": "-", "memory_out": "--", "write_memory_out": ":"}
+# a line style per output, in the order the outputs come (the limits are drawn "-.")
+LINESTYLES = ("-", "--", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)))
 LIMIT = {"color": "red", "linestyle": "-.", "linewidth": 1.2}
 
 
@@ -32,8 +33,12 @@ def plot_drift(report: Report, path: str | Path) -> Path:
     path = Path(path)
     options = report.options
     figure, (cosine, error) = pyplot.subplots(2, 1, sharex=True, figsize=(10, 6.5))
+    outputs = list(dict.fromkeys(output for comparison in report.comparisons
+                                 for output in comparison.errors.closed_loop.series.max_abs))
+    styles = {output: LINESTYLES[index % len(LINESTYLES)]
+              for index, output in enumerate(outputs)}
     try:
-        candidates, outputs = [], []
+        candidates = []
         for index, comparison in enumerate(report.comparisons):
             series = comparison.errors.closed_loop.series
             colour = f"C{index % 10}"
@@ -45,8 +50,7 @@ def plot_drift(report: Report, path: str | Path) -> Path:
             cosine.plot([max(1 - v, FLOOR) for v in series.worst_memory_cosine()], **look)
             for output, values in series.max_abs.items():
                 error.plot([max(v, FLOOR) for v in values],
-                           **{**look, "linestyle": STYLES.get(output, "-.")})
-                outputs.append(output)
+                           **{**look, "linestyle": styles[output]})
             candidates.append(Line2D([], [], color=colour, marker=look["marker"],
                                      label=comparison.candidate))
         cosine.axhline(1 - options.min_memory_cosine, **LIMIT)
@@ -58,8 +62,8 @@ def plot_drift(report: Report, path: str | Path) -> Path:
         cosine.legend(handles=[*candidates, Line2D([], [], **LIMIT, label=(
             f"limit: cosine {options.min_memory_cosine:g}"))], fontsize="small",
             loc="upper left", bbox_to_anchor=(1.01, 1), title="candidate")
-        error.legend(handles=[*(Line2D([], [], color="black", linestyle=STYLES.get(o, "-."),
-                                       label=o) for o in dict.fromkeys(outputs)),
+        error.legend(handles=[*(Line2D([], [], color="black", linestyle=styles[o], label=o)
+                                for o in outputs),
                               Line2D([], [], **LIMIT, label=(
                                   f"limit: atol {options.closed_loop_atol:g}"))],
                      fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1),
