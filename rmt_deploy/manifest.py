@@ -166,6 +166,15 @@ class Manifest:
         entries += [(plan["file"], plan["sha256"]) for plan in self.engines.values()]
         return dict(entries)
 
+    def identity(self) -> str:
+        """The one identity of the export: the sha256 of its ``rmt.json`` as it was read
+        (it holds every file's sha256, so one identity covers all its graphs, plans,
+        initial state and backends). Saved sessions, served sequences, progress files
+        and the backend-choice cache are keyed by it."""
+        if self.sha256 is not None:
+            return self.sha256
+        return sha256_file(self.path(MANIFEST_NAME))
+
     def load_initial_state(self) -> dict[str, np.ndarray]:
         """One row's initial state, every pair of the contract by input name: zeros, or
         the value the export holds, in the pair's dtype and shape, finite."""
@@ -204,14 +213,6 @@ def initial_state_records(config: RMTConfig, state: dict[str, np.ndarray],
             records[pair.name_in] = {"file": file, "sha256": sha256_file(folder / file),
                                      "shape": list(value.shape), "dtype": pair.dtype}
     return records
-
-
-def export_identity(folder: str | Path) -> str:
-    """The one identity of an export: the sha256 of its ``rmt.json``, which holds every
-    file's sha256, so one identity covers all its graphs, plans, initial state and
-    backends. Saved sessions, served sequences and progress files are checked against
-    it."""
-    return sha256_file(Path(folder) / MANIFEST_NAME)
 
 
 def write_manifest(manifest: Manifest, folder: Path) -> Path:

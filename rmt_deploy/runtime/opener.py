@@ -85,7 +85,7 @@ def _open_export(path: Path, options: RuntimeOptions) -> RMTModel:
         engine = _engine(manifest, dataclasses.replace(options, backend=backend,
                                                        measure="off"))
     return RMTModel(engine, manifest.load_initial_state(), tokenizer, description=str(folder),
-                    choice=choice, identity=manifest.sha256)
+                    choice=choice, identity=manifest.identity())
 
 
 def _engine(manifest: Manifest, options: RuntimeOptions) -> StepEngine:

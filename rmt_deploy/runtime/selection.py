@@ -36,8 +36,8 @@ import numpy as np
 from rmt_deploy import __version__
 from rmt_deploy.contract import WRITE
 from rmt_deploy.errors import BackendError, RmtError
-from rmt_deploy.files import atomic_path, cache_folder, sha256_file
-from rmt_deploy.manifest import MANIFEST_NAME, Manifest
+from rmt_deploy.files import atomic_path, cache_folder
+from rmt_deploy.manifest import Manifest
 from rmt_deploy.runtime.backends.base import State, StepEngine
 from rmt_deploy.runtime.backends.onnxruntime import shares_weights
 from rmt_deploy.runtime.options import HINTS, RuntimeOptions, host_cpus
@@ -478,7 +478,7 @@ def cache_file(manifest: Manifest, options: RuntimeOptions,
     folder = folder if folder is not None else cache_folder()
     if folder is None or manifest.folder is None:
         return None
-    key = {"model": sha256_file(Path(manifest.folder) / MANIFEST_NAME),
+    key = {"model": manifest.identity(),
            "precision": options.precision, "threads": options.threads,
            "fusions": options.fusions, "hint": options.hint, "host": host_key(),
            "version": CACHE_VERSION}

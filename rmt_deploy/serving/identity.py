@@ -1,11 +1,11 @@
 """What identifies a model across server and client: the export's one identity
-(``manifest.export_identity``, the sha256 of its rmt.json), the same the runtime checks
+(``Manifest.identity``, the sha256 of its rmt.json), the same the runtime checks
 saved sessions against. A saved sequence state is only valid for the model it came
 from."""
 
 from __future__ import annotations
 
-from rmt_deploy.manifest import Manifest, export_identity
+from rmt_deploy.manifest import Manifest
 
 #: Name of the config.pbtxt parameter that carries the identity to clients.
 MODEL_ID_PARAMETER = "rmt_model_id"
@@ -13,4 +13,4 @@ MODEL_ID_PARAMETER = "rmt_model_id"
 
 def model_identity(manifest: Manifest) -> str:
     """The identity of the export ``manifest`` was read from, as it was read."""
-    return manifest.sha256 or export_identity(manifest.path(""))
+    return manifest.identity()
