@@ -479,13 +479,24 @@ def _load(report: dict, name: str) -> str:
             f"{at['after']} after." if at else "")
 
 
+def _absent(flags: list[str]) -> str:
+    return f" (not: {', '.join(flags)})" if flags else ""
+
+
+def _int8_units(cpu: dict) -> str:
+    """What the CPU offers INT8 matmuls, from its flags."""
+    units = [name for flag, name in (("avx512_vnni", "VNNI"), ("avx_vnni", "AVX-VNNI"),
+                                     ("amx_int8", "AMX")) if flag in cpu["flags"]]
+    return f"with {', '.join(units)}" if units else "no VNNI or AMX"
+
+
 def markdown(report: dict) -> str:
     cpu, gemm = report["cpu"], report["gemm_gflops"]
     lines = [
         BEGIN, "",
         f"Measured {report['date']} with one run of `python benchmarks/run_benchmarks.py`: "
-        f"{cpu['model']}, {cpu['cpus']} CPUs, flags {', '.join(cpu['flags'])} (not: "
-        f"{', '.join(cpu['missing'])}); torch {report['torch']}, onnxruntime "
+        f"{cpu['model']}, {cpu['cpus']} CPUs, flags {', '.join(cpu['flags'])}"
+        f"{_absent(cpu['missing'])}; torch {report['torch']}, onnxruntime "
         f"{report['onnxruntime']}, openvino {report['openvino']}. Load average (1/5/15 min) "
         f"{report['load_before']} at the start, {report['load_after']} at the end (a load "
         "above the benchmark's own means other jobs shared the cores, and absolute figures "
@@ -544,7 +555,7 @@ def markdown(report: dict) -> str:
               f"{parts['engine_s']:.1f} s ({parts['engine_ms_per_step']:.3f} ms a step), "
               f"loop {parts['loop_s']:.1f} s ({parts['loop_ms_per_step']:.3f} ms a step), "
               f"total {parts['seconds']:.1f} s.", ""]
-    lines += ["## INT8 on this CPU (no VNNI or AMX)", "",
+    lines += [f"## INT8 on this CPU ({_int8_units(report['cpu'])})", "",
               "Closed loop against the FP32 graph of the same backend (agreement of the "
               "predictions, worst memory cosine); speed at batch 1, 1 thread, in turns. "
               + _load(report, "int8"), "",
