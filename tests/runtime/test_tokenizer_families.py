@@ -180,3 +180,46 @@ def test_special_tokens_go_once_around_the_document(family):
     if not specials:
         pytest.skip("this tokenizer adds no special tokens")
     assert [i for i in ids if i in specials] == specials
+
+
+@pytest.fixture(scope="module")
+def llama2_style_model(tmp_path_factory):
+    """The tiny decoder exported with a Llama-2-style tokenizer that fits its 60 ids."""
+    from conftest import GPT2_VOCAB, make_decoder
+
+    from rmt_deploy.export.pipeline import ExportOptions, export_checkpoint
+    from rmt_deploy.model.checkpoint import save_checkpoint
+    from rmt_deploy.runtime import open_model
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=GPT2_VOCAB - 2, special_tokens=["<unk>"], limit_alphabet=40))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                                 normalizers.Replace(" ", "▁")])
+    tokenizer.pre_tokenizer = None
+    _bos(tokenizer, "<s>")
+    assert tokenizer.get_vocab_size() <= GPT2_VOCAB
+    folder = tmp_path_factory.mktemp("llama2-style")
+    path = save_checkpoint(make_decoder(), folder / "model.pt", tokenizer.to_str())
+    export_checkpoint(path, folder / "export", ExportOptions(validation_segments=2, threads=1))
+    return open_model(folder / "export")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_saved_and_restored_session_reads_a_llama2_style_text_exactly(llama2_style_model,
+                                                                          seed):
+    model, rng = llama2_style_model, random.Random(seed)
+    text = " ".join(rng.choice(SAMPLE.split(" ")) for _ in range(60))
+    data = text.encode()
+    expected = model.run_one(strip_special(model.tokenizer.encode(text).ids, model.config))
+    pieces = byte_cuts(data, rng.sample(range(1, len(data)), 8))
+    session = model.session()
+    for index, piece in enumerate(pieces):
+        session.feed(piece)
+        if index == 3:
+            session = model.restore_session(session.save())
+    result = session.close()
+    assert result.tokens == expected.tokens
+    assert result.perplexity == pytest.approx(expected.perplexity, rel=1e-6)
+    np.testing.assert_allclose(result.memory, expected.memory, rtol=1e-5, atol=1e-6)
