@@ -49,19 +49,22 @@ def chunked_tokenizer(tokenizer: Tokenizer) -> ChunkedTokenizer:
     rest = json.loads(tokenizer.to_str())
     rest["normalizer"] = _without_prepend(rest.get("normalizer"))
     rest["pre_tokenizer"] = _without_prefix_space(rest.get("pre_tokenizer"))
-    rest_tokenizer = Tokenizer.from_str(json.dumps(rest))
-    for source, target in ((tokenizer.truncation, rest_tokenizer.no_truncation),
-                           (tokenizer.padding, rest_tokenizer.no_padding)):
-        if source is None:
-            target()
-    encoding = tokenizer.encode("a")
-    mask = encoding.special_tokens_mask
-    content = [i for i, special in enumerate(mask) if not special]
-    start, end = (content[0], content[-1] + 1) if content else (len(mask), len(mask))
+    prefix, suffix = _around(tokenizer)
     pre_tokenizer = tokenizer.pre_tokenizer
     splits = pre_tokenizer is not None and len(pre_tokenizer.pre_tokenize_str("a b")) > 1
-    return ChunkedTokenizer(tokenizer, rest_tokenizer, tuple(encoding.ids[:start]),
-                            tuple(encoding.ids[end:]), splits)
+    return ChunkedTokenizer(tokenizer, Tokenizer.from_str(json.dumps(rest)), prefix, suffix,
+                            splits)
+
+
+def _around(tokenizer: Tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The special ids the post-processor puts before and after a text: around the
+    content of the first probe text that has any (all before, if none has)."""
+    for probe in ("a", "0", ".", "\u4e00"):
+        encoding = tokenizer.encode(probe)
+        content = [i for i, special in enumerate(encoding.special_tokens_mask) if not special]
+        if content:
+            return tuple(encoding.ids[: content[0]]), tuple(encoding.ids[content[-1] + 1 :])
+    return tuple(tokenizer.encode("").ids), ()
 
 
 def _without_prepend(normalizer: dict | None) -> dict | None:

@@ -335,7 +335,7 @@ def check_unicode(text: str) -> None:
                          "pass valid Unicode text")
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=8)
 def chunked(tokenizer: Tokenizer) -> ChunkedTokenizer:
     """``tokenizer`` taken apart for chunked reading, once per tokenizer object."""
     return chunked_tokenizer(tokenizer)
