@@ -351,6 +351,7 @@ class ChunkEncoder:
         self.started = started  # whether the first chunk was encoded
 
     def encode(self, chunks: Iterable[str]) -> np.ndarray:
+        """The ids of the next chunks of the document."""
         pieces = [np.zeros(0, np.int64)]
         for chunk in chunks:
             if not self.started:
