@@ -10,6 +10,10 @@ from typing import Any
 
 from rmt_deploy.errors import ConfigError
 
+#: Modules under an attribute of this name (torch.onnx scopes its nodes ``/fp32_state/``)
+#: are computed in FP32 in every reduced-precision graph: the recurrent state's update.
+FP32_SCOPE = "fp32_state"
+
 ENCODER = "encoder"
 DECODER = "decoder"
 VARIANTS = (ENCODER, DECODER)

@@ -1,21 +1,21 @@
 """Quantization policies: which nodes of the step graph run in INT8.
 
 The memory path (memory in, the embeddings it joins, the slice that becomes memory out),
-LayerNormalization, Softmax, residual adds and the output head stay in FP32 in every
-policy but ``naive``; the policies differ in which matrix multiplications of the
-transformer layers are quantized. They are listed from the most to the least quantized.
+LayerNormalization, Softmax, residual adds, the recurrent state's update and the output
+head stay in FP32 in every policy but ``naive``; the policies differ in which matrix
+multiplications of the transformer layers are quantized. They are listed from the most
+to the least quantized. The layers are found from the graph's structure
+(:mod:`rmt_deploy.calibration.graph_layers`), so any base gets these policies.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
+from rmt_deploy.calibration.graph_layers import graph_layers
 from rmt_deploy.errors import ConfigError
 
-#: Nodes inside a transformer layer; group 2 is the layer index (torch.onnx names nodes
-#: after the module path).
-LAYER = re.compile(r"/(encoder/layer|transformer/h)\.(\d+)/")
 MATMULS = ("MatMul", "Gemm")
 
 
@@ -49,22 +49,27 @@ def policy_named(name: str) -> Policy:
                       "or auto")
 
 
-def nodes_to_quantize(model, policy: Policy) -> list[str] | None:
-    """Names of the nodes ``policy`` quantizes in the ONNX ``model`` (None: all)."""
+def nodes_to_quantize(model, policy: Policy,
+                      state_outputs: Collection[str] = ()) -> list[str] | None:
+    """Names of the nodes ``policy`` quantizes in the ONNX ``model`` (None: all); the
+    nodes making ``state_outputs`` (declared state) are never quantized."""
     if policy.everything:
         return None
     weights = {tensor.name for tensor in model.graph.initializer} | {
         output for node in model.graph.node if node.op_type == "Constant"
         for output in node.output}
-    layers = {int(m.group(2)) for node in model.graph.node if (m := LAYER.search(node.name))}
+    roles = graph_layers(model, state_outputs)
+    layers = set(roles.layer_of.values())
     if not layers:
-        raise ConfigError("the graph's transformer layers were not recognised (BERT- and "
-                          "GPT-2-style names expected); INT8 needs them")
+        raise ConfigError("the graph's transformer layers were not recognised (a stack of "
+                          "indexed modules, each with an attention Softmax, expected); "
+                          "INT8 needs them")
     edge = {min(layers), max(layers)} if policy.skip_edge_layers else set()
     chosen = []
     for node in model.graph.node:
-        match = LAYER.search(node.name)
-        if node.op_type not in MATMULS or not match or int(match.group(2)) in edge:
+        layer = roles.layer_of.get(node.name)
+        if (node.op_type not in MATMULS or layer is None or layer in edge
+                or node.name in roles.state_fp32):
             continue
         is_linear = any(name in weights for name in node.input)
         if is_linear or policy.attention_matmuls:
@@ -75,12 +80,12 @@ def nodes_to_quantize(model, policy: Policy) -> list[str] | None:
     return chosen
 
 
-def applicable_policies(model) -> list[Policy]:
+def applicable_policies(model, state_outputs: Collection[str] = ()) -> list[Policy]:
     """The policies that quantize something in ``model``."""
     applicable = []
     for policy in POLICIES:
         try:
-            nodes_to_quantize(model, policy)
+            nodes_to_quantize(model, policy, state_outputs)
         except ConfigError:
             continue
         applicable.append(policy)

@@ -9,6 +9,7 @@ Runtime and OpenVINO run on CPU. Ranges come from the recorded calibration steps
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 from rmt_deploy.calibration.collect import CalibrationSteps
@@ -28,10 +29,10 @@ METHODS = ("minmax", "percentile")  # activation ranges: extremes, or 99.999th p
 
 
 def int8_graph(prepared: Path, target: Path, steps: CalibrationSteps, policy: Policy,
-               method: str = "minmax") -> None:
+               method: str = "minmax", state_outputs: Collection[str] = ()) -> None:
     """Write the Q/DQ INT8 graph of ``prepared`` under ``policy``, with activation ranges
     from the recorded steps' extremes (``minmax``) or their 99.999th percentile
-    (``percentile``: outliers clipped)."""
+    (``percentile``: outliers clipped); the nodes making ``state_outputs`` stay FP32."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -48,7 +49,8 @@ def int8_graph(prepared: Path, target: Path, steps: CalibrationSteps, policy: Po
         def get_next(self):
             return next(self._feeds, None)
 
-    nodes = nodes_to_quantize(onnx.load(str(prepared), load_external_data=False), policy)
+    nodes = nodes_to_quantize(onnx.load(str(prepared), load_external_data=False), policy,
+                              state_outputs)
     quiet = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # per-tensor notes on LayerNorm weights
     try:

@@ -19,7 +19,7 @@ from rmt_deploy.calibration.collect import CalibrationSteps, collect_steps
 from rmt_deploy.calibration.data import CalibrationCorpus
 from rmt_deploy.calibration.policies import Policy, applicable_policies, policy_named
 from rmt_deploy.calibration.quantize import int8_graph, prepare
-from rmt_deploy.contract import STEP, WRITE
+from rmt_deploy.contract import STEP, WRITE, state_pairs
 from rmt_deploy.errors import ValidationError
 from rmt_deploy.export.comparator import Comparison, compare
 from rmt_deploy.export.validate import agreement_failures, check_onnx, non_finite_failures
@@ -85,7 +85,8 @@ def add_int8(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str], 
             prepare(stage / file, prepared[name])
         candidates = ([policy_named(options.policy)] if options.policy != "auto"
                       else applicable_policies(onnx.load(str(prepared[STEP]),
-                                                         load_external_data=False)))
+                                                         load_external_data=False),
+                                               _state_outputs(manifest.config)))
         table = {}
         for policy in candidates:
             table[policy.name] = _judge(policy, manifest, fp32, prepared, steps, judge,
@@ -110,6 +111,11 @@ def add_int8(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str], 
     }
 
 
+def _state_outputs(config: RMTConfig) -> list[str]:
+    """The step's declared state outputs, whose making stays FP32."""
+    return [pair.name_out for pair in state_pairs(config)]
+
+
 def _split(documents: Sequence[TokenSource]) -> tuple[list[TokenSource], list[TokenSource]]:
     documents = [document for document in documents if len(document)]
     held = set(range(HOLD_OUT_EVERY - 1, len(documents), HOLD_OUT_EVERY)) or {len(documents) - 1}
@@ -127,7 +133,8 @@ def _judge(policy: Policy, manifest: Manifest, fp32: StepEngine, prepared: dict[
     key_graphs = {}
     for name, source in prepared.items():
         target = work / f"{name}.{policy.name}.onnx"
-        int8_graph(source, target, steps, policy, options.method)
+        int8_graph(source, target, steps, policy, options.method,
+                   _state_outputs(manifest.config))
         check_onnx(target)
         spec = graph_spec(manifest.config, name, target, "int8")
         key_graphs[graph_key(name, "int8")] = replace(spec, file=f"{work.name}/{target.name}")

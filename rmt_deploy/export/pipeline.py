@@ -17,7 +17,7 @@ from rmt_deploy import __version__
 from rmt_deploy.calibration.data import CalibrationCorpus, read_corpus
 from rmt_deploy.calibration.policies import policy_named
 from rmt_deploy.calibration.quantize import METHODS
-from rmt_deploy.contract import PREFILL, variants
+from rmt_deploy.contract import PREFILL, state_pairs, variants
 from rmt_deploy.errors import ConfigError, ValidationError
 from rmt_deploy.export.comparator import compare
 from rmt_deploy.export.folder import check_target
@@ -253,7 +253,8 @@ def _add_fp16(manifest: Manifest, fp32: Any, names: list[str], stage: Path,
         target = source.with_suffix(".fp16.onnx")
         with _scratch(stage) as folder:
             scratch = Path(folder)
-            fp16_graph(source, scratch / target.name)
+            fp16_graph(source, scratch / target.name,
+                       [pair.name_out for pair in state_pairs(config)])
             store.add_graph(scratch / target.name, target)
         check_onnx(target)
         manifest.graphs[graph_key(name, "fp16")] = graph_spec(config, name, target, "fp16",

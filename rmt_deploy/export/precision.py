@@ -1,37 +1,39 @@
 """Reduced-precision graphs made from the validated FP32 graph.
 
-FP16: the matmuls, bias adds, GELU and residual adds of every transformer layer in
-float16; LayerNormalization, the attention scale, mask add and Softmax, the embeddings,
-the memory path and everything outside the layers stay float32, and the graph's inputs
-and outputs stay float32 (memory included). TensorRT 10/11 builds such a strongly typed
-graph as it is; CPU runtimes run it with FP16 weights.
+FP16: the matmuls, bias adds, activations (GELU, SwiGLU) and residual adds of every
+transformer layer in float16; normalisation (LayerNorm, RMSNorm), the attention scale,
+mask add and Softmax, the recurrent state's update, the embeddings, the memory path and
+everything outside the layers stay float32, and the graph's inputs and outputs stay
+float32 (memory included). The layers and these parts are found from the graph's
+structure (:mod:`rmt_deploy.calibration.graph_layers`), so any base gets this policy.
+TensorRT 10/11 builds such a strongly typed graph as it is; CPU runtimes run it with
+FP16 weights.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
 
+from rmt_deploy.calibration.graph_layers import graph_layers
 from rmt_deploy.errors import ValidationError
 
-#: Nodes inside a transformer layer (torch.onnx names them after the module path).
-_LAYER = re.compile(r"/(encoder/layer|transformer/h)\.\d+/")
-#: Attention arithmetic kept in FP32 inside a layer: scale, mask add, Softmax.
-_ATTENTION_FP32 = re.compile(r"/(attention/self|attn)/(Mul|Div|Add|Where|Softmax)(_\d+)?$")
 _FP32_OPS = ["LayerNormalization", "Softmax"]
 
 
-def fp16_graph(source: Path, target: Path) -> None:
-    """Write the mixed-precision FP16 version of the FP32 graph ``source``."""
+def fp16_graph(source: Path, target: Path, state_outputs: Collection[str] = ()) -> None:
+    """Write the mixed-precision FP16 version of the FP32 graph ``source``; the nodes
+    making ``state_outputs`` (declared state) stay FP32."""
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = onnx.load(str(source))
+    layers = graph_layers(model, state_outputs)
     keep_fp32 = [node.name for node in model.graph.node
-                 if not _LAYER.search(node.name) or _ATTENTION_FP32.search(node.name)]
+                 if node.name not in layers.layer_of or node.name in layers.fp32]
     converted = convert_float_to_float16(
         model, keep_io_types=True, node_block_list=keep_fp32,
         op_block_list=list(DEFAULT_OP_BLOCK_LIST) + _FP32_OPS)
@@ -47,7 +49,8 @@ def _check_fp16(model, name: str) -> None:
     halves = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT16]
     if not halves:
         raise ValidationError(f"{name}: no weight was converted to FP16; the model's layers "
-                              "were not recognised (BERT- and GPT-2-style names expected)")
+                              "were not recognised (a stack of indexed modules, each with an "
+                              "attention Softmax, expected)")
     for tensor in halves:
         if not np.isfinite(numpy_helper.to_array(tensor)).all():
             raise ValidationError(f"{name}: FP16 constant {tensor.name} overflows; keep its "

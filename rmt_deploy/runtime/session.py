@@ -192,6 +192,7 @@ class StreamSession:
                 "tokens": self._tokens, "base": self._base, "total_tokens": self.total_tokens,
                 "text_tail": self._text.tail if self._text else "",
                 "text_pending": self._text.pending.hex() if self._text else "",
+                "text_started": self._text.started if self._text else False,
                 "tracks": [{"first": t.first, "done": t.done, "nll": m.nll, "count": m.count}
                            for t, m in zip(self._tracks, meters, strict=True)],
                 "metadata": kept,
@@ -278,8 +279,11 @@ class StreamSession:
         if self._text is not None:
             if not isinstance(header["text_tail"], str):
                 raise ValueError("the unfinished text is not a str")
+            started = header.get("text_started", self._tokens > 0)  # not in older files
+            if not isinstance(started, bool):
+                raise ValueError("text_started is not a bool")
             self._text = TextStream(self.model.tokenizer, header["text_tail"],
-                                    bytes.fromhex(header["text_pending"]))
+                                    bytes.fromhex(header["text_pending"]), started)
         metadata = header.get("metadata") or {}
         if not isinstance(metadata, dict):
             raise ValueError("metadata is not a dict")
@@ -293,10 +297,11 @@ class StreamSession:
         if self._closed:
             raise InputError("the session is closed; open a new one")
 
-    def _snapshot(self) -> tuple[str, bytes] | None:
-        return (self._text.tail, self._text.pending) if self._text is not None else None
+    def _snapshot(self) -> tuple[str, bytes, bool] | None:
+        text = self._text
+        return (text.tail, text.pending, text.started) if text is not None else None
 
-    def _restore_snapshot(self, snapshot: tuple[str, bytes] | None) -> None:
+    def _restore_snapshot(self, snapshot: tuple[str, bytes, bool] | None) -> None:
         if snapshot is not None:
             self._text = TextStream(self.model.tokenizer, *snapshot)
 

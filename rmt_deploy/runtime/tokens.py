@@ -6,10 +6,11 @@ on."""
 from __future__ import annotations
 
 import codecs
+import functools
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -18,6 +19,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from rmt_deploy.errors import InputError
+from rmt_deploy.runtime.tokenizer_family import ChunkedTokenizer, chunked_tokenizer
 from rmt_deploy.segmentation import strip_special, usable_tokens
 from rmt_deploy.spec import RMTConfig
 
@@ -175,10 +177,15 @@ def check_tokenizer_ids(ids: np.ndarray, config: RMTConfig) -> None:
                          "to this model; re-export it")
 
 
+#: Whether text may be cut between its two sides (see ``ChunkedTokenizer.can_cut``).
+CutCheck = Callable[[str, str], bool]
+
+
 class WordCutter:
     """Text pushed in pieces of any size, handed back in chunks that end where a word ends
-    (a non-space character followed by whitespace in ``_BREAKS``), so tokenizing chunk by
-    chunk equals tokenizing the whole text; the text after the last cut is held.
+    (a non-space character followed by whitespace in ``_BREAKS``) and ``can_cut`` agrees
+    (the tokenizer splits there), so tokenizing chunk by chunk equals tokenizing the whole
+    text; the text after the last cut is held.
 
     A run of over ``MAX_WORD_CHARS`` characters without a word end is cut anyway, between
     its last two whitespace characters in a row within reach, else after ``MAX_WORD_CHARS``
@@ -186,9 +193,10 @@ class WordCutter:
     tokenizer has words that long. Where the text is cut depends on the text alone, not on
     how it is pushed, and each character is scanned a fixed number of times."""
 
-    def __init__(self, held: str = "") -> None:
+    def __init__(self, held: str = "", can_cut: CutCheck | None = None) -> None:
         self._parts = [held] if held else []  # joined only when read or cut
         self._size = len(held)
+        self._can_cut = can_cut
 
     @property
     def held(self) -> str:
@@ -215,6 +223,8 @@ class WordCutter:
         # text has at most MAX_WORD_CHARS characters, so only the run before its first
         # word end can be too long.
         ends = _word_ends(self._parts[-1][-1] if self._parts else "", text)
+        if ends and self._can_cut is not None:
+            ends = self._last_cut(text, ends[0])
         first, last = ends or (len(text), len(text))
         self._hold(text[:first])
         chunks = self._cut_long()
@@ -223,6 +233,17 @@ class WordCutter:
             chunks.append(self._release())
         self._hold(text[last:])
         return chunks
+
+    def _last_cut(self, text: str, first: int) -> tuple[int, int] | None:
+        """``first`` and the last word end in ``text`` that ``can_cut`` accepts, if any."""
+        before = self._parts[-1][-1] if self._parts else ""
+        edge = before + text
+        for match in _WORD_END_REVERSED.finditer(edge[::-1]):
+            end = len(edge) - 1 - match.start() - len(before)
+            left = text[:end] if end >= 64 else self.held[-64:] + text[:end]
+            if self._can_cut(left, text[end:]):
+                return first, end
+        return None
 
     def _hold(self, text: str) -> None:
         if text:
@@ -261,19 +282,20 @@ def _word_ends(before: str, text: str) -> tuple[int, int] | None:
     return first.start() + 1 - len(before), last - len(before)
 
 
-def word_chunks(pieces: Iterable[str]) -> Iterator[str]:
+def word_chunks(pieces: Iterable[str], can_cut: CutCheck | None = None) -> Iterator[str]:
     """The chunks a :class:`WordCutter` cuts the text made of ``pieces`` into."""
-    cutter = WordCutter()
+    cutter = WordCutter(can_cut=can_cut)
     for piece in pieces:
         yield from cutter.push(piece)
     yield from cutter.finish()
 
 
-def text_chunks(stream: BinaryIO, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+def text_chunks(stream: BinaryIO, name: str, chunk_bytes: int = CHUNK_BYTES,
+                can_cut: CutCheck | None = None) -> Iterator[str]:
     """UTF-8 text in chunks that end where a word ends, as :class:`WordCutter` cuts, so
     tokenizing chunk by chunk equals tokenizing the whole text."""
     seen_text = False
-    for chunk in word_chunks(_utf8_blocks(stream, name, chunk_bytes)):
+    for chunk in word_chunks(_utf8_blocks(stream, name, chunk_bytes), can_cut):
         seen_text = seen_text or not chunk.isspace()
         yield chunk
     if not seen_text:
@@ -313,13 +335,56 @@ def check_unicode(text: str) -> None:
                          "pass valid Unicode text")
 
 
+@functools.lru_cache(maxsize=8)
+def chunked(tokenizer: Tokenizer) -> ChunkedTokenizer:
+    """``tokenizer`` taken apart for chunked reading, once per tokenizer object."""
+    return chunked_tokenizer(tokenizer)
+
+
+class ChunkEncoder:
+    """The chunks of one document, in order, to the ids the tokenizer gives the whole
+    text: the first chunk as the tokenizer encodes a text's start, the others without
+    what it adds at a text's start, the post-processor's special tokens once around it."""
+
+    def __init__(self, tokenizer: Tokenizer, started: bool = False) -> None:
+        self._tokenizer = chunked(tokenizer)
+        self.started = started  # whether the first chunk was encoded
+
+    def encode(self, chunks: Iterable[str]) -> np.ndarray:
+        """The ids of the next chunks of the document."""
+        pieces = [np.zeros(0, np.int64)]
+        for chunk in chunks:
+            if not self.started:
+                pieces.append(np.asarray(self._tokenizer.prefix, np.int64))
+            tokenizer = self._tokenizer.rest if self.started else self._tokenizer.first
+            self.started = True
+            pieces.append(np.asarray(tokenizer.encode(chunk, add_special_tokens=False).ids,
+                                     np.int64))
+        return np.concatenate(pieces)
+
+    def end(self) -> np.ndarray:
+        """The ids that close the document."""
+        opening = () if self.started else self._tokenizer.prefix
+        return np.asarray(opening + self._tokenizer.suffix, np.int64)
+
+
 def tokenize_chunks(chunks: Iterable[str], tokenizer: Tokenizer) -> Iterator[np.ndarray]:
+    """Token ids of a document read in chunks cut as ``cut_check(tokenizer)`` allows."""
+    encoder = ChunkEncoder(tokenizer)
     for chunk in chunks:
-        yield np.asarray(tokenizer.encode(chunk, add_special_tokens=False).ids, dtype=np.int64)
+        yield encoder.encode([chunk])
+    yield encoder.end()
 
 
-def _encode_chunks(chunks: Iterable[str], tokenizer: Tokenizer) -> np.ndarray:
-    return np.concatenate([np.zeros(0, np.int64), *tokenize_chunks(chunks, tokenizer)])
+def cut_check(tokenizer: Tokenizer) -> CutCheck:
+    """Where ``tokenizer``'s text may be cut (see ``ChunkedTokenizer.can_cut``)."""
+    return chunked(tokenizer).can_cut
+
+
+def _encode_text(text: str, tokenizer: Tokenizer) -> np.ndarray:
+    encoder = ChunkEncoder(tokenizer)
+    ids = encoder.encode(word_chunks([text], cut_check(tokenizer)))
+    return np.concatenate([ids, encoder.end()])
 
 
 def spool_file(path: str | Path | BinaryIO, tokenizer: Tokenizer, config: RMTConfig,
@@ -332,14 +397,14 @@ def spool_file(path: str | Path | BinaryIO, tokenizer: Tokenizer, config: RMTCon
             raise InputError(f"{path}: is a directory; pass a text file")
         try:
             with open(path, "rb") as stream:
-                return SpooledSource(tokenize_chunks(text_chunks(stream, str(path)), tokenizer),
-                                     config, spool)
+                chunks = text_chunks(stream, str(path), can_cut=cut_check(tokenizer))
+                return SpooledSource(tokenize_chunks(chunks, tokenizer), config, spool)
         except FileNotFoundError:
             raise InputError(f"{path}: no such file; check the input path") from None
         except PermissionError:
             raise InputError(f"{path}: permission denied") from None
-    return SpooledSource(tokenize_chunks(text_chunks(path, name or "<stream>"), tokenizer),
-                         config, spool)
+    chunks = text_chunks(path, name or "<stream>", can_cut=cut_check(tokenizer))
+    return SpooledSource(tokenize_chunks(chunks, tokenizer), config, spool)
 
 
 def text_source(text: str, tokenizer: Tokenizer, config: RMTConfig) -> ArraySource:
@@ -350,7 +415,7 @@ def text_source(text: str, tokenizer: Tokenizer, config: RMTConfig) -> ArraySour
     check_unicode(text)
     if not text or text.isspace():
         raise InputError("text is empty; pass some text")
-    ids = _encode_chunks(word_chunks([text]), tokenizer)
+    ids = _encode_text(text, tokenizer)
     check_tokenizer_ids(ids, config)
     return ArraySource(ids, config)
 
@@ -360,9 +425,11 @@ class TextStream:
     as one text: the pieces go through a :class:`WordCutter`, as ``text_chunks`` cuts a
     file, and its held text waits for more text or ``finish()``."""
 
-    def __init__(self, tokenizer: Tokenizer, tail: str = "", pending: bytes = b"") -> None:
+    def __init__(self, tokenizer: Tokenizer, tail: str = "", pending: bytes = b"",
+                 started: bool = False) -> None:
         self._tokenizer = tokenizer
-        self._cutter = WordCutter(tail)
+        self._encoder = ChunkEncoder(tokenizer, started)
+        self._cutter = WordCutter(tail, cut_check(tokenizer))
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._decoder.setstate((pending, 0))
 
@@ -377,21 +444,28 @@ class TextStream:
         """Bytes of a UTF-8 character cut by the end of the last piece."""
         return self._decoder.getstate()[0]
 
+    @property
+    def started(self) -> bool:
+        """Whether text was tokenized: a later chunk goes on the text, it does not start
+        one (``TextStream(tokenizer, tail, pending, started)``)."""
+        return self._encoder.started
+
     def feed(self, piece: str | bytes) -> np.ndarray:
         """Token ids of the chunks this piece completes. A piece that is not text raises
         InputError and changes nothing."""
-        return _encode_chunks(self._cutter.push(self._decode(piece)), self._tokenizer)
+        return self._encoder.encode(self._cutter.push(self._decode(piece)))
 
     def peek(self) -> np.ndarray:
         """Token ids of the tail as if the text ended here; changes nothing."""
-        return _encode_chunks(WordCutter(self.tail).finish(), self._tokenizer)
+        encoder = ChunkEncoder(self._tokenizer, self.started)
+        return np.concatenate([encoder.encode(WordCutter(self.tail).finish()), encoder.end()])
 
     def finish(self) -> np.ndarray:
         """Token ids of the tail: the text ends here."""
         if self.pending:
             raise InputError(f"the text ends inside a UTF-8 character (bytes "
                              f"{self.pending.hex(' ')}); send the rest of the character")
-        return _encode_chunks(self._cutter.finish(), self._tokenizer)
+        return np.concatenate([self._encoder.encode(self._cutter.finish()), self._encoder.end()])
 
     def _decode(self, piece: str | bytes) -> str:
         if isinstance(piece, str):

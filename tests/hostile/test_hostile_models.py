@@ -406,6 +406,8 @@ STATE_CASES = [
          says=(MALFORMED, "tracks do not match the model's segmentation")),
     Case("resume-one-track-too-many", "rmt-run", _resume(_extra_track),
          says=(MALFORMED, "tracks do not match the model's segmentation")),
+    Case("resume-text-started-not-a-bool", "rmt-run", _resume(_header(text_started="yes")),
+         says=(MALFORMED, "text_started is not a bool")),
 ]
 
 

@@ -32,6 +32,7 @@ from rmt_deploy.runtime.tokens import (
     tokenize_chunks,
     word_chunks,
 )
+from rmt_deploy.segmentation import strip_special
 
 CHUNK_SIZES = (1, 2, 3, 7, 64, 1 << 20)
 SEPARATORS = (" ", "  ", "   ", "\t", "\n", "\r\n", "\n\n", " \t ", "\x0c", "\u00a0", "\u3000")
@@ -80,12 +81,14 @@ def random_text(rng: random.Random, word, n_pieces: int) -> str:
 
 
 def chunked_ids(text: str, tokenizer: Tokenizer, chunk_bytes: int) -> list[int]:
-    chunks = text_chunks(io.BytesIO(text.encode("utf-8")), "test", chunk_bytes)
+    chunks = text_chunks(io.BytesIO(text.encode("utf-8")), "test", chunk_bytes,
+                         tokens.cut_check(tokenizer))
     return np.concatenate([np.zeros(0, np.int64), *tokenize_chunks(chunks, tokenizer)]).tolist()
 
 
 def whole_ids(text: str, tokenizer: Tokenizer) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False).ids
+    """The whole text's ids, with the special tokens the tokenizer puts around a text."""
+    return tokenizer.encode(text).ids
 
 
 def one_line(error: pytest.ExceptionInfo) -> str:
@@ -233,14 +236,15 @@ def test_giant_words_read_the_same_from_a_str_a_file_and_a_stream(side, spool_di
     text = giant_text()
     expected = all_ids(text_source(text, tokenizer, config))
     for chunk_bytes in (4096, 7777, 1 << 20):
-        with SpooledSource(tokenize_chunks(text_chunks(io.BytesIO(text.encode()), "t",
-                                                       chunk_bytes), tokenizer),
-                           config) as source:
+        chunks = text_chunks(io.BytesIO(text.encode()), "t", chunk_bytes,
+                             tokens.cut_check(tokenizer))
+        with SpooledSource(tokenize_chunks(chunks, tokenizer), config) as source:
             np.testing.assert_array_equal(all_ids(source), expected)
     for size in (1000, 50_000, len(text)):
         stream = TextStream(tokenizer)
         ids = [stream.feed(text[i : i + size]) for i in range(0, len(text), size)]
-        np.testing.assert_array_equal(np.concatenate([*ids, stream.finish()]), expected)
+        read = np.concatenate([*ids, stream.finish()])
+        np.testing.assert_array_equal(strip_special(read, config), expected)
 
 
 def test_a_stream_rebuilt_from_its_tail_goes_on_the_same(decoder_side):
@@ -251,7 +255,7 @@ def test_a_stream_rebuilt_from_its_tail_goes_on_the_same(decoder_side):
     stream, ids = TextStream(tokenizer), []
     for start in range(0, len(data), 9999):  # pieces cut inside characters, too
         ids.append(stream.feed(data[start : start + 9999]))
-        stream = TextStream(tokenizer, stream.tail, stream.pending)
+        stream = TextStream(tokenizer, stream.tail, stream.pending, stream.started)
     np.testing.assert_array_equal(np.concatenate([*ids, stream.finish()]), expected)
 
 
