@@ -9,6 +9,7 @@ Hugging Face state dict with every LoRA merged as ``W + (alpha / r) B A`` in flo
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,9 +99,13 @@ def _names(key: str, armt: bool, naming: str, prefix: str, is_map: bool = False)
 
 
 def write_published(folder: Path, armt: bool = True, lora: bool = True, naming: str = "base",
-                    config: dict | None = None, seed: int = 0) -> Published:
-    """``model.safetensors`` (+ the wrapper's ``config.json``) in ``folder``."""
+                    config: dict | None = None, seed: int = 0,
+                    change: Callable[[dict], None] | None = None) -> Published:
+    """``model.safetensors`` (+ the wrapper's ``config.json``) in ``folder``; ``change``
+    edits the state dict before it is saved."""
     state, expected, memory, maps = published_state(armt, lora, naming, seed)
+    if change is not None:
+        change(state)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path),
