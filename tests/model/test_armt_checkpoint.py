@@ -217,3 +217,33 @@ def test_safetensors_of_a_published_layout_is_recognised(tmp_path):
     save_file({k: v.contiguous() for k, v in published_state()[0].items()}, str(path))
     with pytest.raises(CheckpointError, match="--base-model"):
         load_checkpoint(path, AuthorsOptions(lora_alpha=ALPHA))
+
+
+def test_armt_factory_gets_what_the_file_holds(tmp_path, monkeypatch):
+    """The one call to armt_from_base passes the merged base, the memory, every layer's
+    maps, d_mem, config.json's segment size and the options (a recording stand-in for
+    armt-core's factory, so this holds before and after it lands)."""
+    from rmt_deploy.model import factory
+
+    calls = []
+
+    def record(base, **kwargs):
+        calls.append((base, kwargs))
+        return torch.nn.Linear(1, 1)
+
+    monkeypatch.setattr(factory, "armt_from_base", record, raising=False)
+    published = write_published(tmp_path / "ckpt", naming="shared", config={"segment_size": 6})
+    options = AuthorsOptions(base_model=write_gpt2_folder(tmp_path / "base", "llama"),
+                             lora_alpha=ALPHA, armt_correction=False, sliding_window=True)
+    loaded = load_checkpoint(published.path, options)
+    (base, kwargs), = calls
+    assert loaded.format == AUTHORS_ARMT and loaded.lora.rank == RANK
+    state = base.state_dict()
+    assert all(_close(state[k], v) for k, v in published.expected.items())
+    assert torch.equal(kwargs.pop("memory"), published.memory)
+    maps = kwargs.pop("maps")
+    assert all(torch.equal(got[k], want[k]) for got, want in zip(maps, published.maps,
+                                                                  strict=True) for k in MAP_KEYS)
+    assert kwargs.pop("special").eos == 59
+    assert kwargs == {"num_mem_tokens": MEM_TOKENS, "d_mem": D_MEM, "segment_size": 6,
+                      "correction": False, "sliding_window": True}
