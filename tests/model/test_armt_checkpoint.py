@@ -186,10 +186,14 @@ def test_map_shapes_that_disagree(tmp_path, name, shape):
     _refused(tmp_path, state, "shapes disagree", f"layer 1's {name}")
 
 
-def test_lora_shapes_that_disagree(tmp_path):
+@pytest.mark.parametrize("part,change", [("lora_B.default", (0, 1)),  # [out, r + 1]
+                                         ("lora_A.default", (0, 1)),  # [r, in + 1]
+                                         ("lora_B.default", (1, 0))])  # [out + 1, r]
+def test_lora_shapes_that_disagree(tmp_path, part, change):
     state = published_state()[0]
-    key = PEFT + "model.layers.0.layer.self_attn.v_proj.lora_B.default.weight"
-    state[key] = torch.zeros(state[key].shape[0], RANK + 1)
+    key = PEFT + f"model.layers.0.layer.self_attn.v_proj.{part}.weight"
+    rows, columns = state[key].shape
+    state[key] = torch.zeros(rows + change[0], columns + change[1])
     _refused(tmp_path, state, "shapes of", "v_proj", "disagree")
 
 
