@@ -186,7 +186,8 @@ def _detect_format(path: Path, payload: Any) -> str:
     raise CheckpointError(
         f"{path}: unrecognized checkpoint layout (top-level keys: {keys}); expected an "
         "rmt-deploy checkpoint, an authors' BERT model_best.pth with 'model_state_dict', "
-        "or an authors' GPT-2 pytorch_model.bin with 'memory_cell.*' keys"
+        "or an authors' GPT-2 pytorch_model.bin or Llama RMT / ARMT model.safetensors with "
+        "'memory_cell.*' keys"
     )
 
 
@@ -264,7 +265,7 @@ def _from_authors_gpt2(path: Path, payload: Mapping[str, Any], options: AuthorsO
     weights, lora, segment_size = _memory_cell(path, payload, options)
     if "memory" not in weights:
         raise CheckpointError(f"{path}: missing key memory_cell.memory (the learned memory)")
-    hf, tokenizer = _base_folder(path, options, "GPT-2 pytorch_model.bin")
+    hf, tokenizer = _base_folder(path, options, "RMT MemoryCell checkpoint")
     memory = weights["memory"]
     if memory.dim() != 2:
         raise CheckpointError(f"{path}: memory_cell.memory has shape {tuple(memory.shape)}, "
