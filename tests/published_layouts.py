@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from conftest import tiny_llama_config
-from safetensors.torch import save_file
+from conftest import tiny_llama_config, write_gpt2_folder
+from safetensors.torch import save_file, save_model
+from torch import nn
 
 from rmt_deploy.model.base import build_decoder_base
 
@@ -50,14 +51,30 @@ def _maps(d_model: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
             "W_mb.bias": torch.randn(1, generator=generator)}
 
 
+def llama_config(tied: bool = False):
+    """The tiny Llama; ``tied``: its LM head is its input embedding (as Llama-3.2-1B's)."""
+    config = tiny_llama_config()
+    config.tie_word_embeddings = tied
+    return config
+
+
+def write_llama_base(folder: Path, tied: bool = False) -> Path:
+    """The --base-model folder of the tiny Llama (config.json + tokenizer)."""
+    write_gpt2_folder(folder, "llama")
+    llama_config(tied).save_pretrained(folder)
+    return folder
+
+
 def published_state(armt: bool = True, lora: bool = True, naming: str = "base",
-                    seed: int = 0):
-    """The wrapper's state dict. ``naming``: ARMT layers under the base model's path
-    ("base"), under ``memory_cell.layers.N`` ("shared") or both ("both")."""
+                    seed: int = 0, tied: bool = False):
+    """The wrapper's state dict, as its ``state_dict()`` returns it: a tensor the wrapper
+    holds twice is one tensor under two names. ``naming``: ARMT layers under the base
+    model's path ("base"), under ``memory_cell.layers.N`` ("shared") or both ("both",
+    the wrapper's own state dict)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 1)
-    base = build_decoder_base(tiny_llama_config())
-    plain = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    base = build_decoder_base(llama_config(tied))
+    plain = {k: v.detach() for k, v in base.state_dict().items()}
     d_model = base.config.hidden_size
     memory = torch.randn(MEM_TOKENS, d_model, generator=generator)
     prefix = PEFT if lora else PLAIN
@@ -77,12 +94,12 @@ def published_state(armt: bool = True, lora: bool = True, naming: str = "base",
             extra = {}
         for stored, tensor in {name: value, **extra}.items():
             for full in _names(stored, armt, naming, prefix):
-                state[full] = tensor.clone()
+                state[full] = tensor
     for index, layer in enumerate(maps):
         for name, tensor in layer.items():
             for full in _names(f"model.layers.{index}.{name}", armt, naming, prefix,
                                is_map=True):
-                state[full] = tensor.clone()
+                state[full] = tensor
     return state, expected, memory, maps
 
 
@@ -100,16 +117,34 @@ def _names(key: str, armt: bool, naming: str, prefix: str, is_map: bool = False)
 
 def write_published(folder: Path, armt: bool = True, lora: bool = True, naming: str = "base",
                     config: dict | None = None, seed: int = 0,
-                    change: Callable[[dict], None] | None = None) -> Published:
+                    change: Callable[[dict], None] | None = None, tied: bool = False,
+                    hub_save: bool = False) -> Published:
     """``model.safetensors`` (+ the wrapper's ``config.json``) in ``folder``; ``change``
-    edits the state dict before it is saved."""
-    state, expected, memory, maps = published_state(armt, lora, naming, seed)
+    edits the state dict before it is saved. ``hub_save``: saved as the wrapper's
+    ``PyTorchModelHubMixin`` saves it (``safetensors.torch.save_model``: of the names of
+    a shared tensor the first in sorted order is kept, the others recorded in the
+    metadata); otherwise every name is stored."""
+    state, expected, memory, maps = published_state(armt, lora, naming, seed, tied)
     if change is not None:
         change(state)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path),
-              metadata={"format": "pt"})
+    if hub_save:
+        save_model(_Wrapper(state), str(path), metadata={"format": "pt"})
+    else:
+        save_file({k: v.clone().contiguous() for k, v in state.items()}, str(path),
+                  metadata={"format": "pt"})
     if config is not None:
         (folder / "config.json").write_text(json.dumps(config))
     return Published(path, expected, memory, maps)
+
+
+class _Wrapper(nn.Module):
+    """Stands in for the authors' wrapper at ``save_model``: its state dict is ``state``."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        super().__init__()
+        self._state = state
+
+    def state_dict(self, *args, **kwargs):
+        return dict(self._state)

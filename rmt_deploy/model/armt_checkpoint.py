@@ -226,10 +226,10 @@ def _merge_lora(path: Path, weights: Mapping[str, torch.Tensor], alpha: float | 
 
 def _check_shapes(path: Path, base: Mapping[str, torch.Tensor],
                   maps: tuple[Mapping[str, torch.Tensor], ...], d_model: int) -> None:
-    embed = base.get("model.embed_tokens.weight")
+    embed = base.get("model.embed_tokens.weight", base.get("lm_head.weight"))
     if embed is None:
-        raise CheckpointError(f"{path}: no model.embed_tokens.weight; not a Llama-family "
-                              "base model")
+        raise CheckpointError(f"{path}: neither model.embed_tokens.weight nor "
+                              "lm_head.weight; not a Llama-family base model")
     if embed.dim() != 2 or embed.shape[1] != d_model:
         raise CheckpointError(f"{path}: shapes disagree: {MEMORY} is [*, {d_model}] but "
                               f"the embeddings are {tuple(embed.shape)}")

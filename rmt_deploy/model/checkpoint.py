@@ -80,7 +80,7 @@ def load_checkpoint(path: str | Path, options: AuthorsOptions | None = None) -> 
     if path.suffix == ".safetensors":
         payload = _read_safetensors(path)
         if payload.get("format") != FORMAT_NAME:  # a plain state dict: the authors' layouts
-            payload = payload["state_dict"]
+            payload = _with_dropped_names(payload.pop("state_dict"), payload)
     else:
         payload = _read_torch(path)
     kind = _detect_format(path, payload)
@@ -168,6 +168,15 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file: {error}") from None
     return {**meta, "state_dict": weights}
+
+
+def _with_dropped_names(weights: dict[str, Any], meta: Mapping[str, str]) -> dict[str, Any]:
+    """``weights`` with the names ``safetensors.torch.save_model`` dropped put back: of a
+    tensor held under several names (the ARMT wrapper's layers, a tied LM head) it stores
+    one and records each dropped name in the metadata, mapped to the kept one."""
+    dropped = {name: weights[kept] for name, kept in meta.items()
+               if name not in weights and kept in weights}
+    return {**weights, **dropped}
 
 
 def _detect_format(path: Path, payload: Any) -> str:
@@ -387,8 +396,8 @@ def _load_weights(
         if not ignore(str(k)) and not str(k).endswith(_STATELESS_SUFFIXES)
     }
     _require_tensors(path, given)
-    shared = _tied_keys(module)
-    missing = [k for k in expected if k not in given and k not in shared]
+    missing = [k for group in _tied_groups(module) if not any(k in given for k in group)
+               for k in group[:1]]
     unexpected = [k for k in given if k not in expected]
     misshapen = [
         f"{k} (file {tuple(given[k].shape)}, model {tuple(expected[k].shape)})"
@@ -409,12 +418,10 @@ def _load_weights(
     module.load_state_dict(given, strict=False)
 
 
-def _tied_keys(module: nn.Module) -> set[str]:
-    """Keys whose tensor is shared with an earlier key (e.g. GPT-2's lm_head)."""
-    seen: dict[int, str] = {}
-    tied = set()
+def _tied_groups(module: nn.Module) -> list[list[str]]:
+    """The module's keys grouped by tensor: a tied one (e.g. an LM head that is the input
+    embedding) is loaded from any of its names."""
+    groups: dict[int, list[str]] = {}
     for key, value in module.state_dict(keep_vars=True).items():
-        if id(value) in seen:
-            tied.add(key)
-        seen.setdefault(id(value), key)
-    return tied
+        groups.setdefault(id(value), []).append(key)
+    return list(groups.values())

@@ -14,8 +14,10 @@ from published_layouts import (
     PEFT,
     RANK,
     published_state,
+    write_llama_base,
     write_published,
 )
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rmt_deploy.errors import CheckpointError
@@ -223,10 +225,10 @@ def test_safetensors_of_a_published_layout_is_recognised(tmp_path):
         load_checkpoint(path, AuthorsOptions(lora_alpha=ALPHA))
 
 
-def test_armt_factory_gets_what_the_file_holds(tmp_path, monkeypatch):
-    """The one call to armt_from_base passes the merged base, the memory, every layer's
-    maps, d_mem, config.json's segment size and the options (a recording stand-in for
-    armt-core's factory, so this holds before and after it lands)."""
+@pytest.fixture
+def factory_calls(monkeypatch):
+    """A recording stand-in for armt-core's ``armt_from_base``, so that what the loader
+    passes it is checked before and after the ARMT model lands."""
     from rmt_deploy.model import factory
 
     calls = []
@@ -236,6 +238,13 @@ def test_armt_factory_gets_what_the_file_holds(tmp_path, monkeypatch):
         return torch.nn.Linear(1, 1)
 
     monkeypatch.setattr(factory, "armt_from_base", record, raising=False)
+    return calls
+
+
+def test_armt_factory_gets_what_the_file_holds(tmp_path, factory_calls):
+    """The one call to armt_from_base passes the merged base, the memory, every layer's
+    maps, d_mem, config.json's segment size and the options."""
+    calls = factory_calls
     published = write_published(tmp_path / "ckpt", naming="shared", config={"segment_size": 6})
     options = AuthorsOptions(base_model=write_gpt2_folder(tmp_path / "base", "llama"),
                              lora_alpha=ALPHA, armt_correction=False, sliding_window=True)
@@ -251,3 +260,41 @@ def test_armt_factory_gets_what_the_file_holds(tmp_path, monkeypatch):
     assert kwargs.pop("special").eos == 59
     assert kwargs == {"num_mem_tokens": MEM_TOKENS, "d_mem": D_MEM, "segment_size": 6,
                       "correction": False, "sliding_window": True}
+
+
+@pytest.mark.parametrize("armt", [True, False])
+def test_hub_saved_checkpoint_with_a_tied_head(tmp_path, armt, factory_calls):
+    """Saved as the wrapper saves it (shared tensors once: the layers as
+    memory_cell.layers.N.*, the tied head as lm_head only, the dropped names in the
+    metadata), on a base whose head is its input embedding: every weight is found."""
+    published = write_published(tmp_path / "ckpt", armt=armt, naming="both", tied=True,
+                                hub_save=True, config={"segment_size": 6})
+    with safe_open(str(published.path), "pt") as handle:
+        stored = set(handle.keys())  # noqa: SIM118
+    assert PEFT + "model.embed_tokens.weight" not in stored
+    assert not armt or not any(k.startswith(PEFT + "model.layers.") for k in stored)
+    options = AuthorsOptions(base_model=write_llama_base(tmp_path / "base", tied=True),
+                             lora_alpha=ALPHA)
+    loaded = load_checkpoint(published.path, options)
+    if armt:
+        (base, _), = factory_calls
+        state = base.state_dict()
+    else:
+        state = {k[len("model."):]: v for k, v in loaded.rmt.state_dict().items()
+                 if k.startswith("model.")}
+    assert all(_close(state[k], v) for k, v in published.expected.items())
+
+
+def test_tied_head_stored_once_without_a_record(tmp_path):
+    """A file that holds the tied head once and does not say which name it dropped (e.g.
+    re-saved): the head fills the tied input embedding."""
+    def drop_embeddings(state):
+        del state[PEFT + "model.embed_tokens.weight"]
+
+    published = write_published(tmp_path / "ckpt", armt=False, tied=True,
+                                change=drop_embeddings, config={"segment_size": 6})
+    options = AuthorsOptions(base_model=write_llama_base(tmp_path / "base", tied=True),
+                             lora_alpha=ALPHA)
+    state = load_checkpoint(published.path, options).rmt.state_dict()
+    assert torch.equal(state["model.model.embed_tokens.weight"],
+                       published.expected["model.embed_tokens.weight"])
