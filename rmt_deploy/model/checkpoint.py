@@ -80,7 +80,7 @@ def load_checkpoint(path: str | Path, options: AuthorsOptions | None = None) -> 
     if path.suffix == ".safetensors":
         payload = _read_safetensors(path)
         if payload.get("format") != FORMAT_NAME:  # a plain state dict: the authors' layouts
-            payload = _with_dropped_names(payload.pop("state_dict"), payload)
+            payload = payload["state_dict"]
     else:
         payload = _read_torch(path)
     kind = _detect_format(path, payload)
@@ -168,15 +168,6 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file: {error}") from None
     return {**meta, "state_dict": weights}
-
-
-def _with_dropped_names(weights: dict[str, Any], meta: Mapping[str, str]) -> dict[str, Any]:
-    """``weights`` with the names ``safetensors.torch.save_model`` dropped put back: of a
-    tensor held under several names (the ARMT wrapper's layers, a tied LM head) it stores
-    one and records each dropped name in the metadata, mapped to the kept one."""
-    dropped = {name: weights[kept] for name, kept in meta.items()
-               if name not in weights and kept in weights}
-    return {**weights, **dropped}
 
 
 def _detect_format(path: Path, payload: Any) -> str:
