@@ -290,6 +290,11 @@ def _memory_cell(path: Path, payload: Mapping[str, Any], options: AuthorsOptions
         raise CheckpointError(f"{path}: unexpected keys beside memory_cell.*: "
                               f"{_few(strays)}")
     _require_tensors(path, payload)
+    armt_only = [name for name, given in (("--no-armt-correction", not options.armt_correction),
+                                          ("--sliding-window", options.sliding_window)) if given]
+    if armt_only:
+        raise CheckpointError(f"{path}: {' and '.join(armt_only)} apply to ARMT checkpoints "
+                              "only, and this one is a plain RMT MemoryCell; leave them out")
     if not is_published(list(payload)):
         if options.lora_alpha is not None:
             raise CheckpointError(f"{path}: --lora-alpha was given but the checkpoint holds "

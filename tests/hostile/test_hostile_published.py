@@ -73,6 +73,9 @@ CASES = [
          _export("--lora-alpha", "32", armt=False,
                  change=_drop(PEFT + "model.layers.0.self_attn.v_proj.base_layer.weight")),
          says=("LoRA of", "incomplete", "base_layer"), absent=NO_EXPORT),
+    Case("published-armt-option-on-a-plain-rmt", "rmt-export",
+         _export("--sliding-window", armt=False, lora=False),
+         says=("--sliding-window", "ARMT checkpoints only"), absent=NO_EXPORT),
     Case("published-wrapper-config-not-json", "rmt-export", _bad_config_export,
          says=("config.json", "not readable JSON"), absent=NO_EXPORT),
 ]

@@ -298,3 +298,11 @@ def test_tied_head_stored_once_without_a_record(tmp_path):
     state = load_checkpoint(published.path, options).rmt.state_dict()
     assert torch.equal(state["model.model.embed_tokens.weight"],
                        published.expected["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("option", [{"armt_correction": False}, {"sliding_window": True}])
+def test_armt_options_on_a_plain_rmt(tmp_path, option):
+    published = write_published(tmp_path / "ckpt", armt=False, lora=False)
+    options = AuthorsOptions(base_model=write_llama_base(tmp_path / "base"), **option)
+    with pytest.raises(CheckpointError, match="apply to ARMT checkpoints only"):
+        load_checkpoint(published.path, options)
