@@ -157,7 +157,7 @@ def _positive(_ctx, _param, value):
 
 def _authors_checkpoint_options(command):
     """The options that read an authors' checkpoint: --base-model, --input-size,
-    --segment-size, --labels."""
+    --segment-size, --labels, --lora-alpha, --armt-correction, --sliding-window."""
     options = [
         click.option("--base-model", type=click.Path(path_type=Path),
                      help="Hugging Face folder of the base model (authors' checkpoints "
@@ -165,12 +165,20 @@ def _authors_checkpoint_options(command):
         click.option("--input-size", type=int, default=512, show_default=True,
                      callback=_positive,
                      help="Positions per segment of an authors' BERT checkpoint."),
-        click.option("--segment-size", type=int, default=512, show_default=True,
-                     callback=_positive,
-                     help="Tokens per segment of an authors' GPT-2 checkpoint."),
+        click.option("--segment-size", type=int, callback=_positive,
+                     help="Tokens per segment of an authors' decoder checkpoint [default: "
+                          "the segment_size of the config.json beside it, else 512]."),
         click.option("--labels", callback=_labels, metavar="A,B,C",
                      help="Class names of an authors' BERT checkpoint, in logit order "
                           "[default: the paper's six rooms]."),
+        click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True),
+                     help="lora_alpha of a checkpoint holding peft LoRA weights (required "
+                          "then): the LoRA is merged as W + alpha/r B A."),
+        click.option("--armt-correction/--no-armt-correction", default=True,
+                     show_default=True, help="ARMT checkpoints: the memory update's "
+                     "correction (the authors' class default is on)."),
+        click.option("--sliding-window", is_flag=True,
+                     help="ARMT checkpoints: each segment also attends to the previous one."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -225,7 +233,8 @@ def _authors_checkpoint_options(command):
               "at least 1].")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @_user_errors("rmt-export", "exporting the checkpoint", prints=False)
-def export_main(checkpoint, output, base_model, input_size, segment_size, labels, atol,
+def export_main(checkpoint, output, base_model, input_size, segment_size, labels, lora_alpha,
+                armt_correction, sliding_window, atol,
                 closed_loop_atol, validation_segments, precision, drift_segments,
                 calibration, int8_policy, calibration_steps, calibration_method,
                 min_agreement, convert, overwrite, engine,
@@ -233,7 +242,8 @@ def export_main(checkpoint, output, base_model, input_size, segment_size, labels
     """Export CHECKPOINT's segment step to a validated ONNX graph and a manifest.
 
     CHECKPOINT is an rmt-deploy checkpoint (.pt/.safetensors), or an authors' checkpoint
-    (BERT model_best.pth or GPT-2 pytorch_model.bin) with --base-model. An existing -o
+    (BERT model_best.pth, GPT-2 pytorch_model.bin, or a published Llama RMT / ARMT
+    model.safetensors) with --base-model. An existing -o
     folder is replaced only if it is an export holding nothing else.
     """
     from rmt_deploy.export.folder import check_file_target, check_target
@@ -254,7 +264,8 @@ def export_main(checkpoint, output, base_model, input_size, segment_size, labels
                                    "the calibration data": calibration})
     from rmt_deploy.model.checkpoint import AuthorsOptions, load_checkpoint, save_checkpoint
 
-    authors = AuthorsOptions(base_model, input_size, segment_size, labels)
+    authors = AuthorsOptions(base_model, input_size, segment_size, labels, lora_alpha,
+                             armt_correction, sliding_window)
     if convert is not None:
         loaded = load_checkpoint(checkpoint, authors)
         save_checkpoint(loaded.rmt, convert, loaded.tokenizer_json)
@@ -556,7 +567,8 @@ def _tolerances(_ctx, _param, values: tuple[str, ...]) -> dict[str, float] | Non
 @_user_errors("rmt-compare", "comparing the artifacts")
 def compare_main(reference, candidates, segments, seed, atol, rtol, closed_loop_atol,
                  min_memory_cosine, min_agreement, backend, base_model, input_size,
-                 segment_size, labels, plot, overwrite, as_json, threads):
+                 segment_size, labels, lora_alpha, armt_correction, sliding_window, plot,
+                 overwrite, as_json, threads):
     """Compare each CANDIDATE with REFERENCE, open and closed loop, on the same documents.
 
     Each is a checkpoint (own format, or the authors' with --base-model), an export
@@ -576,7 +588,8 @@ def compare_main(reference, candidates, segments, seed, atol, rtol, closed_loop_
         segments=segments, seed=seed, atol=atol or {"": 1e-4}, rtol=rtol or {"": 1e-5},
         closed_loop_atol=closed_loop_atol, min_memory_cosine=min_memory_cosine,
         min_agreement=min_agreement, backend=backend,
-        authors=AuthorsOptions(base_model, input_size, segment_size, labels), threads=threads)
+        authors=AuthorsOptions(base_model, input_size, segment_size, labels, lora_alpha,
+                               armt_correction, sliding_window), threads=threads)
     report = compare_artifacts(reference, candidates, options)
     if plot is not None:
         from rmt_deploy.export.drift_plot import plot_drift

@@ -5,7 +5,10 @@
 - ``authors-bert``: the 1M-token paper's ``model_best.pth`` (``model_state_dict``), with
   the base model's Hugging Face folder given separately.
 - ``authors-gpt2``: BABILong's ``pytorch_model.bin`` (``memory_cell.*`` keys), with the
-  base model's folder given separately.
+  base model's folder given separately; also the published plain RMT on a Llama base,
+  with or without peft LoRA (merged at load).
+- ``authors-armt``: the published ARMT wrapper (``model.safetensors``, per-layer memory
+  maps, peft LoRA), read by ``armt_checkpoint`` and built by ``armt_from_base``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,13 @@ from torch import nn
 
 from rmt_deploy.errors import CheckpointError, ConfigError
 from rmt_deploy.files import atomic_path, sha256_file
+from rmt_deploy.model.armt_checkpoint import (
+    LoraMerge,
+    is_published,
+    read_published,
+    read_wrapper_config,
+    recorded_segment_size,
+)
 from rmt_deploy.model.base import build_decoder_base, build_encoder_base, hf_config
 from rmt_deploy.model.decoder import DecoderRMT
 from rmt_deploy.model.encoder import EncoderRMT
@@ -32,6 +42,9 @@ from rmt_deploy.spec import PAPER_LABELS, RMTConfig
 FORMAT_NAME = "rmt-deploy"
 FORMAT_VERSION = 1
 OWN, AUTHORS_BERT, AUTHORS_GPT2 = "rmt-deploy", "authors-bert", "authors-gpt2"
+AUTHORS_ARMT = "authors-armt"
+#: Tokens per segment of an authors' decoder whose segment size nothing records.
+DEFAULT_SEGMENT_SIZE = 512
 
 #: Buffers that some transformers versions save and that carry no weights.
 _STATELESS_SUFFIXES = (".position_ids", ".token_type_ids", ".attn.bias", ".attn.masked_bias")
@@ -43,8 +56,11 @@ class AuthorsOptions:
 
     base_model: Path | None = None  # Hugging Face folder: config.json + tokenizer files
     input_size: int = 512  # encoder: positions per segment
-    segment_size: int = 512  # decoder: tokens per segment
+    segment_size: int | None = None  # decoder: tokens per segment [config.json, else 512]
     labels: tuple[str, ...] = PAPER_LABELS  # encoder: class names in logit order
+    lora_alpha: float | None = None  # LoRA's scale numerator; required if LoRA is present
+    armt_correction: bool = True  # ARMT: the authors' class default
+    sliding_window: bool = False  # ARMT: attend to the previous segment too
 
 
 @dataclass
@@ -52,23 +68,33 @@ class LoadedCheckpoint:
     rmt: EncoderRMT | DecoderRMT
     tokenizer_json: str | None  # tokenizers' serialization, None if the file has none
     base_config: dict[str, Any]  # the base model's transformers config, as a dict
-    format: str  # OWN, AUTHORS_BERT or AUTHORS_GPT2
+    format: str  # OWN, AUTHORS_BERT, AUTHORS_GPT2 or AUTHORS_ARMT
     sha256: str  # of the checkpoint file
+    lora: LoraMerge | None = None  # the LoRA merged into the base weights at load
 
 
 def load_checkpoint(path: str | Path, options: AuthorsOptions | None = None) -> LoadedCheckpoint:
     """Read any supported checkpoint into an RMT in eval mode."""
     path = Path(path)
     options = options or AuthorsOptions()
-    payload = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
+    if path.suffix == ".safetensors":
+        payload = _read_safetensors(path)
+        if payload.get("format") != FORMAT_NAME:  # a plain state dict: the authors' layouts
+            payload = payload["state_dict"]
+    else:
+        payload = _read_torch(path)
     kind = _detect_format(path, payload)
+    lora = None
     if kind == OWN:
         rmt, tokenizer_json, base_config = _from_own(path, payload)
     elif kind == AUTHORS_BERT:
         rmt, tokenizer_json, base_config = _from_authors_bert(path, payload, options)
+    elif kind == AUTHORS_ARMT:
+        rmt, tokenizer_json, base_config, lora = _from_authors_armt(path, payload, options)
     else:
-        rmt, tokenizer_json, base_config = _from_authors_gpt2(path, payload, options)
-    return LoadedCheckpoint(rmt.eval(), tokenizer_json, base_config, kind, sha256_file(path))
+        rmt, tokenizer_json, base_config, lora = _from_authors_gpt2(path, payload, options)
+    return LoadedCheckpoint(rmt.eval(), tokenizer_json, base_config, kind, sha256_file(path),
+                            lora)
 
 
 def save_checkpoint(
@@ -155,12 +181,13 @@ def _detect_format(path: Path, payload: Any) -> str:
     if "model_state_dict" in payload:
         return AUTHORS_BERT
     if any(str(key).startswith("memory_cell.") for key in payload):
-        return AUTHORS_GPT2
+        return AUTHORS_ARMT if any(".W_m" in str(key) for key in payload) else AUTHORS_GPT2
     keys = ", ".join(sorted(map(str, payload))[:6]) or "none"
     raise CheckpointError(
         f"{path}: unrecognized checkpoint layout (top-level keys: {keys}); expected an "
         "rmt-deploy checkpoint, an authors' BERT model_best.pth with 'model_state_dict', "
-        "or an authors' GPT-2 pytorch_model.bin with 'memory_cell.*' keys"
+        "or an authors' GPT-2 pytorch_model.bin or Llama RMT / ARMT model.safetensors with "
+        "'memory_cell.*' keys"
     )
 
 
@@ -235,15 +262,10 @@ def _from_authors_bert(path: Path, payload: Mapping[str, Any], options: AuthorsO
 
 
 def _from_authors_gpt2(path: Path, payload: Mapping[str, Any], options: AuthorsOptions):
-    strays = [str(key) for key in payload if not str(key).startswith("memory_cell.")]
-    if strays:
-        raise CheckpointError(f"{path}: unexpected keys beside memory_cell.*: "
-                              f"{_few(strays)}")
-    _require_tensors(path, payload)
-    weights = {key[len("memory_cell."):]: value for key, value in payload.items()}
+    weights, lora, segment_size = _memory_cell(path, payload, options)
     if "memory" not in weights:
         raise CheckpointError(f"{path}: missing key memory_cell.memory (the learned memory)")
-    hf, tokenizer = _base_folder(path, options, "GPT-2 pytorch_model.bin")
+    hf, tokenizer = _base_folder(path, options, "RMT MemoryCell checkpoint")
     memory = weights["memory"]
     if memory.dim() != 2:
         raise CheckpointError(f"{path}: memory_cell.memory has shape {tuple(memory.shape)}, "
@@ -251,13 +273,70 @@ def _from_authors_gpt2(path: Path, payload: Mapping[str, Any], options: AuthorsO
     try:
         rmt = decoder_from_base(
             build_decoder_base(hf), num_mem_tokens=memory.shape[0],
-            segment_size=options.segment_size, special=_special_tokens(tokenizer),
+            segment_size=segment_size, special=_special_tokens(tokenizer),
             memory=torch.zeros(memory.shape[0], hf.hidden_size),
         )
     except ConfigError as error:
         raise CheckpointError(f"{path}: {error}") from None
     _load_weights(path, rmt, weights, ignore=lambda key: False)
-    return rmt, tokenizer.backend_tokenizer.to_str(), rmt.model.config.to_dict()
+    return rmt, tokenizer.backend_tokenizer.to_str(), rmt.model.config.to_dict(), lora
+
+
+def _memory_cell(path: Path, payload: Mapping[str, Any], options: AuthorsOptions):
+    """A ``MemoryCell``'s weights under DecoderRMT's names (a published Llama one's LoRA
+    merged), the LoRA merged and the segment size."""
+    strays = [str(key) for key in payload if not str(key).startswith("memory_cell.")]
+    if strays:
+        raise CheckpointError(f"{path}: unexpected keys beside memory_cell.*: "
+                              f"{_few(strays)}")
+    _require_tensors(path, payload)
+    armt_only = [name for name, given in (("--no-armt-correction", not options.armt_correction),
+                                          ("--sliding-window", options.sliding_window)) if given]
+    if armt_only:
+        raise CheckpointError(f"{path}: {' and '.join(armt_only)} apply to ARMT checkpoints "
+                              "only, and this one is a plain RMT MemoryCell; leave them out")
+    if not is_published(list(payload)):
+        if options.lora_alpha is not None:
+            raise CheckpointError(f"{path}: --lora-alpha was given but the checkpoint holds "
+                                  "no LoRA weights (lora_A.default); leave it out")
+        weights = {key[len("memory_cell."):]: value for key, value in payload.items()}
+        return weights, None, _segment_size(options, read_wrapper_config(path))
+    published = read_published(path, payload, options.lora_alpha)
+    weights = {"memory": published.memory,
+               **{f"model.{key}": value for key, value in published.base_state.items()}}
+    return weights, published.lora, _segment_size(options, published.wrapper_config)
+
+
+def _from_authors_armt(path: Path, payload: Mapping[str, Any], options: AuthorsOptions):
+    _require_tensors(path, payload)
+    published = read_published(path, payload, options.lora_alpha)
+    hf, tokenizer = _base_folder(path, options, "ARMT model.safetensors")
+    base = build_decoder_base(hf)
+    _load_weights(path, base, published.base_state, ignore=lambda key: False)
+    try:
+        from rmt_deploy.model.factory import armt_from_base
+    except ImportError:
+        raise CheckpointError(
+            f"{path}: an ARMT checkpoint ({published.num_layers} layers, "
+            f"M={published.num_mem_tokens}, d_mem={published.d_mem}) was read, but this "
+            "rmt-deploy has no ARMT model to build; upgrade rmt-deploy") from None
+    try:
+        rmt = armt_from_base(
+            base, num_mem_tokens=published.num_mem_tokens, d_mem=published.d_mem,
+            segment_size=_segment_size(options, published.wrapper_config),
+            correction=options.armt_correction, special=_special_tokens(tokenizer),
+            memory=published.memory, maps=published.maps, sliding_window=options.sliding_window)
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    return rmt, tokenizer.backend_tokenizer.to_str(), base.config.to_dict(), published.lora
+
+
+def _segment_size(options: AuthorsOptions, wrapper_config: Mapping[str, Any]) -> int:
+    """--segment-size, else the wrapper config's (config.json beside), else the default."""
+    if options.segment_size is not None:
+        return options.segment_size
+    recorded = recorded_segment_size(wrapper_config)
+    return recorded if recorded is not None else DEFAULT_SEGMENT_SIZE
 
 
 def _base_folder(path: Path, options: AuthorsOptions, what: str):
@@ -313,8 +392,8 @@ def _load_weights(
         if not ignore(str(k)) and not str(k).endswith(_STATELESS_SUFFIXES)
     }
     _require_tensors(path, given)
-    shared = _tied_keys(module)
-    missing = [k for k in expected if k not in given and k not in shared]
+    missing = [k for group in _tied_groups(module) if not any(k in given for k in group)
+               for k in group[:1]]
     unexpected = [k for k in given if k not in expected]
     misshapen = [
         f"{k} (file {tuple(given[k].shape)}, model {tuple(expected[k].shape)})"
@@ -335,12 +414,10 @@ def _load_weights(
     module.load_state_dict(given, strict=False)
 
 
-def _tied_keys(module: nn.Module) -> set[str]:
-    """Keys whose tensor is shared with an earlier key (e.g. GPT-2's lm_head)."""
-    seen: dict[int, str] = {}
-    tied = set()
+def _tied_groups(module: nn.Module) -> list[list[str]]:
+    """The module's keys grouped by tensor: a tied one (e.g. an LM head that is the input
+    embedding) is loaded from any of its names."""
+    groups: dict[int, list[str]] = {}
     for key, value in module.state_dict(keep_vars=True).items():
-        if id(value) in seen:
-            tied.add(key)
-        seen.setdefault(id(value), key)
-    return tied
+        groups.setdefault(id(value), []).append(key)
+    return list(groups.values())
