@@ -45,6 +45,12 @@ def expected(specs, names) -> dict:
             for s in specs if s.name in names}
 
 
+def chunked(tensors: dict, names: set) -> dict:
+    """``tensors`` with a leading axis of segments on those in ``names``."""
+    return {name: (kind, [-1, *dims] if name in names else dims)
+            for name, (kind, dims) in tensors.items()}
+
+
 @pytest.mark.parametrize("export_fixture", ["encoder_export", "decoder_export"])
 def test_python_backend_repository(export_fixture, request, tmp_path):
     export = request.getfixturevalue(export_fixture)
@@ -54,10 +60,13 @@ def test_python_backend_repository(export_fixture, request, tmp_path):
     config, manifest = read_config(folder), read_manifest(export)
     graph = manifest.graphs[STEP]
     assert (config.name, config.backend, config.max_batch_size) == ("m", "python", 4)
-    assert declared(config.input) == expected(graph.inputs, {"input_ids", "attention_mask",
-                                                             "memory_in"})
+    chunk = {"input_ids", "attention_mask", "logits"}  # a request carries [segments, ...]
+    assert declared(config.input) == chunked(expected(graph.inputs, {
+        "input_ids", "attention_mask", "memory_in"}), chunk)
     assert [t.name for t in config.input if t.optional] == ["memory_in"]
-    assert declared(config.output) == expected(graph.outputs, {"logits", "memory_out"})
+    generated = {} if manifest.config.is_encoder else {"generated": (TYPES["int64"], [-1])}
+    assert declared(config.output) == chunked(expected(graph.outputs, {
+        "logits", "memory_out"}), chunk) | generated
     controls = {c.name: c.control[0] for c in config.sequence_batching.control_input}
     kinds = pb2.ModelSequenceBatching.Control
     assert {name: c.kind for name, c in controls.items()} == {

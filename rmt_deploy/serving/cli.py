@@ -58,19 +58,24 @@ def triton_main(repo, export, name, backend, max_batch_size, idle_seconds, strat
 @click.option("--model", "export", type=click.Path(path_type=Path), required=True,
               help="The export folder the served model was written from (tokenizer, "
                    "segmentation).")
-@click.option("--url", default="127.0.0.1:8000", show_default=True, help="Triton HTTP address.")
+@click.option("--url", default="127.0.0.1:8001", show_default=True, help="Triton gRPC address.")
 @click.option("--name", default="rmt", show_default=True, help="Model name on the server.")
 @click.option("--progress", "progress_file", type=click.Path(path_type=Path),
               help="Save progress here and resume from it when it exists.")
+@click.option("--chunk-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Tokens a request carries (whole segments, at least one).")
+@click.option("--in-flight", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Requests sent before the first of them is answered.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_user_errors("rmt-triton-run", "streaming the document")
-def stream_main(input, export, url, name, progress_file, as_json):
+def stream_main(input, export, url, name, progress_file, chunk_tokens, in_flight, as_json):
     """Stream INPUT (a text file, '-' for stdin) to a model served by Triton as one
     sequence and print its answer as rmt-run does."""
     from rmt_deploy.serving.client import TritonClient
 
     document = stdin_stream() if input == "-" else Path(input)
-    with TritonClient(export, url, name) as client:
+    with TritonClient(export, url, name, chunk_tokens=chunk_tokens,
+                      in_flight=in_flight) as client:
         result = client.run(document, progress_file)
     output = result.output
     report = {"backend": f"triton:{url}/{name}", "tokens": output.tokens,

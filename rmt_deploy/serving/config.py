@@ -5,9 +5,11 @@ Two kinds of model:
 
 * ``python``: rmt-deploy's runtime in Triton's python backend. The model keeps each
   sequence's state by correlation id (CONTROL_SEQUENCE_START / END / CORRID); a
-  request carries one segment, the response returns the logits and the new state
-  (every state pair's output), and the optional state inputs on a START request
-  restore a saved sequence.
+  request carries a chunk of segments (``input_ids`` / ``attention_mask`` [1, segments,
+  positions]), the response returns each segment's logits ([1, segments, ...]) and the
+  state after the chunk (every state pair's output), and the optional state inputs on a
+  START request restore a saved sequence. Decoders also answer a question (one segment,
+  request parameter ``generate``) with the ``generated`` ids.
 * ``onnxruntime`` / ``tensorrt`` (NGC containers): the step graph with Triton's
   implicit state for every state pair, initialised as the contract declares.
 """
@@ -34,6 +36,9 @@ BACKENDS = ("python", "onnxruntime", "tensorrt")
 STRATEGIES = ("oldest", "direct")
 #: Control inputs of the python-backend model.
 START, END, CORRID = "START", "END", "CORRID"
+#: The python-backend model's generation: the request parameter holding the options
+#: (JSON of GenerationOptions) and the output with the generated ids [1, n].
+GENERATE_PARAMETER, GENERATED = "generate", "generated"
 #: Triton data types of the contract's dtypes.
 TRITON_TYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 
@@ -85,10 +90,12 @@ def _pb2():
     return model_config_pb2
 
 
-def _tensor(pb2, message, spec: Tensor) -> None:
-    """Name, Triton data type and dims (batch axis dropped, named axes -1) of a tensor."""
+def _tensor(pb2, message, spec: Tensor, segments: bool = False) -> None:
+    """Name, Triton data type and dims (batch axis dropped, named axes -1) of a tensor;
+    ``segments``: with a leading axis of segments (a chunk)."""
     message.name = spec.name
     message.data_type = getattr(pb2, TRITON_TYPES[spec.dtype])
+    message.dims.extend([-1] if segments else [])
     message.dims.extend(d if isinstance(d, int) else -1 for d in spec.shape[1:])
 
 
@@ -107,11 +114,14 @@ def model_config(manifest: Manifest, options: ServingOptions, graph_key: str = S
         batching.oldest.max_queue_delay_microseconds = 1000
     else:
         batching.direct.SetInParent()
+    chunks = options.backend == "python"
     for name in (INPUT_IDS, ATTENTION_MASK):
-        _tensor(pb2, config.input.add(), tensors[name])
-    _tensor(pb2, config.output.add(), tensors[LOGITS])
+        _tensor(pb2, config.input.add(), tensors[name], chunks)
+    _tensor(pb2, config.output.add(), tensors[LOGITS], chunks)
     group = config.instance_group.add(count=options.instances)
-    if options.backend == "python":
+    if chunks:
+        if not manifest.config.is_encoder:
+            config.output.add(name=GENERATED, data_type=pb2.TYPE_INT64, dims=[-1])
         group.kind = pb2.ModelInstanceGroup.KIND_CPU
         for pair in state_pairs(manifest.config):
             state_in = config.input.add()
