@@ -156,10 +156,12 @@ class TritonClient:
         self.close()
 
     def run(self, document: Document, progress_file: str | Path | None = None,
-            sequence_id: int | None = None, save_every: int = 1) -> StreamResult:
+            sequence_id: int | None = None, save_every: int = 1,
+            end: bool = True) -> StreamResult:
         """Stream one document as one sequence. With ``progress_file``, progress is saved
         after the chunk that completes every ``save_every`` segments, and, if the file
-        exists, the run resumes there."""
+        exists, the run resumes there. ``end=False`` leaves the sequence open on the
+        server (a context that ``generate`` answers questions from)."""
         if progress_file is not None and self.keeps_state:
             raise ServingError(f"model {self.model!r} keeps the state inside Triton (implicit "
                                "state), so progress cannot be saved; serve it with "
@@ -170,7 +172,7 @@ class TritonClient:
             source = document_source(document, self.tokenizer, self.config, stack)
             digest = document_digest(source, self.config) if progress_file else ""
             saved = self._resume(progress_file, digest, len(source))
-            run = _Run(self, source, sequence_id, saved)
+            run = _Run(self, source, sequence_id, saved, end)
             saved_at = run.first
             for _ in run.answer(self.send(run.chunks(self.chunk_segments))):
                 last = run.next_segment == run.total
@@ -246,7 +248,11 @@ class TritonClient:
         ``start`` a new sequence from ``state_in`` (a state an earlier run returned; one
         context read once answers many questions). ``end`` closes the sequence."""
         grpc = self._grpc
-        ids, mask = step_inputs([np.asarray(question, np.int64)], self.config)
+        question = np.asarray(question, np.int64)
+        if not 1 <= len(question) <= self.config.segment_size:
+            raise ServingError(f"a question is 1 to {self.config.segment_size} tokens (one "
+                               f"segment), got {len(question)}; send the rest as context")
+        ids, mask = step_inputs([question], self.config)
         chunk = Chunk(sequence_id, ids, mask, start, end, state_in)
         inputs, _ = self._tensors(chunk)
         outputs = [grpc.InferRequestedOutput(GENERATED)] + [
@@ -324,8 +330,8 @@ class _Run:
     """One document's segments on the server, and what its answer is built from."""
 
     def __init__(self, client: TritonClient, source: TokenSource, sequence_id: int,
-                 saved: Progress | None) -> None:
-        self.source, self.sequence_id = source, sequence_id
+                 saved: Progress | None, end: bool = True) -> None:
+        self.source, self.sequence_id, self.end = source, sequence_id, end
         self.config = client.config
         self.total = count_segments(len(source), self.config)
         self.first = saved.next_segment if saved else 0
@@ -343,7 +349,8 @@ class _Run:
 
     def chunks(self, size: int) -> Iterator[Chunk]:
         """The remaining segments as chunks of at most ``size`` segments of one width; the
-        first is START (carrying the saved state where resuming), the last END."""
+        first is START (carrying the saved state where resuming), the last END unless the
+        run leaves the sequence open."""
         index = self.first
         while index < self.total:
             segments = [self._segment(index)]
@@ -359,7 +366,7 @@ class _Run:
             index += len(segments)
             yield Chunk(self.sequence_id, np.concatenate([ids for ids, _ in laid]),
                         np.concatenate([mask for _, mask in laid]), start,
-                        index == self.total, self.state if start else None)
+                        self.end and index == self.total, self.state if start else None)
 
     def answer(self, answers: Iterable[Answer]) -> Iterator[Answer]:
         """Read each chunk's answer in order (its logits into the result, its state
