@@ -69,7 +69,7 @@ class Chunk:
 class Answer:
     """The server's answer to a chunk."""
 
-    logits: np.ndarray  # [segments, ...] each segment's logits
+    logits: np.ndarray  # decoder: [segments, ...] each segment's; encoder: [1, ...] the last's
     state: State | None  # every pair [1, ...] after the chunk (None: the server keeps it)
 
 
@@ -105,7 +105,8 @@ class TritonClient:
     sequence controls (``sequence_id``, START, END), optionally every state pair's input
     (``memory_in``, [1, ...]) on START to restore a saved sequence, and for a question
     the request parameter ``generate`` (JSON of GenerationOptions). Response: ``logits``
-    [1, segments, ...], every state pair's output (``memory_out``) after the chunk, and
+    (decoders: every segment's, [1, segments, positions, vocab]; encoders: the last
+    segment's, [1, 1, labels]), every state pair's output (``memory_out``) after the chunk, and
     ``generated`` [1, n] for a question. Models with Triton-held state (onnxruntime /
     tensorrt backends) take one segment a request ([1, positions]) and return no state.
     """
@@ -313,18 +314,19 @@ class TritonClient:
 
 
 def stream_concurrently(export: str | Path, url: str, model: str,
-                        documents: Sequence[Document]) -> tuple[list[StreamResult], float]:
+                        documents: Sequence[Document], **options) -> tuple[list[StreamResult],
+                                                                         float]:
     """Stream every document as its own sequence, all at once (a client and a thread
-    each); returns the results in order and the wall-clock seconds it took."""
+    each; ``options`` go to each TritonClient); returns the results in order and the
+    wall-clock seconds the streaming took (the clients are opened before)."""
+    with ExitStack() as stack, ThreadPoolExecutor(max_workers=max(1, len(documents))) as pool:
+        clients = list(pool.map(lambda _: stack.enter_context(
+            TritonClient(export, url, model, **options)), documents))
+        started = time.perf_counter()
+        results = list(pool.map(lambda client, document: client.run(document), clients,
+                                documents))
+        return results, time.perf_counter() - started
 
-    def stream(document: Document) -> StreamResult:
-        with TritonClient(export, url, model) as client:
-            return client.run(document)
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, len(documents))) as pool:
-        results = list(pool.map(stream, documents))
-    return results, time.perf_counter() - started
 
 class _Run:
     """One document's segments on the server, and what its answer is built from."""
@@ -348,24 +350,23 @@ class _Run:
         return self.source.tokens(*segment_range(len(self.source), index, self.config))
 
     def chunks(self, size: int) -> Iterator[Chunk]:
-        """The remaining segments as chunks of at most ``size`` segments of one width; the
-        first is START (carrying the saved state where resuming), the last END unless the
-        run leaves the sequence open."""
+        """The remaining segments as chunks of at most ``size`` segments of one length
+        (a decoder's short last segment goes alone; an encoder's short first one is laid
+        out as wide as the others); the first is START (carrying the saved state where
+        resuming), the last END unless the run leaves the sequence open."""
         index = self.first
         while index < self.total:
             segments = [self._segment(index)]
             while len(segments) < size and index + len(segments) < self.total:
                 following = self._segment(index + len(segments))
-                if step_inputs([following], self.config)[0].shape != step_inputs(
-                        segments[:1], self.config)[0].shape:
-                    break  # a decoder's short last segment goes alone
+                if not self.config.is_encoder and len(following) != len(segments[0]):
+                    break
                 segments.append(following)
-            laid = [step_inputs([tokens], self.config) for tokens in segments]
+            input_ids, attention_mask = step_inputs(segments, self.config)
             self._sent.append(segments)
             start = index == self.first
             index += len(segments)
-            yield Chunk(self.sequence_id, np.concatenate([ids for ids, _ in laid]),
-                        np.concatenate([mask for _, mask in laid]), start,
+            yield Chunk(self.sequence_id, input_ids, attention_mask, start,
                         self.end and index == self.total, self.state if start else None)
 
     def answer(self, answers: Iterable[Answer]) -> Iterator[Answer]:

@@ -6,10 +6,11 @@ Two kinds of model:
 * ``python``: rmt-deploy's runtime in Triton's python backend. The model keeps each
   sequence's state by correlation id (CONTROL_SEQUENCE_START / END / CORRID); a
   request carries a chunk of segments (``input_ids`` / ``attention_mask`` [1, segments,
-  positions]), the response returns each segment's logits ([1, segments, ...]) and the
-  state after the chunk (every state pair's output), and the optional state inputs on a
-  START request restore a saved sequence. Decoders also answer a question (one segment,
-  request parameter ``generate``) with the ``generated`` ids.
+  positions]), the response returns logits ([1, segments, ...]: a decoder's of every
+  segment, an encoder's of the last) and the state after the chunk (every state pair's
+  output), and the optional state inputs on a START request restore a saved sequence.
+  Decoders also answer a question (one segment, request parameter ``generate``) with
+  the ``generated`` ids.
 * ``onnxruntime`` / ``tensorrt`` (NGC containers): the step graph with Triton's
   implicit state for every state pair, initialised as the contract declares.
 """

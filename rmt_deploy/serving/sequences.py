@@ -40,7 +40,8 @@ class StepRequest:
 
 @dataclass(frozen=True)
 class StepResult:
-    logits: np.ndarray | None  # [segments, ...] each segment's logits (None: generated)
+    logits: np.ndarray | None  # decoder: [segments, ...] each segment's logits; encoder:
+    # [1, ...] the last segment's; None after a question
     state: State | None  # every pair [1, ...]: the sequence's state after the chunk, if asked
     generated: list[int] | None = None  # the ids generated after the question
 
@@ -104,21 +105,26 @@ class SequenceStore:
 
     def _step_chunks(self, requests, positions, results) -> dict[int, np.ndarray]:
         """Step the chunks of ``requests[positions]`` segment by segment, each round's
-        segments of equal width as one batch; returns each chunk's logits [segments,
-        ...]. A failed step puts its error in ``results`` for those requests."""
+        segments of equal width as one batch; returns each chunk's logits: a decoder's
+        of every segment [segments, ...], an encoder's of its last segment [1, ...] (the
+        others run without logits, as rmt-run runs them). A failed step puts its error
+        in ``results`` for those requests."""
         logits: dict[int, list[np.ndarray]] = {p: [] for p in positions}
         rounds = max((len(requests[p].input_ids) for p in positions), default=0)
         for index in range(rounds):
-            groups: dict[int, list[int]] = {}  # width -> request positions
+            groups: dict[tuple[int, bool], list[int]] = {}  # width, logits -> positions
             for p in positions:
-                if results[p] is None and index < len(requests[p].input_ids):
-                    groups.setdefault(requests[p].input_ids.shape[1], []).append(p)
-            for group in groups.values():
+                count = len(requests[p].input_ids)
+                if results[p] is None and index < count:
+                    wanted = not self.config.is_encoder or index == count - 1
+                    groups.setdefault((requests[p].input_ids.shape[1], wanted), []).append(p)
+            for (_, wanted), group in groups.items():
                 batch = [requests[p] for p in group]
                 try:
                     out = self.stepper.run([r.sequence_id for r in batch],
                                            np.stack([r.input_ids[index] for r in batch]),
-                                           np.stack([r.attention_mask[index] for r in batch]))
+                                           np.stack([r.attention_mask[index] for r in batch]),
+                                           logits=wanted)
                 except Exception as error:  # a backend failure: report it
                     text = str(error).strip()
                     message = text.splitlines()[0][:200] if text else ""
@@ -128,8 +134,9 @@ class SequenceStore:
                     for p in group:
                         results[p] = failure
                     continue
-                for row, p in enumerate(group):
-                    logits[p].append(out[row])
+                if wanted:
+                    for row, p in enumerate(group):
+                        logits[p].append(out[row])
         return {p: np.stack(rows) for p, rows in logits.items() if rows}
 
     def _generate(self, request: StepRequest) -> list[int]:
