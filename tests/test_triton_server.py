@@ -11,6 +11,7 @@ RMT_REQUIRE_TRITON=1 (CI), where that is a failure.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -291,6 +292,35 @@ def test_decoder_answers_as_rmt_run_generate_from_a_context_read_once(server, de
         again = client.generate(902, second, options, start=True, end=True,
                                 state_in=answers[0].state)
         assert again.ids == expected[1]
-        client.generate(901, first, options, end=True)
+        with pytest.raises(ServingError, match="cannot generate 100 tokens"):
+            client.generate(901, first, GenerationOptions(max_new_tokens=100))
+        with pytest.raises(ServingError, match="a question is 1 to"):
+            client.generate(901, context, options)
+        assert client.generate(901, first, options, end=True).ids == expected[0]  # unchanged
         with pytest.raises(ServingError, match="must specify the START flag"):  # ended
             client.generate(901, first, options)
+
+
+def test_rmt_triton_run_generate_prints_rmt_run_generate_ids(server, decoder_export, tmp_path):
+    """rmt-triton-run --generate: the context streamed in chunks, the last segment the
+    question; the ids equal rmt-run --generate's (greedy), the JSON fields the same."""
+    from click.testing import CliRunner
+
+    from rmt_deploy.cli import run_main
+    from rmt_deploy.serving.cli import stream_main
+
+    config = open_model(decoder_export).config
+    (doc,) = documents(config, [4 * config.segment_size + 3], seed=7)
+    path = tmp_path / "doc.txt"
+    path.write_text(open_model(decoder_export).tokenizer.decode(doc))
+    local = CliRunner().invoke(run_main, [str(decoder_export), str(path), "--generate", "7",
+                                          "--json"])
+    served = CliRunner().invoke(stream_main, [str(path), "--model", str(decoder_export),
+                                              "--url", server.url, "--name", "dec",
+                                              "--chunk-tokens", str(2 * config.segment_size),
+                                              "--generate", "7", "--json"])
+    assert local.exit_code == 0 and served.exit_code == 0, local.output + served.output
+    expected, got = (json.loads(r.output.strip().splitlines()[-1]) for r in (local, served))
+    assert got["generated_ids"] == expected["generated_ids"] and expected["generated_ids"]
+    assert (got["generated"], got["tokens"], got["segments"]) == (
+        expected["generated"], expected["tokens"], expected["segments"])

@@ -157,12 +157,17 @@ class TritonClient:
         self.close()
 
     def run(self, document: Document, progress_file: str | Path | None = None,
-            sequence_id: int | None = None, save_every: int = 1,
-            end: bool = True) -> StreamResult:
+            sequence_id: int | None = None, save_every: int = 1, end: bool = True,
+            generate: GenerationOptions | None = None) -> StreamResult:
         """Stream one document as one sequence. With ``progress_file``, progress is saved
         after the chunk that completes every ``save_every`` segments, and, if the file
         exists, the run resumes there. ``end=False`` leaves the sequence open on the
-        server (a context that ``generate`` answers questions from)."""
+        server (a context that :meth:`generate` answers questions from). ``generate``
+        (decoders): generate after the document as ``rmt-run --generate`` does, its last
+        segment the question, the others the context."""
+        if generate is not None and (progress_file is not None or not end):
+            raise ServingError("generation ends the sequence and saves no progress; run "
+                               "without a progress file to generate")
         if progress_file is not None and self.keeps_state:
             raise ServingError(f"model {self.model!r} keeps the state inside Triton (implicit "
                                "state), so progress cannot be saved; serve it with "
@@ -173,7 +178,8 @@ class TritonClient:
             source = document_source(document, self.tokenizer, self.config, stack)
             digest = document_digest(source, self.config) if progress_file else ""
             saved = self._resume(progress_file, digest, len(source))
-            run = _Run(self, source, sequence_id, saved, end)
+            run = _Run(self, source, sequence_id, saved, end and generate is None,
+                       context_only=generate is not None)
             saved_at = run.first
             for _ in run.answer(self.send(run.chunks(self.chunk_segments))):
                 last = run.next_segment == run.total
@@ -181,7 +187,9 @@ class TritonClient:
                         last or run.next_segment - saved_at >= save_every):
                     save_progress(progress_file, run.progress(self.model_id, digest))
                     saved_at = run.next_segment
-        return StreamResult(run.output(), sequence_id, run.total - run.first,
+            output = run.output() if generate is None else run.generated(self.generate(
+                sequence_id, run.question(), generate, start=run.total == 1, end=True))
+        return StreamResult(output, sequence_id, run.total - run.first,
                             time.perf_counter() - started)
 
     def _resume(self, progress_file, digest: str, tokens: int) -> Progress | None:
@@ -249,6 +257,9 @@ class TritonClient:
         ``start`` a new sequence from ``state_in`` (a state an earlier run returned; one
         context read once answers many questions). ``end`` closes the sequence."""
         grpc = self._grpc
+        if self.config.is_encoder:
+            raise ServingError(f"model {self.model!r} is an encoder: it answers with a label "
+                               "(run), and generation needs a decoder")
         question = np.asarray(question, np.int64)
         if not 1 <= len(question) <= self.config.segment_size:
             raise ServingError(f"a question is 1 to {self.config.segment_size} tokens (one "
@@ -332,10 +343,12 @@ class _Run:
     """One document's segments on the server, and what its answer is built from."""
 
     def __init__(self, client: TritonClient, source: TokenSource, sequence_id: int,
-                 saved: Progress | None, end: bool = True) -> None:
+                 saved: Progress | None, end: bool = True, context_only: bool = False) -> None:
+        """``context_only``: stream every segment but the last (the question)."""
         self.source, self.sequence_id, self.end = source, sequence_id, end
         self.config = client.config
         self.total = count_segments(len(source), self.config)
+        self.streamed = self.total - 1 if context_only else self.total
         self.first = saved.next_segment if saved else 0
         self.state = ({name: array[None] for name, array in saved.state.items()} if saved
                       else None)
@@ -355,9 +368,9 @@ class _Run:
         out as wide as the others); the first is START (carrying the saved state where
         resuming), the last END unless the run leaves the sequence open."""
         index = self.first
-        while index < self.total:
+        while index < self.streamed:
             segments = [self._segment(index)]
-            while len(segments) < size and index + len(segments) < self.total:
+            while len(segments) < size and index + len(segments) < self.streamed:
                 following = self._segment(index + len(segments))
                 if not self.config.is_encoder and len(following) != len(segments[0]):
                     break
@@ -367,7 +380,7 @@ class _Run:
             start = index == self.first
             index += len(segments)
             yield Chunk(self.sequence_id, input_ids, attention_mask, start,
-                        self.end and index == self.total, self.state if start else None)
+                        self.end and index == self.streamed, self.state if start else None)
 
     def answer(self, answers: Iterable[Answer]) -> Iterator[Answer]:
         """Read each chunk's answer in order (its logits into the result, its state
@@ -390,6 +403,16 @@ class _Run:
         return Progress(model_id, digest, len(self.source), self.next_segment,
                         {name: array[0] for name, array in self.state.items()},
                         self.logits, meter.nll, meter.count)
+
+    def question(self) -> np.ndarray:
+        return self._segment(self.total - 1)
+
+    def generated(self, answer: Generation) -> DecoderOutput:
+        """rmt-run --generate's output: no perplexity, the generated ids and text."""
+        memory = None if answer.state is None else answer.state[
+            reported(self.config).name_in][0]
+        return decoder_output(self.config, None, memory, len(self.source), answer.ids,
+                              answer.text)
 
     def output(self) -> EncoderOutput | DecoderOutput:
         memory = None if self.state is None else self.state[reported(self.config).name_in][0]
