@@ -296,9 +296,29 @@ def test_decoder_answers_as_rmt_run_generate_from_a_context_read_once(server, de
             client.generate(901, first, GenerationOptions(max_new_tokens=100))
         with pytest.raises(ServingError, match="a question is 1 to"):
             client.generate(901, context, options)
+        for bad, says in (("not json", "must be a JSON object"),
+                          ('{"max_new_tokens": 0}', "max_new_tokens must be a positive int"),
+                          ('{"beams": 2}', "unknown option beams"),
+                          ('{"max_new_tokens": 2, "temperature": "hot"}', "real number")):
+            with pytest.raises(ServingError, match=f"parameter generate: .*{says}"):
+                raw_generate(client, 901, first, bad)
         assert client.generate(901, first, options, end=True).ids == expected[0]  # unchanged
         with pytest.raises(ServingError, match="must specify the START flag"):  # ended
             client.generate(901, first, options)
+
+
+def raw_generate(client: TritonClient, sequence_id: int, question, parameter: str):
+    """A question sent with the request parameter ``generate`` as given."""
+    import tritonclient.grpc as grpc
+
+    ids, mask = step_inputs([np.asarray(question)], client.config)
+    inputs = []
+    for name, array in (("input_ids", ids[None]), ("attention_mask", mask[None])):
+        tensor = grpc.InferInput(name, list(array.shape), "INT64")
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    client._call(client._client.infer, client.model, inputs, sequence_id=sequence_id,
+                 parameters={"generate": parameter})
 
 
 def test_rmt_triton_run_generate_prints_rmt_run_generate_ids(server, decoder_export, tmp_path):

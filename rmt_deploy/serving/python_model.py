@@ -7,6 +7,7 @@ GenerationOptions), a question to answer. Runs inside Triton's python stub only.
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,7 @@ def _step_request(request, pairs) -> StepRequest | ServingError:
     sequence = int(_input(request, CORRID).reshape(-1)[0])
     try:
         generate = _generation(request)
-    except (InputError, TypeError, ValueError) as error:
+    except (InputError, TypeError, ValueError) as error:  # TypeError: a value of a wrong type
         return ServingError(f"sequence {sequence}: request parameter {GENERATE_PARAMETER}: "
                             f"{error}")
     return StepRequest(
@@ -88,9 +89,17 @@ def _generation(request) -> GenerationOptions | None:
     value = json.loads(request.parameters() or "{}").get(GENERATE_PARAMETER)
     if value is None:
         return None
-    options = json.loads(value) if isinstance(value, str) else None
+    names = [field.name for field in fields(GenerationOptions)]
+    expected = f"must be a JSON object of generation options ({', '.join(names)})"
+    try:
+        options = json.loads(value) if isinstance(value, str) else None
+    except ValueError:
+        raise ValueError(expected) from None
     if not isinstance(options, dict):
-        raise ValueError("must be a JSON object of generation options")
+        raise ValueError(expected)
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ValueError(f"unknown option {', '.join(unknown)}; {expected}")
     return GenerationOptions(**options)
 
 
