@@ -214,7 +214,7 @@ class TritonClient:
                    callback=lambda result, error: answers.put((result, error)))
         try:
             pending: dict[str, Chunk] = {}
-            done: dict[str, tuple] = {}
+            done: dict[str, object] = {}  # request id -> its InferResult, if come early
             order: list[str] = []
             for number, chunk in enumerate(chunks):
                 while len(order) >= self.in_flight:
