@@ -79,6 +79,10 @@ def test_python_backend_repository(export_fixture, request, tmp_path):
     assert config.parameters["rmt_model_id"].string_value == model_identity(manifest)
     assert (folder / "1" / "model.py").read_text() == PYTHON_MODEL.read_text()
     assert read_manifest(folder / "1" / "export").graphs[STEP].sha256 == graph.sha256
+    assert not config.model_transaction_policy.decoupled
+    result = rmt_triton(tmp_path / "repo", "--model", export, "--name", "s", "--decoupled")
+    assert result.exit_code == 0, result.output
+    assert read_config(tmp_path / "repo" / "s").model_transaction_policy.decoupled
 
 
 @pytest.mark.parametrize("export_fixture", ["encoder_export", "decoder_export"])
@@ -123,6 +127,9 @@ def test_repository_errors_are_one_line_and_leave_nothing(encoder_export, tmp_pa
     assert result.exit_code == 1 and "no rmt.json there" in result.stderr
     result = rmt_triton(tmp_path, "--model", encoder_export, "--precision", "fp16")
     assert result.exit_code == 1 and "no fp16 step graph" in result.stderr
+    result = rmt_triton(tmp_path, "--model", encoder_export, "--backend", "onnxruntime",
+                        "--decoupled")
+    assert result.exit_code == 1 and "only the python backend" in result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 

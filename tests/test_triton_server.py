@@ -106,6 +106,8 @@ def repo(encoder_export, decoder_export, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("triton") / "repo"
     write_repository(repo, encoder_export, ServingOptions(name="enc", max_batch_size=16))
     write_repository(repo, decoder_export, ServingOptions(name="dec", max_batch_size=4))
+    write_repository(repo, decoder_export, ServingOptions(name="dec_stream", max_batch_size=4,
+                                                          decoupled=True))
     return repo
 
 
@@ -344,3 +346,21 @@ def test_rmt_triton_run_generate_prints_rmt_run_generate_ids(server, decoder_exp
     assert got["generated_ids"] == expected["generated_ids"] and expected["generated_ids"]
     assert (got["generated"], got["tokens"], got["segments"]) == (
         expected["generated"], expected["tokens"], expected["segments"])
+
+
+def test_a_decoupled_decoder_sends_tokens_as_they_are_made(server, decoder_export):
+    """rmt-triton --decoupled: each token comes as it is made, then the whole answer;
+    chunks are answered as by the model that is not decoupled."""
+    model = open_model(decoder_export)
+    config = model.config
+    context, question = documents(config, [3 * config.segment_size, 4], seed=8)
+    options = GenerationOptions(max_new_tokens=8, temperature=0.8, seed=3)
+    expected = model.run_one(context + question, generate=options).generated_ids
+    with TritonClient(decoder_export, server.url, "dec_stream",
+                      chunk_tokens=2 * config.segment_size) as client:
+        assert client.decoupled
+        assert_same(client.run(context).output, model.run_one(context))
+        client.run(context, sequence_id=31, end=False)
+        made: list[int] = []
+        answer = client.generate(31, question, options, end=True, on_token=made.append)
+    assert made == answer.ids == expected

@@ -38,9 +38,12 @@ from rmt_deploy.parameters import POSITIVE_SECONDS, SEED, Temperature
               help="Model instances.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32",
               show_default=True, help="Which of the export's step graphs to serve.")
+@click.option("--decoupled", is_flag=True,
+              help="python backend, decoders: send generated tokens as they are made "
+                   "(Triton's decoupled mode; clients then use gRPC streaming).")
 @_user_errors("rmt-triton", "writing the repository entry")
 def triton_main(repo, export, name, backend, max_batch_size, idle_seconds, strategy,
-                max_sequences, instances, precision):
+                max_sequences, instances, precision, decoupled):
     """Write REPO/NAME, a Triton model repository entry for an exported RMT."""
     from rmt_deploy.serving.config import ServingOptions
     from rmt_deploy.serving.repository import write_repository
@@ -48,7 +51,7 @@ def triton_main(repo, export, name, backend, max_batch_size, idle_seconds, strat
     options = ServingOptions(name=name, backend=backend, max_batch_size=max_batch_size,
                              idle_seconds=idle_seconds, strategy=strategy,
                              max_candidate_sequences=max_sequences, instances=instances,
-                             precision=precision)
+                             precision=precision, decoupled=decoupled)
     folder = write_repository(repo, export, options)
     echo(f"wrote {folder} ({backend} backend); serve it with tritonserver "
          f"--model-repository {repo}")

@@ -17,7 +17,7 @@ import json
 import queue
 import secrets
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -140,6 +140,7 @@ class TritonClient:
         self.pairs = state_pairs(self.config)
         outputs = {o["name"] for o in served.get("output", [])}
         self.keeps_state = not any(pair.name_out in outputs for pair in self.pairs)
+        self.decoupled = bool(served.get("model_transaction_policy", {}).get("decoupled"))
         ids = next(i for i in served.get("input", []) if i["name"] == INPUT_IDS)
         self.chunked = len(ids.get("dims", [])) == 2  # [segments, positions]
         segment_bytes = 4 * self.config.segment_size * self.config.vocab_size
@@ -251,11 +252,14 @@ class TritonClient:
 
     def generate(self, sequence_id: int, question: Sequence[int] | np.ndarray,
                  options: GenerationOptions, start: bool = False, end: bool = False,
-                 state_in: Mapping[str, np.ndarray] | None = None) -> Generation:
+                 state_in: Mapping[str, np.ndarray] | None = None,
+                 on_token: Callable[[int], None] | None = None) -> Generation:
         """Decoders: the answer to ``question`` (content token ids, one segment) from the
         sequence's state: the context streamed before it (chunks without END), or with
         ``start`` a new sequence from ``state_in`` (a state an earlier run returned; one
-        context read once answers many questions). ``end`` closes the sequence."""
+        context read once answers many questions). ``end`` closes the sequence. From a
+        decoupled model (rmt-triton --decoupled), ``on_token`` sees each token as it is
+        made."""
         grpc = self._grpc
         if self.config.is_encoder:
             raise ServingError(f"model {self.model!r} is an encoder: it answers with a label "
@@ -270,15 +274,46 @@ class TritonClient:
         outputs = [grpc.InferRequestedOutput(GENERATED)] + [
             grpc.InferRequestedOutput(pair.name_out) for pair in self.pairs
             if not self.keeps_state]
-        result = self._call(
-            self._client.infer, self.model, inputs, outputs=outputs, sequence_id=sequence_id,
-            sequence_start=start, sequence_end=end, client_timeout=self.timeout,
-            parameters={GENERATE_PARAMETER: json.dumps(asdict(options))})
+        parameters = {GENERATE_PARAMETER: json.dumps(asdict(options))}
+        if self.decoupled:
+            result = self._streamed(chunk, inputs, outputs, parameters, on_token)
+        else:
+            result = self._call(
+                self._client.infer, self.model, inputs, outputs=outputs,
+                sequence_id=sequence_id, sequence_start=start, sequence_end=end,
+                client_timeout=self.timeout, parameters=parameters)
         generated = result.as_numpy(GENERATED)[0].tolist()
         text = self.tokenizer.decode(generated) if self.tokenizer and generated else None
         state = None if self.keeps_state else {
             pair.name_in: result.as_numpy(pair.name_out) for pair in self.pairs}
         return Generation(generated, text, state)
+
+    def _streamed(self, chunk: Chunk, inputs: list, outputs: list, parameters: dict,
+                  on_token: Callable[[int], None] | None):
+        """A question to a decoupled model: each token's response goes to ``on_token``;
+        returns the final response (every id, the state)."""
+        answers: queue.Queue = queue.Queue()
+        self._call(self._client.start_stream,
+                   callback=lambda result, error: answers.put((result, error)))
+        try:
+            self._call(self._client.async_stream_infer, self.model, inputs, outputs=outputs,
+                       sequence_id=chunk.sequence_id, sequence_start=chunk.start,
+                       sequence_end=chunk.end, parameters=parameters,
+                       enable_empty_final_response=True)
+            while True:
+                try:
+                    result, error = answers.get(timeout=self.timeout)
+                except queue.Empty:
+                    raise ServingError(f"Triton at {self.url} did not answer within "
+                                       f"{self.timeout:g} s; check the server") from None
+                if error is not None:
+                    raise self._failure(error)
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    return result
+                if on_token is not None:
+                    on_token(int(result.as_numpy(GENERATED)[0, 0]))
+        finally:
+            self._client.stop_stream(cancel_requests=True)
 
     def _tensors(self, chunk: Chunk) -> tuple[list, list]:
         from tritonclient.utils import np_to_triton_dtype

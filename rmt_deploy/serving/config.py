@@ -66,6 +66,7 @@ class ServingOptions:
     max_candidate_sequences: int = 1024  # oldest: sequences open at once per instance
     instances: int = 1
     precision: str = "fp32"  # onnxruntime: which of the export's step graphs
+    decoupled: bool = False  # python backend: generated tokens are sent as they are made
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -78,6 +79,9 @@ class ServingOptions:
             raise ConfigError(f"model name {self.name!r} is not a folder name; pick e.g. rmt")
         if min(self.max_batch_size, self.max_candidate_sequences, self.instances) < 1:
             raise ConfigError("max batch size, candidate sequences and instances must be >= 1")
+        if self.decoupled and self.backend != "python":
+            raise ConfigError("--decoupled streams generated tokens, which only the python "
+                              "backend serves; drop it or use --backend python")
         if self.idle_seconds <= 0:
             raise ConfigError(f"idle timeout must be positive, got {self.idle_seconds}")
 
@@ -123,6 +127,7 @@ def model_config(manifest: Manifest, options: ServingOptions, graph_key: str = S
     if chunks:
         if not manifest.config.is_encoder:
             config.output.add(name=GENERATED, data_type=pb2.TYPE_INT64, dims=[-1])
+        config.model_transaction_policy.decoupled = options.decoupled
         group.kind = pb2.ModelInstanceGroup.KIND_CPU
         for pair in state_pairs(manifest.config):
             state_in = config.input.add()

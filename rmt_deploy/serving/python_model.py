@@ -2,7 +2,9 @@
 rmt-triton). It runs rmt-deploy's ONNX Runtime step on the export in ``1/export/`` and
 keeps each sequence's state by correlation id. A request carries a chunk of segments
 ([1, segments, positions]) or, with the request parameter ``generate`` (JSON of
-GenerationOptions), a question to answer. Runs inside Triton's python stub only."""
+GenerationOptions), a question to answer. Decoupled (rmt-triton --decoupled), a
+question's tokens are sent as they are made, each a response with ``generated`` [1, 1],
+before its final response. Runs inside Triton's python stub only."""
 
 from __future__ import annotations
 
@@ -45,13 +47,22 @@ class TritonPythonModel:
         engine = OnnxRuntimeEngine(manifest, RuntimeOptions(precision=precision), device="cpu")
         self.store = SequenceStore(engine, manifest.load_initial_state(), idle)
         self.pairs = state_pairs(manifest.config)
+        self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled"))
 
-    def execute(self, requests: list) -> list:
-        parsed = [_step_request(request, self.pairs) for request in requests]
+    def execute(self, requests: list) -> list | None:
+        senders = [request.get_response_sender() for request in requests] \
+            if self.decoupled else [None] * len(requests)
+        parsed = [_step_request(request, self.pairs, sender)
+                  for request, sender in zip(requests, senders, strict=True)]
         valid = [request for request in parsed if isinstance(request, StepRequest)]
         done = iter(self.store.execute(valid))
-        return [_response(request if isinstance(request, ServingError) else next(done),
-                          self.pairs) for request in parsed]
+        responses = [_response(request if isinstance(request, ServingError) else next(done),
+                               self.pairs) for request in parsed]
+        if not self.decoupled:
+            return responses
+        for sender, response in zip(senders, responses, strict=True):
+            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
 
     def finalize(self) -> None:
         self.store.close()
@@ -63,7 +74,7 @@ def _input(request, name: str) -> np.ndarray | None:
     return None if tensor is None else tensor.as_numpy()
 
 
-def _step_request(request, pairs) -> StepRequest | ServingError:
+def _step_request(request, pairs, sender=None) -> StepRequest | ServingError:
     state = {pair.name_in: _input(request, pair.name_in) for pair in pairs}
     wanted = request.requested_output_names()
     sequence = int(_input(request, CORRID).reshape(-1)[0])
@@ -81,7 +92,16 @@ def _step_request(request, pairs) -> StepRequest | ServingError:
         state_in={name: value for name, value in state.items() if value is not None} or None,
         wants_state=any(pair.name_out in wanted for pair in pairs),
         generate=generate,
+        on_token=None if sender is None or generate is None else _token_sender(sender),
     )
+
+
+def _token_sender(sender):
+    """Sends each generated token as a response of its own (decoupled mode)."""
+    def send(token: int) -> None:
+        tensor = pb_utils.Tensor(GENERATED, np.array([[token]], np.int64))
+        sender.send(pb_utils.InferenceResponse(output_tensors=[tensor]))
+    return send
 
 
 def _generation(request) -> GenerationOptions | None:

@@ -36,6 +36,7 @@ class StepRequest:
     # sequence (START only)
     wants_state: bool = True  # whether the response carries the state after the chunk
     generate: GenerationOptions | None = None
+    on_token: Callable[[int], None] | None = None  # generation: sees each token as made
 
 
 @dataclass(frozen=True)
@@ -142,8 +143,10 @@ class SequenceStore:
     def _generate(self, request: StepRequest) -> list[int]:
         question = request.input_ids[0][request.attention_mask[0] == 1]
         try:
+            made = None if request.on_token is None else (
+                lambda tokens: request.on_token(int(tokens[0])))
             (generated,) = self.stepper.generate([request.sequence_id], [question],
-                                                 request.generate)
+                                                 request.generate, on_tokens=made)
         except Exception as error:  # a backend failure: report it
             text = str(error).strip()
             raise ServingError(f"generation failed ({type(error).__name__}: "
