@@ -7,7 +7,8 @@
 #
 #   bash scripts/triton_ngc_check.sh [EXPORT] [INPUT]
 #   defaults: out/demo-export out/demo-input/sample_00000.txt (from scripts/demo.sh)
-#   TRITON_IMAGE (nvcr.io/nvidia/tritonserver:25.10-py3), TRITON_PORT (8000),
+#   TRITON_IMAGE (nvcr.io/nvidia/tritonserver:25.10-py3), TRITON_PORT (8000, HTTP: health),
+#   TRITON_GRPC_PORT (8001: the client),
 #   RMT_VENV (.venv: rmt-deploy with the serving extra)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,7 @@ EXPORT=${1:-out/demo-export}
 INPUT=${2:-out/demo-input/sample_00000.txt}
 IMAGE=${TRITON_IMAGE:-nvcr.io/nvidia/tritonserver:25.10-py3}
 PORT=${TRITON_PORT:-8000}
+GRPC_PORT=${TRITON_GRPC_PORT:-8001}
 BIN=${RMT_VENV:-.venv}/bin
 WORK=$(mktemp -d)
 REPO=$WORK/repo
@@ -29,7 +31,8 @@ fi
 
 GPU=()
 if command -v nvidia-smi >/dev/null 2>&1; then GPU=(--gpus all); fi
-CONTAINER=$(docker run -d --rm "${GPU[@]}" -p "127.0.0.1:$PORT:8000" -v "$REPO:/models:ro" \
+CONTAINER=$(docker run -d --rm "${GPU[@]}" -p "127.0.0.1:$PORT:8000" \
+    -p "127.0.0.1:$GRPC_PORT:8001" -v "$REPO:/models:ro" \
     "$IMAGE" tritonserver --model-repository=/models)
 trap 'docker logs "$CONTAINER" > "$WORK/triton.log" 2>&1 || true; docker stop "$CONTAINER" >/dev/null || true' EXIT
 for _ in $(seq 240); do
@@ -41,7 +44,7 @@ curl -sf "127.0.0.1:$PORT/v2/health/ready" >/dev/null || {
 
 "$BIN/rmt-run" "$EXPORT" "$INPUT" --json > "$WORK/local.json"
 for model in "${MODELS[@]}"; do
-    "$BIN/rmt-triton-run" "$INPUT" --model "$EXPORT" --url "127.0.0.1:$PORT" --name "$model" \
+    "$BIN/rmt-triton-run" "$INPUT" --model "$EXPORT" --url "127.0.0.1:$GRPC_PORT" --name "$model" \
         --json > "$WORK/$model.json"
     "$BIN/python" - "$WORK/local.json" "$WORK/$model.json" "$model" <<'PY'
 import json, sys
@@ -54,6 +57,7 @@ print(json.dumps({"model": sys.argv[3], "label": served["label"], "rmt_run_label
                   "seconds": served["seconds"], "rmt_run_seconds": local["seconds"]}))
 sys.exit(0 if same else f"triton_ngc_check: {sys.argv[3]} answers differently from rmt-run")
 PY
-    "$BIN/python" scripts/triton_measure.py --model "$EXPORT" --url "127.0.0.1:$PORT" --name "$model"
+    "$BIN/python" scripts/triton_measure.py --model "$EXPORT" --url "127.0.0.1:$GRPC_PORT" \
+        --name "$model"
 done
 echo "triton_ngc_check: ${MODELS[*]} agree with rmt-run"

@@ -308,6 +308,26 @@ def test_state_restores_in_another_process(encoder_model, encoder_export, tmp_pa
     np.testing.assert_array_equal(np.float32(got["memory"]), expected.memory)
 
 
+@pytest.mark.parametrize("pooled", [False, True])
+def test_forks_read_a_context_once_and_answer_many(model, pooled):
+    """Forks of a session mid-word go on apart; each equals run_one on the context and
+    its own question, and the session forked is unchanged (alone or in a pool)."""
+    rng = random.Random(11)
+    context = random_text(model, rng, 40)[:-1]  # ends inside a word
+    questions = [random_text(model, rng, n) for n in (3, 9, 1)]
+    pool = SessionPool(model) if pooled else None
+    session = model.session() if pool is None else pool.get(pool.open())
+    session.feed(context)
+    forks = [session.fork() for _ in questions]
+    for fork, question in zip(forks, questions, strict=True):
+        fork.feed(question)
+    for fork, question in zip(forks, questions, strict=True):
+        assert_same(fork.close(), model.run_one(context + question))
+    assert_same(session.close(), model.run_one(context))
+    if pool is not None:
+        pool.shutdown()
+
+
 def test_state_from_another_model_is_refused(encoder_model, decoder_model, encoder_checkpoint):
     encoder_state = encoder_model.session().save()
     with pytest.raises(InputError) as error:

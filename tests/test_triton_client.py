@@ -16,7 +16,7 @@ from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
 from rmt_deploy.runtime.options import RuntimeOptions
 from rmt_deploy.runtime.tokens import manifest_tokenizer
 from rmt_deploy.segmentation import content_id_range
-from rmt_deploy.serving.client import TritonClient
+from rmt_deploy.serving.client import Answer, TritonClient
 from rmt_deploy.serving.errors import StateFileError
 from rmt_deploy.serving.identity import model_identity
 from rmt_deploy.serving.progress import Progress, load_progress, save_progress
@@ -24,26 +24,28 @@ from rmt_deploy.serving.sequences import SequenceStore, StepRequest
 
 
 class LocalClient(TritonClient):
-    """A TritonClient whose server is a SequenceStore in this process; ``stop_after``
-    steps, the client is stopped (KeyboardInterrupt)."""
+    """A TritonClient whose server is a SequenceStore in this process, sent chunks of
+    ``chunk_segments`` segments; after ``stop_after`` chunks, the client is stopped
+    (KeyboardInterrupt)."""
 
-    def __init__(self, export, stop_after: int | None = None) -> None:
+    def __init__(self, export, stop_after: int | None = None, chunk_segments: int = 1) -> None:
         manifest = read_manifest(export)
         self.config, self.model_id = manifest.config, model_identity(manifest)
         self.tokenizer = manifest_tokenizer(manifest)
-        self.model, self.keeps_state = "local", False
+        self.model, self.keeps_state, self.chunk_segments = "local", False, chunk_segments
         engine = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=1))
         self.store = SequenceStore(engine, manifest.load_initial_state(), idle_seconds=60)
-        self.stop_after, self.steps = stop_after, 0
+        self.stop_after, self.chunks = stop_after, 0
 
-    def step(self, sequence_id, input_ids, attention_mask, start, end, state_in=None,
-             want_state=True):
-        if self.stop_after is not None and self.steps == self.stop_after:
-            raise KeyboardInterrupt
-        self.steps += 1
-        (result,) = self.store.execute([StepRequest(sequence_id, start, end, input_ids,
-                                                    attention_mask, state_in, want_state)])
-        return result.logits, result.state
+    def send(self, chunks):
+        for chunk in chunks:
+            if self.stop_after is not None and self.chunks == self.stop_after:
+                raise KeyboardInterrupt
+            self.chunks += 1
+            (result,) = self.store.execute([StepRequest(
+                chunk.sequence_id, chunk.start, chunk.end, chunk.input_ids,
+                chunk.attention_mask, chunk.state_in)])
+            yield Answer(result.logits, result.state)
 
 
 def same(got, expected) -> None:
@@ -62,7 +64,9 @@ def export(request, encoder_export, memory_decoder_export):
     return encoder_export if request.param == "encoder" else memory_decoder_export
 
 
-def test_a_stopped_run_resumes_from_its_progress_to_the_same_answer(export, tmp_path):
+@pytest.mark.parametrize("size", [1, 3])
+def test_a_stopped_run_resumes_from_its_progress_to_the_same_answer(export, size, tmp_path):
+    """Chunks of one or several segments: the answer equals run_one's bit for bit."""
     model = open_model(export, threads=1)
     config = model.config
     low, high = content_id_range(config)
@@ -70,14 +74,14 @@ def test_a_stopped_run_resumes_from_its_progress_to_the_same_answer(export, tmp_
     for n in (config.segment_size * 4 + 1, config.segment_size * 5):
         doc = rng.integers(low, high, n).tolist()
         local = model.run_one(doc)
-        same(LocalClient(export).run(doc).output, local)
-        for stop in (1, 2, local.segments - 1):
-            progress = tmp_path / f"progress-{n}-{stop}"
+        same(LocalClient(export, chunk_segments=size).run(doc).output, local)
+        for stop in sorted({1, (local.segments - 1) // size}):
+            progress = tmp_path / f"progress-{n}-{stop}-{size}"
             with pytest.raises(KeyboardInterrupt):
-                LocalClient(export, stop_after=stop).run(doc, progress_file=progress)
-            assert load_progress(progress, config).next_segment == stop
-            resumed = LocalClient(export).run(doc, progress_file=progress)  # a new server
-            assert resumed.segments_sent == local.segments - stop
+                LocalClient(export, stop, size).run(doc, progress_file=progress)
+            assert load_progress(progress, config).next_segment == stop * size
+            resumed = LocalClient(export, chunk_segments=size).run(doc, progress_file=progress)
+            assert resumed.segments_sent == local.segments - stop * size
             same(resumed.output, local)
 
 

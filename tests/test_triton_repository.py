@@ -45,6 +45,12 @@ def expected(specs, names) -> dict:
             for s in specs if s.name in names}
 
 
+def chunked(tensors: dict, names: set) -> dict:
+    """``tensors`` with a leading axis of segments on those in ``names``."""
+    return {name: (kind, [-1, *dims] if name in names else dims)
+            for name, (kind, dims) in tensors.items()}
+
+
 @pytest.mark.parametrize("export_fixture", ["encoder_export", "decoder_export"])
 def test_python_backend_repository(export_fixture, request, tmp_path):
     export = request.getfixturevalue(export_fixture)
@@ -54,10 +60,13 @@ def test_python_backend_repository(export_fixture, request, tmp_path):
     config, manifest = read_config(folder), read_manifest(export)
     graph = manifest.graphs[STEP]
     assert (config.name, config.backend, config.max_batch_size) == ("m", "python", 4)
-    assert declared(config.input) == expected(graph.inputs, {"input_ids", "attention_mask",
-                                                             "memory_in"})
+    chunk = {"input_ids", "attention_mask", "logits"}  # a request carries [segments, ...]
+    assert declared(config.input) == chunked(expected(graph.inputs, {
+        "input_ids", "attention_mask", "memory_in"}), chunk)
     assert [t.name for t in config.input if t.optional] == ["memory_in"]
-    assert declared(config.output) == expected(graph.outputs, {"logits", "memory_out"})
+    generated = {} if manifest.config.is_encoder else {"generated": (TYPES["int64"], [-1])}
+    assert declared(config.output) == chunked(expected(graph.outputs, {
+        "logits", "memory_out"}), chunk) | generated
     controls = {c.name: c.control[0] for c in config.sequence_batching.control_input}
     kinds = pb2.ModelSequenceBatching.Control
     assert {name: c.kind for name, c in controls.items()} == {
@@ -70,6 +79,10 @@ def test_python_backend_repository(export_fixture, request, tmp_path):
     assert config.parameters["rmt_model_id"].string_value == model_identity(manifest)
     assert (folder / "1" / "model.py").read_text() == PYTHON_MODEL.read_text()
     assert read_manifest(folder / "1" / "export").graphs[STEP].sha256 == graph.sha256
+    assert not config.model_transaction_policy.decoupled
+    result = rmt_triton(tmp_path / "repo", "--model", export, "--name", "s", "--decoupled")
+    assert result.exit_code == 0, result.output
+    assert read_config(tmp_path / "repo" / "s").model_transaction_policy.decoupled
 
 
 @pytest.mark.parametrize("export_fixture", ["encoder_export", "decoder_export"])
@@ -114,6 +127,9 @@ def test_repository_errors_are_one_line_and_leave_nothing(encoder_export, tmp_pa
     assert result.exit_code == 1 and "no rmt.json there" in result.stderr
     result = rmt_triton(tmp_path, "--model", encoder_export, "--precision", "fp16")
     assert result.exit_code == 1 and "no fp16 step graph" in result.stderr
+    result = rmt_triton(tmp_path, "--model", encoder_export, "--backend", "onnxruntime",
+                        "--decoupled")
+    assert result.exit_code == 1 and "only the python backend" in result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 

@@ -1,7 +1,9 @@
 """A real Triton server (the tritonserver binary of .venv-triton, python backend) on
-127.0.0.1, checked against the local runtime on the same exports: one sequence, 16
-concurrent interleaved sequences, a sequence restarted with START, bad requests, and a
-server restart with a client that resumes from its saved progress.
+127.0.0.1, checked against the local runtime on the same exports: one sequence in
+chunks of several segments, pipelined over gRPC, 16 concurrent interleaved sequences, a
+sequence restarted with START, bad requests, a server restart with a client that
+resumes from its saved progress, and a decoder answering questions as rmt-run
+--generate does, from a context read once.
 
 Skipped when .venv-triton is absent (bash scripts/setup_triton.sh), unless
 RMT_REQUIRE_TRITON=1 (CI), where that is a failure.
@@ -9,6 +11,7 @@ RMT_REQUIRE_TRITON=1 (CI), where that is a failure.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -22,8 +25,9 @@ import pytest
 pytest.importorskip("tritonclient.http")
 
 from rmt_deploy.runtime import open_model  # noqa: E402
+from rmt_deploy.runtime.generation import GenerationOptions  # noqa: E402
 from rmt_deploy.segmentation import content_id_range, segment_range, step_inputs  # noqa: E402
-from rmt_deploy.serving.client import TritonClient, stream_concurrently  # noqa: E402
+from rmt_deploy.serving.client import Chunk, TritonClient, stream_concurrently  # noqa: E402
 from rmt_deploy.serving.config import ServingOptions  # noqa: E402
 from rmt_deploy.serving.errors import ServingError, StateFileError  # noqa: E402
 from rmt_deploy.serving.progress import load_progress, save_progress  # noqa: E402
@@ -57,7 +61,7 @@ class Server:
 
     def __init__(self, repo: Path, log: Path) -> None:
         http, grpc, metrics = free_ports(3)
-        self.url = f"127.0.0.1:{http}"
+        self.http, self.url = f"127.0.0.1:{http}", f"127.0.0.1:{grpc}"  # url: gRPC
         self.log = log
         with open(log, "ab") as out:
             self.process = subprocess.Popen(
@@ -71,7 +75,7 @@ class Server:
     def _wait_ready(self, repo: Path) -> None:
         import tritonclient.http as http
 
-        client = http.InferenceServerClient(self.url)
+        client = http.InferenceServerClient(self.http)
         models = [p.name for p in repo.iterdir()]
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -102,6 +106,8 @@ def repo(encoder_export, decoder_export, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("triton") / "repo"
     write_repository(repo, encoder_export, ServingOptions(name="enc", max_batch_size=16))
     write_repository(repo, decoder_export, ServingOptions(name="dec", max_batch_size=4))
+    write_repository(repo, decoder_export, ServingOptions(name="dec_stream", max_batch_size=4,
+                                                          decoupled=True))
     return repo
 
 
@@ -116,6 +122,24 @@ def documents(config, lengths, seed: int) -> list[list[int]]:
     low, high = content_id_range(config)
     rng = np.random.default_rng(seed)
     return [rng.integers(low, high, size=int(n)).tolist() for n in lengths]
+
+
+def stop_after(client: TritonClient, answers: int, stop) -> None:
+    """Make ``client`` call ``stop()`` once ``answers`` chunks are answered (chunks sent
+    after them may still be in flight)."""
+    send = client.send
+
+    def stopping(chunks):
+        for count, answer in enumerate(send(chunks)):
+            if count == answers:
+                stop()
+            yield answer
+
+    client.send = stopping
+
+
+def interrupt() -> None:
+    raise KeyboardInterrupt  # the client is stopped mid-document
 
 
 def assert_same(served, local) -> None:
@@ -133,31 +157,28 @@ def test_one_sequence_equals_rmt_run(server, encoder_export, tmp_path):
     path = tmp_path / "doc.txt"
     path.write_text(text)
     local = open_model(encoder_export).run_one(path)
-    with TritonClient(encoder_export, server.url, "enc") as client:
+    size = open_model(encoder_export).config.segment_size
+    with TritonClient(encoder_export, server.url, "enc", chunk_tokens=5 * size) as client:
+        assert client.chunk_segments == 5
         result = client.run(path)
         assert_same(result.output, local)
         assert result.segments_sent == local.segments > 20
         assert_same(client.run(text).output, local)
+    with TritonClient(encoder_export, server.url, "enc", chunk_tokens=1, in_flight=1) as client:
+        assert_same(client.run(path).output, local)  # one segment a request, none ahead
 
 
 def test_decoder_perplexity_equals_rmt_run_and_resumes(server, decoder_export, tmp_path):
     (doc,) = documents(open_model(decoder_export).config, [47], seed=1)
     local = open_model(decoder_export).run_one(doc)
     progress = tmp_path / "progress.npz"
-    with TritonClient(decoder_export, server.url, "dec") as client:
+    size = open_model(decoder_export).config.segment_size
+    with TritonClient(decoder_export, server.url, "dec", chunk_tokens=2 * size) as client:
         assert_same(client.run(doc).output, local)
-        step, calls = client.step, []
-
-        def stop_after_four(*args, **kwargs):
-            calls.append(1)
-            if len(calls) > 4:
-                raise KeyboardInterrupt  # the client is stopped mid-document
-            return step(*args, **kwargs)
-
-        client.step = stop_after_four
+        stop_after(client, 2, interrupt)
         with pytest.raises(KeyboardInterrupt):
             client.run(doc, progress_file=progress)
-        client.step = step
+    with TritonClient(decoder_export, server.url, "dec", chunk_tokens=2 * size) as client:
         resumed = client.run(doc, progress_file=progress)
     assert resumed.segments_sent == local.segments - 4
     assert_same(resumed.output, local)
@@ -185,7 +206,7 @@ def test_start_restarts_a_sequence(server, encoder_export):
         for index in range(3):  # half a sequence, never ended
             ids, mask = step_inputs([np.asarray(first[index * 10:(index + 1) * 10])],
                                     model.config)
-            client.step(77, ids, mask, start=index == 0, end=False)
+            client.step(Chunk(77, ids, mask, start=index == 0, end=False))
         result = client.run(second, sequence_id=77)  # START again on the same id
     assert_same(result.output, model.run_one(second))
 
@@ -198,15 +219,15 @@ def test_bad_requests_fail_clearly_and_disturb_nothing(server, encoder_export, t
                             config) for i in range(6)]
     with TritonClient(encoder_export, server.url, "enc") as client:
         for index in range(3):  # sequence 501 is open when the bad requests come
-            client.step(501, *segments[index], start=index == 0, end=False)
+            client.step(Chunk(501, *segments[index], start=index == 0, end=False))
         ids, mask = segments[0]
         with pytest.raises(ServingError, match="must specify the START flag"):
-            client.step(502, ids, mask, start=False, end=False)
+            client.step(Chunk(502, ids, mask, start=False, end=False))
         wrong = np.zeros((1, config.num_mem_tokens + 1, config.hidden_size), np.float32)
         with pytest.raises(ServingError, match="memory_in"):
-            client.step(503, ids, mask, start=True, end=False, state_in={"memory_in": wrong})
+            client.step(Chunk(503, ids, mask, True, False, {"memory_in": wrong}))
         with pytest.raises(ServingError, match="token ids must lie in"):
-            client.step(504, ids + config.vocab_size, mask, start=True, end=True)
+            client.step(Chunk(504, ids + config.vocab_size, mask, start=True, end=True))
         # Progress from another model, or truncated: refused before anything is sent.
         progress = tmp_path / "progress.npz"
         partial = client.run(doc, progress_file=progress)
@@ -222,10 +243,10 @@ def test_bad_requests_fail_clearly_and_disturb_nothing(server, encoder_export, t
             client.run(doc[:-1], progress_file=other)  # writes it
             client.run(doc, progress_file=other)
         for index in range(3, 6):  # sequence 501 goes on as if nothing happened
-            logits, state = client.step(501, *segments[index], start=False, end=index == 5)
+            answer = client.step(Chunk(501, *segments[index], start=False, end=index == 5))
     local = model.run_one(doc)
-    np.testing.assert_allclose(logits[0], local.logits, atol=1e-5)
-    np.testing.assert_allclose(state["memory_in"][0], local.memory, atol=1e-5)
+    np.testing.assert_allclose(answer.logits[-1], local.logits, atol=1e-5)
+    np.testing.assert_allclose(answer.state["memory_in"][0], local.memory, atol=1e-5)
     assert_same(partial.output, local)
 
 
@@ -235,20 +256,13 @@ def test_server_restart_resumes_from_saved_progress(repo, encoder_export, tmp_pa
     progress = tmp_path / "progress.npz"
     server = Server(repo, tmp_path / "triton.log")
     try:
-        with TritonClient(encoder_export, server.url, "enc") as client:
-            sent = []
-            step = client.step
-
-            def step_then_crash(*args, **kwargs):
-                if len(sent) == 12:
-                    server.stop()  # the server goes away mid-document
-                sent.append(args[0])
-                return step(*args, **kwargs)
-
-            client.step = step_then_crash
-            with pytest.raises(ServingError, match="cannot reach Triton"):
+        size = model.config.segment_size
+        with TritonClient(encoder_export, server.url, "enc", chunk_tokens=3 * size) as client:
+            stop_after(client, 4, server.stop)  # the server goes away mid-document
+            with pytest.raises(ServingError, match=f"Triton at {server.url}"):
                 client.run(doc, progress_file=progress)
-        assert load_progress(progress, model.config).next_segment == 12
+        saved = load_progress(progress, model.config).next_segment  # the chunk in flight
+        assert saved in (15, 18)  # when the server stopped may have been answered
     finally:
         server.stop()
     restarted = Server(repo, tmp_path / "triton2.log")
@@ -258,5 +272,95 @@ def test_server_restart_resumes_from_saved_progress(repo, encoder_export, tmp_pa
     finally:
         restarted.stop()
     local = model.run_one(doc)
-    assert result.segments_sent == local.segments - 12
+    assert result.segments_sent == local.segments - saved
     assert_same(result.output, local)
+
+
+def test_decoder_answers_as_rmt_run_generate_from_a_context_read_once(server, decoder_export):
+    """The context streamed as an open sequence answers two questions, each as rmt-run
+    --generate answers context + question; its state, sent with START on a new sequence,
+    answers again without re-reading the context."""
+    model = open_model(decoder_export)
+    config = model.config
+    context, first, second = documents(config, [3 * config.segment_size, 4, 3], seed=6)
+    options = GenerationOptions(max_new_tokens=6)
+    expected = [model.run_one(context + question, generate=options).generated_ids
+                for question in (first, second)]
+    with TritonClient(decoder_export, server.url, "dec") as client:
+        client.run(context, sequence_id=901, end=False)
+        answers = [client.generate(901, question, options) for question in (first, second)]
+        assert [answer.ids for answer in answers] == expected
+        assert answers[0].text == model.tokenizer.decode(expected[0])
+        again = client.generate(902, second, options, start=True, end=True,
+                                state_in=answers[0].state)
+        assert again.ids == expected[1]
+        with pytest.raises(ServingError, match="cannot generate 100 tokens"):
+            client.generate(901, first, GenerationOptions(max_new_tokens=100))
+        with pytest.raises(ServingError, match="a question is 1 to"):
+            client.generate(901, context, options)
+        for bad, says in (("not json", "must be a JSON object"),
+                          ('{"max_new_tokens": 0}', "max_new_tokens must be a positive int"),
+                          ('{"beams": 2}', "unknown option beams"),
+                          ('{"max_new_tokens": 2, "temperature": "hot"}', "real number")):
+            with pytest.raises(ServingError, match=f"parameter generate: .*{says}"):
+                raw_generate(client, 901, first, bad)
+        assert client.generate(901, first, options, end=True).ids == expected[0]  # unchanged
+        with pytest.raises(ServingError, match="must specify the START flag"):  # ended
+            client.generate(901, first, options)
+
+
+def raw_generate(client: TritonClient, sequence_id: int, question, parameter: str):
+    """A question sent with the request parameter ``generate`` as given."""
+    import tritonclient.grpc as grpc
+
+    ids, mask = step_inputs([np.asarray(question)], client.config)
+    inputs = []
+    for name, array in (("input_ids", ids[None]), ("attention_mask", mask[None])):
+        tensor = grpc.InferInput(name, list(array.shape), "INT64")
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    client._call(client._client.infer, client.model, inputs, sequence_id=sequence_id,
+                 parameters={"generate": parameter})
+
+
+def test_rmt_triton_run_generate_prints_rmt_run_generate_ids(server, decoder_export, tmp_path):
+    """rmt-triton-run --generate: the context streamed in chunks, the last segment the
+    question; the ids equal rmt-run --generate's (greedy), the JSON fields the same."""
+    from click.testing import CliRunner
+
+    from rmt_deploy.cli import run_main
+    from rmt_deploy.serving.cli import stream_main
+
+    config = open_model(decoder_export).config
+    (doc,) = documents(config, [4 * config.segment_size + 3], seed=7)
+    path = tmp_path / "doc.txt"
+    path.write_text(open_model(decoder_export).tokenizer.decode(doc))
+    local = CliRunner().invoke(run_main, [str(decoder_export), str(path), "--generate", "7",
+                                          "--json"])
+    served = CliRunner().invoke(stream_main, [str(path), "--model", str(decoder_export),
+                                              "--url", server.url, "--name", "dec",
+                                              "--chunk-tokens", str(2 * config.segment_size),
+                                              "--generate", "7", "--json"])
+    assert local.exit_code == 0 and served.exit_code == 0, local.output + served.output
+    expected, got = (json.loads(r.output.strip().splitlines()[-1]) for r in (local, served))
+    assert got["generated_ids"] == expected["generated_ids"] and expected["generated_ids"]
+    assert (got["generated"], got["tokens"], got["segments"]) == (
+        expected["generated"], expected["tokens"], expected["segments"])
+
+
+def test_a_decoupled_decoder_sends_tokens_as_they_are_made(server, decoder_export):
+    """rmt-triton --decoupled: each token comes as it is made, then the whole answer;
+    chunks are answered as by the model that is not decoupled."""
+    model = open_model(decoder_export)
+    config = model.config
+    context, question = documents(config, [3 * config.segment_size, 4], seed=8)
+    options = GenerationOptions(max_new_tokens=8, temperature=0.8, seed=3)
+    expected = model.run_one(context + question, generate=options).generated_ids
+    with TritonClient(decoder_export, server.url, "dec_stream",
+                      chunk_tokens=2 * config.segment_size) as client:
+        assert client.decoupled
+        assert_same(client.run(context).output, model.run_one(context))
+        client.run(context, sequence_id=31, end=False)
+        made: list[int] = []
+        answer = client.generate(31, question, options, end=True, on_token=made.append)
+    assert made == answer.ids == expected

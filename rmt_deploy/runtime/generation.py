@@ -89,10 +89,13 @@ def check_room(config: RMTConfig, width: int, options: GenerationOptions) -> Non
 
 def generate(state: EngineState, config: RMTConfig, segments: Sequence[np.ndarray],
              options: GenerationOptions,
-             on_logits: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
+             on_logits: Callable[[np.ndarray], None] | None = None,
+             on_tokens: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
     """Each row of ``state`` generates after its segment ``segments[row]`` (content
     tokens), from the row's memory; rows stop at the EOS token (kept) or after
-    ``max_new_tokens``. ``on_logits`` sees every step's logits [rows, vocab]."""
+    ``max_new_tokens``. ``on_logits`` sees every step's logits [rows, vocab],
+    ``on_tokens`` every step's chosen tokens [rows] as they are made (a row that has
+    stopped still has one: ignore it)."""
     input_ids, attention_mask = step_inputs(segments, config)
     check_room(config, input_ids.shape[1], options)
     capacity = config.num_mem_tokens + input_ids.shape[1] + options.max_new_tokens - 1
@@ -110,6 +113,8 @@ def generate(state: EngineState, config: RMTConfig, segments: Sequence[np.ndarra
             if not done[row]:
                 generated[row].append(token)
                 done[row] = token == config.eos_token_id
+        if on_tokens is not None:
+            on_tokens(tokens)
         if done.all() or count == options.max_new_tokens:
             break
         attended = np.concatenate([attended, np.ones((len(segments), 1), np.int64)], axis=1)

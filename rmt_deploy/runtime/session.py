@@ -95,6 +95,7 @@ class StreamSession:
         self.total_tokens = total_tokens
         self.metadata: dict[str, Any] = {}  # kept with the saved state
         self._rows: Rows = rows if rows is not None else Stepper(model.engine)
+        self._shared_rows = rows  # None: the session owns its stepper
         session_id = uuid.uuid4().hex  # names this session's rows among shared rows
         keys = [(session_id, first) for first in stream_first_sizes(total_tokens, self.config)]
         self._release = weakref.finalize(self, _release_rows, self._rows, keys, rows is None)
@@ -214,6 +215,15 @@ class StreamSession:
                                  "of JSON values (str, numbers, lists, dicts)") from None
             self.metadata = kept
             return data
+
+    def fork(self) -> StreamSession:
+        """A copy that goes on by itself from what this session has read, on the same
+        rows (its own stepper where this one has its own): read a context once, then
+        fork it for each question; each fork's result is ``run_one(context +
+        question)``."""
+        with self._lock:
+            return StreamSession.restore(self.model, self.save(), rows=self._shared_rows,
+                                         name="the forked session")
 
     @classmethod
     def restore(cls, model: RMTModel, data: bytes, *, rows: Rows | None = None,

@@ -126,18 +126,20 @@ class Stepper:
 
     def generate(self, keys: Sequence[Hashable], segments: Sequence[np.ndarray],
                  options: GenerationOptions,
-                 on_logits: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
+                 on_logits: Callable[[np.ndarray], None] | None = None,
+                 on_tokens: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
         """Decoders: the tokens each row ``keys[i]`` generates after ``segments[i]``, from
         its state (which generation leaves unchanged); ``on_logits`` sees every step's
-        logits (rows in ``keys`` order)."""
+        logits, ``on_tokens`` its chosen tokens (rows in ``keys`` order)."""
         with self._lock:
             state, order = self._resident(keys)
             if order is None:
-                return generate(state, self.config, segments, options, on_logits)
+                return generate(state, self.config, segments, options, on_logits, on_tokens)
             back = np.argsort(order)
             shown = None if on_logits is None else (lambda logits: on_logits(logits[back]))
+            made = None if on_tokens is None else (lambda tokens: on_tokens(tokens[back]))
             generated = generate(state, self.config, [segments[i] for i in order], options,
-                                 shown)
+                                 shown, made)
             return [generated[i] for i in back]
 
     def close(self) -> None:

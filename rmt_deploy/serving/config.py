@@ -5,9 +5,12 @@ Two kinds of model:
 
 * ``python``: rmt-deploy's runtime in Triton's python backend. The model keeps each
   sequence's state by correlation id (CONTROL_SEQUENCE_START / END / CORRID); a
-  request carries one segment, the response returns the logits and the new state
-  (every state pair's output), and the optional state inputs on a START request
-  restore a saved sequence.
+  request carries a chunk of segments (``input_ids`` / ``attention_mask`` [1, segments,
+  positions]), the response returns logits ([1, segments, ...]: a decoder's of every
+  segment, an encoder's of the last) and the state after the chunk (every state pair's
+  output), and the optional state inputs on a START request restore a saved sequence.
+  Decoders also answer a question (one segment, request parameter ``generate``) with
+  the ``generated`` ids.
 * ``onnxruntime`` / ``tensorrt`` (NGC containers): the step graph with Triton's
   implicit state for every state pair, initialised as the contract declares.
 """
@@ -34,6 +37,9 @@ BACKENDS = ("python", "onnxruntime", "tensorrt")
 STRATEGIES = ("oldest", "direct")
 #: Control inputs of the python-backend model.
 START, END, CORRID = "START", "END", "CORRID"
+#: The python-backend model's generation: the request parameter holding the options
+#: (JSON of GenerationOptions) and the output with the generated ids [1, n].
+GENERATE_PARAMETER, GENERATED = "generate", "generated"
 #: Triton data types of the contract's dtypes.
 TRITON_TYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 
@@ -60,6 +66,7 @@ class ServingOptions:
     max_candidate_sequences: int = 1024  # oldest: sequences open at once per instance
     instances: int = 1
     precision: str = "fp32"  # onnxruntime: which of the export's step graphs
+    decoupled: bool = False  # python backend: generated tokens are sent as they are made
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -72,6 +79,9 @@ class ServingOptions:
             raise ConfigError(f"model name {self.name!r} is not a folder name; pick e.g. rmt")
         if min(self.max_batch_size, self.max_candidate_sequences, self.instances) < 1:
             raise ConfigError("max batch size, candidate sequences and instances must be >= 1")
+        if self.decoupled and self.backend != "python":
+            raise ConfigError("--decoupled streams generated tokens, which only the python "
+                              "backend serves; drop it or use --backend python")
         if self.idle_seconds <= 0:
             raise ConfigError(f"idle timeout must be positive, got {self.idle_seconds}")
 
@@ -85,10 +95,12 @@ def _pb2():
     return model_config_pb2
 
 
-def _tensor(pb2, message, spec: Tensor) -> None:
-    """Name, Triton data type and dims (batch axis dropped, named axes -1) of a tensor."""
+def _tensor(pb2, message, spec: Tensor, segments: bool = False) -> None:
+    """Name, Triton data type and dims (batch axis dropped, named axes -1) of a tensor;
+    ``segments``: with a leading axis of segments (a chunk)."""
     message.name = spec.name
     message.data_type = getattr(pb2, TRITON_TYPES[spec.dtype])
+    message.dims.extend([-1] if segments else [])
     message.dims.extend(d if isinstance(d, int) else -1 for d in spec.shape[1:])
 
 
@@ -107,11 +119,15 @@ def model_config(manifest: Manifest, options: ServingOptions, graph_key: str = S
         batching.oldest.max_queue_delay_microseconds = 1000
     else:
         batching.direct.SetInParent()
+    chunks = options.backend == "python"
     for name in (INPUT_IDS, ATTENTION_MASK):
-        _tensor(pb2, config.input.add(), tensors[name])
-    _tensor(pb2, config.output.add(), tensors[LOGITS])
+        _tensor(pb2, config.input.add(), tensors[name], chunks)
+    _tensor(pb2, config.output.add(), tensors[LOGITS], chunks)
     group = config.instance_group.add(count=options.instances)
-    if options.backend == "python":
+    if chunks:
+        if not manifest.config.is_encoder:
+            config.output.add(name=GENERATED, data_type=pb2.TYPE_INT64, dims=[-1])
+        config.model_transaction_policy.decoupled = options.decoupled
         group.kind = pb2.ModelInstanceGroup.KIND_CPU
         for pair in state_pairs(manifest.config):
             state_in = config.input.add()

@@ -23,6 +23,12 @@ def _run(*options):
     return prepare
 
 
+def _triton_run(*options):
+    def prepare(scene):
+        return [scene.text(), "--model", scene.export(), "--url", "127.0.0.1:1", *options]
+    return prepare
+
+
 def _compare(*options):
     def prepare(scene):
         return [scene.export(), scene.export("other"), "--segments", "2", *options]
@@ -79,6 +85,16 @@ CASES = [
            "--closed-loop-atol"),
     _usage("export-min-agreement-nan", "rmt-export", _export("--min-agreement", "nan"),
            "--min-agreement"),
+    _usage("triton-run-chunk-tokens-0", "rmt-triton-run", _triton_run("--chunk-tokens", "0"),
+           "--chunk-tokens"),
+    _usage("triton-run-in-flight-0", "rmt-triton-run", _triton_run("--in-flight", "0"),
+           "--in-flight"),
+    _usage("triton-run-temperature-nan", "rmt-triton-run",
+           _triton_run("--generate", "3", "--temperature", "nan"), "--temperature"),
+    Case("triton-run-top-k-without-temperature", "rmt-triton-run",
+         _triton_run("--generate", "3", "--top-k", "2"), says=("give a --temperature",)),
+    Case("triton-run-no-server", "rmt-triton-run", _triton_run(),
+         says=("cannot reach Triton at 127.0.0.1:1",)),
     _usage("demo-generate-seed-negative", "rmt-demo",
            lambda scene: ["generate", "samples", "--seed", "-1"], "--seed"),
     Case("calibration-npy-header-lies", "rmt-export", _lying_npy,
