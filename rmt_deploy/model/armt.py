@@ -1,10 +1,11 @@
 """The associative RMT (ARMT) over a Llama-style causal LM: every layer reads its
 associative state (A, z) before it runs and writes it from the memory slots after it.
 
-The state is ``state = (A_0, z_0, A_1, z_1, ...)``: per layer ``A`` [batch, d_key,
-d_model] and ``z`` [batch, d_key], FP32 whatever the layers compute in, zeros for a new
-document. ``first`` [batch] (1 for a document's first segment) skips the read and the
-write's previous value and correction, as the authors' ``first_seg`` does.
+The state is ``state = (A_0, z_0, A_1, z_1, ..., started)``: per layer ``A`` [batch,
+d_key, d_model] and ``z`` [batch, d_key], FP32 whatever the layers compute in, zeros for a
+new document; then ``started`` [batch, 1], 0 on a document's first segment and 1 after
+it. It marks the first segment explicitly, as the authors' ``first_seg`` does: there the
+read is skipped and the write has no previous value and no correction.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class AssociativeMaps(nn.Module):
 class ARMT(nn.Module):
     """A Llama-style causal LM wrapped as the ARMT; ``forward`` is one pure segment step.
 
-    ``forward(input_ids, attention_mask, first, *state) -> (logits, *new_state)`` runs
+    ``forward(input_ids, attention_mask, *state) -> (logits, *new_state)`` runs
     ``[tokens ; memory]`` at positions 0..L+M-1 (a right-padded row's memory slots follow
     its last real token, so it computes what it computes alone); logits are those of the
     token positions.
@@ -91,26 +92,33 @@ class ARMT(nn.Module):
     def layers(self) -> int:
         return len(self.maps)
 
-    def initial_state(self, batch_size: int) -> tuple[torch.Tensor, ...]:
-        """Zeros: (A, z) of every layer for ``batch_size`` new documents."""
+    def initial_state(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """The learned initial state: none, every pair starts at zero."""
+        return {}
+
+    def zero_state(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+        """Zeros: (A, z) of every layer and ``started`` for ``batch_size`` new documents."""
         config = self.rmt_config
         A = torch.zeros(batch_size, config.d_key, config.hidden_size)
         z = torch.zeros(batch_size, config.d_key)
-        return tuple(t.clone() for _ in range(self.layers) for t in (A, z))
+        pairs = [t.clone() for _ in range(self.layers) for t in (A, z)]
+        return (*pairs, torch.zeros(batch_size, 1))
 
     def _layers(self, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                first: torch.Tensor, state: Sequence[torch.Tensor], writes: bool,
+                state: Sequence[torch.Tensor], writes: bool,
                 cache: DynamicCache | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The base model's layers with a read before each and, with ``writes``, a write
-        from the last M positions after each; the final norm's output and the new state."""
+        from the last M positions after each; the final norm's output and the new state
+        (``started`` set)."""
         base = self.model.base_model
         causal = create_causal_mask(config=base.config, inputs_embeds=hidden,
                                     attention_mask=mask, cache=cache, position_ids=positions)
         rope = base.rotary_emb(hidden, position_ids=positions)
-        later = (first == 0).view(-1, 1, 1)
+        *pairs, started = state
+        later = (started > 0).view(-1, 1, 1)
         m = self.rmt_config.num_mem_tokens
         new_state: list[torch.Tensor] = []
-        for layer, maps, A, z in zip(base.layers, self.maps, state[0::2], state[1::2],
+        for layer, maps, A, z in zip(base.layers, self.maps, pairs[0::2], pairs[1::2],
                                      strict=True):
             hidden = maps.read(hidden, A, z, later)
             hidden = layer(hidden, attention_mask=causal, position_ids=positions,
@@ -118,6 +126,8 @@ class ARMT(nn.Module):
             if writes:
                 new_state.extend(maps.write(hidden[:, -m:], A, z, later,
                                             self.rmt_config.correction))
+        if writes:
+            new_state.append(torch.ones_like(started))
         return base.norm(hidden), new_state
 
     def _segment(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -146,15 +156,15 @@ class ARMT(nn.Module):
         return logits.reshape(*hidden.shape[:-1], head.weight.shape[0])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                first: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        hidden, new_state = self._layers(*self._segment(input_ids, attention_mask), first,
-                                         state, writes=True)
+                *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hidden, new_state = self._layers(*self._segment(input_ids, attention_mask), state,
+                                         writes=True)
         return (self._head(hidden[:, : input_ids.shape[1]]), *new_state)
 
     def write(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              first: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+              *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The new state alone: the step without the LM head."""
-        return tuple(self._layers(*self._segment(input_ids, attention_mask), first, state,
+        return tuple(self._layers(*self._segment(input_ids, attention_mask), state,
                                   writes=True)[1])
 
     def _context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -165,33 +175,34 @@ class ARMT(nn.Module):
                 positions.expand(input_ids.shape[0], -1))
 
     def read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             first: torch.Tensor, *state: torch.Tensor) -> torch.Tensor:
+             *state: torch.Tensor) -> torch.Tensor:
         """Logits of the generating segment read whole: reads, no memory slots, no writes
         (what generation with a KV cache reproduces)."""
-        hidden, _ = self._layers(*self._context(input_ids, attention_mask), first, state,
+        hidden, _ = self._layers(*self._context(input_ids, attention_mask), state,
                                  writes=False)
         return self._head(hidden)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                first: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Generation's first step: the logits after each row's last real token
         [batch, vocab] and every layer's keys and values (key, value, key, value, ...)."""
         cache = DynamicCache(config=self.model.config)
-        hidden, _ = self._layers(*self._context(input_ids, attention_mask), first, state,
+        hidden, _ = self._layers(*self._context(input_ids, attention_mask), state,
                                  writes=False, cache=cache)
         last = (attention_mask.sum(dim=1) - 1).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
         return (self._head(hidden.gather(1, last)[:, 0]), *_flat(cache))
 
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               first: torch.Tensor, *state_and_past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+               *state_and_past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One generated token per row, read with (A, z) of every layer and the cached
         keys and values: ``state_and_past`` is the state, then the cache as
         :meth:`prefill` returns it. Returns its logits and the cache grown by one."""
-        state, past = state_and_past[: 2 * self.layers], state_and_past[2 * self.layers :]
+        split = 2 * self.layers + 1
+        state, past = state_and_past[:split], state_and_past[split:]
         cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2], strict=True)),
                              config=self.model.config)
         hidden, _ = self._layers(self.model.get_input_embeddings()(input_ids), attention_mask,
-                                 attention_mask.sum(dim=1, keepdim=True) - 1, first, state,
+                                 attention_mask.sum(dim=1, keepdim=True) - 1, state,
                                  writes=False, cache=cache)
         return (self._head(hidden[:, -1]), *_flat(cache))
 
@@ -208,11 +219,10 @@ def run_armt(rmt: ARMT, ids: Sequence[int] | np.ndarray
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64)).view(1, -1)
     if ids.shape[1] == 0:
         raise InputError("cannot run an empty document")
-    state, pieces = rmt.initial_state(1), []
-    for index, (start, end) in enumerate(segment_bounds(ids.shape[1], rmt.rmt_config)):
+    state, pieces = rmt.zero_state(1), []
+    for start, end in segment_bounds(ids.shape[1], rmt.rmt_config):
         segment = ids[:, start:end]
-        logits, *state = rmt(segment, torch.ones_like(segment),
-                             torch.tensor([int(index == 0)]), *state)
+        logits, *state = rmt(segment, torch.ones_like(segment), *state)
         pieces.append(logits[0])
     return torch.cat(pieces), tuple(state)
 
@@ -227,11 +237,10 @@ def generate_armt(rmt: ARMT, ids: Sequence[int] | np.ndarray, max_new_tokens: in
     if ids.size == 0:
         raise InputError("cannot generate after an empty document")
     start = segment_bounds(len(ids), rmt.rmt_config)[-1][0]
-    state = run_armt(rmt, ids[:start])[1] if start else rmt.initial_state(1)
-    first = torch.tensor([int(start == 0)])
+    state = run_armt(rmt, ids[:start])[1] if start else rmt.zero_state(1)
     tokens = torch.from_numpy(ids[start:]).view(1, -1)
     mask = torch.ones_like(tokens)
-    logits, *past = rmt.prefill(tokens, mask, first, *state)
+    logits, *past = rmt.prefill(tokens, mask, *state)
     generated: list[int] = []
     for _ in range(max_new_tokens):
         next_id = int(logits[0].argmax())
@@ -239,5 +248,5 @@ def generate_armt(rmt: ARMT, ids: Sequence[int] | np.ndarray, max_new_tokens: in
         if next_id == rmt.rmt_config.eos_token_id:
             break
         mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
-        logits, *past = rmt.decode(torch.tensor([[next_id]]), mask, first, *state, *past)
+        logits, *past = rmt.decode(torch.tensor([[next_id]]), mask, *state, *past)
     return generated

@@ -23,6 +23,7 @@ from torch import nn
 
 from rmt_deploy.errors import CheckpointError, ConfigError
 from rmt_deploy.files import atomic_path, sha256_file
+from rmt_deploy.model.armt import ARMT, AssociativeMaps
 from rmt_deploy.model.base import build_decoder_base, build_encoder_base, hf_config
 from rmt_deploy.model.decoder import DecoderRMT
 from rmt_deploy.model.encoder import EncoderRMT
@@ -49,7 +50,7 @@ class AuthorsOptions:
 
 @dataclass
 class LoadedCheckpoint:
-    rmt: EncoderRMT | DecoderRMT
+    rmt: EncoderRMT | DecoderRMT | ARMT
     tokenizer_json: str | None  # tokenizers' serialization, None if the file has none
     base_config: dict[str, Any]  # the base model's transformers config, as a dict
     format: str  # OWN, AUTHORS_BERT or AUTHORS_GPT2
@@ -72,7 +73,7 @@ def load_checkpoint(path: str | Path, options: AuthorsOptions | None = None) -> 
 
 
 def save_checkpoint(
-    rmt: EncoderRMT | DecoderRMT,
+    rmt: EncoderRMT | DecoderRMT | ARMT,
     path: str | Path,
     tokenizer_json: str | None,
 ) -> Path:
@@ -183,7 +184,12 @@ def _from_own(path: Path, payload: Mapping[str, Any]):
         raise CheckpointError(f"{path}: rmt-deploy checkpoint has no 'state_dict'")
     hf = hf_config(base_config)
     if config.is_encoder:
-        rmt: EncoderRMT | DecoderRMT = EncoderRMT(build_encoder_base(hf), config)
+        rmt: EncoderRMT | DecoderRMT | ARMT = EncoderRMT(build_encoder_base(hf), config)
+    elif config.is_armt:
+        maps = [AssociativeMaps(config.hidden_size, config.d_mem)
+                for _ in range(hf.num_hidden_layers)]
+        memory = torch.zeros(config.num_mem_tokens, config.hidden_size)
+        rmt = ARMT(build_decoder_base(hf), config, memory, maps)
     else:
         memory = torch.zeros(config.num_mem_tokens, config.hidden_size)
         rmt = DecoderRMT(build_decoder_base(hf), config, memory)

@@ -64,10 +64,9 @@ def test_zeroing_the_state_changes_the_outputs():
     rmt = make_armt()
     _, state = run_armt(rmt, DOC[:12])
     tail, mask = DOC[None, 12:18], torch.ones(1, 6, dtype=torch.long)
-    later = torch.tensor([0])
     with torch.no_grad():
-        kept = rmt(tail, mask, later, *state)[0]
-        zeroed = rmt(tail, mask, later, *(torch.zeros_like(s) for s in state))[0]
+        kept = rmt(tail, mask, *state)[0]
+        zeroed = rmt(tail, mask, *(torch.zeros_like(s) for s in state[:-1]), state[-1])[0]
     assert (kept - zeroed).abs().max() > 0.1
 
 
@@ -76,23 +75,22 @@ def test_generation_reads_the_state():
     _, state = run_armt(rmt, DOC[:18])
     tail, mask = DOC[None, 18:], torch.ones(1, 2, dtype=torch.long)
     with torch.no_grad():
-        kept = rmt.read(tail, mask, torch.tensor([0]), *state)
-        zeroed = rmt.read(tail, mask, torch.tensor([0]), *(torch.zeros_like(s) for s in state))
+        kept = rmt.read(tail, mask, *state)
+        zeroed = rmt.read(tail, mask, *(torch.zeros_like(s) for s in state[:-1]), state[-1])
     assert (kept - zeroed).abs().max() > 0.1
 
 
 def test_prefill_and_decode_equal_the_whole_read():
     rmt = make_armt()
     _, state = run_armt(rmt, DOC[:12])
-    tokens, first = DOC[None, 12:18], torch.tensor([0])
+    tokens = DOC[None, 12:18]
     with torch.no_grad():
-        whole = rmt.read(tokens, torch.ones_like(tokens), first, *state)[0]
-        logits, *past = rmt.prefill(tokens[:, :4], torch.ones(1, 4, dtype=torch.long), first,
-                                    *state)
+        whole = rmt.read(tokens, torch.ones_like(tokens), *state)[0]
+        logits, *past = rmt.prefill(tokens[:, :4], torch.ones(1, 4, dtype=torch.long), *state)
         steps = [logits[0]]
         for n in (5, 6):
             logits, *past = rmt.decode(tokens[:, n - 1 : n], torch.ones(1, n, dtype=torch.long),
-                                       first, *state, *past)
+                                       *state, *past)
             steps.append(logits[0])
     torch.testing.assert_close(torch.stack(steps), whole[3:], rtol=1e-4, atol=1e-5)
 
@@ -105,20 +103,32 @@ def test_a_padded_row_computes_what_it_computes_alone():
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
     batched_state = [torch.cat([s, s]) for s in state]
     with torch.no_grad():
-        logits, *new = rmt(ids, mask, torch.tensor([0, 0]), *batched_state)
-        alone, *alone_new = rmt(rows[1][None], torch.ones(1, 4, dtype=torch.long),
-                                torch.tensor([0]), *state)
+        logits, *new = rmt(ids, mask, *batched_state)
+        alone, *alone_new = rmt(rows[1][None], torch.ones(1, 4, dtype=torch.long), *state)
     torch.testing.assert_close(logits[1, :4], alone[0], rtol=1e-4, atol=1e-5)
     for a, b in zip(new, alone_new, strict=True):
         torch.testing.assert_close(a[1], b[0], rtol=1e-4, atol=1e-6)
 
 
+def test_started_marks_the_first_segment():
+    """A zero state read as a later segment differs from the first segment (the
+    correction's g), so the mark matters; after a step it is set."""
+    rmt = make_armt(correction=True)
+    ids = DOC[None, :6]
+    state = rmt.zero_state(1)
+    with torch.no_grad():
+        _, *first = rmt(ids, torch.ones_like(ids), *state)
+        _, *later = rmt(ids, torch.ones_like(ids), *state[:-1], torch.ones(1, 1))
+    assert first[-1].item() == 1.0
+    assert not torch.allclose(first[1], later[1])
+
+
 def test_state_stays_float32_when_the_layers_run_in_half():
     rmt = make_armt().to(torch.bfloat16)
-    state = rmt.initial_state(1)
+    state = rmt.zero_state(1)
     ids = DOC[None, :6]
     with torch.no_grad():
-        _, *new = rmt(ids, torch.ones_like(ids), torch.tensor([1]), *state)
+        _, *new = rmt(ids, torch.ones_like(ids), *state)
     assert all(s.dtype == torch.float32 for s in new)
 
 
