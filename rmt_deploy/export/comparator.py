@@ -121,6 +121,7 @@ class LoopErrors:
         a, b = a[finite], b[finite]
         cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
                                     + 1e-30)
+        cosine[~a.any(-1) & ~b.any(-1)] = 1.0  # both zero (an armt's unwritten keys): equal
         worst = float(cosine.min(initial=1.0))
         self.memory_cosine[name] = min(self.memory_cosine.get(name, 1.0), worst)
         _record(self.series.memory_cosine.setdefault(name, []), segment, worst, 1.0, min)

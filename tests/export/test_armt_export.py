@@ -1,0 +1,102 @@
+"""The ARMT exported, validated open and closed loop, and run: perplexity and greedy ids
+on ONNX Runtime and OpenVINO equal the reference's; sessions save and restore every
+state pair."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
+from armt_models import make_armt  # noqa: E402
+from conftest import write_gpt2_folder  # noqa: E402
+
+from rmt_deploy.contract import DECODE, PREFILL, STEP, WRITE, state_pairs, variant  # noqa: E402
+from rmt_deploy.errors import InputError  # noqa: E402
+from rmt_deploy.export.pipeline import export_checkpoint  # noqa: E402
+from rmt_deploy.manifest import read_manifest  # noqa: E402
+from rmt_deploy.model.armt import generate_armt  # noqa: E402
+from rmt_deploy.model.checkpoint import save_checkpoint  # noqa: E402
+from rmt_deploy.runtime import open_model  # noqa: E402
+from rmt_deploy.runtime.backends.torch import TorchEngine  # noqa: E402
+from rmt_deploy.runtime.model import RMTModel  # noqa: E402
+from rmt_deploy.spec import RMTConfig  # noqa: E402
+
+DOC = np.array([(7 * i + 3) % 52 for i in range(20)])  # 4 segments of 6, the last short
+
+
+@pytest.fixture(scope="module")
+def armt_export(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    root = tmp_path_factory.mktemp("armt")
+    tokenizer = (write_gpt2_folder(root / "base", "llama") / "tokenizer.json").read_text()
+    rmt = make_armt()
+    checkpoint = save_checkpoint(rmt, root / "armt.pt", tokenizer)
+    return export_checkpoint(checkpoint, root / "export").folder, rmt
+
+
+def test_every_state_pair_is_float32_in_every_graph(armt_export):
+    folder, rmt = armt_export
+    manifest = read_manifest(folder)
+    config = manifest.config
+    assert config.is_armt and RMTConfig.from_dict(config.to_dict()) == config
+    assert set(manifest.graphs) == {STEP, WRITE, PREFILL, DECODE}
+    names = [pair.name_in for pair in state_pairs(config)]
+    assert names == ["A.0", "z.0", "A.1", "z.1", "started"]
+    assert names == [p.name_in for p in variant(config, DECODE).reads][: len(names)]
+    for graph in manifest.graphs.values():
+        model = onnx.load(str(folder / graph.file), load_external_data=False)
+        typed = {v.name: v.type.tensor_type.elem_type
+                 for v in (*model.graph.input, *model.graph.output)}
+        state = [name for name in typed if name[:2] in ("A.", "z.", "A_", "z_")]
+        assert state and all(typed[name] == onnx.TensorProto.FLOAT for name in state)
+
+
+def test_validated_open_and_closed_loop_and_generation(armt_export):
+    results = read_manifest(armt_export[0]).validation["fp32"]
+    for loop in ("open_loop", "closed_loop"):
+        assert results[loop]["agreement"] == 1.0
+        assert results[loop]["min_memory_cosine"] > 0.999  # unwritten keys count as equal
+    assert results["generation"]["generated_same"] == 1.0
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_perplexity_and_greedy_ids_equal_the_reference(armt_export, backend):
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="openvino is not installed")
+    folder, rmt = armt_export
+    model = open_model(folder, backend=backend, threads=1)
+    reference = RMTModel(TorchEngine(rmt), TorchEngine(rmt).initial_state())
+    got, expected = model.run_one(DOC), reference.run_one(DOC)
+    assert got.perplexity == pytest.approx(expected.perplexity, rel=1e-5)
+    generated = model.run_one(DOC, generate=8).generated_ids
+    assert generated == generate_armt(rmt, DOC, 8)
+    assert generated == reference.run_one(DOC, generate=8).generated_ids
+
+
+def test_a_session_saves_and_restores_every_pair(armt_export):
+    folder, _ = armt_export
+    model = open_model(folder, backend="onnxruntime", threads=1)
+    whole = model.run_one(DOC)
+    session = model.session()
+    session.feed(DOC[:9])
+    data = session.save()
+    restored = model.restore_session(data)
+    restored.feed(DOC[9:])
+    result = restored.close()
+    assert result.perplexity == pytest.approx(whole.perplexity, rel=1e-5)
+    np.testing.assert_allclose(result.memory, whole.memory, atol=1e-5)
+
+
+def test_restore_checks_every_pair_shape(armt_export):
+    from rmt_deploy.runtime.state import pack, unpack
+
+    model = open_model(armt_export[0], backend="onnxruntime", threads=1)
+    session = model.session()
+    session.feed(DOC[:9])
+    header, arrays = unpack(session.save())
+    arrays["state/z.1"] = arrays["state/z.1"][..., :-1]
+    with pytest.raises(InputError, match="state z.1 is float32"):
+        model.restore_session(pack(header, arrays))
