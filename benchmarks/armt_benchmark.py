@@ -84,6 +84,7 @@ def armt_part(repeats: int = 3, work: Path | None = None) -> dict:
     rmt = build()
     with tempfile.TemporaryDirectory() as scratch:
         work = work or Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
         checkpoint = save_checkpoint(rmt, work / "armt.pt", word_tokenizer())
         start = time.perf_counter()
         folder = export_checkpoint(checkpoint, work / "export",
