@@ -27,12 +27,17 @@ from machine import load, peak_rss_mb  # noqa: E402
 
 from rmt_deploy.contract import state_pairs  # noqa: E402
 from rmt_deploy.export.pipeline import ExportOptions, export_checkpoint  # noqa: E402
+from rmt_deploy.export.validate import Tolerance  # noqa: E402
 from rmt_deploy.model.base import build_decoder_base  # noqa: E402
 from rmt_deploy.model.checkpoint import save_checkpoint  # noqa: E402
 from rmt_deploy.model.factory import SpecialTokens, armt_from_base  # noqa: E402
 from rmt_deploy.runtime import open_model  # noqa: E402
 
 LAYERS, HIDDEN, HEADS, KV_HEADS, VOCAB = 4, 512, 8, 4, 32000
+#: The export's absolute gates, loosened: this model's A reaches ~1e4 after two segments,
+#: and ~1e5 after four, where float32 rounding alone exceeds the default 1e-4 (relative
+#: errors ~1e-7; the report records the absolute ones).
+TOLERANCE = Tolerance(open_loop=1e-1, closed_loop=1.0)
 M, D_MEM, SEGMENT, SEGMENTS, NEW_TOKENS = 16, 64, 512, 4, 16
 BIN = Path(sys.executable).parent
 
@@ -87,8 +92,10 @@ def armt_part(repeats: int = 3, work: Path | None = None) -> dict:
         work.mkdir(parents=True, exist_ok=True)
         checkpoint = save_checkpoint(rmt, work / "armt.pt", word_tokenizer())
         start = time.perf_counter()
-        folder = export_checkpoint(checkpoint, work / "export",
-                                   ExportOptions(validation_segments=4)).folder
+        manifest = export_checkpoint(checkpoint, work / "export",
+                                     ExportOptions(validation_segments=4, tolerance=TOLERANCE))
+        folder = manifest.folder
+        validation = manifest.validation["fp32"]
         export_seconds = time.perf_counter() - start
         model = open_model(folder, backend="onnxruntime")
         wrapper = authors_side(rmt)
@@ -114,6 +121,8 @@ def armt_part(repeats: int = 3, work: Path | None = None) -> dict:
         "ids_equal": ids["authors"] == ids["rmt-deploy"],
         "export_seconds": export_seconds, "state_bytes": state_bytes,
         "peak_rss_mb": rss, "threads": torch.get_num_threads(), "load": load(),
+        "validation_max_abs": {loop: validation[loop]["max_abs"]
+                               for loop in ("open_loop", "closed_loop")},
     }
 
 
