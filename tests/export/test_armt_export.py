@@ -100,3 +100,45 @@ def test_restore_checks_every_pair_shape(armt_export):
     arrays["state/z.1"] = arrays["state/z.1"][..., :-1]
     with pytest.raises(InputError, match="state z.1 is float32"):
         model.restore_session(pack(header, arrays))
+
+
+def test_the_session_pool_batches_rows_at_different_segments(armt_export):
+    """Two streams stepped together, one on its first segment and one on a later one:
+    each row keeps its own ``started`` and gets what it gets alone."""
+    import threading
+
+    from rmt_deploy.runtime.pool import SessionPool
+
+    model = open_model(armt_export[0], backend="onnxruntime", threads=1)
+    docs = [DOC, DOC[::-1].copy()]
+    alone = [model.run_one(doc).perplexity for doc in docs]
+    with SessionPool(model) as pool:
+        ids = [pool.open(), pool.open()]
+        pool.feed(ids[0], DOC[:6])
+        threads = [threading.Thread(target=pool.feed, args=(ids[0], DOC[6:])),
+                   threading.Thread(target=pool.feed, args=(ids[1], docs[1]))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        got = [pool.close(i).perplexity for i in ids]
+    assert got == pytest.approx(alone, rel=1e-5)
+
+
+def test_rows_of_one_exported_step_keep_their_own_first_segment_mark(armt_export):
+    folder, rmt = armt_export
+    engine = open_model(folder, backend="onnxruntime", threads=1).engine
+    reference = TorchEngine(rmt)
+    later = reference.new_state({name: value[None]
+                                 for name, value in reference.initial_state().items()})
+    ids = DOC[None, :6].astype(np.int64)
+    later.step(ids, np.ones_like(ids), logits=False)
+    state = later.state()
+    assert state["A.0"].shape == (1, 24, 32) and state["started"].tolist() == [[1.0]]
+    first = {**state, "started": np.zeros_like(state["started"])}
+    both = {name: np.concatenate([first[name], state[name]]) for name in state}
+    ids = np.repeat(DOC[None, 6:12].astype(np.int64), 2, axis=0)
+    got = engine.new_state(both).step(ids, np.ones_like(ids))
+    expected = reference.new_state(both).step(ids, np.ones_like(ids))
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert not np.allclose(got[0], got[1], atol=1e-3)

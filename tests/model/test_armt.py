@@ -146,3 +146,21 @@ def test_factory_refuses_maps_that_do_not_fit():
                        maps=[{k: v for k, v in w.items() if k != "W_mb.bias"} for w in weights])
     with pytest.raises(ConfigError, match="sliding-window"):
         armt_from_base(base, d_mem=ARMT_D_MEM, sliding_window=True, **kwargs)
+
+
+def test_rows_of_one_batch_keep_their_own_first_segment_mark():
+    """Row 0 is marked as a document's first segment (its state is not read), row 1 is a
+    later one, in one batch: each computes what it computes alone."""
+    rmt = make_armt()
+    _, state = run_armt(rmt, DOC[:6])
+    first = (*state[:-1], torch.zeros(1, 1))
+    ids = DOC[6:12].view(1, -1)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        batched = rmt(ids.repeat(2, 1), mask.repeat(2, 1),
+                      *(torch.cat([a, b]) for a, b in zip(first, state, strict=True)))
+        for row, row_state in enumerate((first, state)):
+            alone = rmt(ids, mask, *row_state)
+            for got, expected in zip(batched, alone, strict=True):
+                torch.testing.assert_close(got[row], expected[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(batched[0][0], batched[0][1])
