@@ -54,7 +54,9 @@ class StatePair:
     str entries named axes; ``out_shape`` the output's where it differs (a KV cache grows
     by one position a step). ``dtype`` is its own, whatever the layers compute in (an FP32
     state beside FP16 layers). ``sized_by`` names the config field sizing each axis (for
-    error messages); ``file`` is the .npy an ``initial=FILE`` pair starts from."""
+    error messages); ``file`` is the .npy an ``initial=FILE`` pair starts from. A
+    ``scaled`` pair is a running sum that grows with the segments read: validation judges
+    its errors relative to its largest value (where that exceeds 1), not absolutely."""
 
     name_in: str
     name_out: str
@@ -64,6 +66,7 @@ class StatePair:
     out_shape: tuple[int | str, ...] | None = None
     sized_by: tuple[str | None, ...] = ()
     file: str | None = None
+    scaled: bool = False
 
     def __post_init__(self) -> None:
         if self.initial not in INITIALS or (self.initial == FILE) != (self.file is not None):
@@ -111,9 +114,9 @@ def armt_state(config: RMTConfig) -> tuple[StatePair, ...]:
     for i in range(config.cache_layers):
         pairs.append(StatePair(f"A.{i}", f"A_out.{i}", "float32",
                                (BATCH, config.d_key, config.hidden_size),
-                               sized_by=(None, "d_mem", "hidden_size")))
+                               sized_by=(None, "d_mem", "hidden_size"), scaled=True))
         pairs.append(StatePair(f"z.{i}", f"z_out.{i}", "float32", (BATCH, config.d_key),
-                               sized_by=(None, "d_mem")))
+                               sized_by=(None, "d_mem"), scaled=True))
     return (*pairs, StatePair(STARTED_IN, STARTED_OUT, "float32", (BATCH, 1)))
 
 

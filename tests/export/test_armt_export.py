@@ -142,3 +142,18 @@ def test_rows_of_one_exported_step_keep_their_own_first_segment_mark(armt_export
     expected = reference.new_state(both).step(ids, np.ones_like(ids))
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert not np.allclose(got[0], got[1], atol=1e-3)
+
+
+def test_a_large_running_state_is_judged_relative_to_its_size(tmp_path):
+    """W_mk 30 times larger: A and z grow 900 times (thousands after a few segments)
+    while the outputs stay as they were; float32 rounding of such sums exceeds the
+    absolute 1e-4, so the export judges them relative to their largest value."""
+    rmt = make_armt()
+    with torch.no_grad():
+        for maps in rmt.maps:
+            maps.W_mk.weight.mul_(30.0)
+    manifest = export_checkpoint(save_checkpoint(rmt, tmp_path / "armt.pt", None),
+                                 tmp_path / "export")
+    closed = manifest.validation["fp32"]["closed_loop"]["max_abs"]
+    assert max(closed[f"z_out.{i}"] for i in range(2)) > 1e-4  # above the absolute gate
+    assert closed["logits"] < 1e-4
