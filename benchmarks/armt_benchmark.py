@@ -28,17 +28,12 @@ from report import markers  # noqa: E402
 
 from rmt_deploy.contract import state_pairs  # noqa: E402
 from rmt_deploy.export.pipeline import ExportOptions, export_checkpoint  # noqa: E402
-from rmt_deploy.export.validate import Tolerance  # noqa: E402
 from rmt_deploy.model.base import build_decoder_base  # noqa: E402
 from rmt_deploy.model.checkpoint import save_checkpoint  # noqa: E402
 from rmt_deploy.model.factory import SpecialTokens, armt_from_base  # noqa: E402
 from rmt_deploy.runtime import open_model  # noqa: E402
 
 LAYERS, HIDDEN, HEADS, KV_HEADS, VOCAB = 4, 512, 8, 4, 32000
-#: The export's absolute gates, loosened: this model's A reaches ~1e4 after two segments,
-#: and ~1e5 after four, where float32 rounding alone exceeds the default 1e-4 (relative
-#: errors ~1e-7; the report records the absolute ones).
-TOLERANCE = Tolerance(open_loop=1e-1, closed_loop=1.0)
 M, D_MEM, SEGMENT, SEGMENTS, NEW_TOKENS = 16, 64, 512, 4, 16
 BIN = Path(sys.executable).parent
 
@@ -95,7 +90,7 @@ def armt_part(repeats: int = 3, work: Path | None = None, threads: int = 2) -> d
         checkpoint = save_checkpoint(rmt, work / "armt.pt", word_tokenizer())
         start = time.perf_counter()
         manifest = export_checkpoint(checkpoint, work / "export",
-                                     ExportOptions(validation_segments=4, tolerance=TOLERANCE))
+                                     ExportOptions(validation_segments=4))
         folder = manifest.folder
         validation = manifest.validation["fp32"]
         export_seconds = time.perf_counter() - start
@@ -151,8 +146,8 @@ def markdown(report: dict) -> str:
         f"Speedup {report['speedup']:.2f}x (goal 1.5x); ids equal: {report['ids_equal']}. "
         f"State per stream {report['state_bytes'] / 1e6:.2f} MB (FP32); peak RSS of "
         f"rmt-run --generate 16: {report['peak_rss_mb']:.0f} MB; export "
-        f"{report['export_seconds']:.0f} s. The export's gates were loosened (A reaches "
-        "~1e5 on this random model; closed-loop logits error "
+        f"{report['export_seconds']:.0f} s, validated with the default gates (A reaches "
+        "~1e5 on this random model, judged relative to its size; closed-loop logits error "
         f"{report['validation_max_abs']['closed_loop']['logits']:.1e}).",
         end,
     ])
