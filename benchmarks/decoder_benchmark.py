@@ -9,6 +9,7 @@ tokens are equal, batch 1 and 4; plus the export's size and rmt-run's peak RSS.
 
     python benchmarks/decoder_benchmark.py      # docs/decoder-benchmark.json, benchmarks.md
     python benchmarks/decoder_benchmark.py --large         # + a 2.15 GB model exported
+    python benchmarks/decoder_benchmark.py --armt          # the ARMT part instead
 
 ``--large`` exports a GPT-2 of 24 layers of 1,280 (2.15 GB of weights, past protobuf's
 2 GB limit) and checks its export is one hashed weights file.
@@ -32,6 +33,8 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 sys.path.insert(0, str(Path(__file__).parent))
+from armt_benchmark import armt_part  # noqa: E402
+from armt_benchmark import markdown as armt_markdown  # noqa: E402
 from authors_decoder import AuthorsDecoder, PlainDecoder  # noqa: E402
 from machine import cpu_description, gemm_rate, load, peak_rss_mb  # noqa: E402
 from report import markers, write_part  # noqa: E402
@@ -268,8 +271,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "decoder-benchmark.json")
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks.md",
                         help="whose decoder part is rewritten")
+    parser.add_argument("--armt", action="store_true", help="run the ARMT part instead "
+                        "(armt_benchmark.py): docs/armt-benchmark.json, its part of the page")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="of torch (the ARMT part: of both sides)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    if args.armt:
+        armt = armt_part(args.repeats, args.work, args.threads)
+        (ROOT / "docs" / "armt-benchmark.json").write_text(json.dumps(armt, indent=2) + "\n")
+        write_part(args.page, "armt", armt_markdown(armt))
+        print(json.dumps(armt, indent=2))
+        return
     with tempfile.TemporaryDirectory(prefix="rmt-decoder-bench-") as tmp:
         work = args.work or Path(tmp)
         shape = f"{args.layers}x{args.hidden}"

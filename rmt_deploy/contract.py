@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from rmt_deploy.errors import ConfigError, InputError
-from rmt_deploy.spec import DECODER, ENCODER, RMTConfig
+from rmt_deploy.spec import ARMT, DECODER, ENCODER, RMTConfig
 
 # Tensor names.
 INPUT_IDS = "input_ids"
@@ -24,6 +24,8 @@ ATTENTION_MASK = "attention_mask"
 MEMORY_IN = "memory_in"
 MEMORY_OUT = "memory_out"
 LOGITS = "logits"
+STARTED_IN = "started"  # armt: 0 on a document's first segment, 1 after
+STARTED_OUT = "started_out"
 
 # Graph variants.
 STEP = "step"  # reads a segment, writes the memory, returns the logits
@@ -52,7 +54,9 @@ class StatePair:
     str entries named axes; ``out_shape`` the output's where it differs (a KV cache grows
     by one position a step). ``dtype`` is its own, whatever the layers compute in (an FP32
     state beside FP16 layers). ``sized_by`` names the config field sizing each axis (for
-    error messages); ``file`` is the .npy an ``initial=FILE`` pair starts from."""
+    error messages); ``file`` is the .npy an ``initial=FILE`` pair starts from. A
+    ``scaled`` pair is a running sum that grows with the segments read: validation judges
+    its errors relative to its largest value (where that exceeds 1), not absolutely."""
 
     name_in: str
     name_out: str
@@ -62,6 +66,7 @@ class StatePair:
     out_shape: tuple[int | str, ...] | None = None
     sized_by: tuple[str | None, ...] = ()
     file: str | None = None
+    scaled: bool = False
 
     def __post_init__(self) -> None:
         if self.initial not in INITIALS or (self.initial == FILE) != (self.file is not None):
@@ -99,10 +104,27 @@ def rmt_memory(config: RMTConfig) -> tuple[StatePair, ...]:
                       sized_by=(None, "num_mem_tokens", "hidden_size")),)
 
 
+def armt_state(config: RMTConfig) -> tuple[StatePair, ...]:
+    """The ARMT's state: every layer's associative matrix ``A.{i}`` [d_key, d_model] and
+    normaliser ``z.{i}`` [d_key], FP32, then ``started`` [1]: 0 until a document's first
+    segment is read, so that segment is marked exactly."""
+    if config.cache_layers is None:
+        raise ConfigError("an armt RMT needs its number of layers (cache_layers)")
+    pairs = []
+    for i in range(config.cache_layers):
+        pairs.append(StatePair(f"A.{i}", f"A_out.{i}", "float32",
+                               (BATCH, config.d_key, config.hidden_size),
+                               sized_by=(None, "d_mem", "hidden_size"), scaled=True))
+        pairs.append(StatePair(f"z.{i}", f"z_out.{i}", "float32", (BATCH, config.d_key),
+                               sized_by=(None, "d_mem"), scaled=True))
+    return (*pairs, StatePair(STARTED_IN, STARTED_OUT, "float32", (BATCH, 1)))
+
+
 #: The state a step carries to the next segment, by model kind (``RMTConfig.variant``).
 STATE: dict[str, Callable[[RMTConfig], tuple[StatePair, ...]]] = {
     ENCODER: rmt_memory,
     DECODER: rmt_memory,
+    ARMT: armt_state,
 }
 
 
@@ -125,6 +147,18 @@ def cache_pairs(config: RMTConfig) -> tuple[StatePair, ...]:
     return tuple(StatePair(f"past.{i}.{kind}", f"present.{i}.{kind}", "float32", shape,
                            out_shape=grown, sized_by=(None, "cache_heads", None, "head_dim"))
                  for i in range(config.cache_layers or 0) for kind in ("key", "value"))
+
+
+def decode_reads(config: RMTConfig) -> tuple[StatePair, ...]:
+    """The carried state a decode step reads besides its cache: an armt's (A, z) of every
+    layer (each generated token reads them), nothing for a plain RMT."""
+    return state_pairs(config) if config.is_armt else ()
+
+
+def context_slots(config: RMTConfig) -> int:
+    """Memory slots ahead of the generating segment's tokens in a prefill's cache: M for
+    a decoder, none for an armt (its last segment runs without memory slots)."""
+    return 0 if config.is_armt else config.num_mem_tokens
 
 
 def past_names(config: RMTConfig) -> list[str]:
@@ -264,14 +298,15 @@ def variant(config: RMTConfig, name: str) -> Variant:
         raise ConfigError(f"a {config.variant} RMT has no {name!r} graph; it has "
                           f"{', '.join(variant_names(config))}")
     state = state_pairs(config)
-    if name == DECODE:
+    if name == DECODE:  # an armt's decode step also reads (A, z) of every layer
         cache = cache_pairs(config)
+        read = decode_reads(config)
         return Variant(name, f"{name}.onnx", f"{name}.plan",
                        (Tensor(INPUT_IDS, "int64", (BATCH, 1)),
                         Tensor(ATTENTION_MASK, "int64", (BATCH, TOTAL)),
-                        *(pair.input for pair in cache)),
+                        *(pair.input for pair in (*read, *cache))),
                        (Tensor(LOGITS, "float32", (BATCH, config.vocab_size)),
-                        *(pair.output for pair in cache)), cache, cache)
+                        *(pair.output for pair in cache)), (*read, *cache), cache)
     positions: int | str = config.input_size if config.is_encoder else TOKENS
     inputs = (Tensor(INPUT_IDS, "int64", (BATCH, positions)),
               Tensor(ATTENTION_MASK, "int64", (BATCH, positions)),
@@ -317,13 +352,13 @@ def axis_ranges(config: RMTConfig, name: str, batch: BatchProfile | None = None,
                 max_new_tokens: int = 0) -> dict[str, tuple[int, int, int]]:
     """``{axis: (min, opt, max)}`` of a variant's dynamic axes. The batch range is the
     engine's profile (unbounded where None). A decoder segment holds 1..segment_size
-    tokens; a decode step's cache holds the memory slots, a segment and the tokens
-    generated so far: room for ``max_new_tokens`` in an engine's profile, as many as the
-    base model's positions allow at runtime."""
+    tokens; a decode step's cache holds the memory slots (none for an armt), a segment
+    and the tokens generated so far: room for ``max_new_tokens`` in an engine's profile,
+    as many as the base model's positions allow at runtime."""
     ranges = {BATCH: (batch.min, batch.opt, batch.max) if batch else (1, 1, 2**31 - 1)}
     if config.is_encoder:
         return ranges
-    m, size = config.num_mem_tokens, config.segment_size
+    m, size = context_slots(config), config.segment_size
     ranges[TOKENS] = (1, size, size)
     ranges[CONTEXT] = (m + 1, m + size, m + size)
     if name == DECODE:

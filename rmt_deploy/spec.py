@@ -16,7 +16,8 @@ FP32_SCOPE = "fp32_state"
 
 ENCODER = "encoder"
 DECODER = "decoder"
-VARIANTS = (ENCODER, DECODER)
+ARMT = "armt"  # associative RMT: a causal LM whose state is (A, z) per layer
+VARIANTS = (ENCODER, DECODER, ARMT)
 ALIGNMENTS = ("right", "left")
 
 #: Label order of the paper's memorize / detect-and-memorize tasks.
@@ -34,6 +35,8 @@ class RMTConfig:
     out as ``[CLS] memory [SEP] tokens [SEP] [PAD]...``; segmentation is right-aligned.
     Decoder (GPT-2, BABILong): a step sees ``[memory ; tokens ; memory]``; segmentation
     is left-aligned.
+    ARMT (associative RMT, Llama-style): a step sees ``[tokens ; memory]``; what carries is
+    every layer's associative state (A, z), ``d_key = 6 * d_mem`` wide; left-aligned.
     """
 
     variant: str  # "encoder" or "decoder"
@@ -55,6 +58,8 @@ class RMTConfig:
     cache_layers: int | None = None  # decoder: layers holding keys and values (KV cache)
     cache_heads: int | None = None  # decoder: key/value heads a layer caches
     head_dim: int | None = None  # decoder: width of a cached key or value
+    d_mem: int | None = None  # armt: width of the W_mq / W_mk maps (d_key = 6 * d_mem)
+    correction: bool = False  # armt: the write's correction term on z (the authors' default)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (task, training)
 
     def __post_init__(self) -> None:
@@ -128,6 +133,50 @@ class RMTConfig:
             extra=dict(extra or {}),
         )
 
+    @classmethod
+    def armt(
+        cls,
+        *,
+        num_mem_tokens: int,
+        hidden_size: int,
+        vocab_size: int,
+        segment_size: int,
+        d_mem: int,
+        correction: bool,
+        pad_token_id: int,
+        eos_token_id: int | None = None,
+        max_positions: int | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> RMTConfig:
+        """An ARMT config: ``[tokens ; memory]`` a step, left-aligned."""
+        return cls(
+            variant=ARMT,
+            num_mem_tokens=num_mem_tokens,
+            hidden_size=hidden_size,
+            vocab_size=vocab_size,
+            segment_size=segment_size,
+            input_size=num_mem_tokens + segment_size,
+            alignment="left",
+            pad_token_id=pad_token_id,
+            strip_token_ids=(),
+            eos_token_id=eos_token_id,
+            max_positions=max_positions,
+            d_mem=d_mem,
+            correction=correction,
+            extra=dict(extra or {}),
+        )
+
+    @property
+    def is_armt(self) -> bool:
+        return self.variant == ARMT
+
+    @property
+    def d_key(self) -> int:
+        """Width of an ARMT key after the DPFP feature map (nu = 3): 6 * d_mem."""
+        if self.d_mem is None:
+            raise ConfigError(f"a {self.variant} RMT has no associative memory (d_mem)")
+        return 6 * self.d_mem
+
     @property
     def is_encoder(self) -> bool:
         return self.variant == ENCODER
@@ -195,10 +244,16 @@ class RMTConfig:
                       f"{self.input_size} and num_mem_tokens {m}, which give "
                       f"{self.input_size - m - ENCODER_SPECIAL_POSITIONS} (input_size - "
                       f"num_mem_tokens - {ENCODER_SPECIAL_POSITIONS})")
-        if not encoder and self.input_size != 2 * m + self.segment_size:
+        slots = 1 if self.variant == ARMT else 2
+        if not encoder and self.input_size != slots * m + self.segment_size:
             raise bad(f"input_size {self.input_size} contradicts segment_size "
                       f"{self.segment_size} and num_mem_tokens {m}, which give "
-                      f"{2 * m + self.segment_size} (2 * num_mem_tokens + segment_size)")
+                      f"{slots * m + self.segment_size} ({slots} * num_mem_tokens + "
+                      "segment_size)")
+        if (self.variant == ARMT) != (self.d_mem is not None):
+            raise bad("d_mem is set exactly for an armt RMT")
+        if self.d_mem is not None and self.d_mem < 1:
+            raise bad(f"d_mem must be >= 1, got {self.d_mem}")
         expected = ALIGNMENTS[0] if encoder else ALIGNMENTS[1]
         if self.alignment != expected:
             raise bad(f"alignment {self.alignment!r} contradicts variant {self.variant!r}, "

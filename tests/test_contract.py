@@ -145,3 +145,26 @@ def test_a_valid_decoder_feed_passes(decoder_config):
 def test_a_bad_feed_names_what_is_wrong(decoder_config, make, words):
     with pytest.raises(InputError, match=words):
         check_feed(decoder_config, STEP, make())
+
+
+def test_armt_state_is_fp32_per_layer_and_its_decode_reads_it():
+    from dataclasses import replace
+
+    from rmt_deploy.spec import RMTConfig
+
+    config = replace(RMTConfig.armt(num_mem_tokens=2, hidden_size=8, vocab_size=20,
+                                    segment_size=4, d_mem=3, correction=True,
+                                    pad_token_id=0),
+                     cache_layers=2, cache_heads=2, head_dim=4)
+    pairs = state_pairs(config)
+    assert [(p.name_in, p.name_out, p.dtype, p.row_shape) for p in pairs] == [
+        ("A.0", "A_out.0", "float32", (18, 8)), ("z.0", "z_out.0", "float32", (18,)),
+        ("A.1", "A_out.1", "float32", (18, 8)), ("z.1", "z_out.1", "float32", (18,)),
+        ("started", "started_out", "float32", (1,))]
+    assert variant(config, STEP).reads == pairs == variant(config, STEP).writes
+    decode = variant(config, DECODE)
+    assert decode.reads[: len(pairs)] == pairs and decode.writes[0].name_in == "past.0.key"
+    assert variant(config, PREFILL).reads == pairs
+    shapes = profile_shapes(config, PREFILL, BatchProfile(1, 1, 2))
+    assert shapes[INPUT_IDS] == ((1, 1), (1, 4), (2, 4))  # no memory slots in the context
+    assert profile_shapes(config, DECODE, BatchProfile(), 3)["past.0.key"][2][2] == 6

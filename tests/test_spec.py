@@ -63,3 +63,23 @@ def test_a_decoder_input_size_that_contradicts_its_sources_is_refused():
         RMTConfig.from_dict({**config.to_dict(), "input_size": 9})
     with pytest.raises(ConfigError, match="alignment 'right' contradicts variant 'decoder'"):
         RMTConfig.from_dict({**config.to_dict(), "alignment": "right"})
+
+
+def test_an_armt_config_round_trips_and_refuses_contradictions():
+    config = RMTConfig.armt(num_mem_tokens=2, hidden_size=8, vocab_size=20, segment_size=4,
+                            d_mem=3, correction=False, pad_token_id=0)
+    assert RMTConfig.from_dict(config.to_dict()) == config
+    assert (config.input_size, config.d_key, config.is_armt) == (6, 18, True)
+    with pytest.raises(ConfigError, match="input_size 8 contradicts segment_size 4 and "
+                                          "num_mem_tokens 2, which give 6"):
+        RMTConfig.from_dict({**config.to_dict(), "input_size": 8})
+    with pytest.raises(ConfigError, match="d_mem is set exactly for an armt"):
+        RMTConfig.from_dict({**config.to_dict(), "d_mem": None})
+    with pytest.raises(ConfigError, match="d_mem must be >= 1"):
+        RMTConfig.from_dict({**config.to_dict(), "d_mem": 0})
+    with pytest.raises(ConfigError, match="correction is 1, expected bool"):
+        RMTConfig.from_dict({**config.to_dict(), "correction": 1})
+    decoder = RMTConfig.decoder(num_mem_tokens=2, hidden_size=8, vocab_size=20,
+                                segment_size=4, pad_token_id=0)
+    with pytest.raises(ConfigError, match="d_mem is set exactly for an armt"):
+        RMTConfig.from_dict({**decoder.to_dict(), "d_mem": 3})

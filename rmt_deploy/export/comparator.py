@@ -71,6 +71,8 @@ class LoopErrors:
     max_abs: dict[str, float] = field(default_factory=dict)
     non_finite: dict[str, int] = field(default_factory=dict)
     memory_cosine: dict[str, float] = field(default_factory=dict)  # per state output
+    scale: dict[str, float] = field(default_factory=dict)  # largest |reference| per output
+    scaled: set[str] = field(default_factory=set)  # outputs of scaled state pairs
     agreeing: int = 0  # predictions equal on both sides
     predictions: int = 0
     steps: int = 0  # steps through the step graph (a write graph's are not counted)
@@ -101,6 +103,8 @@ class LoopErrors:
             finite = np.isfinite(a) & np.isfinite(b)
             bad = int(finite.size - finite.sum())
             error = float(np.max(np.abs(a - b)[finite], initial=0.0))
+            self.scale[name] = max(self.scale.get(name, 0.0),
+                                   float(np.max(np.abs(a)[finite], initial=0.0)))
             self.non_finite[name] = self.non_finite.get(name, 0) + bad
             self.max_abs[name] = max(self.max_abs.get(name, 0.0), error)
             _record(series.non_finite.setdefault(name, []), segment, bad, 0)
@@ -121,6 +125,7 @@ class LoopErrors:
         a, b = a[finite], b[finite]
         cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
                                     + 1e-30)
+        cosine[~a.any(-1) & ~b.any(-1)] = 1.0  # both zero (an armt's unwritten keys): equal
         worst = float(cosine.min(initial=1.0))
         self.memory_cosine[name] = min(self.memory_cosine.get(name, 1.0), worst)
         _record(self.series.memory_cosine.setdefault(name, []), segment, worst, 1.0, min)
@@ -245,6 +250,7 @@ class _PairedState(EngineState):
         for side, outputs in sides:
             state = side.state()
             outputs.update((prefix + pair.name_out, state[pair.name_in]) for pair in pairs)
+        paired.errors.scaled.update(prefix + pair.name_out for pair in pairs if pair.scaled)
         paired.errors.record(segment, expected, actual,
                              {prefix + pair.name_out for pair in pairs}, paired.judge)
         return result

@@ -18,6 +18,7 @@ from rmt_deploy.contract import (
     TOTAL,
     WRITE,
     concrete,
+    context_slots,
     variant,
 )
 from rmt_deploy.model.base import StepVariant
@@ -43,7 +44,7 @@ def trace_inputs(rmt: torch.nn.Module, graph: str = STEP,
                 rng.integers(low, high, max(1, config.segment_size // 2))]
     ids, mask = step_inputs(segments, config)
     if graph == DECODE:
-        mask = np.concatenate([np.ones((2, config.num_mem_tokens), np.int64), mask,
+        mask = np.concatenate([np.ones((2, context_slots(config)), np.int64), mask,
                                np.ones((2, 2), np.int64)], axis=1)
         ids = rng.integers(low, high, (2, 1))
     sizes = {BATCH: 2, TOKENS: ids.shape[1], PAST: mask.shape[1] - 1, TOTAL: mask.shape[1]}

@@ -90,10 +90,15 @@ def non_finite_failures(comparison: Comparison) -> list[Failure]:
 
 
 def max_abs_failures(loop: LoopErrors, limit: float) -> list[Failure]:
-    """Outputs whose largest error in ``loop`` is above ``limit``."""
-    return [Failure("max_abs", loop.mode, name,
-                    _first(loop.series.max_abs[name], lambda v: not v <= limit), error, limit)
-            for name, error in loop.max_abs.items() if not error <= limit]
+    """Outputs whose largest error in ``loop`` is above ``limit``; for a scaled state
+    output (a running sum), above ``limit`` times its largest value where that exceeds 1."""
+    failures = []
+    for name, error in loop.max_abs.items():
+        bound = limit * max(1.0, loop.scale.get(name, 1.0)) if name in loop.scaled else limit
+        if not error <= bound:
+            failures.append(Failure("max_abs", loop.mode, name, _first(
+                loop.series.max_abs[name], lambda v, b=bound: not v <= b), error, bound))
+    return failures
 
 
 def rejected_failures(loop: LoopErrors, limit: Callable[[str], float]) -> list[Failure]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from rmt_deploy.contract import context_slots
 from rmt_deploy.errors import ValidationError
 from rmt_deploy.export.comparator import LoopErrors, validation_batches
 from rmt_deploy.runtime.backends.base import State, StepEngine
@@ -26,7 +27,7 @@ def compare_generation(reference: StepEngine, candidate: StepEngine,
     config = reference.config
     limit = config.max_positions
     if limit is not None:
-        new_tokens = max(1, min(new_tokens, limit - config.num_mem_tokens
+        new_tokens = max(1, min(new_tokens, limit - context_slots(config)
                                 - config.segment_size + 1))
     options = GenerationOptions(new_tokens)
     errors, same, rows = LoopErrors("generation"), 0, 0

@@ -35,9 +35,11 @@ class WeightStore:
 
         model = onnx.load(str(source))
         renamed: dict[str, str] = {}
+        kept = []  # small tensors, left in the graph under their names
         for tensor in model.graph.initializer:
             array = numpy_helper.to_array(tensor)
             if array.nbytes < MIN_BYTES:
+                kept.append(tensor)
                 continue
             name = self._store(tensor.name, np.ascontiguousarray(array))
             if name != tensor.name:
@@ -53,6 +55,13 @@ class WeightStore:
                                ("length", entry["bytes"])):
                 item = tensor.external_data.add()
                 item.key, item.value = key, str(value)
+        stored = set(renamed.values())
+        for tensor in kept:  # a stored tensor took this name: the small one gives way
+            if tensor.name in stored:
+                name = tensor.name
+                while name in stored or name in self.tensors:
+                    name += "_"
+                renamed[tensor.name], tensor.name = name, name
         for node in model.graph.node:
             node.input[:] = [renamed.get(name, name) for name in node.input]
         self._file.flush()  # graphs are loaded from the file while it grows

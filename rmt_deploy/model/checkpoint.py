@@ -26,6 +26,7 @@ from torch import nn
 
 from rmt_deploy.errors import CheckpointError, ConfigError
 from rmt_deploy.files import atomic_path, sha256_file
+from rmt_deploy.model.armt import ARMT, AssociativeMaps
 from rmt_deploy.model.armt_checkpoint import (
     LoraMerge,
     is_published,
@@ -36,7 +37,12 @@ from rmt_deploy.model.armt_checkpoint import (
 from rmt_deploy.model.base import build_decoder_base, build_encoder_base, hf_config
 from rmt_deploy.model.decoder import DecoderRMT
 from rmt_deploy.model.encoder import EncoderRMT
-from rmt_deploy.model.factory import SpecialTokens, decoder_from_base, encoder_from_base
+from rmt_deploy.model.factory import (
+    SpecialTokens,
+    armt_from_base,
+    decoder_from_base,
+    encoder_from_base,
+)
 from rmt_deploy.spec import PAPER_LABELS, RMTConfig
 
 FORMAT_NAME = "rmt-deploy"
@@ -65,7 +71,7 @@ class AuthorsOptions:
 
 @dataclass
 class LoadedCheckpoint:
-    rmt: EncoderRMT | DecoderRMT
+    rmt: EncoderRMT | DecoderRMT | ARMT
     tokenizer_json: str | None  # tokenizers' serialization, None if the file has none
     base_config: dict[str, Any]  # the base model's transformers config, as a dict
     format: str  # OWN, AUTHORS_BERT, AUTHORS_GPT2 or AUTHORS_ARMT
@@ -98,7 +104,7 @@ def load_checkpoint(path: str | Path, options: AuthorsOptions | None = None) -> 
 
 
 def save_checkpoint(
-    rmt: EncoderRMT | DecoderRMT,
+    rmt: EncoderRMT | DecoderRMT | ARMT,
     path: str | Path,
     tokenizer_json: str | None,
 ) -> Path:
@@ -210,7 +216,12 @@ def _from_own(path: Path, payload: Mapping[str, Any]):
         raise CheckpointError(f"{path}: rmt-deploy checkpoint has no 'state_dict'")
     hf = hf_config(base_config)
     if config.is_encoder:
-        rmt: EncoderRMT | DecoderRMT = EncoderRMT(build_encoder_base(hf), config)
+        rmt: EncoderRMT | DecoderRMT | ARMT = EncoderRMT(build_encoder_base(hf), config)
+    elif config.is_armt:
+        maps = [AssociativeMaps(config.hidden_size, config.d_mem)
+                for _ in range(hf.num_hidden_layers)]
+        memory = torch.zeros(config.num_mem_tokens, config.hidden_size)
+        rmt = ARMT(build_decoder_base(hf), config, memory, maps)
     else:
         memory = torch.zeros(config.num_mem_tokens, config.hidden_size)
         rmt = DecoderRMT(build_decoder_base(hf), config, memory)
@@ -313,13 +324,6 @@ def _from_authors_armt(path: Path, payload: Mapping[str, Any], options: AuthorsO
     hf, tokenizer = _base_folder(path, options, "ARMT model.safetensors")
     base = build_decoder_base(hf)
     _load_weights(path, base, published.base_state, ignore=lambda key: False)
-    try:
-        from rmt_deploy.model.factory import armt_from_base
-    except ImportError:
-        raise CheckpointError(
-            f"{path}: an ARMT checkpoint ({published.num_layers} layers, "
-            f"M={published.num_mem_tokens}, d_mem={published.d_mem}) was read, but this "
-            "rmt-deploy has no ARMT model to build; upgrade rmt-deploy") from None
     try:
         rmt = armt_from_base(
             base, num_mem_tokens=published.num_mem_tokens, d_mem=published.d_mem,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rmt_deploy.contract import context_slots
 from rmt_deploy.errors import InputError
 from rmt_deploy.runtime.backends.base import EngineState
 from rmt_deploy.runtime.scoring import softmax
@@ -79,12 +80,11 @@ class TokenChooser:
 
 def check_room(config: RMTConfig, width: int, options: GenerationOptions) -> None:
     """Refuse a generation that would run past the base model's positions."""
-    limit = config.max_positions
-    if limit is not None and config.num_mem_tokens + width + options.max_new_tokens - 1 > limit:
+    limit, slots = config.max_positions, context_slots(config)
+    if limit is not None and slots + width + options.max_new_tokens - 1 > limit:
         raise InputError(
             f"cannot generate {options.max_new_tokens} tokens: the last segment would exceed "
-            f"the model's {limit} positions; ask for at most "
-            f"{limit - config.num_mem_tokens - width + 1}")
+            f"the model's {limit} positions; ask for at most {limit - slots - width + 1}")
 
 
 def generate(state: EngineState, config: RMTConfig, segments: Sequence[np.ndarray],
@@ -98,9 +98,10 @@ def generate(state: EngineState, config: RMTConfig, segments: Sequence[np.ndarra
     stopped still has one: ignore it)."""
     input_ids, attention_mask = step_inputs(segments, config)
     check_room(config, input_ids.shape[1], options)
-    capacity = config.num_mem_tokens + input_ids.shape[1] + options.max_new_tokens - 1
+    slots = context_slots(config)
+    capacity = slots + input_ids.shape[1] + options.max_new_tokens - 1
     logits, cache = state.prefill(input_ids, attention_mask, capacity)
-    attended = np.concatenate([np.ones((len(segments), config.num_mem_tokens), np.int64),
+    attended = np.concatenate([np.ones((len(segments), slots), np.int64),
                                attention_mask], axis=1)
     choose = TokenChooser(options)
     generated: list[list[int]] = [[] for _ in segments]

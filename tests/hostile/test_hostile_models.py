@@ -286,6 +286,8 @@ TAMPERED_CASES = [
          says=("rmt.json", f"pad_token_id {VOCAB} lies outside the vocabulary [0, {VOCAB})")),
     Case("export-config-field-of-wrong-type", "rmt-run", _tampered(_config(hidden_size="32")),
          says=("rmt.json", "hidden_size is '32', expected int")),
+    Case("export-config-armt-field-on-another-kind", "rmt-run", _tampered(_config(d_mem=4)),
+         says=("rmt.json", "d_mem is set exactly for an armt RMT")),
     Case("export-graph-logits-narrower-than-declared-onnxruntime", "rmt-run",
          _tampered(_four_labels_declared), says=("logits", "in the graph", "declares")),
     Case("export-graph-logits-narrower-than-declared-openvino", "rmt-run",

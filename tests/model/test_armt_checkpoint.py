@@ -2,7 +2,6 @@
 LoRA) read into plain Hugging Face names: the merge checked against ``W + alpha/r B A``
 computed independently, both ARMT namings alike, every refusal one CheckpointError."""
 
-import importlib.util
 
 import pytest
 import torch
@@ -13,14 +12,18 @@ from published_layouts import (
     MEM_TOKENS,
     PEFT,
     RANK,
+    llama_config,
     published_state,
     write_llama_base,
     write_published,
 )
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import LlamaForCausalLM
 
+from benchmarks.authors_armt import authors_armt
 from rmt_deploy.errors import CheckpointError
+from rmt_deploy.model.armt import generate_armt, run_armt
 from rmt_deploy.model.armt_checkpoint import MAP_KEYS, read_published
 from rmt_deploy.model.checkpoint import (
     AUTHORS_ARMT,
@@ -32,7 +35,6 @@ from rmt_deploy.model.loop import run_decoder
 
 torch.set_num_threads(1)
 DOCS = [[(7 * i) % 58 for i in range(17)], [4, 9, 16]]
-HAS_ARMT = importlib.util.find_spec("rmt_deploy.model.armt") is not None
 
 
 def _read(tmp_path, state, alpha=ALPHA):
@@ -111,23 +113,33 @@ def test_segment_size_option_overrides_the_wrapper_config(tmp_path):
     assert load_checkpoint(published.path, options).rmt.rmt_config.segment_size == 4
 
 
-@pytest.mark.skipif(not HAS_ARMT, reason="rmt_deploy.model.armt (armt-core) not merged yet")
-def test_armt_builds_through_the_factory(tmp_path):
-    published = write_published(tmp_path / "ckpt", naming="shared",
-                                config={"segment_size": 6})
-    options = AuthorsOptions(base_model=write_gpt2_folder(tmp_path / "base", "llama"),
+@pytest.mark.parametrize("naming", ["base", "shared"])
+def test_a_published_armt_computes_what_the_authors_code_computes(tmp_path, naming):
+    """The published file, loaded and LoRA-merged, against the authors' ARMT built from
+    the independently merged weights: token logits, every layer's (A, z), greedy ids."""
+    published = write_published(tmp_path / "ckpt", naming=naming, config={"segment_size": 6})
+    options = AuthorsOptions(base_model=write_llama_base(tmp_path / "base"),
                              lora_alpha=ALPHA, armt_correction=False)
     loaded = load_checkpoint(published.path, options)
     assert loaded.format == AUTHORS_ARMT and loaded.lora.rank == RANK
-
-
-@pytest.mark.skipif(HAS_ARMT, reason="the ARMT model is there: the build is tested")
-def test_armt_without_the_model_is_refused_after_reading(tmp_path):
-    published = write_published(tmp_path / "ckpt")
-    options = AuthorsOptions(base_model=write_gpt2_folder(tmp_path / "base", "llama"),
-                             lora_alpha=ALPHA)
-    with pytest.raises(CheckpointError, match="ARMT checkpoint .2 layers, M=3, d_mem=8"):
-        load_checkpoint(published.path, options)
+    base = LlamaForCausalLM(llama_config()).eval()
+    base.load_state_dict(published.expected, strict=False)
+    authors = authors_armt(base, num_mem_tokens=published.memory.shape[0], d_mem=D_MEM,
+                           segment_size=6, correction=False, memory=published.memory,
+                           maps=published.maps)
+    doc = torch.tensor([(5 * i + 2) % 50 for i in range(15)])  # 3 segments, the last short
+    logits, state = run_armt(loaded.rmt, doc)
+    with torch.no_grad():
+        expected = authors(doc.view(1, -1))[0]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    for index, layer in enumerate(authors.memory_cell.layers):
+        for ours, theirs in ((state[2 * index], layer.W_mem), (state[2 * index + 1], layer.z)):
+            scale = float(theirs.abs().max())  # running sums: judged against their size
+            assert float((ours - theirs).abs().max()) <= 1e-4 * scale, (index, scale)
+    with torch.no_grad():
+        ids = authors.generate(doc.view(1, -1), max_new_tokens=6, do_sample=False,
+                               pad_token_id=0)[0].tolist()
+    assert generate_armt(loaded.rmt, doc, 6) == ids
 
 
 # ---------------------------------------------------------------- refusals
@@ -227,9 +239,9 @@ def test_safetensors_of_a_published_layout_is_recognised(tmp_path):
 
 @pytest.fixture
 def factory_calls(monkeypatch):
-    """A recording stand-in for armt-core's ``armt_from_base``, so that what the loader
-    passes it is checked before and after the ARMT model lands."""
-    from rmt_deploy.model import factory
+    """A recording stand-in for ``armt_from_base``, so that what the loader passes it is
+    checked on its own (options the model refuses, such as the sliding window, included)."""
+    from rmt_deploy.model import checkpoint
 
     calls = []
 
@@ -237,7 +249,7 @@ def factory_calls(monkeypatch):
         calls.append((base, kwargs))
         return torch.nn.Linear(1, 1)
 
-    monkeypatch.setattr(factory, "armt_from_base", record, raising=False)
+    monkeypatch.setattr(checkpoint, "armt_from_base", record)
     return calls
 
 

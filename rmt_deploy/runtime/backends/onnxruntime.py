@@ -27,6 +27,8 @@ from rmt_deploy.contract import (
     STEP,
     cache_pairs,
     concrete,
+    context_slots,
+    decode_reads,
     sizes_of,
     state_pairs,
     step_graph,
@@ -327,7 +329,7 @@ class _State(EngineState):
         if not engine.generates:
             raise BackendError(NO_GENERATION)
         binding = self._binding(PREFILL, input_ids.shape)
-        length = engine.config.num_mem_tokens + input_ids.shape[1]
+        length = context_slots(engine.config) + input_ids.shape[1]
         names = [pair.name_out for pair in cache_pairs(engine.config)]
         if engine.device != "cpu" or capacity is None:  # ORT allocates each step's cache
             for name in names:
@@ -351,6 +353,8 @@ class _State(EngineState):
         binding.bind_cpu_input(ATTENTION_MASK,
                                np.ascontiguousarray(attention_mask, dtype=np.int64))
         binding.bind_output(LOGITS, engine.device)
+        for pair in decode_reads(config):
+            binding.bind_ortvalue_input(pair.name_in, self._buffers[self._parity][pair.name_in])
         hosted = isinstance(cache, tuple)
         if hosted:
             host, which, length = cache

@@ -22,6 +22,7 @@ from rmt_deploy.contract import (
     LOGITS,
     PREFILL,
     cache_pairs,
+    decode_reads,
     state_pairs,
     step_graph,
     variant,
@@ -205,6 +206,8 @@ class _State(EngineState):
         pairs = cache_pairs(config)
         for pair, tensor in zip(pairs, cache, strict=True):
             request.set_tensor(pair.name_in, tensor)
+        for pair in decode_reads(config):
+            request.set_tensor(pair.name_in, self._buffers[self._parity][pair.name_in])
         request.infer()
         cache = [request.get_tensor(pair.name_out) for pair in pairs]
         return np.array(request.get_tensor(LOGITS).data, dtype=np.float32), cache

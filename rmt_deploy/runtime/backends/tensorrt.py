@@ -29,6 +29,7 @@ from rmt_deploy.contract import (
     STEP,
     cache_pairs,
     concrete,
+    context_slots,
     state_pairs,
     step_graph,
     variant,
@@ -280,7 +281,7 @@ class _State(EngineState):
         if not self._engine.generates:
             raise BackendError(NO_GENERATION)
         logits = self._run(PREFILL, input_ids, attention_mask, True)
-        return logits, (0, self._engine.config.num_mem_tokens + input_ids.shape[1])
+        return logits, (0, context_slots(self._engine.config) + input_ids.shape[1])
 
     def decode(self, cache: tuple[int, int], input_ids: np.ndarray,
                attention_mask: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:

@@ -99,6 +99,7 @@ class _State(EngineState):
                ) -> tuple[np.ndarray, list[Any]]:
         engine = self._engine
         with engine.torch.no_grad():
+            reads = self._state if engine.config.is_armt else ()  # contract.decode_reads
             logits, *cache = engine.rmt.decode(engine.tensor(input_ids),
-                                               engine.tensor(attention_mask), *cache)
+                                               engine.tensor(attention_mask), *reads, *cache)
         return logits.float().cpu().numpy(), cache
