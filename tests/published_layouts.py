@@ -44,10 +44,13 @@ def _lora(weight: torch.Tensor, generator: torch.Generator):
 
 
 def _maps(d_model: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    return {"W_mq.weight": torch.randn(D_MEM, d_model, generator=generator),
-            "W_mk.weight": torch.randn(D_MEM, d_model, generator=generator),
-            "W_mv.weight": torch.randn(d_model, d_model, generator=generator),  # non-zero
-            "W_mb.weight": torch.randn(1, d_model, generator=generator),
+    """Every map at nn.Linear's init scale (1/sqrt(d_model)), W_mv non-zero: a state that
+    matters and stays finite over many segments, as a trained model's does."""
+    scale = d_model ** -0.5
+    return {"W_mq.weight": torch.randn(D_MEM, d_model, generator=generator) * scale,
+            "W_mk.weight": torch.randn(D_MEM, d_model, generator=generator) * scale,
+            "W_mv.weight": torch.randn(d_model, d_model, generator=generator) * scale,
+            "W_mb.weight": torch.randn(1, d_model, generator=generator) * scale,
             "W_mb.bias": torch.randn(1, generator=generator)}
 
 

@@ -1,13 +1,18 @@
-"""``rmt-export`` of a published plain RMT on Llama with peft LoRA: the merged model is
-exported and validated through the decoder path, and the manifest says LoRA was merged."""
+"""``rmt-export`` of the published Llama checkpoints with peft LoRA: the plain RMT through
+the decoder path, the ARMT through its own; the manifest says LoRA was merged."""
 
+import numpy as np
 import torch
 from click.testing import CliRunner
 from conftest import write_gpt2_folder
-from published_layouts import ALPHA, RANK, write_published
+from published_layouts import ALPHA, RANK, write_llama_base, write_published
 
 from rmt_deploy.cli import export_main
 from rmt_deploy.manifest import read_manifest
+from rmt_deploy.model.armt import generate_armt, run_armt
+from rmt_deploy.model.checkpoint import AuthorsOptions, load_checkpoint
+from rmt_deploy.runtime import open_model
+from rmt_deploy.runtime.options import RuntimeOptions
 
 torch.set_num_threads(1)
 
@@ -24,3 +29,32 @@ def test_export_merges_lora_and_records_it(tmp_path):
     assert manifest.source["lora"] == {"merged": True, "rank": RANK, "alpha": ALPHA,
                                        "modules": 4}
     assert manifest.config.segment_size == 6 and manifest.config.num_mem_tokens == 3
+
+
+def test_published_armt_exports_and_runs_as_the_reference(tmp_path):
+    """The published ARMT (shared naming, LoRA, no correction): rmt-export validates it,
+    and rmt-run's perplexity and greedy ids on ONNX Runtime and OpenVINO equal the
+    reference model's, loaded from the same file."""
+    published = write_published(tmp_path / "ckpt", naming="shared", config={"segment_size": 6})
+    base = write_llama_base(tmp_path / "base")
+    out = tmp_path / "export"
+    result = CliRunner().invoke(export_main, [
+        str(published.path), "--base-model", str(base), "--lora-alpha", str(ALPHA),
+        "--no-armt-correction", "--validation-segments", "3", "--threads", "1", "-q",
+        "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    assert manifest.source["format"] == "authors-armt" and manifest.source["lora"]["merged"]
+    assert manifest.config.variant == "armt" and not manifest.config.correction
+    reference = load_checkpoint(published.path, AuthorsOptions(
+        base_model=base, lora_alpha=ALPHA, armt_correction=False)).rmt
+    ids = [(5 * i + 2) % 50 for i in range(40)]  # 7 segments, the last short
+    logits, _ = run_armt(reference, ids)
+    log_probs = torch.log_softmax(logits[:-1].double(), -1)
+    expected = float(torch.exp(-log_probs[torch.arange(39), torch.tensor(ids[1:])].mean()))
+    expected_ids = generate_armt(reference, ids, 6)
+    for backend in ("onnxruntime", "openvino"):
+        model = open_model(out, RuntimeOptions(backend=backend, threads=1))
+        document = np.array(ids)
+        assert abs(model.run_one(document).perplexity - expected) <= 1e-4 * expected
+        assert model.run_one(document, generate=6).generated_ids == expected_ids
