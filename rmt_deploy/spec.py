@@ -10,8 +10,9 @@ from typing import Any
 
 from rmt_deploy.errors import ConfigError
 
-#: Modules under an attribute of this name (torch.onnx scopes its nodes ``/fp32_state/``)
-#: are computed in FP32 in every reduced-precision graph: the recurrent state's update.
+#: Modules under an attribute whose name starts with this (torch.onnx scopes their nodes
+#: ``/fp32_state.../``) are computed in FP32 in every reduced-precision graph: the
+#: recurrent state's arithmetic (ARMT's reads, outer products and running sums).
 FP32_SCOPE = "fp32_state"
 
 ENCODER = "encoder"

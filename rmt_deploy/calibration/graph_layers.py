@@ -63,10 +63,16 @@ def graph_layers(model, state_outputs: Collection[str] = ()) -> GraphLayers:
     normalization = {n.name for n in nodes if n.op_type == "LayerNormalization"}
     for mean in (n for n in nodes if n.op_type == "ReduceMean"):
         normalization |= _mean_normalization(mean, producer, consumers, weights)
-    state = {n.name for n in nodes if f"/{FP32_SCOPE}/" in n.name}
+    state = {n.name for n in nodes if _in_fp32_scope(n.name)}
     state |= {producer[name].name for name in state_outputs if name in producer}
     return GraphLayers(layer_of, frozenset(attention), frozenset(normalization),
                        frozenset(state))
+
+
+def _in_fp32_scope(name: str) -> bool:
+    """Whether a node sits under a module whose name starts with FP32_SCOPE (torch.onnx
+    scopes nodes by module, ``/fp32_state_write/MatMul``, ``/fp32_state_write_1/...``)."""
+    return any(part.startswith(FP32_SCOPE) for part in name.split("/")[:-1])
 
 
 def _constants(model) -> set[str]:

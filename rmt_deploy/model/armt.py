@@ -38,30 +38,24 @@ def dpfp(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x * x.roll(shift, dims=-1) for shift in (1, 2, 3)], dim=-1)
 
 
-class AssociativeMaps(nn.Module):
-    """One layer's learned maps and its read and write of (A, z)."""
+class StateRead(nn.Module):
+    """``(q A) / (q . z + eps)`` in FP32, where ``later`` holds (0 on a first segment)."""
 
-    def __init__(self, d_model: int, d_mem: int) -> None:
-        super().__init__()
-        self.W_mq = nn.Linear(d_model, d_mem, bias=False)
-        self.W_mk = nn.Linear(d_model, d_mem, bias=False)
-        self.W_mv = nn.Linear(d_model, d_model, bias=False)
-        self.W_mb = nn.Linear(d_model, 1)
-
-    def read(self, hidden: torch.Tensor, A: torch.Tensor, z: torch.Tensor,
-             later: torch.Tensor) -> torch.Tensor:
-        """``hidden + (q A) / (q . z + eps)`` on every position of the rows where
-        ``later`` [batch, 1, 1] holds; ``hidden`` unchanged on a first segment."""
-        q = dpfp(self.W_mq(hidden)).float()
+    def forward(self, query: torch.Tensor, A: torch.Tensor, z: torch.Tensor,
+                later: torch.Tensor) -> torch.Tensor:
+        q = dpfp(query.float())
         value = torch.matmul(q, A) / (torch.matmul(q, z.unsqueeze(-1)) + EPS)
-        return hidden + torch.where(later, value, 0.0).to(hidden.dtype)
+        return torch.where(later, value, 0.0)
 
-    def write(self, slots: torch.Tensor, A: torch.Tensor, z: torch.Tensor,
-              later: torch.Tensor, correction: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, z) after the M memory slots' outputs ``slots`` [batch, M, d_model], in FP32."""
-        k = dpfp(self.W_mk(slots)).float()
-        v = self.W_mv(slots).float()
-        b = torch.sigmoid(self.W_mb(slots).float())
+
+class StateWrite(nn.Module):
+    """(A, z) after the M slots' keys, values and gates, in FP32: the outer products and
+    the running sums, with the correction when asked."""
+
+    def forward(self, key: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, A: torch.Tensor,
+                z: torch.Tensor, later: torch.Tensor, correction: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v, b = dpfp(key.float()), v.float(), torch.sigmoid(gate.float())
         denom = torch.matmul(k, z.unsqueeze(-1)) + EPS
         v_prev = torch.where(later, torch.matmul(k, A) / denom, 0.0)
         A = A + torch.matmul((k * b).transpose(1, 2), v - v_prev)
@@ -69,6 +63,34 @@ class AssociativeMaps(nn.Module):
             g = (1 - denom / (k.square().sum(-1, keepdim=True) + EPS)).clamp(0, 1)
             k = k * torch.where(later, g, 1.0)
         return A, z + k.sum(dim=1)
+
+
+class AssociativeMaps(nn.Module):
+    """One layer's learned maps and its read and write of (A, z). The arithmetic on the
+    state sits in modules named after :data:`rmt_deploy.spec.FP32_SCOPE`, so that an FP16
+    or INT8 graph keeps it in FP32 (the maps themselves run in the layers' precision)."""
+
+    def __init__(self, d_model: int, d_mem: int) -> None:
+        super().__init__()
+        self.W_mq = nn.Linear(d_model, d_mem, bias=False)
+        self.W_mk = nn.Linear(d_model, d_mem, bias=False)
+        self.W_mv = nn.Linear(d_model, d_model, bias=False)
+        self.W_mb = nn.Linear(d_model, 1)
+        self.fp32_state_read = StateRead()  # named for spec.FP32_SCOPE
+        self.fp32_state_write = StateWrite()
+
+    def read(self, hidden: torch.Tensor, A: torch.Tensor, z: torch.Tensor,
+             later: torch.Tensor) -> torch.Tensor:
+        """``hidden + (q A) / (q . z + eps)`` on every position of the rows where
+        ``later`` [batch, 1, 1] holds; ``hidden`` unchanged on a first segment."""
+        value = self.fp32_state_read(self.W_mq(hidden), A, z, later)
+        return hidden + value.to(hidden.dtype)
+
+    def write(self, slots: torch.Tensor, A: torch.Tensor, z: torch.Tensor,
+              later: torch.Tensor, correction: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, z) after the M memory slots' outputs ``slots`` [batch, M, d_model], in FP32."""
+        return self.fp32_state_write(
+            self.W_mk(slots), self.W_mv(slots), self.W_mb(slots), A, z, later, correction)
 
 
 class ARMT(nn.Module):

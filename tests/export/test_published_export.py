@@ -2,6 +2,7 @@
 the decoder path, the ARMT through its own; the manifest says LoRA was merged."""
 
 import numpy as np
+import onnx
 import torch
 from click.testing import CliRunner
 from conftest import write_gpt2_folder
@@ -58,3 +59,25 @@ def test_published_armt_exports_and_runs_as_the_reference(tmp_path):
         document = np.array(ids)
         assert abs(model.run_one(document).perplexity - expected) <= 1e-4 * expected
         assert model.run_one(document, generate=6).generated_ids == expected_ids
+
+
+def test_armt_fp16_keeps_the_state_arithmetic_in_fp32(tmp_path):
+    """--precision fp16 of an ARMT as published (no correction): the layers' matmuls run in
+    FP16, every matmul on the state (reads, outer products, running sums: the fp32_state
+    modules) in FP32, and the export's closed-loop gates pass."""
+    published = write_published(tmp_path / "ckpt", naming="shared", config={"segment_size": 6})
+    out = tmp_path / "export"
+    result = CliRunner().invoke(export_main, [
+        str(published.path), "--base-model", str(write_llama_base(tmp_path / "base")),
+        "--lora-alpha", str(ALPHA), "--no-armt-correction", "--precision", "fp16",
+        "--drift-segments", "40",
+        "--validation-segments", "3", "--threads", "1", "-q", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    graph = onnx.shape_inference.infer_shapes(
+        onnx.load(out / "write.fp16.onnx", load_external_data=False)).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in graph.value_info}
+    matmuls = [(node.name, types[node.output[0]]) for node in graph.node
+               if node.op_type == "MatMul"]
+    state = [kind for name, kind in matmuls if "/fp32_state" in name]
+    assert len(state) == 10 and set(state) == {onnx.TensorProto.FLOAT}  # 2 layers x 5
+    assert onnx.TensorProto.FLOAT16 in {kind for name, kind in matmuls}
