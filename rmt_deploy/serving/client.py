@@ -10,6 +10,7 @@ served).
 
 from __future__ import annotations
 
+import http.client
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -32,7 +33,8 @@ from rmt_deploy.runtime.results import (
 from rmt_deploy.runtime.scoring import MeterState, PerplexityMeter
 from rmt_deploy.runtime.tokens import Document, TokenSource, document_source, manifest_tokenizer
 from rmt_deploy.segmentation import count_segments, segment_range, step_inputs
-from rmt_deploy.serving.errors import ServingError, StateFileError
+from rmt_deploy.serving.errors import SequenceLostError, ServingError, StateFileError
+from rmt_deploy.serving.failover import DEFAULT_RETRY, Failover, Retry, RetryPolicy
 from rmt_deploy.serving.identity import MODEL_ID_PARAMETER, model_identity
 from rmt_deploy.serving.progress import (
     Progress,
@@ -40,6 +42,11 @@ from rmt_deploy.serving.progress import (
     load_progress,
     save_progress,
 )
+
+SEQUENCE_HEADER = "X-RMT-Sequence"  # the balancer keeps a sequence on one replica by it
+LOST_STATUS = {"502", "503", "504"}  # a balancer's answer when no replica answers
+# Triton's and the model's answers to a segment of a sequence the replica does not hold
+LOST_SEQUENCE = ("must specify the START flag", "is not open on this server")
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class StreamResult:
     sequence_id: int
     segments_sent: int  # segments sent in this call (fewer than all after a resume)
     seconds: float
+    retries: tuple[Retry, ...] = ()  # segments sent again after a lost replica
 
     @property
     def segments_per_second(self) -> float:
@@ -58,11 +66,12 @@ class StreamResult:
 
 
 class TritonClient:
-    """Streams documents to one RMT model on one Triton server (HTTP). Not shared
-    between threads: give each thread its own client."""
+    """Streams documents to one RMT model on one Triton server or balancer (HTTP). A
+    sequence whose replica is lost is restarted from its last state as ``retry`` allows
+    (None: never). Not shared between threads: give each thread its own client."""
 
     def __init__(self, export: str | Path, url: str = "127.0.0.1:8000", model: str = "rmt",
-                 timeout: float = 300.0) -> None:
+                 timeout: float = 300.0, retry: RetryPolicy | None = DEFAULT_RETRY) -> None:
         try:
             import tritonclient.http as http
             from tritonclient.utils import InferenceServerException
@@ -86,6 +95,7 @@ class TritonClient:
         self.pairs = state_pairs(self.config)
         outputs = {o["name"] for o in served.get("output", [])}
         self.keeps_state = not any(pair.name_out in outputs for pair in self.pairs)
+        self.retry = None if self.keeps_state else retry
 
     def close(self) -> None:
         self._client.close()
@@ -110,7 +120,8 @@ class TritonClient:
             source = document_source(document, self.tokenizer, self.config, stack)
             digest = document_digest(source, self.config) if progress_file else ""
             saved = self._resume(progress_file, digest, len(source))
-            run = _Run(self, source, sequence_id, saved)
+            failover = Failover(self.step, self.retry) if self.retry else None
+            run = _Run(self, source, sequence_id, saved, failover.step if failover else None)
             for index in range(run.first, run.total):
                 done = index + 1 - run.first
                 last = index == run.total - 1
@@ -119,7 +130,8 @@ class TritonClient:
                 if saving:
                     save_progress(progress_file, run.progress(self.model_id, digest))
         return StreamResult(run.output(), sequence_id, run.total - run.first,
-                            time.perf_counter() - started)
+                            time.perf_counter() - started,
+                            tuple(failover.retries) if failover else ())
 
     def _resume(self, progress_file, digest: str, tokens: int) -> Progress | None:
         if progress_file is None or not Path(progress_file).exists():
@@ -158,19 +170,27 @@ class TritonClient:
         outputs = [http.InferRequestedOutput(name) for name in names]
         result = self._call(lambda: self._client.infer(
             self.model, inputs, outputs=outputs, sequence_id=sequence_id,
-            sequence_start=start, sequence_end=end))
+            sequence_start=start, sequence_end=end,
+            headers={SEQUENCE_HEADER: str(sequence_id)}))
         state = {pair.name_in: result.as_numpy(pair.name_out) for pair in self.pairs}
         return result.as_numpy(LOGITS), state if returns_state else None
 
     def _call(self, request):
         try:
             return request()
-        except OSError as error:
-            raise ServingError(f"cannot reach Triton at {self.url} ({error.strerror or error}); "
-                               "start the server or fix the address") from None
+        except (OSError, http.client.HTTPException) as error:
+            reason = getattr(error, "strerror", None) or error or type(error).__name__
+            raise SequenceLostError(f"cannot reach Triton at {self.url} ({reason}); start the "
+                                    "server or fix the address") from None
         except self._server_error as error:
-            raise ServingError(f"Triton at {self.url}, model {self.model!r}: "
-                               f"{(error.message() or 'request failed').strip()}") from None
+            message = (error.message() or "request failed").strip()
+            if error.status() in LOST_STATUS:  # the balancer has no replica to give
+                raise SequenceLostError(f"the balancer at {self.url} answered HTTP "
+                                        f"{error.status()}: no Triton replica behind it "
+                                        "answers; start one") from None
+            lost = any(sign in message for sign in LOST_SEQUENCE)
+            raise (SequenceLostError if lost else ServingError)(
+                f"Triton at {self.url}, model {self.model!r}: {message}") from None
 
 
 
@@ -192,8 +212,9 @@ class _Run:
     """One document's segments on the server, and what its answer is built from."""
 
     def __init__(self, client: TritonClient, source: TokenSource, sequence_id: int,
-                 saved: Progress | None) -> None:
+                 saved: Progress | None, send=None) -> None:
         self.client, self.source, self.sequence_id = client, source, sequence_id
+        self.send = send or client.step  # failover's step, or the client's own
         self.config = client.config
         self.total = count_segments(len(source), self.config)
         self.first = saved.next_segment if saved else 0
@@ -209,7 +230,7 @@ class _Run:
     def step(self, index: int, want_state: bool) -> None:
         tokens = self.source.tokens(*segment_range(len(self.source), index, self.config))
         input_ids, attention_mask = step_inputs([tokens], self.config)
-        logits, state = self.client.step(
+        logits, state = self.send(
             self.sequence_id, input_ids, attention_mask, start=index == self.first,
             end=index == self.total - 1, state_in=self.state if self.restore else None,
             want_state=want_state)
