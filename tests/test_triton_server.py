@@ -235,7 +235,7 @@ def test_server_restart_resumes_from_saved_progress(repo, encoder_export, tmp_pa
     progress = tmp_path / "progress.npz"
     server = Server(repo, tmp_path / "triton.log")
     try:
-        with TritonClient(encoder_export, server.url, "enc") as client:
+        with TritonClient(encoder_export, server.url, "enc", retry=None) as client:
             sent = []
             step = client.step
 

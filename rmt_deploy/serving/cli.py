@@ -62,20 +62,27 @@ def triton_main(repo, export, name, backend, max_batch_size, idle_seconds, strat
 @click.option("--name", default="rmt", show_default=True, help="Model name on the server.")
 @click.option("--progress", "progress_file", type=click.Path(path_type=Path),
               help="Save progress here and resume from it when it exists.")
+@click.option("--retries", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Times a segment whose server was lost (killed, restarted, unreachable) "
+                   "is sent again, restarting the sequence from its last state; waits "
+                   "0.25 s, doubled each time up to 4 s. 0: never.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_user_errors("rmt-triton-run", "streaming the document")
-def stream_main(input, export, url, name, progress_file, as_json):
+def stream_main(input, export, url, name, progress_file, retries, as_json):
     """Stream INPUT (a text file, '-' for stdin) to a model served by Triton as one
     sequence and print its answer as rmt-run does."""
     from rmt_deploy.serving.client import TritonClient
+    from rmt_deploy.serving.failover import DEFAULT_RETRY, RetryPolicy
 
     document = stdin_stream() if input == "-" else Path(input)
-    with TritonClient(export, url, name) as client:
+    retry = RetryPolicy(retries + 1, DEFAULT_RETRY.backoff, DEFAULT_RETRY.max_wait) if retries \
+        else None
+    with TritonClient(export, url, name, retry=retry) as client:
         result = client.run(document, progress_file)
     output = result.output
     report = {"backend": f"triton:{url}/{name}", "tokens": output.tokens,
               "segments": output.segments, "segments_sent": result.segments_sent,
-              "seconds": round(result.seconds, 4)}
+              "seconds": round(result.seconds, 4), "retries": len(result.retries)}
     if hasattr(output, "label"):
         report.update(label=output.label, scores=output.scores,
                       logits=[float(x) for x in output.logits])
