@@ -27,7 +27,8 @@ from test_triton_server import ROOT, Server, _require_venv, assert_same, documen
 from rmt_deploy.runtime import open_model  # noqa: E402
 from rmt_deploy.serving.client import TritonClient  # noqa: E402
 from rmt_deploy.serving.config import ServingOptions  # noqa: E402
-from rmt_deploy.serving.errors import ServingError  # noqa: E402
+from rmt_deploy.segmentation import step_inputs  # noqa: E402
+from rmt_deploy.serving.errors import SequenceLostError, ServingError  # noqa: E402
 from rmt_deploy.serving.failover import RetryPolicy  # noqa: E402
 from rmt_deploy.serving.progress import load_progress  # noqa: E402
 from rmt_deploy.serving.repository import write_repository  # noqa: E402
@@ -214,6 +215,13 @@ def test_a_balancer_that_refuses_connections_is_a_bounded_one_line_error(
     policy = RetryPolicy(attempts=3, backoff=0.1, max_wait=0.2)
     try:
         with TritonClient(encoder_export, replicas.url, "enc", retry=policy) as client:
+            # what the failover restarts and what it leaves alone, through the balancer
+            ids, mask = step_inputs([np.asarray(doc[:10])], model.config)
+            with pytest.raises(SequenceLostError, match="must specify the START flag"):
+                client.step(4242, ids, mask, start=False, end=False)  # moved or forgotten
+            with pytest.raises(ServingError, match="token ids must lie in") as bad:
+                client.step(4243, ids + model.config.vocab_size, mask, start=True, end=True)
+            assert not isinstance(bad.value, SequenceLostError)
             step, sent = client.step, []
 
             def step_then_stop_balancer(*args, **kwargs):
