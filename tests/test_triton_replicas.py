@@ -166,6 +166,7 @@ def test_server_restarted_under_a_running_client_is_retried(repo, encoder_export
     def start_again() -> None:
         restarted.append(FixedPortServer(repo, tmp_path / "triton2.log", port))
 
+    starting = threading.Thread(target=start_again)
     policy = RetryPolicy(attempts=12, backoff=0.25, max_wait=2.0)  # ~19 s: a restart fits
     try:
         with TritonClient(encoder_export, server.url, "enc", retry=policy) as client:
@@ -174,7 +175,7 @@ def test_server_restarted_under_a_running_client_is_retried(repo, encoder_export
             def step_then_restart(*args, **kwargs):
                 if len(sent) == 8:  # the server goes down, and starts again meanwhile
                     server.stop()
-                    threading.Thread(target=start_again).start()
+                    starting.start()
                 sent.append(1)
                 return step(*args, **kwargs)
 
@@ -182,6 +183,8 @@ def test_server_restarted_under_a_running_client_is_retried(repo, encoder_export
             result = client.run(doc)
     finally:
         server.stop()
+        if starting.is_alive():
+            starting.join()
         for other in restarted:
             other.stop()
     assert result.retries and {retry.segment for retry in result.retries} == {8}
