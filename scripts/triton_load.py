@@ -133,6 +133,10 @@ def main() -> int:
     until[0] = time.monotonic() + args.seconds
     started = time.perf_counter()
     phase.wait()
+    samples = []  # RSS every 10 s of the load: flat once warm, or growing
+    while (left := until[0] - time.monotonic()) > 0:
+        time.sleep(min(10.0, left))
+        samples.append(rss_bytes(args.server_pid))
     phase.wait()
     seconds = time.perf_counter() - started
     end = rss_bytes(args.server_pid)
@@ -156,6 +160,7 @@ def main() -> int:
         "p99_ms": round(float(np.percentile(every, 99)) * 1e3, 2) if every.size else None,
         "errors": len(errors), "first_errors": errors[:3],
         "rss_warm_mib": round(warm / mib, 1), "rss_end_mib": round(end / mib, 1),
+        "rss_every_10s_mib": [round(sample / mib, 1) for sample in samples],
         "rss_with_abandoned_mib": round(with_open / mib, 1),
         "rss_after_eviction_mib": round(after / mib, 1),
         "abandoned": abandoned, "evicted": len(evicted),

@@ -31,7 +31,8 @@ stop() {
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     wait || true
 }
-trap stop INT TERM EXIT
+trap 'stop; exit 0' INT TERM  # a requested stop is a clean exit
+trap stop EXIT
 
 SERVERS=""
 for PORT in "$@"; do
