@@ -258,3 +258,19 @@ def _listening(url: str) -> bool:
         return False
     return True
 
+
+
+def test_the_replica_script_refuses_a_used_run_folder(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "mine.txt").write_text("not the script's")
+    script = str(ROOT / "scripts" / "triton_replicas.sh")
+    used = subprocess.run(["bash", script, str(tmp_path), str(run), "1", "2"],
+                          capture_output=True, text=True, timeout=30)
+    short = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True,
+                           timeout=30)
+    if shutil.which("nginx"):
+        assert used.returncode == 1 and f"{run} is not empty" in used.stderr
+    assert used.stderr.count("\n") == 1 and used.stdout == ""
+    assert sorted(p.name for p in run.iterdir()) == ["mine.txt"]  # nothing added or removed
+    assert short.returncode == 2 and short.stderr.startswith("usage:")
