@@ -15,10 +15,12 @@ class FakeReplica:
 
     def __init__(self, lost_calls=(), bad_calls=()) -> None:
         self.lost, self.bad, self.calls, self.state = set(lost_calls), set(bad_calls), [], None
+        self.ids = []
 
     def __call__(self, sequence_id, input_ids, attention_mask, start, end, state_in=None,
                  want_state=True):
         self.calls.append((start, None if state_in is None else int(state_in["m"][0])))
+        self.ids.append(sequence_id)
         if len(self.calls) in self.lost:
             self.state = None  # the replica holding the sequence is gone
             raise SequenceLostError("cannot reach Triton at x (Connection refused)")
@@ -38,8 +40,9 @@ def send_all(failover: Failover, segments: int) -> list:
 
 
 def test_a_lost_sequence_restarts_from_its_last_state():
-    replica, waits = FakeReplica(lost_calls={4, 5}), []
-    failover = Failover(replica, RetryPolicy(attempts=3, backoff=0.5), sleep=waits.append)
+    replica, waits, ids = FakeReplica(lost_calls={4, 5}), [], iter([100, 200])
+    failover = Failover(replica, RetryPolicy(attempts=3, backoff=0.5), sleep=waits.append,
+                        new_id=lambda: next(ids))
     send_all(failover, 6)
     # segments 0-2 answered; the 4th call is lost, so is its first retry; the second
     # retry restarts with START and the state after 3 segments
@@ -48,6 +51,9 @@ def test_a_lost_sequence_restarts_from_its_last_state():
     assert int(replica.state[0]) == 6  # every segment stepped once on the surviving state
     assert waits == [0.5, 1.0]
     assert [(r.segment, r.attempt) for r in failover.retries] == [(3, 2), (3, 3)]
+    # each restart goes on under a new correlation id: no replica can step a stale state
+    assert replica.ids == [7] * 4 + [100, 200, 200, 200]
+    assert [(r.sequence_id, r.restarted_as) for r in failover.retries] == [(7, 100), (100, 200)]
 
 
 def test_a_lost_first_segment_restarts_from_the_state_it_started_with():

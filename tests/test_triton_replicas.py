@@ -66,13 +66,14 @@ class Replicas:
     def pid(self, name: str) -> int:
         return int((self.run / f"{name}.pid").read_text())
 
-    def served(self) -> list[tuple[int, str]]:
-        """(sequence id, replica address) of every request the balancer passed on."""
+    def served(self) -> list[tuple[int, str, str]]:
+        """(sequence id, the last replica tried, HTTP status) of every request the
+        balancer passed on."""
         rows = []
         for line in (self.run / "nginx-access.log").read_text().splitlines():
-            sequence, upstream, *_ = line.split()
-            if sequence != "-":
-                rows.append((int(sequence), upstream))
+            fields = line.split()  # sequence, upstreams tried ("a, b"), status, seconds
+            if fields[0] != "-":
+                rows.append((int(fields[0]), fields[-3], fields[-2]))
         return rows
 
     def stop(self) -> None:
@@ -109,7 +110,7 @@ def test_a_replica_lost_mid_document_loses_nothing(repo, encoder_export, tmp_pat
 
                     def step_then_kill(sequence_id, *args, **kwargs):
                         if len(sent) == 10 and not killed:
-                            holder = {a for s, a in replicas.served() if s == sequence_id}
+                            holder = {a for s, a, _ in replicas.served() if s == sequence_id}
                             (address,) = holder
                             port = address.rsplit(":", 1)[1]
                             os.kill(replicas.pid(f"replica-{port}"), signal.SIGKILL)
@@ -144,10 +145,13 @@ def test_a_replica_lost_mid_document_loses_nothing(repo, encoder_export, tmp_pat
     first = results[0]
     assert first.retries, "the client did not retry"
     assert {retry.segment for retry in first.retries} == {10}
-    route = [address for sequence, address in served if sequence == 1000]
-    before, after = route[:10], route[10:]
-    assert set(before) == {killed["address"]}
-    assert after and killed["address"] not in after[-1]
+    before = [(address, status) for sequence, address, status in served if sequence == 1000]
+    assert before[:10] == [(killed["address"], "200")] * 10
+    assert len(before) == 11  # the 11th went to the killed replica and failed
+    # it went on under a new correlation id, answered by the other replica only
+    after = {(address, status) for sequence, address, status in served
+             if sequence == first.retries[-1].restarted_as and status == "200"}
+    assert len(after) == 1 and killed["address"] not in after.pop()
     delay = sum(retry.waited for retry in first.retries)
     assert delay <= RetryPolicy().bound()
     print(f"\nreplica {killed['address']} SIGKILLed at segment 10 of sequence 1000: "
