@@ -25,9 +25,10 @@ pytest.importorskip("tritonclient.http")
 from test_triton_server import ROOT, Server, _require_venv, assert_same, documents, free_ports  # noqa: E402, I001
 
 from rmt_deploy.runtime import open_model  # noqa: E402
-from rmt_deploy.serving.client import TritonClient  # noqa: E402
+from rmt_deploy.serving.client import SEQUENCE_HEADER, TritonClient  # noqa: E402
 from rmt_deploy.serving.config import ServingOptions  # noqa: E402
-from rmt_deploy.segmentation import step_inputs  # noqa: E402
+from rmt_deploy.contract import ATTENTION_MASK, INPUT_IDS, LOGITS  # noqa: E402
+from rmt_deploy.segmentation import count_segments, segment_range, step_inputs  # noqa: E402
 from rmt_deploy.serving.errors import SequenceLostError, ServingError  # noqa: E402
 from rmt_deploy.serving.failover import RetryPolicy  # noqa: E402
 from rmt_deploy.serving.progress import load_progress  # noqa: E402
@@ -46,15 +47,20 @@ def _require_nginx() -> None:
 class Replicas:
     """scripts/triton_replicas.sh: replicas + nginx, ready when constructed."""
 
-    def __init__(self, repo: Path, run: Path, count: int = 2) -> None:
+    def __init__(self, repo: Path, run: Path, count: int = 2, grpc: bool = False) -> None:
         self.run = run
-        balancer, *self.ports = free_ports(count + 1)
+        balancer, *ports = free_ports(count + 1)
+        specs = [str(port) for port in [balancer, *ports]]
+        if grpc:  # HTTP:GRPC for the balancer and each replica
+            specs = [f"{spec}:{port}" for spec, port in zip(specs, free_ports(count + 1),
+                                                             strict=True)]
+            self.grpc_url = f"127.0.0.1:{specs[0].split(':')[1]}"
         self.url = f"127.0.0.1:{balancer}"
         self.log = run.parent / f"{run.name}.log"
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
                 ["bash", str(ROOT / "scripts" / "triton_replicas.sh"), str(repo), str(run),
-                 str(balancer), *map(str, self.ports)],
+                 *specs],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 120
         while not (run / "ready").exists():
@@ -278,3 +284,35 @@ def test_the_replica_script_refuses_a_used_run_folder(tmp_path):
     assert used.stderr.count("\n") == 1 and used.stdout == ""
     assert sorted(p.name for p in run.iterdir()) == ["mine.txt"]  # nothing added or removed
     assert short.returncode == 2 and short.stderr.startswith("usage:")
+
+
+def test_grpc_through_the_balancer_keeps_a_sequence_on_one_replica(repo, encoder_export,
+                                                                    tmp_path):
+    import tritonclient.grpc as grpc
+
+    model = open_model(encoder_export)
+    config = model.config
+    (doc,) = documents(config, [90], seed=14)
+    total = count_segments(len(doc), config)
+    replicas = Replicas(repo, tmp_path / "run", grpc=True)
+    try:
+        client = grpc.InferenceServerClient(replicas.grpc_url)
+        for index in range(total):
+            ids, mask = step_inputs([np.asarray(doc[slice(*segment_range(len(doc), index,
+                                                                         config))])], config)
+            inputs = []
+            for name, array in ((INPUT_IDS, ids), (ATTENTION_MASK, mask)):
+                inputs.append(grpc.InferInput(name, list(array.shape), "INT64"))
+                inputs[-1].set_data_from_numpy(array)
+            result = client.infer("enc", inputs, outputs=[grpc.InferRequestedOutput(LOGITS)],
+                                  sequence_id=77, sequence_start=index == 0,
+                                  sequence_end=index == total - 1,
+                                  headers={SEQUENCE_HEADER: "77"})
+        client.close()
+        served = replicas.served()
+    finally:
+        replicas.stop()
+    np.testing.assert_allclose(result.as_numpy(LOGITS)[0], model.run_one(doc).logits,
+                               atol=1e-5)
+    route = [(address, status) for sequence, address, status in served if sequence == 77]
+    assert len(route) == total > 3 and len(set(route)) == 1

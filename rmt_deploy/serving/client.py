@@ -43,7 +43,8 @@ from rmt_deploy.serving.progress import (
     save_progress,
 )
 
-SEQUENCE_HEADER = "X-RMT-Sequence"  # the balancer keeps a sequence on one replica by it
+SEQUENCE_HEADER = "x-rmt-sequence"  # the balancer keeps a sequence on one replica by it
+# (lowercase: HTTP header names are case-blind, gRPC metadata keys must be lowercase)
 LOST_STATUS = {"502", "503", "504"}  # a balancer's answer when no replica answers
 # Triton's and the model's answers to a segment of a sequence the replica does not hold
 LOST_SEQUENCE = ("must specify the START flag", "is not open on this server")
