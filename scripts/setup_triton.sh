@@ -26,7 +26,7 @@ if not stub.is_file():
     sys.exit(f"setup_triton.sh: PyTriton ships no python backend stub for Python {version}")
 shutil.copy2(stub, server / "backends" / "python" / stub.name)
 PY
-if ! command -v nginx >/dev/null; then
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
     SUDO=()
     [ "$(id -u)" = 0 ] || SUDO=(sudo)
     "${SUDO[@]}" apt-get update -qq

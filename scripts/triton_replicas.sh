@@ -23,7 +23,9 @@ for SPEC in "$@"; do
         exit 2
     fi
 done
-if ! command -v nginx >/dev/null; then
+# Debian puts nginx in /usr/sbin, which is not on a regular user's PATH.
+NGINX=$(command -v nginx || { [ -x /usr/sbin/nginx ] && echo /usr/sbin/nginx; } || true)
+if [ -z "$NGINX" ]; then
     echo "$0: nginx is not installed; run bash scripts/setup_triton.sh (apt-get install nginx-light)" >&2
     exit 1
 fi
@@ -97,9 +99,9 @@ sed -e "s|@RUN@|$RUN|g" -e "s|@USER@|$USER_LINE|" -e "s|@LISTEN@|127.0.0.1:$LIST
             else print lines[i]
         }
     }' >"$RUN/nginx.conf"
-nginx -t -q -p "$RUN" -e "$RUN/nginx-error.log" -c "$RUN/nginx.conf"
-nginx -p "$RUN" -e "$RUN/nginx-error.log" -c "$RUN/nginx.conf" &
-NGINX=$!
+"$NGINX" -t -q -p "$RUN" -e "$RUN/nginx-error.log" -c "$RUN/nginx.conf"
+"$NGINX" -p "$RUN" -e "$RUN/nginx-error.log" -c "$RUN/nginx.conf" &
+NGINX_PID=$!
 for _ in $(seq 100); do
     ready "http://127.0.0.1:$LISTEN" && break
     sleep 0.1
@@ -107,4 +109,4 @@ done
 ready "http://127.0.0.1:$LISTEN" || { echo "$0: nginx did not start; see $RUN/nginx-error.log" >&2; exit 1; }
 touch "$RUN/ready"
 echo "triton_replicas.sh: $# replicas behind http://127.0.0.1:$LISTEN${GRPC_LISTEN:+ and grpc://127.0.0.1:$GRPC_LISTEN} (logs in $RUN)"
-wait "$NGINX"
+wait "$NGINX_PID"
