@@ -257,7 +257,8 @@ def test_server_restart_resumes_from_saved_progress(repo, encoder_export, tmp_pa
     server = Server(repo, tmp_path / "triton.log")
     try:
         size = model.config.segment_size
-        with TritonClient(encoder_export, server.url, "enc", chunk_tokens=3 * size) as client:
+        with TritonClient(encoder_export, server.url, "enc", chunk_tokens=3 * size,
+                          retry=None) as client:
             stop_after(client, 4, server.stop)  # the server goes away mid-document
             with pytest.raises(ServingError, match=f"Triton at {server.url}"):
                 client.run(doc, progress_file=progress)
