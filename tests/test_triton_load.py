@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-pytest.importorskip("tritonclient.http")
+pytest.importorskip("tritonclient.grpc")
 
 from test_triton_server import ROOT, Server, _require_venv  # noqa: E402, I001
 

@@ -59,8 +59,10 @@ from rmt_deploy.serving.progress import (
 DECODER_CHUNK_BYTES = 32 << 20
 SEQUENCE_HEADER = "x-rmt-sequence"  # the balancer keeps a sequence on one replica by it
 # (lowercase: HTTP header names are case-blind, gRPC metadata keys must be lowercase)
-# Triton's and the model's answers to a chunk of a sequence the replica does not hold
-LOST_SEQUENCE = ("must specify the START flag", "is not open on this server")
+# Triton's and the model's answers to a chunk of a sequence the replica does not hold,
+# and a balancer's reset of a stream whose replica died under it (nginx: RST_STREAM)
+LOST_SEQUENCE = ("must specify the START flag", "is not open on this server",
+                 "Stream removed", "RST_STREAM")
 
 
 @dataclass(frozen=True)
@@ -247,9 +249,13 @@ class TritonClient:
                 pending[request] = chunk
                 order.append(request)
                 inputs, outputs = self._tensors(chunk)
-                self._call(self._client.async_stream_infer, self.model, inputs,
-                           outputs=outputs, request_id=request, sequence_id=chunk.sequence_id,
-                           sequence_start=chunk.start, sequence_end=chunk.end)
+                try:
+                    self._client.async_stream_infer(
+                        self.model, inputs, outputs=outputs, request_id=request,
+                        sequence_id=chunk.sequence_id, sequence_start=chunk.start,
+                        sequence_end=chunk.end)
+                except self._server_error as error:
+                    raise self._broken(answers, error) from None
             while order:
                 yield self._next_answer(answers, pending, done, order)
         finally:
@@ -320,10 +326,13 @@ class TritonClient:
         self._call(self._client.start_stream, headers=self._header(chunk.sequence_id),
                    callback=lambda result, error: answers.put((result, error)))
         try:
-            self._call(self._client.async_stream_infer, self.model, inputs, outputs=outputs,
-                       sequence_id=chunk.sequence_id, sequence_start=chunk.start,
-                       sequence_end=chunk.end, parameters=parameters,
-                       enable_empty_final_response=True)
+            try:
+                self._client.async_stream_infer(
+                    self.model, inputs, outputs=outputs, sequence_id=chunk.sequence_id,
+                    sequence_start=chunk.start, sequence_end=chunk.end,
+                    parameters=parameters, enable_empty_final_response=True)
+            except self._server_error as error:
+                raise self._broken(answers, error) from None
             while True:
                 try:
                     result, error = answers.get(timeout=self.timeout)
@@ -379,10 +388,22 @@ class TritonClient:
         except self._server_error as error:
             raise self._failure(error) from None
 
+    def _broken(self, answers: queue.Queue, error) -> ServingError:
+        """A request refused on a broken stream: the failure its callback was told of
+        (a lost server, say), else the refusal itself."""
+        while True:
+            try:
+                _, reason = answers.get(timeout=1.0)
+            except queue.Empty:
+                return self._failure(error)
+            if reason is not None:
+                return self._failure(reason)
+
     def _failure(self, error) -> ServingError:
         """A one-line ServingError for tritonclient's exception: a SequenceLostError where
-        the server holding the sequence is gone (unreachable, or a balancer with no replica
-        behind it answers UNAVAILABLE) or no longer holds it."""
+        the server holding the sequence is gone (unreachable, a balancer with no replica
+        behind it answers UNAVAILABLE, or it resets the stream the replica died under) or
+        no longer holds it."""
         message = ((error.message() or "request failed").strip().splitlines() or [""])[0]
         if "UNAVAILABLE" in str(error.status()) or "failed to connect" in message:
             return SequenceLostError(f"cannot reach Triton at {self.url} ({message}); start "
