@@ -1,12 +1,14 @@
 """A bounded load test of an RMT served by Triton (loopback only): N concurrent
 sequences stream random documents for a fixed time (and at most --max-segments segments
-in all), then every client stops by itself. Reports throughput, p50/p99 latency per
-segment, the server's RSS (tritonserver and its python-backend stubs) when warm, at the
+in all), then every client stops by itself, each over gRPC with --chunk-tokens a request
+and --in-flight requests unanswered (defaults: one segment a request, one in flight, so
+an answer's latency is a segment's). Reports throughput, p50/p99 latency per answer, the
+server's RSS (tritonserver and its python-backend stubs) when warm, at the
 end, with abandoned sequences open, and after they are evicted as idle, and the errors.
 Exits 1 if any request failed, an abandoned sequence was not evicted, or the RSS grew
 past --rss-slack once warm. Prints one JSON object.
 
-    python scripts/triton_load.py --model EXPORT --url 127.0.0.1:8000 --name rmt \\
+    python scripts/triton_load.py --model EXPORT --url 127.0.0.1:8001 --name rmt \\
         --server-pid PID --idle-seconds 5 --sequences 64 --seconds 60
 """
 
@@ -24,7 +26,7 @@ import numpy as np
 
 from rmt_deploy.manifest import read_manifest
 from rmt_deploy.segmentation import content_id_range, step_inputs
-from rmt_deploy.serving.client import TritonClient
+from rmt_deploy.serving.client import Chunk, TritonClient
 from rmt_deploy.serving.errors import SequenceLostError
 
 
@@ -53,7 +55,7 @@ def rss_bytes(pid: int) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="export folder")
-    parser.add_argument("--url", default="127.0.0.1:8000")
+    parser.add_argument("--url", default="127.0.0.1:8001", help="gRPC address")
     parser.add_argument("--name", default="rmt")
     parser.add_argument("--server-pid", type=int, required=True, help="tritonserver's pid")
     parser.add_argument("--idle-seconds", type=float, required=True,
@@ -62,6 +64,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--max-segments", type=int, default=1_000_000)
     parser.add_argument("--tokens", type=int, default=400, help="tokens per document")
+    parser.add_argument("--chunk-tokens", type=int, default=0,
+                        help="tokens a request carries (0: one segment)")
+    parser.add_argument("--in-flight", type=int, default=1,
+                        help="requests sent before the first is answered")
     parser.add_argument("--rss-slack", type=float, default=0.10,
                         help="allowed RSS growth once warm, as a fraction")
     args = parser.parse_args()
@@ -80,19 +86,34 @@ def main() -> int:
     until = [0.0]
     tokens = np.arange(low, low + 4)
     ids, mask = step_inputs([tokens], config)
+    segments = [0] * count  # segments answered in the load phase, per client
+    options = dict(chunk_tokens=args.chunk_tokens or config.segment_size,
+                   in_flight=args.in_flight, retry=None)
 
-    def stream(client: TritonClient, rng, row: list[float]) -> None:
-        step = client.step
+    def stream(client: TritonClient, rng, row: list[float], index: int | None) -> None:
+        send = client.send
 
-        def timed(*a, **k):
-            if not budget.acquire(blocking=False):
-                raise _Done
-            started = time.perf_counter()
-            answer = step(*a, **k)
-            row.append(time.perf_counter() - started)
-            return answer
+        def timed(chunks):
+            sizes: list[int] = []  # segments of each chunk sent, not yet answered
 
-        client.step = timed
+            def budgeted():
+                for chunk in chunks:
+                    for _ in range(len(chunk.input_ids)):  # a segment each
+                        if not budget.acquire(blocking=False):
+                            raise _Done
+                    sizes.append(len(chunk.input_ids))
+                    yield chunk
+
+            last = time.perf_counter()
+            for answer in send(budgeted()):
+                now = time.perf_counter()
+                row.append(now - last)  # the wait for this answer after the one before
+                last, size = now, sizes.pop(0)
+                if index is not None:
+                    segments[index] += size
+                yield answer
+
+        client.send = timed
         try:
             while time.monotonic() < until[0]:
                 try:
@@ -102,24 +123,23 @@ def main() -> int:
                 except Exception as error:  # counted and reported, the load goes on
                     errors.append(f"{type(error).__name__}: {error}")
         finally:
-            client.step = step
+            client.send = send
 
     def worker(index: int) -> None:
-        # tritonclient.http runs on gevent: a client is used by the thread that made it
-        with TritonClient(args.model, args.url, args.name, retry=None) as client:
+        with TritonClient(args.model, args.url, args.name, **options) as client:
             rng = np.random.default_rng(index)
             phase.wait()  # warm-up
-            stream(client, rng, [])
+            stream(client, rng, [], None)
             phase.wait()
             phase.wait()  # load
-            stream(client, rng, latencies[index])
+            stream(client, rng, latencies[index], index)
             phase.wait()
             sequence = 10**12 + index  # abandoned: started, never ended
-            client.step(sequence, ids, mask, start=True, end=False, want_state=False)
+            client.step(Chunk(sequence, ids, mask, start=True, end=False))
             phase.wait()
             phase.wait()  # the store has evicted idle sequences
             try:
-                client.step(sequence, ids, mask, start=False, end=True, want_state=False)
+                client.step(Chunk(sequence, ids, mask, start=False, end=True))
             except SequenceLostError:
                 evicted.append(sequence)
 
@@ -143,8 +163,8 @@ def main() -> int:
     phase.wait()
     with_open = rss_bytes(args.server_pid)
     time.sleep(args.idle_seconds + 1.5)
-    with TritonClient(args.model, args.url, args.name, retry=None) as client:
-        client.step(1, ids, mask, start=True, end=True, want_state=False)  # store evicts here
+    with TritonClient(args.model, args.url, args.name, **options) as client:
+        client.step(Chunk(1, ids, mask, start=True, end=True))  # the store evicts here
     phase.wait()
     for thread in threads:
         thread.join()
@@ -154,8 +174,10 @@ def main() -> int:
 
     mib = 1 << 20
     report = {
-        "sequences": count, "seconds": round(seconds, 2), "segments": int(every.size),
-        "segments_per_second": round(every.size / seconds, 1),
+        "sequences": count, "chunk_tokens": options["chunk_tokens"],
+        "in_flight": args.in_flight, "seconds": round(seconds, 2),
+        "segments": sum(segments), "answers": int(every.size),
+        "segments_per_second": round(sum(segments) / seconds, 1),
         "p50_ms": round(float(np.percentile(every, 50)) * 1e3, 2) if every.size else None,
         "p99_ms": round(float(np.percentile(every, 99)) * 1e3, 2) if every.size else None,
         "errors": len(errors), "first_errors": errors[:3],
