@@ -128,3 +128,12 @@ def test_policy_bound():
     assert RetryPolicy(attempts=4, backoff=1, max_wait=3).bound() == 1 + 2 + 3
     with pytest.raises(ServingError, match="attempts >= 1"):
         RetryPolicy(attempts=0)
+
+
+def test_a_question_without_context_goes_under_the_sequences_id():
+    """A document of one segment is only a question: it starts the sequence itself."""
+    replica = FakeReplica()
+    failover = Failover(replica.send, RetryPolicy(), generate=replica.generate,
+                        sequence_id=7)
+    failover.question([1], None, start=True, end=True, state_in={"m": np.full(1, 3.0)})
+    assert replica.ids == [7] and replica.calls == [(True, 3, 1)]

@@ -392,3 +392,13 @@ def test_a_question_whose_sequence_was_lost_is_asked_again_from_the_kept_state(
     assert result.output.generated_ids == expected and expected
     assert asked == [False, True]
     assert len(result.retries) == 1 and "START flag" in result.retries[0].reason
+
+
+def test_a_document_of_one_segment_is_answered_as_a_question(server, decoder_export):
+    model = open_model(decoder_export)
+    (question,) = documents(model.config, [5], seed=10)
+    options = GenerationOptions(max_new_tokens=4)
+    with TritonClient(decoder_export, server.url, "dec") as client:
+        result = client.run(question, generate=options)
+    assert result.output.generated_ids == model.run_one(question, generate=options).generated_ids
+    assert not result.retries

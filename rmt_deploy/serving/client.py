@@ -197,8 +197,8 @@ class TritonClient:
             saved = self._resume(progress_file, digest, len(source))
             run = _Run(self, source, sequence_id, saved, end and generate is None,
                        context_only=generate is not None)
-            failover = Failover(self.send, self.retry, generate=self.generate) \
-                if self.retry else None
+            failover = Failover(self.send, self.retry, generate=self.generate,
+                                sequence_id=sequence_id) if self.retry else None
             send = failover.stream if failover else self.send
             ask = failover.question if failover else partial(self.generate, sequence_id)
             saved_at = run.first

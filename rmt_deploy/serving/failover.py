@@ -96,7 +96,8 @@ class Failover:
     _origin: Mapping[str, np.ndarray] | None = field(default=None, init=False, repr=False)
     _state: State | None = field(default=None, init=False, repr=False)
     _answered: int = field(default=0, init=False)
-    sequence_id: int = field(default=0, init=False)  # the correlation id now in use
+    # the correlation id now in use: a START chunk's, then each restart's new one
+    sequence_id: int = 0
 
     def stream(self, chunks: Iterable[Chunk]) -> Iterator[Answer]:
         """``TritonClient.send`` with failover: yields each chunk's answer once, in order,
