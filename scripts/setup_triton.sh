@@ -2,6 +2,7 @@
 # Create .venv-triton: a real tritonserver (the binary the nvidia-pytriton wheel ships,
 # python backend only) with what the python-backend model needs: numpy<2 (PyTriton's
 # requirement), onnxruntime, tokenizers and rmt-deploy itself, without torch.
+# Also Debian's nginx (the balancer of scripts/triton_replicas.sh), where it is missing.
 # Idempotent: an existing environment is updated in place. ~45 s the first time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,4 +26,10 @@ if not stub.is_file():
     sys.exit(f"setup_triton.sh: PyTriton ships no python backend stub for Python {version}")
 shutil.copy2(stub, server / "backends" / "python" / stub.name)
 PY
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+    SUDO=()
+    [ "$(id -u)" = 0 ] || SUDO=(sudo)
+    "${SUDO[@]}" apt-get update -qq
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light
+fi
 echo "setup_triton.sh: tritonserver ready in $VENV (start it with scripts/triton_serve.sh REPO)"

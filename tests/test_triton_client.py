@@ -18,6 +18,7 @@ from rmt_deploy.runtime.tokens import manifest_tokenizer
 from rmt_deploy.segmentation import content_id_range
 from rmt_deploy.serving.client import Answer, TritonClient
 from rmt_deploy.serving.errors import StateFileError
+from rmt_deploy.serving.failover import DEFAULT_RETRY
 from rmt_deploy.serving.identity import model_identity
 from rmt_deploy.serving.progress import Progress, load_progress, save_progress
 from rmt_deploy.serving.sequences import SequenceStore, StepRequest
@@ -33,6 +34,7 @@ class LocalClient(TritonClient):
         self.config, self.model_id = manifest.config, model_identity(manifest)
         self.tokenizer = manifest_tokenizer(manifest)
         self.model, self.keeps_state, self.chunk_segments = "local", False, chunk_segments
+        self.retry = DEFAULT_RETRY
         engine = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=1))
         self.store = SequenceStore(engine, manifest.load_initial_state(), idle_seconds=60)
         self.stop_after, self.chunks = stop_after, 0

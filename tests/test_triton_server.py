@@ -257,7 +257,8 @@ def test_server_restart_resumes_from_saved_progress(repo, encoder_export, tmp_pa
     server = Server(repo, tmp_path / "triton.log")
     try:
         size = model.config.segment_size
-        with TritonClient(encoder_export, server.url, "enc", chunk_tokens=3 * size) as client:
+        with TritonClient(encoder_export, server.url, "enc", chunk_tokens=3 * size,
+                          retry=None) as client:
             stop_after(client, 4, server.stop)  # the server goes away mid-document
             with pytest.raises(ServingError, match=f"Triton at {server.url}"):
                 client.run(doc, progress_file=progress)
@@ -364,3 +365,40 @@ def test_a_decoupled_decoder_sends_tokens_as_they_are_made(server, decoder_expor
         made: list[int] = []
         answer = client.generate(31, question, options, end=True, on_token=made.append)
     assert made == answer.ids == expected
+
+
+def test_a_question_whose_sequence_was_lost_is_asked_again_from_the_kept_state(
+        server, decoder_export):
+    """The context is read, then the server no longer holds the sequence when the
+    question comes (as after a lost replica): the client asks it again as a START with
+    the state the context left, and the ids are rmt-run --generate's."""
+    model = open_model(decoder_export)
+    config = model.config
+    context, question = documents(config, [3 * config.segment_size, 4], seed=9)
+    options = GenerationOptions(max_new_tokens=6)
+    expected = model.run_one(context + question, generate=options).generated_ids
+    with TritonClient(decoder_export, server.url, "dec",
+                      chunk_tokens=2 * config.segment_size) as client:
+        generate, asked = client.generate, []
+
+        def forgotten_once(sequence_id, *args, **kwargs):
+            asked.append(kwargs["start"])
+            if len(asked) == 1:
+                sequence_id += 1  # a sequence this server does not hold
+            return generate(sequence_id, *args, **kwargs)
+
+        client.generate = forgotten_once
+        result = client.run(context + question, generate=options)
+    assert result.output.generated_ids == expected and expected
+    assert asked == [False, True]
+    assert len(result.retries) == 1 and "START flag" in result.retries[0].reason
+
+
+def test_a_document_of_one_segment_is_answered_as_a_question(server, decoder_export):
+    model = open_model(decoder_export)
+    (question,) = documents(model.config, [5], seed=10)
+    options = GenerationOptions(max_new_tokens=4)
+    with TritonClient(decoder_export, server.url, "dec") as client:
+        result = client.run(question, generate=options)
+    assert result.output.generated_ids == model.run_one(question, generate=options).generated_ids
+    assert not result.retries

@@ -81,14 +81,19 @@ def triton_main(repo, export, name, backend, max_batch_size, idle_seconds, strat
               show_default=True, help="--generate sampling: the smallest set of tokens "
               "whose probability reaches P.")
 @click.option("--seed", type=SEED, help="--generate sampling: the random seed.")
+@click.option("--retries", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Times a chunk whose server was lost (killed, restarted, unreachable) "
+                   "is sent again, restarting the sequence from its last state; waits "
+                   "0.25 s, doubled each time up to 4 s. 0: never.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_user_errors("rmt-triton-run", "streaming the document")
 def stream_main(input, export, url, name, progress_file, chunk_tokens, in_flight, generate,
-                temperature, top_k, top_p, seed, as_json):
+                temperature, top_k, top_p, seed, retries, as_json):
     """Stream INPUT (a text file, '-' for stdin) to a model served by Triton as one
     sequence and print its answer as rmt-run does."""
     from rmt_deploy.runtime.generation import GenerationOptions
     from rmt_deploy.serving.client import TritonClient
+    from rmt_deploy.serving.failover import DEFAULT_RETRY, RetryPolicy
 
     sampling = temperature > 0 or top_k or top_p < 1 or seed is not None
     if sampling and not generate:
@@ -99,13 +104,15 @@ def stream_main(input, export, url, name, progress_file, chunk_tokens, in_flight
     options = GenerationOptions(generate, temperature, top_k, top_p, seed) if generate \
         else None
     document = stdin_stream() if input == "-" else Path(input)
-    with TritonClient(export, url, name, chunk_tokens=chunk_tokens,
-                      in_flight=in_flight) as client:
+    retry = RetryPolicy(retries + 1, DEFAULT_RETRY.backoff, DEFAULT_RETRY.max_wait) if retries \
+        else None
+    with TritonClient(export, url, name, chunk_tokens=chunk_tokens, in_flight=in_flight,
+                      retry=retry) as client:
         result = client.run(document, progress_file, generate=options)
     output = result.output
     report = {"backend": f"triton:{url}/{name}", "tokens": output.tokens,
               "segments": output.segments, "segments_sent": result.segments_sent,
-              "seconds": round(result.seconds, 4)}
+              "seconds": round(result.seconds, 4), "retries": len(result.retries)}
     if hasattr(output, "label"):
         report.update(label=output.label, scores=output.scores,
                       logits=[float(x) for x in output.logits])

@@ -3,7 +3,10 @@ tokenizes and segments exactly as rmt-run does (the runtime's token sources and
 segmentation), sends the segments as one Triton sequence in chunks of several segments,
 pipelined (a bounded number of chunks in flight on one gRPC stream, stepped in order by
 the server), and returns what rmt-run returns. With a progress file it saves where it is
-and resumes there, against the same or a restarted server.
+and resumes there, against the same or a restarted server. Each request carries the
+sequence id as the ``x-rmt-sequence`` header, which a balancer hashes to keep a sequence
+on one replica; a sequence whose replica is lost is restarted from the client's last
+state on another (serving/failover.py).
 
 Encoders: label, scores, logits (and the final memory: the state pair results report).
 Decoders: perplexity; and ``generate``: a question answered from a sequence's state
@@ -13,6 +16,7 @@ Decoders: perplexity; and ``generate``: a question answered from a sequence's st
 
 from __future__ import annotations
 
+import itertools
 import json
 import queue
 import secrets
@@ -21,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +44,8 @@ from rmt_deploy.runtime.scoring import MeterState, PerplexityMeter
 from rmt_deploy.runtime.tokens import Document, TokenSource, document_source, manifest_tokenizer
 from rmt_deploy.segmentation import count_segments, segment_range, step_inputs
 from rmt_deploy.serving.config import GENERATE_PARAMETER, GENERATED
-from rmt_deploy.serving.errors import ServingError, StateFileError
+from rmt_deploy.serving.errors import SequenceLostError, ServingError, StateFileError
+from rmt_deploy.serving.failover import DEFAULT_RETRY, Failover, Retry, RetryPolicy
 from rmt_deploy.serving.identity import MODEL_ID_PARAMETER, model_identity
 from rmt_deploy.serving.progress import (
     Progress,
@@ -51,6 +57,12 @@ from rmt_deploy.serving.progress import (
 #: The most logits bytes one decoder chunk's response carries (each position's logits
 #: over the vocabulary come back for the perplexity).
 DECODER_CHUNK_BYTES = 32 << 20
+SEQUENCE_HEADER = "x-rmt-sequence"  # the balancer keeps a sequence on one replica by it
+# (lowercase: HTTP header names are case-blind, gRPC metadata keys must be lowercase)
+# Triton's and the model's answers to a chunk of a sequence the replica does not hold,
+# and a balancer's reset of a stream whose replica died under it (nginx: RST_STREAM)
+LOST_SEQUENCE = ("must specify the START flag", "is not open on this server",
+                 "Stream removed", "RST_STREAM")
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,7 @@ class StreamResult:
     sequence_id: int
     segments_sent: int  # segments sent in this call (fewer than all after a resume)
     seconds: float
+    retries: tuple[Retry, ...] = ()  # chunks sent again after a lost replica
 
     @property
     def segments_per_second(self) -> float:
@@ -98,8 +111,9 @@ class StreamResult:
 
 
 class TritonClient:
-    """Streams documents to one RMT model on one Triton server (gRPC). Not shared
-    between threads: give each thread its own client.
+    """Streams documents to one RMT model on one Triton server or balancer (gRPC). A
+    sequence whose replica is lost is restarted from its last state as ``retry`` allows
+    (None: never). Not shared between threads: give each thread its own client.
 
     Request: ``input_ids`` / ``attention_mask`` [1, segments, positions] (int64), the
     sequence controls (``sequence_id``, START, END), optionally every state pair's input
@@ -112,7 +126,8 @@ class TritonClient:
     """
 
     def __init__(self, export: str | Path, url: str = "127.0.0.1:8001", model: str = "rmt",
-                 timeout: float = 300.0, chunk_tokens: int = 1024, in_flight: int = 2) -> None:
+                 timeout: float = 300.0, chunk_tokens: int = 1024, in_flight: int = 2,
+                 retry: RetryPolicy | None = DEFAULT_RETRY) -> None:
         try:
             import tritonclient.grpc as grpc
             from tritonclient.utils import InferenceServerException
@@ -147,6 +162,7 @@ class TritonClient:
         limit = chunk_tokens if self.config.is_encoder else min(
             chunk_tokens, DECODER_CHUNK_BYTES // segment_bytes * self.config.segment_size)
         self.chunk_segments = max(1, limit // self.config.segment_size) if self.chunked else 1
+        self.retry = None if self.keeps_state else retry
 
     def close(self) -> None:
         self._client.close()
@@ -181,17 +197,22 @@ class TritonClient:
             saved = self._resume(progress_file, digest, len(source))
             run = _Run(self, source, sequence_id, saved, end and generate is None,
                        context_only=generate is not None)
+            failover = Failover(self.send, self.retry, generate=self.generate,
+                                sequence_id=sequence_id) if self.retry else None
+            send = failover.stream if failover else self.send
+            ask = failover.question if failover else partial(self.generate, sequence_id)
             saved_at = run.first
-            for _ in run.answer(self.send(run.chunks(self.chunk_segments))):
+            for _ in run.answer(send(run.chunks(self.chunk_segments))):
                 last = run.next_segment == run.total
                 if progress_file is not None and (
                         last or run.next_segment - saved_at >= save_every):
                     save_progress(progress_file, run.progress(self.model_id, digest))
                     saved_at = run.next_segment
-            output = run.output() if generate is None else run.generated(self.generate(
-                sequence_id, run.question(), generate, start=run.total == 1, end=True))
+            output = run.output() if generate is None else run.generated(ask(
+                run.question(), generate, start=run.total == 1, end=True))
         return StreamResult(output, sequence_id, run.total - run.first,
-                            time.perf_counter() - started)
+                            time.perf_counter() - started,
+                            tuple(failover.retries) if failover else ())
 
     def _resume(self, progress_file, digest: str, tokens: int) -> Progress | None:
         if progress_file is None or not Path(progress_file).exists():
@@ -210,23 +231,31 @@ class TritonClient:
         """Send ``chunks`` in order on one gRPC stream, at most ``in_flight`` unanswered
         (the server steps a sequence's chunks in the order they come); yields their
         answers in the same order. The first failed chunk raises ServingError."""
+        chunks = iter(chunks)
+        first = next(chunks, None)
+        if first is None:
+            return
         answers: queue.Queue = queue.Queue()
-        self._call(self._client.start_stream,
+        self._call(self._client.start_stream, headers=self._header(first.sequence_id),
                    callback=lambda result, error: answers.put((result, error)))
         try:
             pending: dict[str, Chunk] = {}
             done: dict[str, object] = {}  # request id -> its InferResult, if come early
             order: list[str] = []
-            for number, chunk in enumerate(chunks):
+            for number, chunk in enumerate(itertools.chain([first], chunks)):
                 while len(order) >= self.in_flight:
                     yield self._next_answer(answers, pending, done, order)
                 request = str(number)
                 pending[request] = chunk
                 order.append(request)
                 inputs, outputs = self._tensors(chunk)
-                self._call(self._client.async_stream_infer, self.model, inputs,
-                           outputs=outputs, request_id=request, sequence_id=chunk.sequence_id,
-                           sequence_start=chunk.start, sequence_end=chunk.end)
+                try:
+                    self._client.async_stream_infer(
+                        self.model, inputs, outputs=outputs, request_id=request,
+                        sequence_id=chunk.sequence_id, sequence_start=chunk.start,
+                        sequence_end=chunk.end)
+                except self._server_error as error:
+                    raise self._broken(answers, error) from None
             while order:
                 yield self._next_answer(answers, pending, done, order)
         finally:
@@ -281,7 +310,8 @@ class TritonClient:
             result = self._call(
                 self._client.infer, self.model, inputs, outputs=outputs,
                 sequence_id=sequence_id, sequence_start=start, sequence_end=end,
-                client_timeout=self.timeout, parameters=parameters)
+                client_timeout=self.timeout, parameters=parameters,
+                headers=self._header(sequence_id))
         generated = result.as_numpy(GENERATED)[0].tolist()
         text = self.tokenizer.decode(generated) if self.tokenizer and generated else None
         state = None if self.keeps_state else {
@@ -293,13 +323,16 @@ class TritonClient:
         """A question to a decoupled model: each token's response goes to ``on_token``;
         returns the final response (every id, the state)."""
         answers: queue.Queue = queue.Queue()
-        self._call(self._client.start_stream,
+        self._call(self._client.start_stream, headers=self._header(chunk.sequence_id),
                    callback=lambda result, error: answers.put((result, error)))
         try:
-            self._call(self._client.async_stream_infer, self.model, inputs, outputs=outputs,
-                       sequence_id=chunk.sequence_id, sequence_start=chunk.start,
-                       sequence_end=chunk.end, parameters=parameters,
-                       enable_empty_final_response=True)
+            try:
+                self._client.async_stream_infer(
+                    self.model, inputs, outputs=outputs, sequence_id=chunk.sequence_id,
+                    sequence_start=chunk.start, sequence_end=chunk.end,
+                    parameters=parameters, enable_empty_final_response=True)
+            except self._server_error as error:
+                raise self._broken(answers, error) from None
             while True:
                 try:
                     result, error = answers.get(timeout=self.timeout)
@@ -314,6 +347,11 @@ class TritonClient:
                     on_token(int(result.as_numpy(GENERATED)[0, 0]))
         finally:
             self._client.stop_stream(cancel_requests=True)
+
+    @staticmethod
+    def _header(sequence_id: int) -> dict[str, str]:
+        """The metadata a balancer hashes to keep a sequence on one replica."""
+        return {SEQUENCE_HEADER: str(sequence_id)}
 
     def _tensors(self, chunk: Chunk) -> tuple[list, list]:
         from tritonclient.utils import np_to_triton_dtype
@@ -350,13 +388,29 @@ class TritonClient:
         except self._server_error as error:
             raise self._failure(error) from None
 
+    def _broken(self, answers: queue.Queue, error) -> ServingError:
+        """A request refused on a broken stream: the failure its callback was told of
+        (a lost server, say), else the refusal itself."""
+        while True:
+            try:
+                _, reason = answers.get(timeout=1.0)
+            except queue.Empty:
+                return self._failure(error)
+            if reason is not None:
+                return self._failure(reason)
+
     def _failure(self, error) -> ServingError:
-        """A one-line ServingError for tritonclient's exception."""
+        """A one-line ServingError for tritonclient's exception: a SequenceLostError where
+        the server holding the sequence is gone (unreachable, a balancer with no replica
+        behind it answers UNAVAILABLE, or it resets the stream the replica died under) or
+        no longer holds it."""
         message = ((error.message() or "request failed").strip().splitlines() or [""])[0]
         if "UNAVAILABLE" in str(error.status()) or "failed to connect" in message:
-            return ServingError(f"cannot reach Triton at {self.url} ({message}); start the "
-                                "server or fix the address (gRPC port)")
-        return ServingError(f"Triton at {self.url}, model {self.model!r}: {message}")
+            return SequenceLostError(f"cannot reach Triton at {self.url} ({message}); start "
+                                     "the server or fix the address (gRPC port)")
+        lost = any(sign in message for sign in LOST_SEQUENCE)
+        return (SequenceLostError if lost else ServingError)(
+            f"Triton at {self.url}, model {self.model!r}: {message}")
 
 
 def stream_concurrently(export: str | Path, url: str, model: str,

@@ -9,3 +9,8 @@ class ServingError(RmtError):
 
 class StateFileError(ServingError):
     """A client's saved progress cannot be resumed (damaged, or for another model)."""
+
+
+class SequenceLostError(ServingError):
+    """The server that held a sequence is gone, restarted, or unreachable: the segment can
+    be sent again as a START with the client's last state (serving/failover.py)."""

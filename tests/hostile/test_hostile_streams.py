@@ -47,6 +47,9 @@ CASES = [
          absent=("repo",)),
     Case("triton-run-closed-stdin-dash", "rmt-triton-run", _triton_run, stdin=None,
          says=(STDIN,)),
+    Case("triton-run-nothing-listening", "rmt-triton-run",
+         lambda scene: [*_triton_run(scene), "--url", "127.0.0.1:9", "--retries", "0"],
+         says=("cannot reach Triton at 127.0.0.1:9", "start the server")),
     Case("run-dash-reads-a-pipe", "rmt-run", _run("--json", input="-"), code=0,
          stdin=TEXT.encode()),
 ]

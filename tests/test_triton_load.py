@@ -1,0 +1,40 @@
+"""scripts/triton_load.py, short: concurrent sequences against a real tritonserver for a
+few seconds, no errors, and every abandoned sequence evicted after the repository's idle
+timeout. The 60 s, 64-sequence figures are in docs/serving.md."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("tritonclient.grpc")
+
+from test_triton_server import ROOT, Server, _require_venv  # noqa: E402, I001
+
+from rmt_deploy.serving.config import ServingOptions  # noqa: E402
+from rmt_deploy.serving.repository import write_repository  # noqa: E402
+
+
+def test_bounded_load_has_no_errors_and_idle_sequences_are_evicted(encoder_export, tmp_path):
+    _require_venv()
+    repo = tmp_path / "repo"
+    write_repository(repo, encoder_export,
+                     ServingOptions(name="enc", max_batch_size=8, idle_seconds=2))
+    server = Server(repo, tmp_path / "triton.log")
+    try:
+        run = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "triton_load.py"), "--model",
+             str(encoder_export), "--url", server.url, "--name", "enc", "--server-pid",
+             str(server.process.pid), "--idle-seconds", "2", "--sequences", "8",
+             "--seconds", "3", "--max-segments", "3000", "--tokens", "120",
+             "--rss-slack", "0.5"], capture_output=True, text=True, timeout=120)
+    finally:
+        server.stop()
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(run.stdout)
+    assert report["errors"] == 0 and report["segments"] > 0
+    assert report["evicted"] == report["abandoned"] == 8
+    print(f"\n{report}")
