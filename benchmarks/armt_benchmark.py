@@ -153,7 +153,9 @@ def markdown(report: dict) -> str:
         f"tokens, d_mem {shape['d_mem']}, segment {shape['segment']}), random weights: "
         f"{shape['segments']} segments read, {shape['new_tokens']} greedy tokens, batch 1, "
         "CPU (2 cores shared with other work: the load average is given). Per thread count "
-        "both sides use that many threads and take turns; seconds are medians of the job.",
+        "both sides use that many threads and take turns; seconds are medians of the job. "
+        "With a load near 2, a second thread competes with the other work for a core, "
+        "which the authors' torch threads suffer most from.",
         "",
         "| threads | authors' ARMT code (inference_mode, SDPA), s | rmt-deploy, ONNX "
         "Runtime, s | speedup (goal 1.5x) | ids equal | load after |",
