@@ -4,7 +4,8 @@ segment 512), random weights. The job: read a document of 4 segments (3 written,
 last one prefilled) and answer with 16 greedy tokens, batch 1. rmt-deploy (the export on
 ONNX Runtime: write graph, prefill, decode reading (A, z)) against the authors' ARMT code
 (``authors_armt.py``) run at its best (``torch.inference_mode``, SDPA attention), in one
-process, taking turns; the ids of both must be equal. Also: the state's size and the
+process, taking turns at each thread count (1 and 2 by default, both sides alike); the ids
+of both must be equal. Also: the state's size and the
 peak RSS of ``rmt-run --generate 16``.
 """
 
@@ -14,6 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +83,25 @@ def run_ours(model, doc: np.ndarray) -> tuple[list[int], float]:
     return ids, time.perf_counter() - start
 
 
-def armt_part(repeats: int = 3, work: Path | None = None, threads: int = 2) -> dict:
-    """The job on both sides with ``threads`` threads each, ``repeats`` turns."""
+def turns(model, wrapper, doc: np.ndarray, repeats: int) -> dict:
+    """Both sides taking turns ``repeats`` times (the first run of each a warm-up): their
+    median seconds, the speedup, whether their ids are equal, the load after."""
+    times: dict[str, list[float]] = {"authors": [], "rmt-deploy": []}
+    ids = {}
+    for _ in range(repeats):
+        ids["authors"], seconds = run_authors(wrapper, doc)
+        times["authors"].append(seconds)
+        ids["rmt-deploy"], seconds = run_ours(model, doc)
+        times["rmt-deploy"].append(seconds)
+    median = {side: statistics.median(values[1:] or values) for side, values in times.items()}
+    return {"seconds": median, "speedup": median["authors"] / median["rmt-deploy"],
+            "ids_equal": ids["authors"] == ids["rmt-deploy"], "load": load()}
+
+
+def armt_part(repeats: int = 3, work: Path | None = None,
+              threads: Sequence[int] = (1, 2)) -> dict:
+    """The job on both sides with each count of ``threads`` threads in turn (both sides
+    the same count), ``repeats`` turns each."""
     rmt = build()
     with tempfile.TemporaryDirectory() as scratch:
         work = work or Path(scratch)
@@ -94,31 +113,25 @@ def armt_part(repeats: int = 3, work: Path | None = None, threads: int = 2) -> d
         folder = manifest.folder
         validation = manifest.validation["fp32"]
         export_seconds = time.perf_counter() - start
-        torch.set_num_threads(threads)  # the export set its own
-        model = open_model(folder, backend="onnxruntime", threads=threads)
         wrapper = authors_side(rmt)
         doc = np.random.default_rng(1).integers(3, VOCAB, SEGMENTS * SEGMENT)
-        times: dict[str, list[float]] = {"authors": [], "rmt-deploy": []}
-        ids = {}
-        for _ in range(repeats):  # taking turns, the first run of each a warm-up
-            ids["authors"], seconds = run_authors(wrapper, doc)
-            times["authors"].append(seconds)
-            ids["rmt-deploy"], seconds = run_ours(model, doc)
-            times["rmt-deploy"].append(seconds)
+        runs = {}
+        for count in threads:
+            torch.set_num_threads(count)  # the export set its own
+            model = open_model(folder, backend="onnxruntime", threads=count)
+            runs[str(count)] = turns(model, wrapper, doc, repeats)
         text = work / "doc.txt"
         text.write_text(" ".join(f"w{i}" for i in doc) + "\n")
         rss = peak_rss_mb([str(BIN / "rmt-run"), str(folder), str(text), "--generate",
                            str(NEW_TOKENS), "--backend", "onnxruntime", "--json"])
-    median = {side: statistics.median(values[1:] or values) for side, values in times.items()}
     state_bytes = sum(int(np.prod(p.row_shape)) * 4 for p in state_pairs(rmt.rmt_config))
     return {
         "shape": {"layers": LAYERS, "hidden": HIDDEN, "heads": f"{HEADS}/{KV_HEADS}",
                   "vocab": VOCAB, "memory_tokens": M, "d_mem": D_MEM, "segment": SEGMENT,
                   "segments": SEGMENTS, "new_tokens": NEW_TOKENS},
-        "seconds": median, "speedup": median["authors"] / median["rmt-deploy"],
-        "ids_equal": ids["authors"] == ids["rmt-deploy"],
+        "threads": runs, "ids_equal": all(run["ids_equal"] for run in runs.values()),
         "export_seconds": export_seconds, "state_bytes": state_bytes,
-        "peak_rss_mb": rss, "threads": torch.get_num_threads(), "load": load(),
+        "peak_rss_mb": rss, "load": load(),
         "validation_max_abs": {loop: validation[loop]["max_abs"]
                                for loop in ("open_loop", "closed_loop")},
     }
@@ -126,8 +139,11 @@ def armt_part(repeats: int = 3, work: Path | None = None, threads: int = 2) -> d
 
 def markdown(report: dict) -> str:
     """The ``armt`` part of docs/benchmarks.md, with its markers."""
-    shape, seconds = report["shape"], report["seconds"]
+    shape = report["shape"]
     begin, end = markers("armt")
+    rows = [f"| {count} | {run['seconds']['authors']:.3f} | {run['seconds']['rmt-deploy']:.3f} "
+            f"| {run['speedup']:.2f}x | {run['ids_equal']} | {run['load']} |"
+            for count, run in report["threads"].items()]
     return "\n".join([
         begin,
         "## ARMT (decoder_benchmark.py --armt)",
@@ -136,14 +152,16 @@ def markdown(report: dict) -> str:
         f"{shape['heads']}, vocabulary {shape['vocab']:,}, {shape['memory_tokens']} memory "
         f"tokens, d_mem {shape['d_mem']}, segment {shape['segment']}), random weights: "
         f"{shape['segments']} segments read, {shape['new_tokens']} greedy tokens, batch 1, "
-        f"CPU, {report['threads']} threads, load {report['load']}.",
+        "CPU (2 cores shared with other work: the load average is given). Per thread count "
+        "both sides use that many threads and take turns; seconds are medians of the job. "
+        "With a load near 2, a second thread competes with the other work for a core, "
+        "which the authors' torch threads suffer most from.",
         "",
-        "| side | seconds (median) |",
-        "|---|---|",
-        f"| authors' ARMT code (inference_mode, SDPA) | {seconds['authors']:.3f} |",
-        f"| rmt-deploy, ONNX Runtime | {seconds['rmt-deploy']:.3f} |",
+        "| threads | authors' ARMT code (inference_mode, SDPA), s | rmt-deploy, ONNX "
+        "Runtime, s | speedup (goal 1.5x) | ids equal | load after |",
+        "|---|---|---|---|---|---|",
+        *rows,
         "",
-        f"Speedup {report['speedup']:.2f}x (goal 1.5x); ids equal: {report['ids_equal']}. "
         f"State per stream {report['state_bytes'] / 1e6:.2f} MB (FP32); peak RSS of "
         f"rmt-run --generate 16: {report['peak_rss_mb']:.0f} MB; export "
         f"{report['export_seconds']:.0f} s, validated with the default gates (A reaches "

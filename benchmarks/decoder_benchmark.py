@@ -274,11 +274,13 @@ def main() -> None:
     parser.add_argument("--armt", action="store_true", help="run the ARMT part instead "
                         "(armt_benchmark.py): docs/armt-benchmark.json, its part of the page")
     parser.add_argument("--threads", type=int, default=2,
-                        help="of torch (the ARMT part: of both sides)")
+                        help="of torch (the decoder part)")
+    parser.add_argument("--armt-threads", type=int, nargs="+", default=[1, 2],
+                        help="the ARMT part: each count in turn, of both sides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.armt:
-        armt = armt_part(args.repeats, args.work, args.threads)
+        armt = armt_part(args.repeats, args.work, args.armt_threads)
         (ROOT / "docs" / "armt-benchmark.json").write_text(json.dumps(armt, indent=2) + "\n")
         write_part(args.page, "armt", armt_markdown(armt))
         print(json.dumps(armt, indent=2))

@@ -21,6 +21,7 @@ from transformers.masking_utils import create_causal_mask
 
 from rmt_deploy.errors import InputError
 from rmt_deploy.model.decoder import cache_shape
+from rmt_deploy.model.head import head_logits
 from rmt_deploy.segmentation import segment_bounds
 from rmt_deploy.spec import RMTConfig
 
@@ -168,14 +169,9 @@ class ARMT(nn.Module):
                 positions)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head, the output embedding on the left of the product (one copy of a
+        """The LM head (one Gemm reading the output embedding as stored: one copy of a
         tied head in an export)."""
-        head = self.model.get_output_embeddings()
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        logits = torch.matmul(head.weight, flat.transpose(0, 1)).transpose(0, 1)
-        if head.bias is not None:
-            logits = logits + head.bias
-        return logits.reshape(*hidden.shape[:-1], head.weight.shape[0])
+        return head_logits(self.model.get_output_embeddings(), hidden)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
