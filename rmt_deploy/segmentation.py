@@ -144,3 +144,8 @@ def _decoder_inputs(
         ids[row, : len(tokens)] = tokens
         mask[row, : len(tokens)] = 1
     return ids, mask
+
+
+def segments_in(tokens: int, config: RMTConfig) -> int:
+    """Whole segments in a budget of ``tokens`` (at least one): a served chunk's size."""
+    return max(1, tokens // config.segment_size)

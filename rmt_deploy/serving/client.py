@@ -42,7 +42,7 @@ from rmt_deploy.runtime.results import (
 )
 from rmt_deploy.runtime.scoring import MeterState, PerplexityMeter
 from rmt_deploy.runtime.tokens import Document, TokenSource, document_source, manifest_tokenizer
-from rmt_deploy.segmentation import count_segments, segment_range, step_inputs
+from rmt_deploy.segmentation import count_segments, segment_range, segments_in, step_inputs
 from rmt_deploy.serving.config import GENERATE_PARAMETER, GENERATED
 from rmt_deploy.serving.errors import SequenceLostError, ServingError, StateFileError
 from rmt_deploy.serving.failover import DEFAULT_RETRY, Failover, Retry, RetryPolicy
@@ -161,7 +161,7 @@ class TritonClient:
         segment_bytes = 4 * self.config.segment_size * self.config.vocab_size
         limit = chunk_tokens if self.config.is_encoder else min(
             chunk_tokens, DECODER_CHUNK_BYTES // segment_bytes * self.config.segment_size)
-        self.chunk_segments = max(1, limit // self.config.segment_size) if self.chunked else 1
+        self.chunk_segments = segments_in(limit, self.config) if self.chunked else 1
         self.retry = None if self.keeps_state else retry
 
     def close(self) -> None:
