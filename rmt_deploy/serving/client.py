@@ -265,15 +265,20 @@ class TritonClient:
                      order: list[str]) -> Answer:
         request = order.pop(0)
         while request not in done:
-            try:
-                result, error = answers.get(timeout=self.timeout)
-            except queue.Empty:
-                raise ServingError(f"Triton at {self.url} did not answer within "
-                                   f"{self.timeout:g} s; check the server") from None
-            if error is not None:
-                raise self._failure(error)
+            result = self._receive(answers)
             done[result.get_response().id] = result
         return self._answer(pending.pop(request), done.pop(request))
+
+    def _receive(self, answers: queue.Queue):
+        """The stream's next result; a server error or a silence of ``timeout`` raises."""
+        try:
+            result, error = answers.get(timeout=self.timeout)
+        except queue.Empty:
+            raise ServingError(f"Triton at {self.url} did not answer within "
+                               f"{self.timeout:g} s; check the server") from None
+        if error is not None:
+            raise self._failure(error)
+        return result
 
     def step(self, chunk: Chunk) -> Answer:
         """One chunk, sent alone and answered."""
@@ -334,13 +339,7 @@ class TritonClient:
             except self._server_error as error:
                 raise self._broken(answers, error) from None
             while True:
-                try:
-                    result, error = answers.get(timeout=self.timeout)
-                except queue.Empty:
-                    raise ServingError(f"Triton at {self.url} did not answer within "
-                                       f"{self.timeout:g} s; check the server") from None
-                if error is not None:
-                    raise self._failure(error)
+                result = self._receive(answers)
                 if result.get_response().parameters["triton_final_response"].bool_param:
                     return result
                 if on_token is not None:
