@@ -25,7 +25,7 @@ import click
 
 from rmt_deploy.calibration.policies import POLICY_NAMES
 from rmt_deploy.errors import RmtError
-from rmt_deploy.parameters import COSINE, SEED, SHARE, TOLERANCE, Temperature
+from rmt_deploy.parameters import COSINE, SEED, SHARE, TOLERANCE, sampling_options
 from rmt_deploy.spec import PAPER_LABELS
 
 EX_SOFTWARE = 70  # sysexits.h: an internal error
@@ -351,15 +351,7 @@ def _measure_option(command):
 @click.option("--generate", type=click.IntRange(min=0), default=0,
               help="Decoders: generate up to N tokens after the input (stops at EOS), "
                    "greedily unless --temperature is given; no perplexity is computed then.")
-@click.option("--temperature", type=Temperature(), default=0.0, show_default=True,
-              help="--generate: sample from softmax(logits / T); 0 is greedy.")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
-              help="--generate sampling: only the K most likely tokens (0: all).")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0,
-              show_default=True, help="--generate sampling: the smallest set of tokens "
-              "whose probability (after the temperature and renormalized over the top k) "
-              "reaches P.")
-@click.option("--seed", type=SEED, help="--generate sampling: the random seed.")
+@sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--threads", type=int, callback=_positive, help="CPU threads.")
 @click.option("--state-file", type=click.Path(path_type=Path),

@@ -45,3 +45,22 @@ TOLERANCE = FiniteFloat(min=0, min_open=True)
 SHARE = FiniteFloat(0, 1)  # a share of predictions
 COSINE = FiniteFloat(-1, 1)
 POSITIVE_SECONDS = FiniteFloat(min=0, min_open=True)
+
+
+def sampling_options(command):
+    """--temperature, --top-k, --top-p and --seed: how ``--generate`` samples, alike in
+    every command that generates."""
+    options = [
+        click.option("--temperature", type=Temperature(), default=0.0, show_default=True,
+                     help="--generate: sample from softmax(logits / T); 0 is greedy."),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="--generate sampling: only the K most likely tokens (0: all)."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+                     show_default=True, help="--generate sampling: the smallest set of "
+                     "tokens whose probability (after the temperature and renormalized "
+                     "over the top k) reaches P."),
+        click.option("--seed", type=SEED, help="--generate sampling: the random seed."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command

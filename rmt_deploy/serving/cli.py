@@ -13,7 +13,7 @@ import click
 
 from rmt_deploy.cli import EXIT_STATUS, SETTINGS, _user_errors, echo, stdin_stream
 from rmt_deploy.errors import RmtError
-from rmt_deploy.parameters import POSITIVE_SECONDS, SEED, Temperature
+from rmt_deploy.parameters import POSITIVE_SECONDS, sampling_options
 
 
 @click.command(context_settings=SETTINGS, epilog=EXIT_STATUS)
@@ -73,14 +73,7 @@ def triton_main(repo, export, name, backend, max_batch_size, idle_seconds, strat
 @click.option("--generate", type=click.IntRange(min=0), default=0,
               help="Decoders: generate up to N tokens after the input as rmt-run --generate "
                    "does (its last segment the question, the rest the context).")
-@click.option("--temperature", type=Temperature(), default=0.0, show_default=True,
-              help="--generate: sample from softmax(logits / T); 0 is greedy.")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
-              help="--generate sampling: only the K most likely tokens (0: all).")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0,
-              show_default=True, help="--generate sampling: the smallest set of tokens "
-              "whose probability reaches P.")
-@click.option("--seed", type=SEED, help="--generate sampling: the random seed.")
+@sampling_options
 @click.option("--retries", type=click.IntRange(min=0), default=5, show_default=True,
               help="Times a chunk whose server was lost (killed, restarted, unreachable) "
                    "is sent again, restarting the sequence from its last state; waits "
