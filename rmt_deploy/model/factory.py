@@ -76,16 +76,8 @@ def decoder_from_base(
     memory: torch.Tensor | None = None,
 ) -> DecoderRMT:
     """A decoder RMT over a causal LM; ``memory`` defaults to a random init as in training."""
-    pad = special.pad if special.pad is not None else special.eos
-    config = RMTConfig.decoder(
-        num_mem_tokens=num_mem_tokens,
-        hidden_size=base.config.hidden_size,
-        vocab_size=base.config.vocab_size,
-        segment_size=segment_size,
-        pad_token_id=pad if pad is not None else 0,
-        eos_token_id=special.eos,
-        max_positions=_position_limit(base.config),
-    )
+    config = RMTConfig.decoder(num_mem_tokens=num_mem_tokens, segment_size=segment_size,
+                               **_causal_lm_fields(base, special))
     return DecoderRMT(base, config, memory)
 
 
@@ -107,18 +99,9 @@ def armt_from_base(
     if sliding_window:
         raise ConfigError("the sliding-window ARMT is not supported yet; export the model "
                           "without --sliding-window")
-    pad = special.pad if special.pad is not None else special.eos
-    config = RMTConfig.armt(
-        num_mem_tokens=num_mem_tokens,
-        hidden_size=base.config.hidden_size,
-        vocab_size=base.config.vocab_size,
-        segment_size=segment_size,
-        d_mem=d_mem,
-        correction=correction,
-        pad_token_id=pad if pad is not None else 0,
-        eos_token_id=special.eos,
-        max_positions=_position_limit(base.config),
-    )
+    config = RMTConfig.armt(num_mem_tokens=num_mem_tokens, segment_size=segment_size,
+                            d_mem=d_mem, correction=correction,
+                            **_causal_lm_fields(base, special))
     layers = base.config.num_hidden_layers
     if maps is not None and len(maps) != layers:
         raise CheckpointError(f"{len(maps)} layers of memory maps for a base model of "
@@ -161,6 +144,15 @@ def _load_maps(module: AssociativeMaps, weights: Mapping[str, torch.Tensor], ind
                                   f"the model needs {tuple(own[name].shape)}; check d_mem "
                                   "and the base model")
     module.load_state_dict({name: weights[name] for name in MAP_NAMES})
+
+
+def _causal_lm_fields(base: PreTrainedModel, special: SpecialTokens) -> dict[str, int | None]:
+    """The config fields a causal LM's RMT takes from its base: widths, the pad id (the
+    EOS where the tokenizer has no pad, else 0), the EOS id and the position limit."""
+    pad = special.pad if special.pad is not None else special.eos
+    return {"hidden_size": base.config.hidden_size, "vocab_size": base.config.vocab_size,
+            "pad_token_id": pad if pad is not None else 0, "eos_token_id": special.eos,
+            "max_positions": _position_limit(base.config)}
 
 
 def _position_limit(config) -> int | None:
