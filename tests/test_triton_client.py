@@ -46,7 +46,7 @@ class LocalClient(TritonClient):
             self.chunks += 1
             (result,) = self.store.execute([StepRequest(
                 chunk.sequence_id, chunk.start, chunk.end, chunk.input_ids,
-                chunk.attention_mask, chunk.state_in)])
+                chunk.attention_mask, chunk.state_in, wants_logits=chunk.logits)])
             yield Answer(result.logits, result.state)
 
 
@@ -64,6 +64,21 @@ def same(got, expected) -> None:
 @pytest.fixture(params=["encoder", "decoder"])
 def export(request, encoder_export, memory_decoder_export):
     return encoder_export if request.param == "encoder" else memory_decoder_export
+
+
+def test_only_the_logits_read_are_asked_for(encoder_export, memory_decoder_export):
+    """An encoder's chunks ask for logits only at the document's end; a decoder's every
+    chunk does (perplexity)."""
+    low, high = content_id_range(read_manifest(encoder_export).config)
+    document = np.random.default_rng(2).integers(low, high, size=300).tolist()
+    client = LocalClient(encoder_export, chunk_segments=2)
+    assert same(client.run(document).output, open_model(encoder_export).run_one(document)) \
+        is None
+    assert client.chunks > 2 and client.store.stepper.seen(True)[0] == 0
+    decoder = LocalClient(memory_decoder_export, chunk_segments=2)
+    segments = decoder.run(document).output.segments
+    assert decoder.store.stepper.seen(True)[0] == segments - 1  # the first is not counted
+    assert decoder.store.stepper.seen(False)[0] == 0
 
 
 @pytest.mark.parametrize("size", [1, 3])

@@ -269,3 +269,24 @@ def test_progress_is_saved_in_the_runtime_state_container(encoder_export, tmp_pa
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(StateFileError, match="damaged or truncated"):
         load_progress(path, manifest.config)
+
+
+def test_a_chunk_that_reads_no_logits_computes_none(store_parts, encoder_export):
+    """An encoder's chunks before the last ask for no logits: the store runs them on the
+    graph without logits and returns none; the last chunk's equal rmt-run's."""
+    engine, initial = store_parts
+    store = SequenceStore(engine, initial, idle_seconds=60)
+    (doc,) = documents(engine.config, (200,), seed=6)
+    parts = list(segments_of(doc, engine.config))
+    chunks = [parts[:4], parts[4:]]
+    results = []
+    for number, chunk in enumerate(chunks):
+        ids = np.concatenate([ids for ids, _ in chunk])
+        mask = np.concatenate([mask for _, mask in chunk])
+        last = number == len(chunks) - 1
+        results += store.execute([StepRequest(1, number == 0, last, ids, mask,
+                                              wants_logits=last)])
+    assert results[0].logits is None
+    assert store.stepper.seen(True)[0] == 0  # one step with logits (the first is not counted)
+    local = open_model(encoder_export).run_one(doc)
+    np.testing.assert_allclose(results[1].logits[0], local.logits, atol=1e-5)

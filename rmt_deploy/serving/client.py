@@ -75,13 +75,15 @@ class Chunk:
     start: bool
     end: bool
     state_in: Mapping[str, np.ndarray] | None = None  # every pair [1, ...]: START only
+    logits: bool = True  # whether the answer carries logits (only those read are computed)
 
 
 @dataclass(frozen=True)
 class Answer:
     """The server's answer to a chunk."""
 
-    logits: np.ndarray  # decoder: [segments, ...] each segment's; encoder: [1, ...] the last's
+    logits: np.ndarray | None  # decoder: [segments, ...] each segment's; encoder: [1, ...]
+    # the last's; None where the chunk asked for none
     state: State | None  # every pair [1, ...] after the chunk (None: the server keeps it)
 
 
@@ -371,12 +373,13 @@ class TritonClient:
             tensor = grpc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
-        names = [LOGITS] + ([] if self.keeps_state else [p.name_out for p in self.pairs])
+        names = [LOGITS] * chunk.logits + (
+            [] if self.keeps_state else [p.name_out for p in self.pairs])
         return inputs, [grpc.InferRequestedOutput(name) for name in names]
 
     def _answer(self, chunk: Chunk, result) -> Answer:
         logits = result.as_numpy(LOGITS)
-        logits = logits[0] if self.chunked else logits
+        logits = logits[0] if self.chunked and logits is not None else logits
         state = None if self.keeps_state else {
             pair.name_in: result.as_numpy(pair.name_out) for pair in self.pairs}
         return Answer(logits, state)
@@ -434,6 +437,7 @@ class _Run:
                  saved: Progress | None, end: bool = True, context_only: bool = False) -> None:
         """``context_only``: stream every segment but the last (the question)."""
         self.source, self.sequence_id, self.end = source, sequence_id, end
+        self.context_only = context_only
         self.config = client.config
         self.total = count_segments(len(source), self.config)
         self.streamed = self.total - 1 if context_only else self.total
@@ -467,8 +471,14 @@ class _Run:
             self._sent.append(segments)
             start = index == self.first
             index += len(segments)
-            yield Chunk(self.sequence_id, input_ids, attention_mask, start,
-                        self.end and index == self.streamed, self.state if start else None)
+            last = index == self.streamed
+            yield Chunk(self.sequence_id, input_ids, attention_mask, start, self.end and last,
+                        self.state if start else None, self._reads_logits(last))
+
+    def _reads_logits(self, last: bool) -> bool:
+        """Whether a chunk's logits are read: an encoder's of the last chunk only, a
+        decoder's of every chunk (perplexity) unless the run only reads a context."""
+        return last if self.config.is_encoder else not self.context_only
 
     def answer(self, answers: Iterable[Answer]) -> Iterator[Answer]:
         """Read each chunk's answer in order (its logits into the result, its state
@@ -477,9 +487,9 @@ class _Run:
             segments = self._sent.pop(0)
             if answer.state is not None:
                 self.state = answer.state
-            if self.config.is_encoder:
+            if answer.logits is not None and self.config.is_encoder:
                 self.logits = answer.logits[-1]
-            else:
+            elif answer.logits is not None:
                 for tokens, logits in zip(segments, answer.logits, strict=True):
                     self.meter.add(tokens, logits[: len(tokens)])
                 self.logits = answer.logits[-1, len(segments[-1]) - 1]

@@ -17,6 +17,7 @@ from rmt_deploy.runtime.backends.base import State
 from rmt_deploy.runtime.scoring import MeterState
 from rmt_deploy.runtime.state import pack, read_state, unpack, write_state
 from rmt_deploy.runtime.tokens import TokenSource
+from rmt_deploy.segmentation import count_segments
 from rmt_deploy.serving.errors import StateFileError
 from rmt_deploy.spec import RMTConfig
 
@@ -34,7 +35,8 @@ class Progress:
     tokens: int
     next_segment: int  # the first segment not yet answered
     state: State  # one row's state (every pair) after segment next_segment - 1
-    logits: np.ndarray  # encoder: last segment's logits; decoder: last position's logits
+    logits: np.ndarray | None  # encoder: last segment's logits (None before the last
+    # chunk); decoder: last position's logits
     nll: float = 0.0  # decoder: perplexity so far
     count: int = 0
 
@@ -54,8 +56,9 @@ def save_progress(path: str | Path, progress: Progress) -> None:
               "document_sha256": progress.document_sha256, "tokens": progress.tokens,
               "next_segment": progress.next_segment, "nll": progress.nll,
               "count": progress.count}
-    arrays = {"logits": np.asarray(progress.logits, np.float32),
-              **{STATE_PREFIX + name: array for name, array in progress.state.items()}}
+    logits = {} if progress.logits is None else {"logits": np.asarray(progress.logits,
+                                                                      np.float32)}
+    arrays = {**logits, **{STATE_PREFIX + name: array for name, array in progress.state.items()}}
     write_state(path, pack(header, arrays))
 
 
@@ -79,8 +82,12 @@ def load_progress(path: str | Path, config: RMTConfig) -> Progress:
     try:
         progress = Progress(str(header["model_id"]), str(header["document_sha256"]),
                             int(header["tokens"]), int(header["next_segment"]), state,
-                            arrays["logits"], float(header["nll"]), int(header["count"]))
-        MeterState.after(progress.logits, progress.nll, progress.count)  # as resumed
+                            arrays.get("logits"), float(header["nll"]), int(header["count"]))
+        if not config.is_encoder:
+            MeterState.after(progress.logits, progress.nll, progress.count)  # as resumed
+        elif progress.logits is None and progress.next_segment >= count_segments(
+                progress.tokens, config):
+            raise ValueError("an encoder's finished document keeps its logits")
     except (KeyError, TypeError, ValueError):
         raise StateFileError(damaged) from None
     return progress

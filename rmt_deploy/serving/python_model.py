@@ -91,6 +91,7 @@ def _step_request(request, pairs, sender=None) -> StepRequest | ServingError:
         attention_mask=_input(request, ATTENTION_MASK)[0],
         state_in={name: value for name, value in state.items() if value is not None} or None,
         wants_state=any(pair.name_out in wanted for pair in pairs),
+        wants_logits=LOGITS in wanted,
         generate=generate,
         on_token=None if sender is None or generate is None else _token_sender(sender),
     )

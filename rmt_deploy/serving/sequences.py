@@ -35,6 +35,7 @@ class StepRequest:
     state_in: Mapping[str, np.ndarray] | None = None  # every pair [1, ...]: restore a saved
     # sequence (START only)
     wants_state: bool = True  # whether the response carries the state after the chunk
+    wants_logits: bool = True  # whether it carries logits (else none are computed)
     generate: GenerationOptions | None = None
     on_token: Callable[[int], None] | None = None  # generation: sees each token as made
 
@@ -109,7 +110,7 @@ class SequenceStore:
         segments of equal width as one batch; returns each chunk's logits: a decoder's
         of every segment [segments, ...], an encoder's of its last segment [1, ...] (the
         others run without logits, as rmt-run runs them). A failed step puts its error
-        in ``results`` for those requests."""
+        in ``results`` for those requests. A chunk that asked for no logits computes none."""
         logits: dict[int, list[np.ndarray]] = {p: [] for p in positions}
         rounds = max((len(requests[p].input_ids) for p in positions), default=0)
         for index in range(rounds):
@@ -117,7 +118,8 @@ class SequenceStore:
             for p in positions:
                 count = len(requests[p].input_ids)
                 if results[p] is None and index < count:
-                    wanted = not self.config.is_encoder or index == count - 1
+                    wanted = requests[p].wants_logits and (
+                        not self.config.is_encoder or index == count - 1)
                     groups.setdefault((requests[p].input_ids.shape[1], wanted), []).append(p)
             for (_, wanted), group in groups.items():
                 batch = [requests[p] for p in group]
