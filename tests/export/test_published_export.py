@@ -6,12 +6,14 @@ import onnx
 import torch
 from click.testing import CliRunner
 from conftest import write_gpt2_folder
+from generation_reference import GREEDY, memory_before, reference_generation
 from published_layouts import ALPHA, RANK, write_llama_base, write_published
 
 from rmt_deploy.cli import export_main
 from rmt_deploy.manifest import read_manifest
 from rmt_deploy.model.armt import generate_armt, run_armt
 from rmt_deploy.model.checkpoint import AuthorsOptions, load_checkpoint
+from rmt_deploy.model.loop import run_decoder
 from rmt_deploy.runtime import open_model
 from rmt_deploy.runtime.options import RuntimeOptions
 
@@ -19,6 +21,9 @@ torch.set_num_threads(1)
 
 
 def test_export_merges_lora_and_records_it(tmp_path):
+    """The published plain RMT on Llama with LoRA: the export says the merge, and
+    rmt-run's perplexity and greedy ids on ONNX Runtime and OpenVINO equal the reference
+    model's, loaded from the same file."""
     published = write_published(tmp_path / "ckpt", armt=False, config={"segment_size": 6})
     base = write_gpt2_folder(tmp_path / "base", "llama")
     result = CliRunner().invoke(export_main, [
@@ -30,6 +35,19 @@ def test_export_merges_lora_and_records_it(tmp_path):
     assert manifest.source["lora"] == {"merged": True, "rank": RANK, "alpha": ALPHA,
                                        "modules": 4}
     assert manifest.config.segment_size == 6 and manifest.config.num_mem_tokens == 3
+    reference = load_checkpoint(published.path, AuthorsOptions(
+        base_model=base, lora_alpha=ALPHA)).rmt
+    ids = [(5 * i + 2) % 50 for i in range(40)]  # 7 segments, the last short
+    logits = run_decoder(reference, [ids]).logits[0]
+    log_probs = torch.log_softmax(logits[:-1].double(), -1)
+    expected = float(torch.exp(-log_probs[torch.arange(39), torch.tensor(ids[1:])].mean()))
+    expected_ids, _ = reference_generation(reference, ids, memory_before(reference, ids),
+                                           GREEDY)
+    for backend in ("onnxruntime", "openvino"):
+        model = open_model(tmp_path / "ckpt" / "model-export",
+                           RuntimeOptions(backend=backend, threads=1))
+        assert abs(model.run_one(np.array(ids)).perplexity - expected) <= 1e-4 * expected
+        assert model.run_one(np.array(ids), generate=GREEDY).generated_ids == expected_ids
 
 
 def test_published_armt_exports_and_runs_as_the_reference(tmp_path):
