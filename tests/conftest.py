@@ -199,3 +199,20 @@ def memory_decoder_export(memory_decoder_checkpoint, tmp_path_factory) -> Path:
 
     return export_checkpoint(memory_decoder_checkpoint,
                              tmp_path_factory.mktemp("exports") / "memdec").folder
+
+
+@pytest.fixture(scope="session")
+def armt_export(tmp_path_factory) -> Path:
+    """The tiny published ARMT (shared naming, LoRA, no correction) exported (read-only:
+    copy it before changing it)."""
+    from published_layouts import ALPHA, write_llama_base, write_published
+
+    from rmt_deploy.export.pipeline import ExportOptions, export_checkpoint
+    from rmt_deploy.model.checkpoint import AuthorsOptions
+
+    folder = tmp_path_factory.mktemp("armt")
+    published = write_published(folder / "ckpt", naming="shared", config={"segment_size": 6})
+    authors = AuthorsOptions(base_model=write_llama_base(folder / "base"), lora_alpha=ALPHA,
+                             armt_correction=False)
+    options = ExportOptions(authors=authors, validation_segments=3, threads=1)
+    return export_checkpoint(published.path, folder / "export", options).folder

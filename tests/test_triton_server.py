@@ -3,7 +3,7 @@
 chunks of several segments, pipelined over gRPC, 16 concurrent interleaved sequences, a
 sequence restarted with START, bad requests, a server restart with a client that
 resumes from its saved progress, and a decoder answering questions as rmt-run
---generate does, from a context read once.
+--generate does, from a context read once; an ARMT (a state of many pairs) likewise.
 
 Skipped when .venv-triton is absent (bash scripts/setup_triton.sh), unless
 RMT_REQUIRE_TRITON=1 (CI), where that is a failure.
@@ -101,13 +101,14 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def repo(encoder_export, decoder_export, tmp_path_factory) -> Path:
+def repo(encoder_export, decoder_export, armt_export, tmp_path_factory) -> Path:
     _require_venv()
     repo = tmp_path_factory.mktemp("triton") / "repo"
     write_repository(repo, encoder_export, ServingOptions(name="enc", max_batch_size=16))
     write_repository(repo, decoder_export, ServingOptions(name="dec", max_batch_size=4))
     write_repository(repo, decoder_export, ServingOptions(name="dec_stream", max_batch_size=4,
                                                           decoupled=True))
+    write_repository(repo, armt_export, ServingOptions(name="armt", max_batch_size=4))
     return repo
 
 
@@ -402,3 +403,25 @@ def test_a_document_of_one_segment_is_answered_as_a_question(server, decoder_exp
         result = client.run(question, generate=options)
     assert result.output.generated_ids == model.run_one(question, generate=options).generated_ids
     assert not result.retries
+
+
+def test_an_armt_answers_as_rmt_run(server, armt_export):
+    """The published ARMT (every layer's A and z, and ``started``, as state pairs):
+    streamed in chunks, its perplexity and state equal rmt-run's; a context read once
+    answers as rmt-run --generate, also from its state sent with START."""
+    model = open_model(armt_export)
+    config = model.config
+    document, question = documents(config, [5 * config.segment_size + 2, 4], seed=12)
+    options = GenerationOptions(max_new_tokens=6)
+    expected = model.run_one(document + question, generate=options).generated_ids
+    with TritonClient(armt_export, server.url, "armt", chunk_tokens=2 * config.segment_size,
+                      in_flight=2) as client:
+        result = client.run(document)
+        local = model.run_one(document)
+        assert result.output.perplexity == pytest.approx(local.perplexity, rel=1e-5)
+        client.run(document, sequence_id=77, end=False)
+        answer = client.generate(77, question, options, end=True)
+        assert answer.ids == expected
+        again = client.generate(78, question, options, start=True, end=True,
+                                state_in=answer.state)
+        assert again.ids == expected
