@@ -5,8 +5,9 @@ and --in-flight requests unanswered (defaults: one segment a request, one in fli
 an answer's latency is a segment's). Reports throughput, p50/p99 latency per answer, the
 server's RSS (tritonserver and its python-backend stubs) when warm, at the
 end, with abandoned sequences open, and after they are evicted as idle, and the errors.
-Exits 1 if any request failed, an abandoned sequence was not evicted, or the RSS grew
-past --rss-slack once warm. Prints one JSON object.
+The warm-up lasts until the server's RSS settles (bounded by --warm-up-seconds). Exits 1
+if any request failed, an abandoned sequence was not evicted, or the RSS grew past
+--rss-slack once warm. Prints one JSON object.
 
     python scripts/triton_load.py --model EXPORT --url 127.0.0.1:8001 --name rmt \\
         --server-pid PID --idle-seconds 5 --sequences 64 --seconds 60
@@ -28,6 +29,9 @@ from rmt_deploy.manifest import read_manifest
 from rmt_deploy.segmentation import content_id_range, step_inputs
 from rmt_deploy.serving.client import Chunk, TritonClient
 from rmt_deploy.serving.errors import SequenceLostError
+
+SAMPLE_SECONDS = 5.0  # warm-up: RSS sampled this often
+SETTLED = 0.01  # warm once RSS grows by less than this fraction over a sample
 
 
 def rss_bytes(pid: int) -> int:
@@ -70,6 +74,9 @@ def main() -> int:
                         help="requests sent before the first is answered")
     parser.add_argument("--rss-slack", type=float, default=0.10,
                         help="allowed RSS growth once warm, as a fraction")
+    parser.add_argument("--warm-up-seconds", type=float, default=60.0,
+                        help="longest warm-up: it ends once the server's RSS grows by "
+                             f"less than {SETTLED:.0%} over {SAMPLE_SECONDS:g} s")
     args = parser.parse_args()
     host = args.url.rsplit(":", 1)[0]
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -146,8 +153,9 @@ def main() -> int:
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
     for thread in threads:
         thread.start()
-    until[0] = time.monotonic() + min(5.0, args.seconds / 4)
+    until[0] = time.monotonic() + args.warm_up_seconds
     phase.wait()  # warm-up: every client streams, the server's pools grow
+    warm_up = settle(args.server_pid, until, args.warm_up_seconds)
     phase.wait()
     warm = rss_bytes(args.server_pid)
     until[0] = time.monotonic() + args.seconds
@@ -181,7 +189,8 @@ def main() -> int:
         "p50_ms": round(float(np.percentile(every, 50)) * 1e3, 2) if every.size else None,
         "p99_ms": round(float(np.percentile(every, 99)) * 1e3, 2) if every.size else None,
         "errors": len(errors), "first_errors": errors[:3],
-        "rss_warm_mib": round(warm / mib, 1), "rss_end_mib": round(end / mib, 1),
+        "warm_up_seconds": round(warm_up, 1), "rss_warm_mib": round(warm / mib, 1),
+        "rss_end_mib": round(end / mib, 1),
         "rss_every_10s_mib": [round(sample / mib, 1) for sample in samples],
         "rss_with_abandoned_mib": round(with_open / mib, 1),
         "rss_after_eviction_mib": round(after / mib, 1),
@@ -191,6 +200,23 @@ def main() -> int:
     print(json.dumps(report))
     grew = max(end, after) > warm * (1 + args.rss_slack)
     return 1 if errors or len(evicted) != abandoned or grew else 0
+
+
+def settle(pid: int, until: list[float], longest: float) -> float:
+    """Sample ``pid``'s RSS every SAMPLE_SECONDS while the clients warm up, and end the
+    warm-up (``until[0]``: the clients finish their document and stop) once it grew by
+    less than SETTLED over one sample, or after ``longest`` seconds; returns the
+    warm-up's seconds."""
+    started = time.monotonic()
+    before = rss_bytes(pid)
+    while time.monotonic() - started < longest:
+        time.sleep(min(SAMPLE_SECONDS, max(0.0, longest - (time.monotonic() - started))))
+        now = rss_bytes(pid)
+        if now <= before * (1 + SETTLED):
+            break
+        before = now
+    until[0] = time.monotonic()
+    return time.monotonic() - started
 
 
 class _Done(Exception):

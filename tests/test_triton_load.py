@@ -30,11 +30,13 @@ def test_bounded_load_has_no_errors_and_idle_sequences_are_evicted(encoder_expor
              str(encoder_export), "--url", server.url, "--name", "enc", "--server-pid",
              str(server.process.pid), "--idle-seconds", "2", "--sequences", "8",
              "--seconds", "3", "--max-segments", "3000", "--tokens", "120",
-             "--rss-slack", "0.5"], capture_output=True, text=True, timeout=120)
+             "--rss-slack", "0.5", "--warm-up-seconds", "6"],
+            capture_output=True, text=True, timeout=120)
     finally:
         server.stop()
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads(run.stdout)
     assert report["errors"] == 0 and report["segments"] > 0
     assert report["evicted"] == report["abandoned"] == 8
+    assert 0 < report["warm_up_seconds"] <= 6 + 1
     print(f"\n{report}")
