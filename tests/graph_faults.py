@@ -46,8 +46,9 @@ class FaultyEngine(StepEngine):
     memory after each step (an error that compounds while the memory is fed back);
     ``"rotate"`` reverses the order of the memory slots after ``segment`` steps (the
     values stay, each slot's cosine falls); ``"flip"`` rolls the logits' last axis by one
-    (every prediction changes); ``"offset"`` adds ``size`` to one ``output`` (the logits or
-    the memory) after ``segment`` steps. Steps are counted per engine state: a batch
+    (every prediction changes); ``"offset"`` adds ``size`` to one ``output`` (the logits,
+    the memory, or any state pair named by its input: an ARMT's ``A.1``) after
+    ``segment`` steps. Steps are counted per engine state: a batch
     whose rows change gets a new one."""
 
     def __init__(self, engine: StepEngine, fault: str, segment: int = 0,
@@ -76,8 +77,8 @@ class _FaultyState(EngineState):
     def state(self):
         return self.inner.state()
 
-    def _load_memory(self, memory):
-        self.inner.load({**self.inner.state(), "memory_in": memory})
+    def _load_memory(self, memory, name: str = "memory_in"):
+        self.inner.load({**self.inner.state(), name: memory})
 
     def step(self, input_ids, attention_mask, logits=True):
         owner = self.owner
@@ -92,8 +93,9 @@ class _FaultyState(EngineState):
                               + np.float32(owner.size * self.since_load))
         if owner.fault == "rotate" and late:
             self._load_memory(self.inner.state()["memory_in"][:, ::-1].copy())
-        if owner.fault == "offset" and late and owner.output == "memory_out":
-            self._load_memory(self.inner.state()["memory_in"] + np.float32(owner.size))
+        if owner.fault == "offset" and late and owner.output != "logits":
+            name = "memory_in" if owner.output == "memory_out" else owner.output
+            self._load_memory(self.inner.state()[name] + np.float32(owner.size), name)
         if owner.fault == "offset" and late and owner.output == "logits" and result is not None:
             result = result + np.float32(owner.size)
         if result is not None and late and owner.fault == "nan":

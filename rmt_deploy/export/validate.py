@@ -70,8 +70,8 @@ class Failure:
             return (f"{what}: {loop} error on {self.output} is {self.value:.3g}, above the "
                     f"tolerance {self.limit:g}{where}")
         if self.gate == "memory_cosine":
-            return (f"{what}: {loop} memory cosine falls to {self.value:.6f}, below "
-                    f"{self.limit:g}{where}: its memory drifts away from the reference's")
+            return (f"{what}: {loop} memory cosine of {self.output} falls to {self.value:.6f}, "
+                    f"below {self.limit:g}{where}: its state drifts away from the reference's")
         return (f"{what} agrees with {reference} on {self.value:.2%} of {loop} predictions, "
                 f"below {self.limit * 100:g}%{where}: it would lose accuracy")
 

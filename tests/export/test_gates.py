@@ -114,8 +114,9 @@ def test_the_memory_cosine_gate_refuses_memory_slots_that_turn(sides):
     results = compare(reference, FaultyEngine(graph, "rotate", segment=3), memory, 8,
                       modes=("closed_loop",))
     assert results.closed_loop.min_memory_cosine < 0.99
-    with pytest.raises(ValidationError, match=r"^turned: closed loop memory cosine falls to "
-                                              r"-?[0-9.]+, below 0.9999 \(first at segment 3\)"):
+    with pytest.raises(ValidationError, match=r"^turned: closed loop memory cosine of "
+                                              r"memory_out falls to -?[0-9.]+, below 0.9999 "
+                                              r"\(first at segment 3\)"):
         enforce_drift(results, gates, "turned")
 
 
@@ -153,3 +154,26 @@ def test_the_drift_gates_name_the_first_failure_in_order(sides):
                                               r"the tolerance 0.001 \(first at segment"):
         enforce_drift(results, DriftGates(max_abs=1e-3), "plan")
     enforce_drift(results, DriftGates(min_agreement=0, min_memory_cosine=-1), "plan")
+
+
+@pytest.mark.parametrize("pair", ["A.1", "z.0"])
+def test_the_closed_loop_gates_refuse_a_drifting_armt_state_pair(armt_export, pair):
+    """An ARMT's state is every layer's A and z: an error in one pair after a few
+    segments (an A or z that the step writes wrong) fails the error gates, which name
+    that pair's output, and the closed-loop drift gates (the cosine of the pair, or of
+    an A that it feeds), which name the pair that drifts; the sound graph passes."""
+    engine = OnnxRuntimeEngine(read_manifest(armt_export))
+    initial = read_manifest(armt_export).load_initial_state()
+    batches = one_document(engine.config, 8)
+    sound = compare(engine, engine, initial, batches=batches)
+    enforce(sound, Tolerance())
+    enforce_drift(sound, DriftGates(), "the candidate")
+    size = 0.05 * float(np.abs(sound.closed_loop.scale.get(pair.replace(".", "_out."), 1.0)))
+    faulty = compare(engine, FaultyEngine(engine, "offset", segment=3, size=max(size, 0.05),
+                                          output=pair), initial, batches=batches)
+    output = pair.replace(".", "_out.")
+    with pytest.raises(ValidationError, match=rf"error on {output.replace('.', '[.]')} "):
+        enforce(faulty, Tolerance())
+    with pytest.raises(ValidationError, match=r"^the candidate: closed loop memory cosine "
+                                              r"of [Az]_out[.][01] falls"):
+        enforce_drift(faulty, DriftGates(), "the candidate")
