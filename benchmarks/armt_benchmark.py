@@ -52,9 +52,9 @@ def build(seed: int = 0):
                           special=SpecialTokens()).eval()
 
 
-def word_tokenizer() -> str:
-    """A word-level tokenizer of the vocabulary: id i is the word ``w{i}``."""
-    tokenizer = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(VOCAB)},
+def word_tokenizer(vocab: int = VOCAB) -> str:
+    """A word-level tokenizer of ``vocab`` words: id i is the word ``w{i}``."""
+    tokenizer = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(vocab)},
                                            unk_token="w0"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return tokenizer.to_str()
