@@ -4,7 +4,8 @@ FP16: the matmuls, bias adds, activations (GELU, SwiGLU) and residual adds of ev
 transformer layer in float16; normalisation (LayerNorm, RMSNorm), the attention scale,
 mask add and Softmax, the recurrent state's update, the embeddings, the memory path and
 everything outside the layers stay float32, and the graph's inputs and outputs stay
-float32 (memory included). The layers and these parts are found from the graph's
+float32 (memory included), and no tensor between two float32 nodes is rounded to float16
+on the way. The layers and these parts are found from the graph's
 structure (:mod:`rmt_deploy.calibration.graph_layers`), so any base gets this policy.
 TensorRT 10/11 builds such a strongly typed graph as it is; CPU runtimes run it with
 FP16 weights.
@@ -37,10 +38,48 @@ def fp16_graph(source: Path, target: Path, state_outputs: Collection[str] = ()) 
     converted = convert_float_to_float16(
         model, keep_io_types=True, node_block_list=keep_fp32,
         op_block_list=list(DEFAULT_OP_BLOCK_LIST) + _FP32_OPS)
+    _drop_round_trips(converted)
     wrapper = OnnxModel(converted)
     wrapper.topological_sort()  # the converter appends its Cast nodes at the end
     _check_fp16(wrapper.model, target.name)
     onnx.save(wrapper.model, str(target))
+
+
+def _drop_round_trips(model) -> None:
+    """Remove the converter's FP32 -> FP16 -> FP32 Cast pairs: it wraps every kept node
+    in Casts, so a tensor passing between two FP32 nodes (or from a graph input into one)
+    would be rounded to FP16 on the way, and a running sum such as an ARMT's state would
+    overflow at 65,504. The FP32 consumers read the FP32 tensor instead."""
+    from onnx import TensorProto
+
+    def cast_to(node) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) \
+            if node.op_type == "Cast" else None
+
+    producer = {output: node for node in model.graph.node for output in node.output}
+    float_tensors = {t.name for t in [*model.graph.input, *model.graph.value_info]
+                     if t.type.tensor_type.elem_type == TensorProto.FLOAT}
+    float_tensors |= {node.output[0] for node in model.graph.node
+                      if cast_to(node) == TensorProto.FLOAT}
+    replaced = {}
+    for node in model.graph.node:
+        half = producer.get(node.input[0]) if cast_to(node) == TensorProto.FLOAT else None
+        if half is not None and cast_to(half) == TensorProto.FLOAT16 \
+                and half.input[0] in float_tensors:
+            replaced[node.output[0]] = half.input[0]
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            if name in replaced:
+                node.input[index] = replaced[name]
+    graph_outputs = {o.name for o in model.graph.output}
+    while True:  # drop the Casts nothing reads any more
+        read = {name for node in model.graph.node for name in node.input} | graph_outputs
+        dead = [node for node in model.graph.node
+                if node.op_type == "Cast" and not set(node.output) & read]
+        if not dead:
+            return
+        for node in dead:
+            model.graph.node.remove(node)
 
 
 def _check_fp16(model, name: str) -> None:

@@ -82,7 +82,8 @@ def test_published_armt_exports_and_runs_as_the_reference(tmp_path):
 def test_armt_fp16_keeps_the_state_arithmetic_in_fp32(tmp_path):
     """--precision fp16 of an ARMT as published (no correction): the layers' matmuls run in
     FP16, every matmul on the state (reads, outer products, running sums: the fp32_state
-    modules) in FP32, and the export's closed-loop gates pass."""
+    modules) in FP32, nothing on the way between them is rounded to FP16 (the state
+    inputs feed FP32 nodes directly), and the export's closed-loop gates pass."""
     published = write_published(tmp_path / "ckpt", naming="shared", config={"segment_size": 6})
     out = tmp_path / "export"
     result = CliRunner().invoke(export_main, [
@@ -99,3 +100,13 @@ def test_armt_fp16_keeps_the_state_arithmetic_in_fp32(tmp_path):
     state = [kind for name, kind in matmuls if "/fp32_state" in name]
     assert len(state) == 10 and set(state) == {onnx.TensorProto.FLOAT}  # 2 layers x 5
     assert onnx.TensorProto.FLOAT16 in {kind for name, kind in matmuls}
+    produced = {output: node for node in graph.node for output in node.output}
+    for node in graph.node:
+        if "/fp32_state" in node.name:
+            for name in node.input:
+                source = produced.get(name)
+                assert source is None or source.op_type != "Cast" or "/fp32_state" in \
+                    source.name or types.get(source.input[0]) != onnx.TensorProto.FLOAT16, \
+                    f"{node.name} reads {name}, rounded through FP16"
+    readers = {name for node in graph.node if "/fp32_state" in node.name for name in node.input}
+    assert {"A.0", "z.0", "A.1", "z.1"} <= readers
