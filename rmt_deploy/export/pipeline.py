@@ -175,7 +175,9 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
         },
         folder=stage,
     )
-    candidate = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=options.threads))
+    # mapped once for every graph's session, as rmt-run opens the export
+    candidate = OnnxRuntimeEngine(replace(manifest, weights=store.index()),
+                                  RuntimeOptions(threads=options.threads))
     comparison = compare(reference, candidate, initial_state, options.validation_segments,
                          progress=_phase(options, "validating against PyTorch"))
     for loop in comparison.loops:
@@ -261,8 +263,8 @@ def _add_fp16(manifest: Manifest, fp32: Any, names: list[str], stage: Path,
         manifest.graphs[graph_key(name, "fp16")] = graph_spec(config, name, target, "fp16",
                                                              data=store.reference)
         log(f"wrote {target.name} ({target.stat().st_size / 1e6:.1f} MB), ONNX checks passed")
-    candidate = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=options.threads,
-                                                           precision="fp16"))
+    candidate = OnnxRuntimeEngine(replace(manifest, weights=store.index()),
+                                  RuntimeOptions(threads=options.threads, precision="fp16"))
     comparison = compare(fp32, candidate, manifest.load_initial_state(),
                          options.drift_segments, modes=("closed_loop",),
                          progress=_estimating(_phase(options, "judging fp16 closed loop"), log,

@@ -110,3 +110,30 @@ def test_armt_fp16_keeps_the_state_arithmetic_in_fp32(tmp_path):
                     f"{node.name} reads {name}, rounded through FP16"
     readers = {name for node in graph.node if "/fp32_state" in node.name for name in node.input}
     assert {"A.0", "z.0", "A.1", "z.1"} <= readers
+
+
+def test_the_validation_engines_map_the_staged_weights_once(tmp_path, monkeypatch):
+    """A large model's export validates its FP32 and FP16 graphs on engines that map the
+    staged weights file once for all their sessions, as rmt-run does (each session
+    reading its own copy held a 1B model's weights four times over and ran out of
+    memory); the export passes as before."""
+    from rmt_deploy.runtime.backends import onnxruntime as backend
+
+    monkeypatch.setattr(backend, "SHARED_WEIGHTS_BYTES", 0)  # "large": even this file
+    engines = []
+    opened = backend.OnnxRuntimeEngine.__init__
+
+    def spy(self, *args, **kwargs):
+        opened(self, *args, **kwargs)
+        engines.append(self)
+
+    monkeypatch.setattr(backend.OnnxRuntimeEngine, "__init__", spy)
+    published = write_published(tmp_path / "ckpt", naming="shared", config={"segment_size": 6})
+    result = CliRunner().invoke(export_main, [
+        str(published.path), "--base-model", str(write_llama_base(tmp_path / "base")),
+        "--lora-alpha", str(ALPHA), "--no-armt-correction", "--precision", "fp16",
+        "--drift-segments", "20", "--validation-segments", "3", "--threads", "1", "-q",
+        "-o", str(tmp_path / "export")])
+    assert result.exit_code == 0, result.output
+    assert [engine.precision for engine in engines] == ["fp32", "fp16"]
+    assert all(engine._weights for engine in engines)
