@@ -6,7 +6,13 @@ the segments in Python and generates with the base model's ``generate`` on the l
 one. The oracle of the reference ARMT's tests and the baseline of its benchmark.
 
 Written from ``shared/reference/armt.md``; the one change for transformers 5 is that a
-decoder layer returns its hidden states as a tensor, not a tuple.
+decoder layer returns its hidden states as a tensor, not a tuple. The sliding window is
+``AssociativeRecurrentWrapper.forward(sliding_window=True)`` of the authors'
+``modeling_amt/language_modeling.py`` (RodkinIvan/associative-recurrent-memory-transformer,
+aa145de): each segment runs with ``use_cache`` and, as ``past_key_values``, the previous
+segment's token keys and values of every layer (its memory slots cut off), its mask before
+the segment's own; the base model numbers the positions on from the past's length. The
+carried cache goes in as a ``DynamicCache`` (transformers 5 takes no legacy lists).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch.nn.functional import relu
+from transformers import DynamicCache
 
 
 def dpfp(x: torch.Tensor, nu: int = 3) -> torch.Tensor:
@@ -116,9 +123,16 @@ class AssociativeMemoryCell(torch.nn.Module):
         return {"inputs_embeds": torch.cat([inputs_embeds, memory_state], dim=1),
                 "attention_mask": torch.cat([attention_mask, ones], dim=1)}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(**self.process_input(input_ids, attention_mask))
-        return out.logits[:, : -self.num_mem_tokens]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                past_key_values: DynamicCache | None = None,
+                prev_attn_mask: torch.Tensor | None = None, use_cache: bool = False):
+        """The segment's token logits; with ``use_cache`` also the model's cache."""
+        seg = self.process_input(input_ids, attention_mask)
+        if prev_attn_mask is not None:
+            seg["attention_mask"] = torch.cat([prev_attn_mask, seg["attention_mask"]], dim=-1)
+        out = self.model(**seg, cache=past_key_values, use_cache=use_cache)
+        logits = out.logits[:, : -self.num_mem_tokens]
+        return (logits, out.cache) if use_cache else logits
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  **generate_kwargs) -> torch.Tensor:
@@ -143,11 +157,26 @@ class AssociativeRecurrentWrapper(torch.nn.Module):
     def segment(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         return list(torch.split(input_ids, self.segment_size, dim=1))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Every segment's token logits, concatenated; the state is left in the layers."""
+    def forward(self, input_ids: torch.Tensor, sliding_window: bool = False) -> torch.Tensor:
+        """Every segment's token logits, concatenated; the state is left in the layers
+        (and, with ``sliding_window``, the last segment's carried keys and values in
+        ``self.past_key_values``, its mask in ``self.prev_attn_mask``)."""
         self.memory_cell.zero_mem()
-        return torch.cat([self.memory_cell(s, torch.ones_like(s))
-                          for s in self.segment(input_ids)], dim=1)
+        if not sliding_window:
+            return torch.cat([self.memory_cell(s, torch.ones_like(s))
+                              for s in self.segment(input_ids)], dim=1)
+        m, past, prev_mask, logits = self.memory_cell.num_mem_tokens, None, None, []
+        for s in self.segment(input_ids):
+            mask = torch.ones_like(s)
+            out, cache = self.memory_cell(s, mask, past_key_values=past,
+                                          prev_attn_mask=prev_mask, use_cache=True)
+            logits.append(out)
+            prev_mask, seg_len = mask, s.shape[-1]
+            past = DynamicCache(ddp_cache_data=[
+                tuple(kv[..., -(m + seg_len):kv.size(-2) - m, :]
+                      for kv in (layer.keys, layer.values)) for layer in cache.layers])
+        self.past_key_values, self.prev_attn_mask = past, prev_mask
+        return torch.cat(logits, dim=1)
 
     def generate(self, input_ids: torch.Tensor, **generate_kwargs) -> torch.Tensor:
         self.memory_cell.zero_mem()

@@ -6,6 +6,12 @@ d_key, d_model] and ``z`` [batch, d_key], FP32 whatever the layers compute in, z
 new document; then ``started`` [batch, 1], 0 on a document's first segment and 1 after
 it. It marks the first segment explicitly, as the authors' ``first_seg`` does: there the
 read is skipped and the write has no previous value and no correction.
+
+The sliding-window variant carries two more: ``window`` [batch, layers, 2, kv_heads,
+segment_size, head_dim], the previous segment's token keys (rotated at their own
+positions) and values of every layer, and ``window_mask`` [batch, segment_size], their
+mask (zeros for a new document). The segment attends to them before itself and its
+positions start at the window's length, as the authors' ``past_key_values`` do.
 """
 
 from __future__ import annotations
@@ -104,12 +110,13 @@ class ARMT(nn.Module):
     """
 
     def __init__(self, model: nn.Module, config: RMTConfig, memory: torch.Tensor,
-                 maps: Sequence[AssociativeMaps]) -> None:
+                 maps: Sequence[AssociativeMaps], sliding_window: bool = False) -> None:
         super().__init__()
         self.model = model
         self.rmt_config = replace(config, **cache_shape(model))
         self.memory = nn.Parameter(memory)
         self.maps = nn.ModuleList(maps)
+        self.sliding_window = sliding_window
 
     @property
     def layers(self) -> int:
@@ -119,13 +126,21 @@ class ARMT(nn.Module):
         """The learned initial state: none, every pair starts at zero."""
         return {}
 
-    def zero_state(self, batch_size: int) -> tuple[torch.Tensor, ...]:
-        """Zeros: (A, z) of every layer and ``started`` for ``batch_size`` new documents."""
+    def zero_state(self, batch_size: int, window: bool | None = None
+                   ) -> tuple[torch.Tensor, ...]:
+        """Zeros: (A, z) of every layer and ``started`` for ``batch_size`` new documents,
+        then ``window`` and ``window_mask`` with the window (``window`` defaults to the
+        model's own)."""
         config = self.rmt_config
         A = torch.zeros(batch_size, config.d_key, config.hidden_size)
         z = torch.zeros(batch_size, config.d_key)
         pairs = [t.clone() for _ in range(self.layers) for t in (A, z)]
-        return (*pairs, torch.zeros(batch_size, 1))
+        state = (*pairs, torch.zeros(batch_size, 1))
+        if not (self.sliding_window if window is None else window):
+            return state
+        kv = torch.zeros(batch_size, self.layers, 2, config.cache_heads, config.segment_size,
+                         config.head_dim)
+        return (*state, kv, torch.zeros(batch_size, config.segment_size, dtype=torch.int64))
 
     def _layers(self, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                 state: Sequence[torch.Tensor], writes: bool,
@@ -173,17 +188,48 @@ class ARMT(nn.Module):
         tied head in an export)."""
         return head_logits(self.model.get_output_embeddings(), hidden)
 
+    def _windowed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  state: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The segment after the carried window: its keys and values fill a cache that
+        the segment extends, positions start at the window's length; the new window is
+        the segment's own token keys and values (memory slots cut off; zeros at padding),
+        padded to the segment size."""
+        *state, window, window_mask = state
+        hidden, mask, positions = self._segment(input_ids, attention_mask)
+        cache = DynamicCache(ddp_cache_data=[(window[:, layer, 0], window[:, layer, 1])
+                                             for layer in range(self.layers)],
+                             config=self.model.config)
+        hidden, new_state = self._layers(
+            hidden, torch.cat([window_mask.to(mask.dtype), mask], dim=1),
+            positions + window_mask.sum(dim=1, keepdim=True), state, writes=True,
+            cache=cache)
+        size, length = window.shape[-2], input_ids.shape[1]
+        pad = (0, 0, 0, size - length)
+        new_window = torch.stack([torch.stack([nn.functional.pad(t[:, :, size:size + length], pad)
+                                               for t in (layer.keys, layer.values)], dim=1)
+                                  for layer in cache.layers], dim=1)
+        new_mask = nn.functional.pad(attention_mask, (0, size - length)).to(window_mask.dtype)
+        real = new_mask.view(-1, 1, 1, 1, size, 1).to(new_window.dtype)
+        return hidden, [*new_state, new_window * real, new_mask]
+
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             *state: torch.Tensor, window: bool | None = None
+             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The final norm's output over ``[tokens ; memory]`` and the new state; with the
+        window (``window`` defaults to the model's own) the state ends with it."""
+        if self.sliding_window if window is None else window:
+            return self._windowed(input_ids, attention_mask, state)
+        return self._layers(*self._segment(input_ids, attention_mask), state, writes=True)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        hidden, new_state = self._layers(*self._segment(input_ids, attention_mask), state,
-                                         writes=True)
+        hidden, new_state = self.step(input_ids, attention_mask, *state)
         return (self._head(hidden[:, : input_ids.shape[1]]), *new_state)
 
     def write(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The new state alone: the step without the LM head."""
-        return tuple(self._layers(*self._segment(input_ids, attention_mask), state,
-                                  writes=True)[1])
+        return tuple(self.step(input_ids, attention_mask, *state)[1])
 
     def _context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -230,18 +276,19 @@ def _flat(cache: DynamicCache) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def run_armt(rmt: ARMT, ids: Sequence[int] | np.ndarray
+def run_armt(rmt: ARMT, ids: Sequence[int] | np.ndarray, window: bool | None = None
              ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """One document's token logits [n_tokens, vocab], every segment's concatenated, and
-    the state after its last segment."""
+    the state after its last segment (with the window: ``window`` defaults to the
+    model's own)."""
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64)).view(1, -1)
     if ids.shape[1] == 0:
         raise InputError("cannot run an empty document")
-    state, pieces = rmt.zero_state(1), []
+    state, pieces = rmt.zero_state(1, window), []
     for start, end in segment_bounds(ids.shape[1], rmt.rmt_config):
         segment = ids[:, start:end]
-        logits, *state = rmt(segment, torch.ones_like(segment), *state)
-        pieces.append(logits[0])
+        hidden, state = rmt.step(segment, torch.ones_like(segment), *state, window=window)
+        pieces.append(rmt._head(hidden[0, : end - start]))
     return torch.cat(pieces), tuple(state)
 
 
@@ -250,12 +297,13 @@ def generate_armt(rmt: ARMT, ids: Sequence[int] | np.ndarray, max_new_tokens: in
                   ) -> list[int]:
     """Greedy generation after a document: every segment but the last writes; the last
     is prefilled without memory slots (reads, no writes) and decoded token by token, each
-    token reading (A, z) in every layer."""
+    token reading (A, z) in every layer. As in the authors' ``generate``, no segment
+    attends to a window, also with the sliding-window variant."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if ids.size == 0:
         raise InputError("cannot generate after an empty document")
     start = segment_bounds(len(ids), rmt.rmt_config)[-1][0]
-    state = run_armt(rmt, ids[:start])[1] if start else rmt.zero_state(1)
+    state = run_armt(rmt, ids[:start], window=False)[1] if start else rmt.zero_state(1, False)
     tokens = torch.from_numpy(ids[start:]).view(1, -1)
     mask = torch.ones_like(tokens)
     logits, *past = rmt.prefill(tokens, mask, *state)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from rmt_deploy.errors import CheckpointError, ConfigError
+from rmt_deploy.errors import CheckpointError
 from rmt_deploy.model.armt import ARMT, MAP_NAMES, AssociativeMaps
 from rmt_deploy.model.decoder import DecoderRMT
 from rmt_deploy.model.encoder import EncoderRMT
@@ -95,10 +95,8 @@ def armt_from_base(
 ) -> ARMT:
     """An ARMT over a Llama-style causal LM. ``memory`` [M, d_model] and each layer's
     ``maps`` (keys :data:`MAP_NAMES`) default to a random init (a non-zero ``W_mv``, so
-    the memory matters)."""
-    if sliding_window:
-        raise ConfigError("the sliding-window ARMT is not supported yet; export the model "
-                          "without --sliding-window")
+    the memory matters). ``sliding_window``: each segment also attends to the previous
+    one's keys and values."""
     config = RMTConfig.armt(num_mem_tokens=num_mem_tokens, segment_size=segment_size,
                             d_mem=d_mem, correction=correction,
                             **_causal_lm_fields(base, special))
@@ -115,7 +113,7 @@ def armt_from_base(
             _random_maps(module, std)
         else:
             _load_maps(module, maps[index], index)
-    return ARMT(base, config, memory, modules)
+    return ARMT(base, config, memory, modules, sliding_window)
 
 
 def _random_maps(module: AssociativeMaps, std: float) -> None:

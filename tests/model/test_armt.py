@@ -6,7 +6,7 @@ import torch
 from armt_models import ARMT_D_MEM, ARMT_MEM, ARMT_SEGMENT, make_armt, map_weights
 
 from benchmarks.authors_armt import authors_armt
-from rmt_deploy.errors import CheckpointError, ConfigError
+from rmt_deploy.errors import CheckpointError
 from rmt_deploy.model.armt import dpfp, generate_armt, run_armt
 from rmt_deploy.model.base import build_decoder_base
 from rmt_deploy.model.factory import SpecialTokens, armt_from_base
@@ -14,6 +14,12 @@ from rmt_deploy.model.factory import SpecialTokens, armt_from_base
 torch.set_num_threads(1)
 
 DOC = torch.tensor([(7 * i + 3) % 58 for i in range(20)])  # 4 segments, the last short
+
+
+def window_armt(correction: bool = True):
+    rmt = make_armt(correction=correction)
+    rmt.sliding_window = True
+    return rmt
 
 
 def oracle(rmt):
@@ -144,8 +150,6 @@ def test_factory_refuses_maps_that_do_not_fit():
     with pytest.raises(CheckpointError, match="lack W_mb.bias"):
         armt_from_base(base, d_mem=ARMT_D_MEM, **kwargs,
                        maps=[{k: v for k, v in w.items() if k != "W_mb.bias"} for w in weights])
-    with pytest.raises(ConfigError, match="sliding-window"):
-        armt_from_base(base, d_mem=ARMT_D_MEM, sliding_window=True, **kwargs)
 
 
 def test_rows_of_one_batch_keep_their_own_first_segment_mark():
@@ -164,3 +168,53 @@ def test_rows_of_one_batch_keep_their_own_first_segment_mark():
             for got, expected in zip(batched, alone, strict=True):
                 torch.testing.assert_close(got[row], expected[0], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(batched[0][0], batched[0][1])
+
+
+@pytest.mark.parametrize("correction", [True, False])
+@pytest.mark.parametrize("length", [6, 20])  # one segment (no window), four (a short last)
+def test_sliding_window_equals_the_authors_code(correction, length):
+    """Logits, every layer's (A, z) and the carried window equal the authors' forward
+    with sliding_window=True; the window changes what the segments compute."""
+    rmt, doc = window_armt(correction), DOC[:length]
+    authors = oracle(rmt)
+    logits, state = run_armt(rmt, doc)
+    with torch.no_grad():
+        expected = authors(doc.view(1, -1), sliding_window=True)[0]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    for index, layer in enumerate(authors.memory_cell.layers):
+        torch.testing.assert_close(state[2 * index], layer.W_mem, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(state[2 * index + 1], layer.z, rtol=1e-4, atol=1e-6)
+    window, window_mask = state[-2:]
+    carried = window_mask[0].sum()
+    assert window_mask[0].tolist() == [1] * carried + [0] * (ARMT_SEGMENT - carried)
+    for index, layer in enumerate(authors.past_key_values.layers):
+        torch.testing.assert_close(window[0, index, 0, :, :carried], layer.keys[0])
+        torch.testing.assert_close(window[0, index, 1, :, :carried], layer.values[0])
+    if length > ARMT_SEGMENT:
+        assert not torch.allclose(logits, run_armt(rmt, doc, window=False)[0])
+
+
+@pytest.mark.parametrize("length", [4, 20])
+def test_sliding_window_greedy_ids_equal_the_authors_generate(length):
+    """The authors' generate takes no window: the earlier segments run without it."""
+    rmt, doc = window_armt(), DOC[:length]
+    with torch.no_grad():
+        expected = oracle(rmt).generate(doc.view(1, -1), max_new_tokens=8, do_sample=False,
+                                        pad_token_id=rmt.rmt_config.eos_token_id)
+    assert generate_armt(rmt, doc, 8) == expected[0].tolist()
+
+
+def test_sliding_window_padded_row_computes_what_it_computes_alone():
+    """A right-padded row of a batched window step equals the row run alone."""
+    rmt = window_armt()
+    ids = torch.stack([DOC[:6], torch.cat([DOC[6:10], torch.zeros(2, dtype=torch.long)])])
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    with torch.no_grad():
+        first = rmt(DOC[:6].view(1, -1), torch.ones(1, 6, dtype=torch.long),
+                    *rmt.zero_state(1))
+        state = [torch.cat([t, t]) for t in first[1:]]
+        batched = rmt(ids, mask, *state)
+        alone = rmt(DOC[6:10].view(1, -1), torch.ones(1, 4, dtype=torch.long), *first[1:])
+    torch.testing.assert_close(batched[0][1, :4], alone[0][0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(batched[1:], alone[1:], strict=True):
+        torch.testing.assert_close(a[1], b[0], rtol=1e-4, atol=1e-6)

@@ -240,7 +240,7 @@ def test_safetensors_of_a_published_layout_is_recognised(tmp_path):
 @pytest.fixture
 def factory_calls(monkeypatch):
     """A recording stand-in for ``armt_from_base``, so that what the loader passes it is
-    checked on its own (options the model refuses, such as the sliding window, included)."""
+    checked on its own."""
     from rmt_deploy.model import checkpoint
 
     calls = []
@@ -259,7 +259,7 @@ def test_armt_factory_gets_what_the_file_holds(tmp_path, factory_calls):
     calls = factory_calls
     published = write_published(tmp_path / "ckpt", naming="shared", config={"segment_size": 6})
     options = AuthorsOptions(base_model=write_gpt2_folder(tmp_path / "base", "llama"),
-                             lora_alpha=ALPHA, armt_correction=False, sliding_window=True)
+                             lora_alpha=ALPHA, armt_correction=False)
     loaded = load_checkpoint(published.path, options)
     (base, kwargs), = calls
     assert loaded.format == AUTHORS_ARMT and loaded.lora.rank == RANK
@@ -271,7 +271,7 @@ def test_armt_factory_gets_what_the_file_holds(tmp_path, factory_calls):
                                                                   strict=True) for k in MAP_KEYS)
     assert kwargs.pop("special").eos == 59
     assert kwargs == {"num_mem_tokens": MEM_TOKENS, "d_mem": D_MEM, "segment_size": 6,
-                      "correction": False, "sliding_window": True}
+                      "correction": False}
 
 
 @pytest.mark.parametrize("armt", [True, False])
@@ -318,3 +318,13 @@ def test_armt_options_on_a_plain_rmt(tmp_path, option):
     options = AuthorsOptions(base_model=write_llama_base(tmp_path / "base"), **option)
     with pytest.raises(CheckpointError, match="apply to ARMT checkpoints only"):
         load_checkpoint(published.path, options)
+
+
+def test_sliding_window_armt_is_refused_until_exported(tmp_path, factory_calls):
+    """The reference has the window but no export does: the loader refuses it early."""
+    published = write_published(tmp_path / "ckpt", config={"segment_size": 6})
+    options = AuthorsOptions(base_model=write_gpt2_folder(tmp_path / "base", "llama"),
+                             lora_alpha=ALPHA, sliding_window=True)
+    with pytest.raises(CheckpointError, match="without --sliding-window"):
+        load_checkpoint(published.path, options)
+    assert not factory_calls
