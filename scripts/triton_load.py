@@ -31,11 +31,14 @@ from rmt_deploy.serving.client import Chunk, TritonClient
 from rmt_deploy.serving.errors import SequenceLostError
 
 SAMPLE_SECONDS = 5.0  # warm-up: RSS sampled this often
+RSS_KINDS = ("RssAnon", "RssFile", "RssShmem")  # their sum is a process's RSS
 SETTLED = 0.01  # warm once RSS grows by less than this fraction over a sample
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of ``pid`` and all its descendants."""
+def rss_by_process(pid: int) -> dict[str, int]:
+    """Resident memory of ``pid`` and all its descendants, summed by command name
+    (tritonserver, triton_python_backend_stub, nginx) and kind (anon: the heap; shmem: the
+    python backend's shared-memory pool; file: mapped libraries), to say which grows."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -44,16 +47,27 @@ def rss_bytes(pid: int) -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(parent, []).append(int(entry.name))
-    total, todo = 0, [pid]
+    totals: dict[str, int] = {}
+    todo = [pid]
     while todo:
         current = todo.pop()
         todo += children.get(current, [])
         try:
-            pages = int(Path(f"/proc/{current}/statm").read_text().split()[1])
-        except (OSError, IndexError, ValueError):
+            status = Path(f"/proc/{current}/status").read_text().splitlines()
+        except OSError:
             continue
-        total += pages * os.sysconf("SC_PAGE_SIZE")
-    return total
+        fields = dict(line.split(":", 1) for line in status if ":" in line)
+        if "RssAnon" not in fields:  # a zombie
+            continue
+        for kind in RSS_KINDS:  # "12345 kB"
+            key = f"{fields['Name'].strip()} {kind[3:].lower()}"
+            totals[key] = totals.get(key, 0) + int(fields[kind].split()[0]) * 1024
+    return totals
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants."""
+    return sum(rss_by_process(pid).values())
 
 
 def main() -> int:
@@ -157,7 +171,8 @@ def main() -> int:
     phase.wait()  # warm-up: every client streams, the server's pools grow
     warm_up = settle(args.server_pid, until, args.warm_up_seconds)
     phase.wait()
-    warm = rss_bytes(args.server_pid)
+    warm_by_process = rss_by_process(args.server_pid)
+    warm = sum(warm_by_process.values())
     until[0] = time.monotonic() + args.seconds
     started = time.perf_counter()
     phase.wait()
@@ -167,7 +182,8 @@ def main() -> int:
         samples.append(rss_bytes(args.server_pid))
     phase.wait()
     seconds = time.perf_counter() - started
-    end = rss_bytes(args.server_pid)
+    end_by_process = rss_by_process(args.server_pid)
+    end = sum(end_by_process.values())
     phase.wait()
     with_open = rss_bytes(args.server_pid)
     time.sleep(args.idle_seconds + 1.5)
@@ -191,6 +207,10 @@ def main() -> int:
         "errors": len(errors), "first_errors": errors[:3],
         "warm_up_seconds": round(warm_up, 1), "rss_warm_mib": round(warm / mib, 1),
         "rss_end_mib": round(end / mib, 1),
+        "rss_warm_end_by_process_mib": {
+            name: [round(warm_by_process.get(name, 0) / mib, 1),
+                   round(end_by_process.get(name, 0) / mib, 1)]
+            for name in sorted(warm_by_process.keys() | end_by_process.keys())},
         "rss_every_10s_mib": [round(sample / mib, 1) for sample in samples],
         "rss_with_abandoned_mib": round(with_open / mib, 1),
         "rss_after_eviction_mib": round(after / mib, 1),
