@@ -32,7 +32,8 @@ from rmt_deploy.serving.errors import SequenceLostError
 
 SAMPLE_SECONDS = 5.0  # warm-up: RSS sampled this often
 RSS_KINDS = ("RssAnon", "RssFile", "RssShmem")  # their sum is a process's RSS
-SETTLED = 0.01  # warm once RSS grows by less than this fraction over a sample
+SETTLED = 0.01  # warm once RSS grows by less than this fraction over WINDOW samples
+WINDOW = 2  # one settled sample is not enough: a step can follow it (64 sequences, chunks)
 
 
 def rss_by_process(pid: int) -> dict[str, int]:
@@ -90,7 +91,7 @@ def main() -> int:
                         help="allowed RSS growth once warm, as a fraction")
     parser.add_argument("--warm-up-seconds", type=float, default=60.0,
                         help="longest warm-up: it ends once the server's RSS grows by "
-                             f"less than {SETTLED:.0%} over {SAMPLE_SECONDS:g} s")
+                             f"less than {SETTLED:.0%} over {WINDOW * SAMPLE_SECONDS:g} s")
     args = parser.parse_args()
     host = args.url.rsplit(":", 1)[0]
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -225,16 +226,15 @@ def main() -> int:
 def settle(pid: int, until: list[float], longest: float) -> float:
     """Sample ``pid``'s RSS every SAMPLE_SECONDS while the clients warm up, and end the
     warm-up (``until[0]``: the clients finish their document and stop) once it grew by
-    less than SETTLED over one sample, or after ``longest`` seconds; returns the
-    warm-up's seconds."""
+    less than SETTLED over the last WINDOW samples, or after ``longest`` seconds;
+    returns the warm-up's seconds."""
     started = time.monotonic()
-    before = rss_bytes(pid)
+    samples = [rss_bytes(pid)]
     while time.monotonic() - started < longest:
         time.sleep(min(SAMPLE_SECONDS, max(0.0, longest - (time.monotonic() - started))))
-        now = rss_bytes(pid)
-        if now <= before * (1 + SETTLED):
+        samples.append(rss_bytes(pid))
+        if len(samples) > WINDOW and samples[-1] <= samples[-1 - WINDOW] * (1 + SETTLED):
             break
-        before = now
     until[0] = time.monotonic()
     return time.monotonic() - started
 
