@@ -31,11 +31,15 @@ from rmt_deploy.serving.client import Chunk, TritonClient
 from rmt_deploy.serving.errors import SequenceLostError
 
 SAMPLE_SECONDS = 5.0  # warm-up: RSS sampled this often
-SETTLED = 0.01  # warm once RSS grows by less than this fraction over a sample
+RSS_KINDS = ("RssAnon", "RssFile", "RssShmem")  # their sum is a process's RSS
+SETTLED = 0.01  # warm once RSS grows by less than this fraction over WINDOW samples
+WINDOW = 2  # one settled sample is not enough: a step can follow it (64 sequences, chunks)
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of ``pid`` and all its descendants."""
+def rss_by_process(pid: int) -> dict[str, int]:
+    """Resident memory of ``pid`` and all its descendants, summed by command name
+    (tritonserver, triton_python_backend_stub, nginx) and kind (anon: the heap; shmem: the
+    python backend's shared-memory pool; file: mapped libraries), to say which grows."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -44,16 +48,27 @@ def rss_bytes(pid: int) -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(parent, []).append(int(entry.name))
-    total, todo = 0, [pid]
+    totals: dict[str, int] = {}
+    todo = [pid]
     while todo:
         current = todo.pop()
         todo += children.get(current, [])
         try:
-            pages = int(Path(f"/proc/{current}/statm").read_text().split()[1])
-        except (OSError, IndexError, ValueError):
+            status = Path(f"/proc/{current}/status").read_text().splitlines()
+        except OSError:
             continue
-        total += pages * os.sysconf("SC_PAGE_SIZE")
-    return total
+        fields = dict(line.split(":", 1) for line in status if ":" in line)
+        if "RssAnon" not in fields:  # a zombie
+            continue
+        for kind in RSS_KINDS:  # "12345 kB"
+            key = f"{fields['Name'].strip()} {kind[3:].lower()}"
+            totals[key] = totals.get(key, 0) + int(fields[kind].split()[0]) * 1024
+    return totals
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants."""
+    return sum(rss_by_process(pid).values())
 
 
 def main() -> int:
@@ -76,7 +91,7 @@ def main() -> int:
                         help="allowed RSS growth once warm, as a fraction")
     parser.add_argument("--warm-up-seconds", type=float, default=60.0,
                         help="longest warm-up: it ends once the server's RSS grows by "
-                             f"less than {SETTLED:.0%} over {SAMPLE_SECONDS:g} s")
+                             f"less than {SETTLED:.0%} over {WINDOW * SAMPLE_SECONDS:g} s")
     args = parser.parse_args()
     host = args.url.rsplit(":", 1)[0]
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -157,7 +172,8 @@ def main() -> int:
     phase.wait()  # warm-up: every client streams, the server's pools grow
     warm_up = settle(args.server_pid, until, args.warm_up_seconds)
     phase.wait()
-    warm = rss_bytes(args.server_pid)
+    warm_by_process = rss_by_process(args.server_pid)
+    warm = sum(warm_by_process.values())
     until[0] = time.monotonic() + args.seconds
     started = time.perf_counter()
     phase.wait()
@@ -167,7 +183,8 @@ def main() -> int:
         samples.append(rss_bytes(args.server_pid))
     phase.wait()
     seconds = time.perf_counter() - started
-    end = rss_bytes(args.server_pid)
+    end_by_process = rss_by_process(args.server_pid)
+    end = sum(end_by_process.values())
     phase.wait()
     with_open = rss_bytes(args.server_pid)
     time.sleep(args.idle_seconds + 1.5)
@@ -191,6 +208,10 @@ def main() -> int:
         "errors": len(errors), "first_errors": errors[:3],
         "warm_up_seconds": round(warm_up, 1), "rss_warm_mib": round(warm / mib, 1),
         "rss_end_mib": round(end / mib, 1),
+        "rss_warm_end_by_process_mib": {
+            name: [round(warm_by_process.get(name, 0) / mib, 1),
+                   round(end_by_process.get(name, 0) / mib, 1)]
+            for name in sorted(warm_by_process.keys() | end_by_process.keys())},
         "rss_every_10s_mib": [round(sample / mib, 1) for sample in samples],
         "rss_with_abandoned_mib": round(with_open / mib, 1),
         "rss_after_eviction_mib": round(after / mib, 1),
@@ -205,16 +226,15 @@ def main() -> int:
 def settle(pid: int, until: list[float], longest: float) -> float:
     """Sample ``pid``'s RSS every SAMPLE_SECONDS while the clients warm up, and end the
     warm-up (``until[0]``: the clients finish their document and stop) once it grew by
-    less than SETTLED over one sample, or after ``longest`` seconds; returns the
-    warm-up's seconds."""
+    less than SETTLED over the last WINDOW samples, or after ``longest`` seconds;
+    returns the warm-up's seconds."""
     started = time.monotonic()
-    before = rss_bytes(pid)
+    samples = [rss_bytes(pid)]
     while time.monotonic() - started < longest:
         time.sleep(min(SAMPLE_SECONDS, max(0.0, longest - (time.monotonic() - started))))
-        now = rss_bytes(pid)
-        if now <= before * (1 + SETTLED):
+        samples.append(rss_bytes(pid))
+        if len(samples) > WINDOW and samples[-1] <= samples[-1 - WINDOW] * (1 + SETTLED):
             break
-        before = now
     until[0] = time.monotonic()
     return time.monotonic() - started
 

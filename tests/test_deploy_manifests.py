@@ -21,19 +21,37 @@ def test_nginx_hashes_on_the_clients_sequence_header():
     assert f"hash {HEADER_VARIABLE} consistent;" in config
 
 
-def test_kubernetes_manifest_fits_together_and_hashes_on_the_sequence_header():
-    docs = {doc["kind"]: doc for doc in yaml.safe_load_all(
+def _manifest() -> dict[tuple[str, str], dict]:
+    return {(doc["kind"], doc["metadata"]["name"]): doc for doc in yaml.safe_load_all(
         (DEPLOY / "kubernetes" / "rmt-triton.yaml").read_text())}
-    deployment, service, ingress = docs["Deployment"], docs["Service"], docs["Ingress"]
+
+
+def test_kubernetes_manifest_fits_together_and_hashes_on_the_sequence_header():
+    docs = _manifest()
+    deployment, service = docs["Deployment", "rmt-triton"], docs["Service", "rmt-triton"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"] == labels
     assert service["spec"]["selector"] == labels
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     named = {port["name"] for port in container["ports"]}
     assert {port["targetPort"] for port in service["spec"]["ports"]} <= named
-    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
-    assert backend["name"] == service["metadata"]["name"]
-    assert backend["port"]["name"] in {port["name"] for port in service["spec"]["ports"]}
-    hash_by = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/upstream-hash-by"]
-    assert hash_by == HEADER_VARIABLE
+    for name, port in (("rmt-triton", "http"), ("rmt-triton-grpc", "grpc")):
+        ingress = docs["Ingress", name]
+        for rule in ingress["spec"]["rules"]:
+            backend = rule["http"]["paths"][0]["backend"]["service"]
+            assert backend["name"] == service["metadata"]["name"]
+            assert backend["port"]["name"] == port
+        annotations = ingress["metadata"]["annotations"]
+        assert annotations["nginx.ingress.kubernetes.io/upstream-hash-by"] == HEADER_VARIABLE
     assert service["spec"]["sessionAffinity"] == "ClientIP"
+
+
+def test_the_grpc_ingress_is_tls_for_its_hosts_with_a_named_secret():
+    """ingress-nginx proxies gRPC only over TLS: the gRPC Ingress names its certificate's
+    Secret and serves TLS for every host it routes."""
+    ingress = _manifest()["Ingress", "rmt-triton-grpc"]
+    assert ingress["metadata"]["annotations"][
+        "nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    (tls,) = ingress["spec"]["tls"]
+    assert tls["secretName"]
+    assert {rule["host"] for rule in ingress["spec"]["rules"]} <= set(tls["hosts"])
