@@ -47,8 +47,8 @@ class FaultyEngine(StepEngine):
     ``"rotate"`` reverses the order of the memory slots after ``segment`` steps (the
     values stay, each slot's cosine falls); ``"flip"`` rolls the logits' last axis by one
     (every prediction changes); ``"offset"`` adds ``size`` to one ``output`` (the logits or
-    the memory) after ``segment`` steps. Steps are counted per engine state: a batch
-    whose rows change gets a new one."""
+    any state output: the memory, an armt's ``A_out.0``) after ``segment`` steps.
+    Steps are counted per engine state: a batch whose rows change gets a new one."""
 
     def __init__(self, engine: StepEngine, fault: str, segment: int = 0,
                  size: float = 0.0, output: str = "logits") -> None:
@@ -79,6 +79,15 @@ class _FaultyState(EngineState):
     def _load_memory(self, memory):
         self.inner.load({**self.inner.state(), "memory_in": memory})
 
+    def _offset_state(self, output: str, size: float) -> None:
+        """Add ``size`` to the state that ``output`` writes (``memory_out``, an armt's
+        ``A_out.0``, ...), as if the graph wrote it wrong."""
+        from rmt_deploy.contract import state_pairs
+
+        name = next(p.name_in for p in state_pairs(self.owner.config) if p.name_out == output)
+        state = self.inner.state()
+        self.inner.load({**state, name: state[name] + np.float32(size)})
+
     def step(self, input_ids, attention_mask, logits=True):
         owner = self.owner
         if owner.fault == "no_feedback":
@@ -92,8 +101,8 @@ class _FaultyState(EngineState):
                               + np.float32(owner.size * self.since_load))
         if owner.fault == "rotate" and late:
             self._load_memory(self.inner.state()["memory_in"][:, ::-1].copy())
-        if owner.fault == "offset" and late and owner.output == "memory_out":
-            self._load_memory(self.inner.state()["memory_in"] + np.float32(owner.size))
+        if owner.fault == "offset" and late and owner.output != "logits":
+            self._offset_state(owner.output, owner.size)
         if owner.fault == "offset" and late and owner.output == "logits" and result is not None:
             result = result + np.float32(owner.size)
         if result is not None and late and owner.fault == "nan":
