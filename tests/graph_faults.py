@@ -112,8 +112,8 @@ class _FaultyState(EngineState):
             result = np.roll(result, 1, axis=-1)
         return result
 
-    def prefill(self, input_ids, attention_mask):
-        return self.inner.prefill(input_ids, attention_mask)
+    def prefill(self, input_ids, attention_mask, capacity=None):
+        return self.inner.prefill(input_ids, attention_mask, capacity)
 
     def decode(self, cache, input_ids, attention_mask):
         return self.inner.decode(cache, input_ids, attention_mask)
