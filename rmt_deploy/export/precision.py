@@ -37,10 +37,44 @@ def fp16_graph(source: Path, target: Path, state_outputs: Collection[str] = ()) 
     converted = convert_float_to_float16(
         model, keep_io_types=True, node_block_list=keep_fp32,
         op_block_list=list(DEFAULT_OP_BLOCK_LIST) + _FP32_OPS)
+    _drop_round_trips(converted)
     wrapper = OnnxModel(converted)
     wrapper.topological_sort()  # the converter appends its Cast nodes at the end
     _check_fp16(wrapper.model, target.name)
     onnx.save(wrapper.model, str(target))
+
+
+def _drop_round_trips(model) -> None:
+    """Remove the converter's Cast to float16 whose every reader is a Cast back to
+    float32 (it puts such pairs between FP32 nodes, e.g. inside an armt's state write,
+    where the FP16 rounding and its 65,504 ceiling turn a running sum into inf, then
+    NaN): the float32 readers read the original tensor."""
+    from onnx import TensorProto
+
+    def to(node) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    dropped = set()
+    for cast in [n for n in model.graph.node if n.op_type == "Cast"]:
+        back = readers.get(cast.output[0], [])
+        if (to(cast) != TensorProto.FLOAT16 or cast.output[0] in outputs or not back
+                or any(r.op_type != "Cast" or to(r) != TensorProto.FLOAT
+                       or r.output[0] in outputs for r in back)):
+            continue
+        for reader in back:
+            for later in readers.get(reader.output[0], []):
+                later.input[:] = [cast.input[0] if i == reader.output[0] else i
+                                  for i in later.input]
+            dropped.add(id(reader))
+        dropped.add(id(cast))
+    kept = [n for n in model.graph.node if id(n) not in dropped]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
 
 
 def _check_fp16(model, name: str) -> None:
