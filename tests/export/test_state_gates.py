@@ -106,3 +106,41 @@ def test_fp16_with_the_correction_validates_closed_loop(tmp_path):
     casts = {n.output[0]: n for n in model.graph.node if n.op_type == "Cast"}
     assert not [n for n in model.graph.node if n.op_type == "Cast" and n.input[0] in casts
                 and "fp32_state" in n.name]
+
+
+def test_int8_armt_keeps_its_state_arithmetic_fp32_and_passes_the_state_gates(checkpoint,
+                                                                               tmp_path):
+    """The chosen INT8 graph quantizes no input of the state read/write (the outer
+    products, q.A, q.z, the running sums) and its closed loop keeps every pair's cosine."""
+    import onnx
+
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for i in range(8):
+        line = ["the quick brown fox jumps over the lazy dog", "hello world again"][i % 2]
+        (calibration / f"{i}.txt").write_text(" ".join([line] * (20 + i)))
+    options = ExportOptions(precision="int8", calibration=calibration, drift_segments=20)
+    folder = export_checkpoint(checkpoint, tmp_path / "export", options).folder
+    manifest = read_manifest(folder)
+    int8 = manifest.validation["int8"]
+    assert int8["closed_loop"]["min_memory_cosine"] >= STATE_COSINE["int8"]
+    model = onnx.load(str(folder / manifest.graphs["step.int8"].file), load_external_data=False)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    state = [n for n in model.graph.node if "fp32_state" in n.name]
+    assert state
+    assert not [n.name for n in state for i in n.input
+                if i in producer and producer[i].op_type == "DequantizeLinear"]
+
+
+def test_an_int8_policy_whose_state_drifts_is_refused_even_when_agreement_is_waived(
+        checkpoint, tmp_path):
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for i in range(8):
+        (calibration / f"{i}.txt").write_text(" ".join(["hello world again"] * (20 + i)))
+    options = ExportOptions(precision="int8", calibration=calibration, drift_segments=20,
+                            int8_policy="naive", min_agreement=0.0)
+    with pytest.raises(ValidationError, match=r"^INT8 policy naive: closed loop cosine of "
+                       r"state \S+ falls to"):
+        export_checkpoint(checkpoint, tmp_path / "export", options)
+    assert not (tmp_path / "export").exists()
