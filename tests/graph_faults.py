@@ -46,10 +46,9 @@ class FaultyEngine(StepEngine):
     memory after each step (an error that compounds while the memory is fed back);
     ``"rotate"`` reverses the order of the memory slots after ``segment`` steps (the
     values stay, each slot's cosine falls); ``"flip"`` rolls the logits' last axis by one
-    (every prediction changes); ``"offset"`` adds ``size`` to one ``output`` (the logits,
-    the memory, or any state pair named by its input: an ARMT's ``A.1``) after
-    ``segment`` steps. Steps are counted per engine state: a batch
-    whose rows change gets a new one."""
+    (every prediction changes); ``"offset"`` adds ``size`` to one ``output`` (the logits or
+    any state output: the memory, an armt's ``A_out.0``) after ``segment`` steps.
+    Steps are counted per engine state: a batch whose rows change gets a new one."""
 
     def __init__(self, engine: StepEngine, fault: str, segment: int = 0,
                  size: float = 0.0, output: str = "logits") -> None:
@@ -77,8 +76,17 @@ class _FaultyState(EngineState):
     def state(self):
         return self.inner.state()
 
-    def _load_memory(self, memory, name: str = "memory_in"):
-        self.inner.load({**self.inner.state(), name: memory})
+    def _load_memory(self, memory):
+        self.inner.load({**self.inner.state(), "memory_in": memory})
+
+    def _offset_state(self, output: str, size: float) -> None:
+        """Add ``size`` to the state that ``output`` writes (``memory_out``, an armt's
+        ``A_out.0``, ...), as if the graph wrote it wrong."""
+        from rmt_deploy.contract import state_pairs
+
+        name = next(p.name_in for p in state_pairs(self.owner.config) if p.name_out == output)
+        state = self.inner.state()
+        self.inner.load({**state, name: state[name] + np.float32(size)})
 
     def step(self, input_ids, attention_mask, logits=True):
         owner = self.owner
@@ -94,8 +102,7 @@ class _FaultyState(EngineState):
         if owner.fault == "rotate" and late:
             self._load_memory(self.inner.state()["memory_in"][:, ::-1].copy())
         if owner.fault == "offset" and late and owner.output != "logits":
-            name = "memory_in" if owner.output == "memory_out" else owner.output
-            self._load_memory(self.inner.state()[name] + np.float32(owner.size), name)
+            self._offset_state(owner.output, owner.size)
         if owner.fault == "offset" and late and owner.output == "logits" and result is not None:
             result = result + np.float32(owner.size)
         if result is not None and late and owner.fault == "nan":
@@ -105,8 +112,8 @@ class _FaultyState(EngineState):
             result = np.roll(result, 1, axis=-1)
         return result
 
-    def prefill(self, input_ids, attention_mask):
-        return self.inner.prefill(input_ids, attention_mask)
+    def prefill(self, input_ids, attention_mask, capacity=None):
+        return self.inner.prefill(input_ids, attention_mask, capacity)
 
     def decode(self, cache, input_ids, attention_mask):
         return self.inner.decode(cache, input_ids, attention_mask)

@@ -31,6 +31,10 @@ PREFILL_LOGITS = "prefill_logits"  # a decoder's prefill graph's logits (open lo
 OutputJudge = Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], Mapping[str, bool]]
 
 
+#: A running sum's slot below this share of its largest slot's norm has no direction.
+NEGLIGIBLE = 1e-3
+
+
 def _record(values: list, segment: int, value: Any, neutral: Any, worse=max) -> None:
     values.extend([neutral] * (segment + 1 - len(values)))
     values[segment] = worse(values[segment], value)
@@ -123,9 +127,13 @@ class LoopErrors:
     def _record_cosine(self, segment: int, name: str, a: np.ndarray, b: np.ndarray) -> None:
         finite = (np.isfinite(a) & np.isfinite(b)).all(-1)
         a, b = a[finite], b[finite]
-        cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-                                    + 1e-30)
-        cosine[~a.any(-1) & ~b.any(-1)] = 1.0  # both zero (an armt's unwritten keys): equal
+        norm_a, norm_b = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
+        cosine = (a * b).sum(-1) / (norm_a * norm_b + 1e-30)
+        # slots negligible on both sides have no direction to compare and count as equal:
+        # both zero, or in a running sum (an armt's A, z) below NEGLIGIBLE of its largest
+        # slot (FP16 rounding leaves ~1e-5 where FP32 cancels an unwritten key to 0)
+        floor = NEGLIGIBLE * float(norm_a.max(initial=0.0)) if name in self.scaled else 0.0
+        cosine[(norm_a <= floor) & (norm_b <= floor)] = 1.0
         worst = float(cosine.min(initial=1.0))
         self.memory_cosine[name] = min(self.memory_cosine.get(name, 1.0), worst)
         _record(self.series.memory_cosine.setdefault(name, []), segment, worst, 1.0, min)

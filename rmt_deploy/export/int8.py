@@ -22,7 +22,13 @@ from rmt_deploy.calibration.quantize import int8_graph, prepare
 from rmt_deploy.contract import STEP, WRITE, state_pairs
 from rmt_deploy.errors import ValidationError
 from rmt_deploy.export.comparator import Comparison, compare
-from rmt_deploy.export.validate import agreement_failures, check_onnx, non_finite_failures
+from rmt_deploy.export.validate import (
+    STATE_COSINE,
+    agreement_failures,
+    check_onnx,
+    non_finite_failures,
+    state_cosine_failures,
+)
 from rmt_deploy.export.weights import WeightStore
 from rmt_deploy.manifest import Manifest, graph_key, graph_spec
 from rmt_deploy.runtime.backends.base import State, StepEngine
@@ -92,7 +98,7 @@ def add_int8(manifest: Manifest, fp32: StepEngine, graph_files: dict[str, str], 
             table[policy.name] = _judge(policy, manifest, fp32, prepared, steps, judge,
                                         initial_state, work, options)
             log(_describe(policy, table[policy.name]))
-        chosen = _choose(candidates, table, options)
+        chosen = _choose(candidates, table, options, config.is_armt)
         log(f"int8 policy: {chosen.name} ({chosen.description})")
         for name, file in graph_files.items():
             target = stage / Path(file).with_suffix(".int8.onnx").name
@@ -201,13 +207,18 @@ def _describe(policy: Policy, trial: Trial) -> str:
             f"vs fp32 {trial.speed['fp32_ms']:.2f} ({trial.speed['speedup']:.2f}x)")
 
 
-def _passes(errors: Comparison, min_agreement: float) -> bool:
+def _passes(errors: Comparison, min_agreement: float, states: bool) -> bool:
+    """Finite, agreeing, and (``states``: an armt) every state pair within
+    STATE_COSINE["int8"]."""
     return not (non_finite_failures(errors)
-                or agreement_failures(errors.closed_loop, min_agreement))
+                or agreement_failures(errors.closed_loop, min_agreement)
+                or (states and state_cosine_failures(errors.closed_loop, STATE_COSINE["int8"])))
 
 
-def _choose(candidates: list[Policy], table: dict[str, Trial], options: Int8Options) -> Policy:
-    passing = [p for p in candidates if _passes(table[p.name].errors, options.min_agreement)]
+def _choose(candidates: list[Policy], table: dict[str, Trial], options: Int8Options,
+            states: bool) -> Policy:
+    passing = [p for p in candidates
+               if _passes(table[p.name].errors, options.min_agreement, states)]
     if passing:  # the fastest; within timing noise of it, the one that drifts least
         fastest = max(table[p.name].speed["speedup"] for p in passing)
         close = [p for p in passing
@@ -215,6 +226,11 @@ def _choose(candidates: list[Policy], table: dict[str, Trial], options: Int8Opti
         return max(close, key=lambda p: table[p.name].errors.closed_loop.min_memory_cosine)
     best = max(candidates, key=lambda p: table[p.name].errors.closed_loop.agreement)
     agreement = table[best.name].errors.closed_loop.agreement
+    drifting = states and state_cosine_failures(table[best.name].errors.closed_loop,
+                                                STATE_COSINE["int8"])
+    if drifting and agreement >= options.min_agreement:
+        raise ValidationError(drifting[0].describe(f"INT8 policy {best.name}", "FP32")
+                              + "; export FP32/FP16 only or try another --int8-policy")
     raise ValidationError(
         f"no INT8 policy keeps the accuracy: the best ({best.name}) agrees with FP32 on "
         f"{agreement:.2%} of held-out closed-loop predictions, below "

@@ -24,7 +24,13 @@ from rmt_deploy.export.folder import check_target
 from rmt_deploy.export.int8 import QUANTIZED, Int8Options, add_int8
 from rmt_deploy.export.onnx_graph import DEFAULT_OPSET, EXPORTER, export_graph
 from rmt_deploy.export.precision import fp16_graph
-from rmt_deploy.export.validate import Tolerance, check_onnx, enforce, enforce_agreement
+from rmt_deploy.export.validate import (
+    Tolerance,
+    check_onnx,
+    enforce,
+    enforce_agreement,
+    enforce_states,
+)
 from rmt_deploy.export.validate_generation import compare_generation, enforce_generation
 from rmt_deploy.export.weights import WeightStore
 from rmt_deploy.files import atomic_folder, sha256_file
@@ -183,6 +189,8 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
     for loop in comparison.loops:
         log(f"{loop.mode.replace('_', ' ')} vs PyTorch: {loop.summary()}")
     enforce(comparison, options.tolerance)
+    if config.is_armt:
+        enforce_states(comparison, "fp32", "validation", "PyTorch")
     results = comparison.to_dict()
     results["runtime"] = "onnxruntime " + _ort_version()
     results["tolerance"] = {"open_loop": options.tolerance.open_loop,
@@ -272,6 +280,8 @@ def _add_fp16(manifest: Manifest, fp32: Any, names: list[str], stage: Path,
     log(f"fp16 closed loop vs fp32 over {options.drift_segments} segments: "
         + comparison.closed_loop.summary())
     enforce_agreement(comparison, options.min_agreement, "the FP16 graph")
+    if config.is_armt:
+        enforce_states(comparison, "fp16", "the FP16 graph", "FP32")
     results = comparison.to_dict()
     results["reference"] = "fp32 graph on onnxruntime"
     if PREFILL in candidate.graphs:

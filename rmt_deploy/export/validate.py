@@ -6,7 +6,7 @@ segment that fail."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rmt_deploy.errors import ValidationError
@@ -19,6 +19,13 @@ class Tolerance:
 
     open_loop: float = 1e-4  # one step from the same memory
     closed_loop: float = 1e-3  # after every segment of a closed-loop run
+
+
+#: Worst closed-loop cosine allowed to each slot of each state pair of an ARMT (every
+#: layer's A.i and z.i, the running sums), per precision of the candidate graph: FP32
+#: against PyTorch is tight, FP16 and INT8 against FP32 looser. An RMT's memory keeps
+#: its own gates (``DriftGates.min_memory_cosine``, ``--min-memory-cosine``).
+STATE_COSINE: dict[str, float] = {"fp32": 0.9999, "fp16": 0.99, "int8": 0.99}
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,7 @@ def check_onnx(path: Path) -> None:
 class Failure:
     """One gate a comparison failed: what, where first, by how much."""
 
-    gate: str  # "non_finite", "max_abs", "memory_cosine" or "agreement"
+    gate: str  # "non_finite", "max_abs", "memory_cosine", "state_cosine" or "agreement"
     mode: str  # "open_loop" or "closed_loop"
     output: str
     segment: int | None  # the first segment where it failed (None: no one segment did)
@@ -72,6 +79,10 @@ class Failure:
         if self.gate == "memory_cosine":
             return (f"{what}: {loop} memory cosine of {self.output} falls to {self.value:.6f}, "
                     f"below {self.limit:g}{where}: its state drifts away from the reference's")
+        if self.gate == "state_cosine":
+            return (f"{what}: {loop} cosine of state {self.output} falls to {self.value:.6f}, "
+                    f"below {self.limit:g}{where}: that state drifts away from "
+                    f"{reference}'s")
         return (f"{what} agrees with {reference} on {self.value:.2%} of {loop} predictions, "
                 f"below {self.limit * 100:g}%{where}: it would lose accuracy")
 
@@ -121,6 +132,13 @@ def cosine_failures(loop: LoopErrors, minimum: float) -> list[Failure]:
             for name, cosine in loop.memory_cosine.items() if cosine < minimum]
 
 
+def state_cosine_failures(loop: LoopErrors, minimum: float) -> list[Failure]:
+    """Each state pair whose worst slot cosine in ``loop`` is below ``minimum``, per
+    pair."""
+    return [replace(failure, gate="state_cosine")
+            for failure in cosine_failures(loop, minimum)]
+
+
 def agreement_failures(loop: LoopErrors, minimum: float) -> list[Failure]:
     """The logits, when their predictions agree less often than ``minimum`` in ``loop``."""
     agreement = loop.agreement
@@ -166,6 +184,14 @@ def enforce_drift(comparison: Comparison, gates: DriftGates, what: str, advice: 
                   reference: str = "the reference") -> None:
     """Raise ValidationError on the first gate of ``gates`` the closed-loop run fails."""
     _raise_first(drift_failures(comparison, gates), what, advice, reference)
+
+
+def enforce_states(comparison: Comparison, precision: str, what: str,
+                   reference: str = "the reference") -> None:
+    """Raise ValidationError when a state pair's closed-loop cosine falls below the
+    tolerance of ``precision`` (:data:`STATE_COSINE`)."""
+    _raise_first(state_cosine_failures(comparison.closed_loop, STATE_COSINE[precision]),
+                 what, reference=reference)
 
 
 def enforce(comparison: Comparison, tolerance: Tolerance) -> None:

@@ -156,8 +156,8 @@ def test_the_drift_gates_name_the_first_failure_in_order(sides):
     enforce_drift(results, DriftGates(min_agreement=0, min_memory_cosine=-1), "plan")
 
 
-@pytest.mark.parametrize("pair", ["A.1", "z.0"])
-def test_the_closed_loop_gates_refuse_a_drifting_armt_state_pair(armt_export, pair):
+@pytest.mark.parametrize("output", ["A_out.1", "z_out.0"])
+def test_the_closed_loop_gates_refuse_a_drifting_armt_state_pair(armt_export, output):
     """An ARMT's state is every layer's A and z: an error in one pair after a few
     segments (an A or z that the step writes wrong) fails the error gates, which name
     that pair's output, and the closed-loop drift gates (the cosine of the pair, or of
@@ -168,10 +168,9 @@ def test_the_closed_loop_gates_refuse_a_drifting_armt_state_pair(armt_export, pa
     sound = compare(engine, engine, initial, batches=batches)
     enforce(sound, Tolerance())
     enforce_drift(sound, DriftGates(), "the candidate")
-    size = 0.05 * float(np.abs(sound.closed_loop.scale.get(pair.replace(".", "_out."), 1.0)))
+    size = 0.05 * float(np.abs(sound.closed_loop.scale.get(output, 1.0)))
     faulty = compare(engine, FaultyEngine(engine, "offset", segment=3, size=max(size, 0.05),
-                                          output=pair), initial, batches=batches)
-    output = pair.replace(".", "_out.")
+                                          output=output), initial, batches=batches)
     with pytest.raises(ValidationError, match=rf"error on {output.replace('.', '[.]')} "):
         enforce(faulty, Tolerance())
     with pytest.raises(ValidationError, match=r"^the candidate: closed loop memory cosine "
