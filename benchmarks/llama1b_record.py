@@ -127,7 +127,8 @@ def main() -> None:
     generate_s, generate_rss = timed(run + ["--generate", "16"])
     from tokenizers import Tokenizer
     tokens = len(Tokenizer.from_file(str(base / "tokenizer.json")).encode(text.read_text()).ids)
-    result.update(input_tokens=tokens, segments=-(-tokens // SEGMENT), run_s=round(prefill_s, 1), run_peak_rss_gb=round(prefill_rss / 1024, 2),
+    result.update(input_tokens=tokens, segments=-(-tokens // SEGMENT), 
+                  run_s=round(prefill_s, 1), run_peak_rss_gb=round(prefill_rss / 1024, 2),
                   generate_s=round(generate_s, 1),
                   generate_peak_rss_gb=round(generate_rss / 1024, 2),
                   rss_ratio=round(generate_rss * 2**20 / weights, 3),
