@@ -120,14 +120,14 @@ def main() -> None:
     result["weights_gb"] = round(weights / 1e9, 3)
     result["export_size_ratio"] = round(sum(files.values()) / weights, 3)
     text = work / "input.txt"
-    text.write_text(" ".join("abcdefghij"[i % 10] * (1 + i % 3) for i in range(1500)))
+    text.write_text(" ".join("abcdefghij"[i % 10] * (1 + i % 3) for i in range(1300)))
     run = [str(bin_dir / "rmt-run"), str(out), str(text), "--backend", "onnxruntime",
            "--threads", str(args.threads), "--json"]
     prefill_s, prefill_rss = timed(run)
     generate_s, generate_rss = timed(run + ["--generate", "16"])
     from tokenizers import Tokenizer
     tokens = len(Tokenizer.from_file(str(base / "tokenizer.json")).encode(text.read_text()).ids)
-    result.update(input_tokens=tokens, segments=-(-tokens // SEGMENT), 
+    result.update(input_tokens=tokens, segments=-(-tokens // SEGMENT),
                   run_s=round(prefill_s, 1), run_peak_rss_gb=round(prefill_rss / 1024, 2),
                   generate_s=round(generate_s, 1),
                   generate_peak_rss_gb=round(generate_rss / 1024, 2),
