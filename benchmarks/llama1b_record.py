@@ -110,7 +110,7 @@ def main() -> None:
     out = work / "export"
     export_s, export_rss = timed([
         str(bin_dir / "rmt-export"), str(checkpoint), "--base-model", str(base),
-        "--lora-alpha", str(ALPHA), "--no-armt-correction", "--validation-segments", "1",
+        "--lora-alpha", str(ALPHA), "--no-armt-correction", "--validation-segments", "2",
         "--threads", str(args.threads), "-q", "-o", str(out)])
     result.update(export_s=round(export_s, 1), export_peak_rss_gb=round(export_rss / 1024, 2),
                   load_after_export=load())
@@ -132,7 +132,7 @@ def main() -> None:
                   generate_s=round(generate_s, 1),
                   generate_peak_rss_gb=round(generate_rss / 1024, 2),
                   rss_ratio=round(generate_rss * 2**20 / weights, 3),
-                  generated_token_s=round((generate_s - prefill_s) / 16, 2),
+                  run_s_per_segment=round(prefill_s / -(-tokens // SEGMENT), 1),
                   load_end=load())
     print(json.dumps(result, indent=1))
 
