@@ -175,6 +175,7 @@ def _write_export(loaded: LoadedCheckpoint, checkpoint: Path, stage: Path,
         },
         folder=stage,
     )
+    manifest.weights = store.index()  # the sessions share one mapped copy of the weights
     candidate = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=options.threads))
     comparison = compare(reference, candidate, initial_state, options.validation_segments,
                          progress=_phase(options, "validating against PyTorch"))

@@ -91,6 +91,12 @@ class WeightStore:
         :meth:`record`)."""
         return ({"file": WEIGHTS_FILE, "sha256": ""},)
 
+    def index(self) -> dict[str, Any]:
+        """The weights index so far (file flushed, not hashed): lets validation's sessions
+        map the file once and share it, as a finished export's do."""
+        self._file.flush()
+        return {"file": WEIGHTS_FILE, "tensors": dict(self.tensors)}
+
     def close(self) -> None:
         self._file.close()
 

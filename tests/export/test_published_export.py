@@ -81,3 +81,28 @@ def test_armt_fp16_keeps_the_state_arithmetic_in_fp32(tmp_path):
     state = [kind for name, kind in matmuls if "/fp32_state" in name]
     assert len(state) == 10 and set(state) == {onnx.TensorProto.FLOAT}  # 2 layers x 5
     assert onnx.TensorProto.FLOAT16 in {kind for name, kind in matmuls}
+
+
+def test_validation_sessions_share_the_mapped_weights(tmp_path, monkeypatch):
+    """The export's validation opens its ONNX Runtime candidate with the weights index in
+    place, so that large weights are mapped once and shared by every session (a 1B model
+    otherwise holds one copy per graph: 4.5x its weights in RSS)."""
+    from rmt_deploy.runtime.backends import onnxruntime as ort_backend
+
+    monkeypatch.setattr(ort_backend, "SHARED_WEIGHTS_BYTES", 0)
+    shared = []
+    engine = ort_backend.OnnxRuntimeEngine
+
+    def spy(manifest, *args, **kwargs):
+        opened = engine(manifest, *args, **kwargs)
+        shared.append(bool(opened._weights))
+        return opened
+
+    monkeypatch.setattr(ort_backend, "OnnxRuntimeEngine", spy)
+    published = write_published(tmp_path / "ckpt", naming="shared", config={"segment_size": 6})
+    result = CliRunner().invoke(export_main, [
+        str(published.path), "--base-model", str(write_llama_base(tmp_path / "base")),
+        "--lora-alpha", str(ALPHA), "--no-armt-correction", "--validation-segments", "3",
+        "--threads", "1", "-q", "-o", str(tmp_path / "export")])
+    assert result.exit_code == 0, result.output
+    assert shared and all(shared)
