@@ -81,7 +81,9 @@ def main() -> int:
                         help="the repository's idle timeout (rmt-triton --idle-seconds)")
     parser.add_argument("--sequences", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--max-segments", type=int, default=1_000_000)
+    parser.add_argument("--max-segments", type=int, default=1_000_000,
+                        help="segments of the load phase at most (the warm-up is bounded "
+                             "by --warm-up-seconds)")
     parser.add_argument("--tokens", type=int, default=400, help="tokens per document")
     parser.add_argument("--chunk-tokens", type=int, default=0,
                         help="tokens a request carries (0: one segment)")
@@ -120,8 +122,8 @@ def main() -> int:
 
             def budgeted():
                 for chunk in chunks:
-                    for _ in range(len(chunk.input_ids)):  # a segment each
-                        if not budget.acquire(blocking=False):
+                    for _ in range(len(chunk.input_ids)):  # a segment each, once loading
+                        if index is not None and not budget.acquire(blocking=False):
                             raise _Done
                     sizes.append(len(chunk.input_ids))
                     yield chunk

@@ -198,9 +198,12 @@ def _run(command: list[str], case: Case, cwd: Path, env: dict) -> subprocess.Com
     return subprocess.CompletedProcess(command, process.returncode, out or b"", err)
 
 
-def _streams(case: Case) -> Callable[[], None] | None:
-    """What the child does with its stdin and stdout before it starts."""
+def _streams(case: Case) -> Callable[[], None]:
+    """What the child does with its stdin and stdout before it starts; SIGINT is given
+    its default action, as at a terminal (a shell's background job, such as a CI run
+    started with ``&``, would pass it on ignored)."""
     def prepare() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         if case.stdin is None:
             os.close(0)
         if case.stdout == "closed":
@@ -208,7 +211,7 @@ def _streams(case: Case) -> Callable[[], None] | None:
         elif case.stdout == "read-only":
             os.dup2(os.open(os.devnull, os.O_RDONLY), 1)
 
-    return prepare if case.stdin is None or case.stdout in ("closed", "read-only") else None
+    return prepare
 
 
 def _interrupt(process: subprocess.Popen, interrupt: Interrupt, work: Path) -> None:
