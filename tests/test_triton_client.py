@@ -115,3 +115,23 @@ def test_progress_with_an_impossible_score_is_refused(memory_decoder_export, tmp
                                  np.zeros(config.vocab_size, np.float32), nll, count))
     with pytest.raises(StateFileError, match="damaged or truncated progress file"):
         load_progress(path, config)
+
+
+def test_progress_without_the_logits_it_needs_is_refused(encoder_export, memory_decoder_export,
+                                                          tmp_path):
+    """Logits may be left out only where nothing reads them yet (an encoder's document not
+    finished); a finished encoder document or a decoder's progress without them is
+    damaged."""
+    for export, done in ((encoder_export, False), (encoder_export, True),
+                         (memory_decoder_export, False)):
+        manifest = read_manifest(export)
+        config = manifest.config
+        tokens = 10 * config.segment_size
+        path = tmp_path / f"progress-{config.variant}-{done}"
+        save_progress(path, Progress(model_identity(manifest), "d" * 64, tokens,
+                                     10 if done else 3, manifest.load_initial_state(), None))
+        if config.is_encoder and not done:
+            assert load_progress(path, config).logits is None
+        else:
+            with pytest.raises(StateFileError, match="damaged or truncated progress file"):
+                load_progress(path, config)
