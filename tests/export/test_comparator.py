@@ -4,11 +4,13 @@ result. An engine that perturbs one output from segment k is named, with k, by b
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from graph_faults import FaultyEngine
 from test_gates import one_document
 
 from rmt_deploy.errors import ValidationError
+from rmt_deploy.export import comparator
 from rmt_deploy.export.artifacts import Artifact
 from rmt_deploy.export.comparator import compare
 from rmt_deploy.export.compare import CompareOptions, Report, judge_candidate
@@ -69,3 +71,20 @@ def test_rmt_compare_names_the_output_and_segment_where_a_fault_starts(
     validation = compare(reference, faulty(graph, output), state, batches=batches)
     assert judged.errors.open_loop.max_abs == validation.open_loop.max_abs
     assert judged.errors.open_loop.series.max_abs == validation.open_loop.series.max_abs
+
+
+@pytest.mark.parametrize("where", [0, 9, 22])  # in the first, a middle and the last block
+def test_errors_are_measured_over_every_block_of_a_large_output(monkeypatch, where):
+    """Large outputs (a full vocabulary's logits) are compared a block at a time: an
+    error, a largest value and a NaN in any block count as in the whole array."""
+    monkeypatch.setattr(comparator, "BLOCK", 4)
+    expected = np.linspace(-1.0, 1.0, 23, dtype=np.float32).reshape(1, 23)
+    expected[0, (where + 3) % 23] = -7.0
+    actual = expected.copy()
+    actual[0, where] += 0.5
+    actual[0, (where + 7) % 23] = np.nan
+    errors = comparator.LoopErrors("open_loop")
+    errors.record(0, {"out": expected}, {"out": actual}, set())
+    assert errors.max_abs["out"] == pytest.approx(0.5)
+    assert errors.scale["out"] == 7.0
+    assert errors.non_finite["out"] == 1
