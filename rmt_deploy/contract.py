@@ -26,6 +26,10 @@ MEMORY_OUT = "memory_out"
 LOGITS = "logits"
 STARTED_IN = "started"  # armt: 0 on a document's first segment, 1 after
 STARTED_OUT = "started_out"
+WINDOW_IN = "window"  # sliding-window armt: the previous segment's token keys and values
+WINDOW_OUT = "window_out"
+WINDOW_MASK_IN = "window_mask"  # ... and which of its positions hold a token (1) or not (0)
+WINDOW_MASK_OUT = "window_mask_out"
 
 # Graph variants.
 STEP = "step"  # reads a segment, writes the memory, returns the logits
@@ -107,7 +111,8 @@ def rmt_memory(config: RMTConfig) -> tuple[StatePair, ...]:
 def armt_state(config: RMTConfig) -> tuple[StatePair, ...]:
     """The ARMT's state: every layer's associative matrix ``A.{i}`` [d_key, d_model] and
     normaliser ``z.{i}`` [d_key], FP32, then ``started`` [1]: 0 until a document's first
-    segment is read, so that segment is marked exactly."""
+    segment is read, so that segment is marked exactly; then the sliding window's pairs
+    (:func:`window_pairs`)."""
     if config.cache_layers is None:
         raise ConfigError("an armt RMT needs its number of layers (cache_layers)")
     pairs = []
@@ -117,7 +122,30 @@ def armt_state(config: RMTConfig) -> tuple[StatePair, ...]:
                                sized_by=(None, "d_mem", "hidden_size"), scaled=True))
         pairs.append(StatePair(f"z.{i}", f"z_out.{i}", "float32", (BATCH, config.d_key),
                                sized_by=(None, "d_mem"), scaled=True))
-    return (*pairs, StatePair(STARTED_IN, STARTED_OUT, "float32", (BATCH, 1)))
+    return (*pairs, StatePair(STARTED_IN, STARTED_OUT, "float32", (BATCH, 1)),
+            *window_pairs(config))
+
+
+def window_pairs(config: RMTConfig) -> tuple[StatePair, ...]:
+    """A sliding-window armt's window (none otherwise): ``window`` [layers, 2, kv_heads,
+    segment_size, head_dim] a row, the previous segment's token keys (rotated) and values
+    of every layer, zeros past its last token, and ``window_mask`` [segment_size], 1
+    where it holds a token; zeros for a new document (a first segment has no past). FP32
+    like every pair: keys and values computed in FP16 pass through FP32 exactly, and the
+    graphs of every precision keep FP32 inputs and outputs, so one state file serves
+    them all; the mask is 0 or 1."""
+    if not config.sliding_window:
+        return ()
+    if None in (config.cache_layers, config.cache_heads, config.head_dim):
+        raise ConfigError("a sliding-window armt needs its cache shape (cache_layers, "
+                          "cache_heads, head_dim)")
+    size = config.segment_size
+    return (StatePair(WINDOW_IN, WINDOW_OUT, "float32",
+                      (BATCH, config.cache_layers, 2, config.cache_heads, size, config.head_dim),
+                      sized_by=(None, "cache_layers", None, "cache_heads", "segment_size",
+                                "head_dim")),
+            StatePair(WINDOW_MASK_IN, WINDOW_MASK_OUT, "float32", (BATCH, size),
+                      sized_by=(None, "segment_size")))
 
 
 #: The state a step carries to the next segment, by model kind (``RMTConfig.variant``).
@@ -149,10 +177,18 @@ def cache_pairs(config: RMTConfig) -> tuple[StatePair, ...]:
                  for i in range(config.cache_layers or 0) for kind in ("key", "value"))
 
 
+def generation_reads(config: RMTConfig) -> tuple[StatePair, ...]:
+    """The carried state a prefill reads: every pair but a sliding-window armt's window,
+    since the authors' ``generate`` attends to no window."""
+    window = window_pairs(config)
+    return tuple(pair for pair in state_pairs(config) if pair not in window)
+
+
 def decode_reads(config: RMTConfig) -> tuple[StatePair, ...]:
     """The carried state a decode step reads besides its cache: an armt's (A, z) of every
-    layer (each generated token reads them), nothing for a plain RMT."""
-    return state_pairs(config) if config.is_armt else ()
+    layer and ``started`` (each generated token reads them; no window), nothing for a
+    plain RMT."""
+    return generation_reads(config) if config.is_armt else ()
 
 
 def context_slots(config: RMTConfig) -> int:
@@ -308,16 +344,18 @@ def variant(config: RMTConfig, name: str) -> Variant:
                        (Tensor(LOGITS, "float32", (BATCH, config.vocab_size)),
                         *(pair.output for pair in cache)), (*read, *cache), cache)
     positions: int | str = config.input_size if config.is_encoder else TOKENS
-    inputs = (Tensor(INPUT_IDS, "int64", (BATCH, positions)),
-              Tensor(ATTENTION_MASK, "int64", (BATCH, positions)),
-              *(pair.input for pair in state))
+    segment = (Tensor(INPUT_IDS, "int64", (BATCH, positions)),
+               Tensor(ATTENTION_MASK, "int64", (BATCH, positions)))
+    inputs = (*segment, *(pair.input for pair in state))
     if name == PREFILL:  # logits [batch, vocab] after each row's last real token, the cache
+        read = generation_reads(config)
         cached = (Tensor(p.name_out, p.dtype, tuple(CONTEXT if d == TOTAL else d
                                                      for d in p.output.shape))
                   for p in cache_pairs(config))
-        return Variant(name, f"{name}.onnx", f"{name}.plan", inputs,
+        return Variant(name, f"{name}.onnx", f"{name}.plan",
+                       (*segment, *(pair.input for pair in read)),
                        (Tensor(LOGITS, "float32", (BATCH, config.vocab_size)), *cached),
-                       state)
+                       read)
     if config.is_encoder:
         logits = Tensor(LOGITS, "float32", (BATCH, len(config.labels)))
     else:
