@@ -11,8 +11,9 @@ The sliding-window variant (``RMTConfig.sliding_window``) carries two more:
 ``window`` [batch, layers, 2, kv_heads, segment_size, head_dim], the previous segment's
 token keys (rotated at their own positions) and values of every layer, and
 ``window_mask`` [batch, segment_size], their mask, 0/1 in FP32 (zeros for a new
-document), as :func:`rmt_deploy.contract.window_pairs` declares them. The segment attends to them before itself and its
-positions start at the window's length, as the authors' ``past_key_values`` do.
+document), as :func:`rmt_deploy.contract.window_pairs` declares them. The segment attends
+to them before itself and its positions start at the window's length, as the authors'
+``past_key_values`` do.
 """
 
 from __future__ import annotations
