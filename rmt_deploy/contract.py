@@ -60,7 +60,8 @@ class StatePair:
     state beside FP16 layers). ``sized_by`` names the config field sizing each axis (for
     error messages); ``file`` is the .npy an ``initial=FILE`` pair starts from. A
     ``scaled`` pair is a running sum that grows with the segments read: validation judges
-    its errors relative to its largest value (where that exceeds 1), not absolutely."""
+    its errors relative to its largest value (where that exceeds 1), not absolutely. A
+    ``binary`` pair (a mark or a mask) holds only 0 and 1."""
 
     name_in: str
     name_out: str
@@ -71,6 +72,7 @@ class StatePair:
     sized_by: tuple[str | None, ...] = ()
     file: str | None = None
     scaled: bool = False
+    binary: bool = False
 
     def __post_init__(self) -> None:
         if self.initial not in INITIALS or (self.initial == FILE) != (self.file is not None):
@@ -122,7 +124,7 @@ def armt_state(config: RMTConfig) -> tuple[StatePair, ...]:
                                sized_by=(None, "d_mem", "hidden_size"), scaled=True))
         pairs.append(StatePair(f"z.{i}", f"z_out.{i}", "float32", (BATCH, config.d_key),
                                sized_by=(None, "d_mem"), scaled=True))
-    return (*pairs, StatePair(STARTED_IN, STARTED_OUT, "float32", (BATCH, 1)),
+    return (*pairs, StatePair(STARTED_IN, STARTED_OUT, "float32", (BATCH, 1), binary=True),
             *window_pairs(config))
 
 
@@ -145,7 +147,7 @@ def window_pairs(config: RMTConfig) -> tuple[StatePair, ...]:
                       sized_by=(None, "cache_layers", None, "cache_heads", "segment_size",
                                 "head_dim")),
             StatePair(WINDOW_MASK_IN, WINDOW_MASK_OUT, "float32", (BATCH, size),
-                      sized_by=(None, "segment_size")))
+                      sized_by=(None, "segment_size"), binary=True))
 
 
 #: The state a step carries to the next segment, by model kind (``RMTConfig.variant``).
@@ -224,8 +226,9 @@ def start_state(config: RMTConfig, learned: Mapping[str, np.ndarray]
 def check_state(config: RMTConfig, state: Mapping[str, Any], rows: int | None,
                 what: str = "the state") -> dict[str, np.ndarray]:
     """The state of ``rows`` rows (None: one row, without the batch axis), every pair
-    present with its declared shape, finite, in its declared dtype (cast within the same
-    kind); anything else is an InputError naming the pair and what it should be."""
+    present with its declared shape, finite (a binary pair: 0 or 1), in its declared dtype
+    (cast within the same kind); anything else is an InputError naming the pair and what
+    it should be."""
     checked = {}
     for pair in state_pairs(config):
         array = state.get(pair.name_in) if isinstance(state, Mapping) else None
@@ -242,6 +245,9 @@ def check_state(config: RMTConfig, state: Mapping[str, Any], rows: int | None,
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise InputError(f"{what}: state {pair.name_in} holds NaN or infinity; it is "
                              "damaged")
+        if pair.binary and not np.isin(array, (0, 1)).all():
+            raise InputError(f"{what}: state {pair.name_in} holds values other than 0 and 1; "
+                             "it is damaged")
         checked[pair.name_in] = array
     return checked
 

@@ -147,6 +147,11 @@ def test_a_session_saves_and_restores_the_window(window_export):
     for name in (WINDOW_IN, WINDOW_MASK_IN):
         np.testing.assert_allclose(got["state/" + name], expected["state/" + name], atol=1e-5)
     assert restored.close().perplexity == pytest.approx(whole.close().perplexity, rel=1e-5)
+    for name, value, says in ((WINDOW_MASK_IN, 0.5, "values other than 0 and 1"),
+                              (WINDOW_IN, np.nan, "NaN or infinity")):
+        damaged = {**arrays, "state/" + name: np.full_like(arrays["state/" + name], value)}
+        with pytest.raises(InputError, match=f"state {name} holds {says}"):
+            model.restore_session(pack(header, damaged))
     arrays["state/" + WINDOW_IN] = arrays["state/" + WINDOW_IN][..., :-1]
     with pytest.raises(InputError, match="state window is float32"):
         model.restore_session(pack(header, arrays))
