@@ -3,6 +3,7 @@ layout (LoRA, non-zero W_mv) validates open and closed loop with the window as s
 rmt-run's perplexity and greedy ids equal the reference's; sessions save and restore the
 window; the window matters."""
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 from published_layouts import ALPHA, write_llama_base, write_published
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
+from armt_models import make_armt  # noqa: E402
 
 from rmt_deploy.cli import export_main
 from rmt_deploy.contract import (
@@ -24,9 +28,10 @@ from rmt_deploy.contract import (
     variant,
 )
 from rmt_deploy.errors import InputError
+from rmt_deploy.export.pipeline import ExportOptions, export_checkpoint
 from rmt_deploy.manifest import read_manifest
 from rmt_deploy.model.armt import generate_armt, run_armt
-from rmt_deploy.model.checkpoint import AuthorsOptions, load_checkpoint
+from rmt_deploy.model.checkpoint import AuthorsOptions, load_checkpoint, save_checkpoint
 from rmt_deploy.runtime import open_model
 from rmt_deploy.runtime.backends.torch import TorchEngine
 from rmt_deploy.runtime.generation import GenerationOptions
@@ -184,3 +189,26 @@ def _perplexity(logits: torch.Tensor) -> float:
     log_probs = torch.log_softmax(logits[:-1].double(), -1)
     return float(torch.exp(-log_probs[torch.arange(len(IDS) - 1),
                                       torch.from_numpy(IDS[1:])].mean()))
+
+
+def test_fp16_graphs_carry_the_window_in_fp32(tmp_path):
+    """--precision fp16: the layers compute the keys and values in FP16, the window
+    crosses every graph's boundary in FP32 (one state for every precision), and the FP16
+    graphs pass their closed-loop judgement with it."""
+    rmt = make_armt(correction=False, sliding_window=True)
+    options = ExportOptions(precision="fp16", drift_segments=60, threads=1)
+    manifest = export_checkpoint(save_checkpoint(rmt, tmp_path / "armt.pt", None),
+                                 tmp_path / "export", options)
+    fp16 = manifest.validation["fp16"]["closed_loop"]
+    assert fp16["agreement"] >= 0.99 and fp16["max_abs"]["window_out"] < 1e-2
+    model = onnx.load(str(tmp_path / "export" / manifest.graphs["step.fp16"].file),
+                      load_external_data=False)
+    typed = {v.name: v.type.tensor_type.elem_type
+             for v in (*model.graph.input, *model.graph.output)}
+    assert {typed[name] for name in (WINDOW_IN, WINDOW_MASK_IN, "window_out",
+                                     "window_mask_out")} == {onnx.TensorProto.FLOAT}
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    session = open_model(tmp_path / "export", backend="onnxruntime", threads=1,
+                         precision="fp16").session()
+    session.feed(IDS)
+    assert np.abs(unpack(session.save())[1]["state/" + WINDOW_IN]).max() > 0
