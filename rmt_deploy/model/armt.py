@@ -202,7 +202,7 @@ class ARMT(nn.Module):
         padded to the segment size."""
         *state, window, window_mask = state
         hidden, mask, positions = self._segment(input_ids, attention_mask)
-        carried = window_mask.to(mask.dtype)  # 0/1, carried in the state's dtype
+        carried = window_mask.to(mask.dtype)  # 0/1, as the attention mask (FP32 in the state)
         past = window.to(hidden.dtype)  # the layers' precision (FP32 state, FP16 layers)
         cache = DynamicCache(ddp_cache_data=[(past[:, layer, 0], past[:, layer, 1])
                                              for layer in range(self.layers)],
