@@ -212,3 +212,27 @@ def test_fp16_graphs_carry_the_window_in_fp32(tmp_path):
                          precision="fp16").session()
     session.feed(IDS)
     assert np.abs(unpack(session.save())[1]["state/" + WINDOW_IN]).max() > 0
+
+
+def test_the_triton_repository_carries_the_window_as_sequence_state(window_export, tmp_path):
+    """rmt-triton's onnxruntime repository: Triton's implicit state holds the window and
+    its mask beside (A, z) and started, each starting at zeros."""
+    text_format = pytest.importorskip("google.protobuf.text_format")
+    pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from rmt_deploy.serving.cli import triton_main
+
+    folder, _ = window_export
+    result = CliRunner().invoke(triton_main, [str(tmp_path), "--model", str(folder),
+                                              "--backend", "onnxruntime",
+                                              "--strategy", "direct"])
+    assert result.exit_code == 0, result.output
+    config = text_format.Parse((tmp_path / "rmt" / "config.pbtxt").read_text(),
+                               pb2.ModelConfig())
+    states = {s.input_name: (s.output_name, list(s.dims), s.initial_state[0].zero_data)
+              for s in config.sequence_batching.state}
+    manifest = read_manifest(folder)
+    assert list(states) == [pair.name_in for pair in state_pairs(manifest.config)]
+    window = [manifest.config.cache_layers, 2, manifest.config.cache_heads, SEGMENT,
+              manifest.config.head_dim]
+    assert states[WINDOW_IN] == ("window_out", window, True)
+    assert states[WINDOW_MASK_IN] == ("window_mask_out", [SEGMENT], True)
