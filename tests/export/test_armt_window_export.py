@@ -236,3 +236,24 @@ def test_the_triton_repository_carries_the_window_as_sequence_state(window_expor
               manifest.config.head_dim]
     assert states[WINDOW_IN] == ("window_out", window, True)
     assert states[WINDOW_MASK_IN] == ("window_mask_out", [SEGMENT], True)
+
+
+def test_rmt_compare_lists_the_window_in_aligned_columns(window_export):
+    """rmt-compare of the export against its step graph: the window's outputs are
+    compared like every state pair, and the table's columns stay aligned although
+    ``write_window_mask_out`` is longer than the usual name column."""
+    from rmt_deploy.cli import compare_main
+
+    folder, _ = window_export
+    result = CliRunner().invoke(compare_main, [str(folder), str(folder / "model.onnx"),
+                                               "--segments", "4", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    table = [line for line in result.stdout.splitlines() if line.startswith("  ")]
+    names = [line.split()[0] for line in table]
+    assert {"window_out", "window_mask_out", "write_window_mask_out"} <= set(names)
+    ends = set()  # where each state row's open- and closed-loop errors end
+    for line in table:
+        name, *errors = line.split()
+        if name.endswith("_out"):
+            ends.add((line.index(errors[0], 2 + len(name)) + len(errors[0]), len(line)))
+    assert len(ends) == 1
