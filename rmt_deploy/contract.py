@@ -26,6 +26,10 @@ MEMORY_OUT = "memory_out"
 LOGITS = "logits"
 STARTED_IN = "started"  # armt: 0 on a document's first segment, 1 after
 STARTED_OUT = "started_out"
+WINDOW_IN = "window"  # sliding-window armt: the previous segment's token keys and values
+WINDOW_OUT = "window_out"
+WINDOW_MASK_IN = "window_mask"  # ... and which of its positions hold a token (1) or not (0)
+WINDOW_MASK_OUT = "window_mask_out"
 
 # Graph variants.
 STEP = "step"  # reads a segment, writes the memory, returns the logits
@@ -56,7 +60,8 @@ class StatePair:
     state beside FP16 layers). ``sized_by`` names the config field sizing each axis (for
     error messages); ``file`` is the .npy an ``initial=FILE`` pair starts from. A
     ``scaled`` pair is a running sum that grows with the segments read: validation judges
-    its errors relative to its largest value (where that exceeds 1), not absolutely."""
+    its errors relative to its largest value (where that exceeds 1), not absolutely. A
+    ``binary`` pair (a mark or a mask) holds only 0 and 1."""
 
     name_in: str
     name_out: str
@@ -67,6 +72,7 @@ class StatePair:
     sized_by: tuple[str | None, ...] = ()
     file: str | None = None
     scaled: bool = False
+    binary: bool = False
 
     def __post_init__(self) -> None:
         if self.initial not in INITIALS or (self.initial == FILE) != (self.file is not None):
@@ -107,7 +113,8 @@ def rmt_memory(config: RMTConfig) -> tuple[StatePair, ...]:
 def armt_state(config: RMTConfig) -> tuple[StatePair, ...]:
     """The ARMT's state: every layer's associative matrix ``A.{i}`` [d_key, d_model] and
     normaliser ``z.{i}`` [d_key], FP32, then ``started`` [1]: 0 until a document's first
-    segment is read, so that segment is marked exactly."""
+    segment is read, so that segment is marked exactly; then the sliding window's pairs
+    (:func:`window_pairs`)."""
     if config.cache_layers is None:
         raise ConfigError("an armt RMT needs its number of layers (cache_layers)")
     pairs = []
@@ -117,7 +124,30 @@ def armt_state(config: RMTConfig) -> tuple[StatePair, ...]:
                                sized_by=(None, "d_mem", "hidden_size"), scaled=True))
         pairs.append(StatePair(f"z.{i}", f"z_out.{i}", "float32", (BATCH, config.d_key),
                                sized_by=(None, "d_mem"), scaled=True))
-    return (*pairs, StatePair(STARTED_IN, STARTED_OUT, "float32", (BATCH, 1)))
+    return (*pairs, StatePair(STARTED_IN, STARTED_OUT, "float32", (BATCH, 1), binary=True),
+            *window_pairs(config))
+
+
+def window_pairs(config: RMTConfig) -> tuple[StatePair, ...]:
+    """A sliding-window armt's window (none otherwise): ``window`` [layers, 2, kv_heads,
+    segment_size, head_dim] a row, the previous segment's token keys (rotated) and values
+    of every layer, zeros past its last token, and ``window_mask`` [segment_size], 1
+    where it holds a token; zeros for a new document (a first segment has no past). FP32
+    like every pair: keys and values computed in FP16 pass through FP32 exactly, and the
+    graphs of every precision keep FP32 inputs and outputs, so one state file serves
+    them all; the mask is 0 or 1."""
+    if not config.sliding_window:
+        return ()
+    if None in (config.cache_layers, config.cache_heads, config.head_dim):
+        raise ConfigError("a sliding-window armt needs its cache shape (cache_layers, "
+                          "cache_heads, head_dim)")
+    size = config.segment_size
+    return (StatePair(WINDOW_IN, WINDOW_OUT, "float32",
+                      (BATCH, config.cache_layers, 2, config.cache_heads, size, config.head_dim),
+                      sized_by=(None, "cache_layers", None, "cache_heads", "segment_size",
+                                "head_dim")),
+            StatePair(WINDOW_MASK_IN, WINDOW_MASK_OUT, "float32", (BATCH, size),
+                      sized_by=(None, "segment_size"), binary=True))
 
 
 #: The state a step carries to the next segment, by model kind (``RMTConfig.variant``).
@@ -149,10 +179,18 @@ def cache_pairs(config: RMTConfig) -> tuple[StatePair, ...]:
                  for i in range(config.cache_layers or 0) for kind in ("key", "value"))
 
 
+def generation_reads(config: RMTConfig) -> tuple[StatePair, ...]:
+    """The carried state a prefill reads: every pair but a sliding-window armt's window,
+    since the authors' ``generate`` attends to no window."""
+    window = window_pairs(config)
+    return tuple(pair for pair in state_pairs(config) if pair not in window)
+
+
 def decode_reads(config: RMTConfig) -> tuple[StatePair, ...]:
     """The carried state a decode step reads besides its cache: an armt's (A, z) of every
-    layer (each generated token reads them), nothing for a plain RMT."""
-    return state_pairs(config) if config.is_armt else ()
+    layer and ``started`` (each generated token reads them; no window), nothing for a
+    plain RMT."""
+    return generation_reads(config) if config.is_armt else ()
 
 
 def context_slots(config: RMTConfig) -> int:
@@ -188,8 +226,9 @@ def start_state(config: RMTConfig, learned: Mapping[str, np.ndarray]
 def check_state(config: RMTConfig, state: Mapping[str, Any], rows: int | None,
                 what: str = "the state") -> dict[str, np.ndarray]:
     """The state of ``rows`` rows (None: one row, without the batch axis), every pair
-    present with its declared shape, finite, in its declared dtype (cast within the same
-    kind); anything else is an InputError naming the pair and what it should be."""
+    present with its declared shape, finite (a binary pair: 0 or 1), in its declared dtype
+    (cast within the same kind); anything else is an InputError naming the pair and what
+    it should be."""
     checked = {}
     for pair in state_pairs(config):
         array = state.get(pair.name_in) if isinstance(state, Mapping) else None
@@ -206,6 +245,9 @@ def check_state(config: RMTConfig, state: Mapping[str, Any], rows: int | None,
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise InputError(f"{what}: state {pair.name_in} holds NaN or infinity; it is "
                              "damaged")
+        if pair.binary and not np.isin(array, (0, 1)).all():
+            raise InputError(f"{what}: state {pair.name_in} holds values other than 0 and 1; "
+                             "it is damaged")
         checked[pair.name_in] = array
     return checked
 
@@ -308,16 +350,18 @@ def variant(config: RMTConfig, name: str) -> Variant:
                        (Tensor(LOGITS, "float32", (BATCH, config.vocab_size)),
                         *(pair.output for pair in cache)), (*read, *cache), cache)
     positions: int | str = config.input_size if config.is_encoder else TOKENS
-    inputs = (Tensor(INPUT_IDS, "int64", (BATCH, positions)),
-              Tensor(ATTENTION_MASK, "int64", (BATCH, positions)),
-              *(pair.input for pair in state))
+    segment = (Tensor(INPUT_IDS, "int64", (BATCH, positions)),
+               Tensor(ATTENTION_MASK, "int64", (BATCH, positions)))
+    inputs = (*segment, *(pair.input for pair in state))
     if name == PREFILL:  # logits [batch, vocab] after each row's last real token, the cache
+        read = generation_reads(config)
         cached = (Tensor(p.name_out, p.dtype, tuple(CONTEXT if d == TOTAL else d
                                                      for d in p.output.shape))
                   for p in cache_pairs(config))
-        return Variant(name, f"{name}.onnx", f"{name}.plan", inputs,
+        return Variant(name, f"{name}.onnx", f"{name}.plan",
+                       (*segment, *(pair.input for pair in read)),
                        (Tensor(LOGITS, "float32", (BATCH, config.vocab_size)), *cached),
-                       state)
+                       read)
     if config.is_encoder:
         logits = Tensor(LOGITS, "float32", (BATCH, len(config.labels)))
     else:

@@ -37,7 +37,9 @@ class RMTConfig:
     Decoder (GPT-2, BABILong): a step sees ``[memory ; tokens ; memory]``; segmentation
     is left-aligned.
     ARMT (associative RMT, Llama-style): a step sees ``[tokens ; memory]``; what carries is
-    every layer's associative state (A, z), ``d_key = 6 * d_mem`` wide; left-aligned.
+    every layer's associative state (A, z), ``d_key = 6 * d_mem`` wide; left-aligned. With
+    ``sliding_window`` a segment also attends to the previous segment's token keys and
+    values, which carry as well.
     """
 
     variant: str  # "encoder" or "decoder"
@@ -61,6 +63,7 @@ class RMTConfig:
     head_dim: int | None = None  # decoder: width of a cached key or value
     d_mem: int | None = None  # armt: width of the W_mq / W_mk maps (d_key = 6 * d_mem)
     correction: bool = False  # armt: the write's correction term on z (the authors' default)
+    sliding_window: bool = False  # armt: a segment also attends to the previous one's tokens
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (task, training)
 
     def __post_init__(self) -> None:
@@ -145,6 +148,7 @@ class RMTConfig:
         d_mem: int,
         correction: bool,
         pad_token_id: int,
+        sliding_window: bool = False,
         eos_token_id: int | None = None,
         max_positions: int | None = None,
         extra: dict[str, Any] | None = None,
@@ -164,6 +168,7 @@ class RMTConfig:
             max_positions=max_positions,
             d_mem=d_mem,
             correction=correction,
+            sliding_window=sliding_window,
             extra=dict(extra or {}),
         )
 
@@ -207,9 +212,10 @@ class RMTConfig:
                 f"{self.num_mem_tokens} memory tokens leaves {self.segment_size} tokens a "
                 "segment; raise --input-size"
             )
-        if self.max_positions is not None and self.input_size > self.max_positions:
+        reach = self.input_size + (self.segment_size if self.sliding_window else 0)
+        if self.max_positions is not None and reach > self.max_positions:
             raise bad(
-                f"a step needs {self.input_size} positions but the base model has "
+                f"a step needs {reach} positions but the base model has "
                 f"{self.max_positions}; lower --input-size / --segment-size"
             )
         if any(v is not None and v < 1 for v in (self.cache_layers, self.cache_heads,
@@ -253,6 +259,8 @@ class RMTConfig:
                       "segment_size)")
         if (self.variant == ARMT) != (self.d_mem is not None):
             raise bad("d_mem is set exactly for an armt RMT")
+        if self.sliding_window and self.variant != ARMT:
+            raise bad("sliding_window is set only for an armt RMT")
         if self.d_mem is not None and self.d_mem < 1:
             raise bad(f"d_mem must be >= 1, got {self.d_mem}")
         expected = ALIGNMENTS[0] if encoder else ALIGNMENTS[1]

@@ -83,3 +83,23 @@ def test_an_armt_config_round_trips_and_refuses_contradictions():
                                 segment_size=4, pad_token_id=0)
     with pytest.raises(ConfigError, match="d_mem is set exactly for an armt"):
         RMTConfig.from_dict({**decoder.to_dict(), "d_mem": 3})
+
+
+def test_the_sliding_window_round_trips_and_old_configs_read_without_it():
+    """A manifest written before the flag existed reads as an ARMT without the window; the
+    window is an armt's only and its reach (the previous segment) must fit the base
+    model's positions."""
+    config = RMTConfig.armt(num_mem_tokens=2, hidden_size=8, vocab_size=20, segment_size=4,
+                            d_mem=3, correction=False, pad_token_id=0, sliding_window=True,
+                            max_positions=10)
+    assert RMTConfig.from_dict(config.to_dict()) == config and config.sliding_window
+    old = {key: value for key, value in config.to_dict().items() if key != "sliding_window"}
+    assert RMTConfig.from_dict(old).sliding_window is False
+    with pytest.raises(ConfigError, match="sliding_window is 1, expected bool"):
+        RMTConfig.from_dict({**config.to_dict(), "sliding_window": 1})
+    with pytest.raises(ConfigError, match="a step needs 10 positions but the base model has 9"):
+        RMTConfig.from_dict({**config.to_dict(), "max_positions": 9})
+    decoder = RMTConfig.decoder(num_mem_tokens=2, hidden_size=8, vocab_size=20,
+                                segment_size=4, pad_token_id=0)
+    with pytest.raises(ConfigError, match="sliding_window is set only for an armt"):
+        RMTConfig.from_dict({**decoder.to_dict(), "sliding_window": True})

@@ -156,18 +156,22 @@ def format_table(report: Report) -> list[str]:
     closed-loop errors, then memory cosine, agreement and the candidate's verdict (the
     report's own verdict is :meth:`Report.verdict`)."""
     lines = [f"reference: {report.reference}"]
-    header = f"{'':2}{'output':<20}{'open loop':>12}{'closed loop':>14}"
+    width = max([20, *(len(name) + 1 for comparison in report.comparisons
+                       for loop in (comparison.errors.open_loop, comparison.errors.closed_loop)
+                       for name in loop.max_abs)])  # the outputs' names, then a space
+    header = f"{'':2}{'output':<{width}}{'open loop':>12}{'closed loop':>14}"
     for comparison in report.comparisons:
         opened, closed = comparison.errors.open_loop, comparison.errors.closed_loop
         lines += ["", f"candidate: {comparison.candidate} (open loop: {opened.steps} steps; "
                       f"closed loop: {comparison.errors.segments} segments)", header]
         names = list(dict.fromkeys([*opened.max_abs, *closed.max_abs]))
         for name in names:
-            lines.append(f"{'':2}{name:<20}{_error(opened.max_abs, name):>12}"
+            lines.append(f"{'':2}{name:<{width}}{_error(opened.max_abs, name):>12}"
                          f"{_error(closed.max_abs, name):>14}")
-        lines.append(f"{'':2}{'memory cosine':<20}{'':>12}{closed.min_memory_cosine:>14.8f}")
-        lines.append(f"{'':2}{'agreement':<20}{'':>12}{closed.agreement:>14.2%}")
-        lines.append(f"{'':2}{'verdict':<20}{'pass' if comparison.passed else 'drift':>12}")
+        lines.append(f"{'':2}{'memory cosine':<{width}}{'':>12}"
+                     f"{closed.min_memory_cosine:>14.8f}")
+        lines.append(f"{'':2}{'agreement':<{width}}{'':>12}{closed.agreement:>14.2%}")
+        lines.append(f"{'':2}{'verdict':<{width}}{'pass' if comparison.passed else 'drift':>12}")
     return lines
 
 

@@ -7,11 +7,13 @@ new document; then ``started`` [batch, 1], 0 on a document's first segment and 1
 it. It marks the first segment explicitly, as the authors' ``first_seg`` does: there the
 read is skipped and the write has no previous value and no correction.
 
-The sliding-window variant carries two more: ``window`` [batch, layers, 2, kv_heads,
-segment_size, head_dim], the previous segment's token keys (rotated at their own
-positions) and values of every layer, and ``window_mask`` [batch, segment_size], their
-mask (zeros for a new document). The segment attends to them before itself and its
-positions start at the window's length, as the authors' ``past_key_values`` do.
+The sliding-window variant (``RMTConfig.sliding_window``) carries two more:
+``window`` [batch, layers, 2, kv_heads, segment_size, head_dim], the previous segment's
+token keys (rotated at their own positions) and values of every layer, and
+``window_mask`` [batch, segment_size], their mask, 0/1 in FP32 (zeros for a new
+document), as :func:`rmt_deploy.contract.window_pairs` declares them. The segment attends
+to them before itself and its positions start at the window's length, as the authors'
+``past_key_values`` do.
 """
 
 from __future__ import annotations
@@ -110,17 +112,21 @@ class ARMT(nn.Module):
     """
 
     def __init__(self, model: nn.Module, config: RMTConfig, memory: torch.Tensor,
-                 maps: Sequence[AssociativeMaps], sliding_window: bool = False) -> None:
+                 maps: Sequence[AssociativeMaps]) -> None:
         super().__init__()
         self.model = model
         self.rmt_config = replace(config, **cache_shape(model))
         self.memory = nn.Parameter(memory)
         self.maps = nn.ModuleList(maps)
-        self.sliding_window = sliding_window
 
     @property
     def layers(self) -> int:
         return len(self.maps)
+
+    @property
+    def sliding_window(self) -> bool:
+        """Whether a segment also attends to the previous one (the config's flag)."""
+        return self.rmt_config.sliding_window
 
     def initial_state(self, batch_size: int) -> dict[str, torch.Tensor]:
         """The learned initial state: none, every pair starts at zero."""
@@ -140,7 +146,7 @@ class ARMT(nn.Module):
             return state
         kv = torch.zeros(batch_size, self.layers, 2, config.cache_heads, config.segment_size,
                          config.head_dim)
-        return (*state, kv, torch.zeros(batch_size, config.segment_size, dtype=torch.int64))
+        return (*state, kv, torch.zeros(batch_size, config.segment_size))
 
     def _layers(self, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                 state: Sequence[torch.Tensor], writes: bool,
@@ -196,20 +202,21 @@ class ARMT(nn.Module):
         padded to the segment size."""
         *state, window, window_mask = state
         hidden, mask, positions = self._segment(input_ids, attention_mask)
-        cache = DynamicCache(ddp_cache_data=[(window[:, layer, 0], window[:, layer, 1])
+        carried = window_mask.to(mask.dtype)  # 0/1, as the attention mask (FP32 in the state)
+        past = window.to(hidden.dtype)  # the layers' precision (FP32 state, FP16 layers)
+        cache = DynamicCache(ddp_cache_data=[(past[:, layer, 0], past[:, layer, 1])
                                              for layer in range(self.layers)],
                              config=self.model.config)
         hidden, new_state = self._layers(
-            hidden, torch.cat([window_mask.to(mask.dtype), mask], dim=1),
-            positions + window_mask.sum(dim=1, keepdim=True), state, writes=True,
-            cache=cache)
+            hidden, torch.cat([carried, mask], dim=1),
+            positions + carried.sum(dim=1, keepdim=True), state, writes=True, cache=cache)
         size, length = window.shape[-2], input_ids.shape[1]
         pad = (0, 0, 0, size - length)
         new_window = torch.stack([torch.stack([nn.functional.pad(t[:, :, size:size + length], pad)
                                                for t in (layer.keys, layer.values)], dim=1)
-                                  for layer in cache.layers], dim=1)
+                                  for layer in cache.layers], dim=1).to(window.dtype)
         new_mask = nn.functional.pad(attention_mask, (0, size - length)).to(window_mask.dtype)
-        real = new_mask.view(-1, 1, 1, 1, size, 1).to(new_window.dtype)
+        real = new_mask.view(-1, 1, 1, 1, size, 1)
         return hidden, [*new_state, new_window * real, new_mask]
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -320,9 +320,6 @@ def _memory_cell(path: Path, payload: Mapping[str, Any], options: AuthorsOptions
 
 def _from_authors_armt(path: Path, payload: Mapping[str, Any], options: AuthorsOptions):
     _require_tensors(path, payload)
-    if options.sliding_window:
-        raise CheckpointError("the sliding-window ARMT is not exported yet (the PyTorch "
-                              "reference has it); export the model without --sliding-window")
     published = read_published(path, payload, options.lora_alpha)
     hf, tokenizer = _base_folder(path, options, "ARMT model.safetensors")
     base = build_decoder_base(hf)
@@ -332,7 +329,7 @@ def _from_authors_armt(path: Path, payload: Mapping[str, Any], options: AuthorsO
             base, num_mem_tokens=published.num_mem_tokens, d_mem=published.d_mem,
             segment_size=_segment_size(options, published.wrapper_config),
             correction=options.armt_correction, special=_special_tokens(tokenizer),
-            memory=published.memory, maps=published.maps)
+            memory=published.memory, maps=published.maps, sliding_window=options.sliding_window)
     except ConfigError as error:
         raise CheckpointError(f"{path}: {error}") from None
     return rmt, tokenizer.backend_tokenizer.to_str(), base.config.to_dict(), published.lora

@@ -98,7 +98,7 @@ def armt_from_base(
     the memory matters). ``sliding_window``: each segment also attends to the previous
     one's keys and values."""
     config = RMTConfig.armt(num_mem_tokens=num_mem_tokens, segment_size=segment_size,
-                            d_mem=d_mem, correction=correction,
+                            d_mem=d_mem, correction=correction, sliding_window=sliding_window,
                             **_causal_lm_fields(base, special))
     layers = base.config.num_hidden_layers
     if maps is not None and len(maps) != layers:
@@ -113,7 +113,7 @@ def armt_from_base(
             _random_maps(module, std)
         else:
             _load_maps(module, maps[index], index)
-    return ARMT(base, config, memory, modules, sliding_window)
+    return ARMT(base, config, memory, modules)
 
 
 def _random_maps(module: AssociativeMaps, std: float) -> None:

@@ -43,11 +43,12 @@ def last_tokens(source: TokenSource, config: RMTConfig) -> np.ndarray:
 
 
 def run_segments(stepper: Stepper, sources: Sequence[TokenSource], on_step: StepCallback,
-                 skip_last: bool = False, wants_logits: LogitsWanted = every_step) -> None:
+                 skip_last: bool = False, wants_logits: LogitsWanted = every_step,
+                 before_step: Callable[[list[int]], None] | None = None) -> None:
     """Run the recurrence over every source; row ``i`` of ``stepper`` is ``sources[i]``.
 
     With ``skip_last`` each row's last segment is not run (a decoder generates from it
-    instead).
+    instead). ``before_step(rows)`` is called before every step with the rows it runs.
     """
     config = stepper.config
     for index, source in enumerate(sources):
@@ -59,4 +60,6 @@ def run_segments(stepper: Stepper, sources: Sequence[TokenSource], on_step: Step
         segments = [sources[row].tokens(*segment_range(len(sources[row]), index, config))
                     for row, index in active]
         wanted = wants_logits([(row, index, counts[row]) for row, index in active])
+        if before_step is not None:
+            before_step(rows)
         on_step(rows, segments, stepper.step(rows, segments, logits=wanted))

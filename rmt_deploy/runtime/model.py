@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rmt_deploy.contract import check_state, reported, state_pairs
+from rmt_deploy.contract import check_state, reported, state_pairs, window_pairs
 from rmt_deploy.errors import InputError, NumericError
 from rmt_deploy.runtime.backends.base import State, StepEngine
 from rmt_deploy.runtime.generation import GenerationOptions
@@ -166,7 +166,8 @@ class RMTModel:
             if options is None:
                 run_segments(stepper, sources, score)
             else:  # every segment but the last writes memory; generation reads the last
-                run_segments(stepper, sources, score, skip_last=True, wants_logits=never)
+                run_segments(stepper, sources, score, skip_last=True, wants_logits=never,
+                             before_step=self._unwindowed(stepper))
                 lasts = [last_tokens(source, self.config) for source in sources]
                 generated = stepper.generate(rows, lasts, options)
                 advance()
@@ -179,6 +180,14 @@ class RMTModel:
             memory[row], len(source), generated[row],
             self.tokenizer.decode(generated[row]) if self.tokenizer and generated[row] else None,
         ) for row, source in enumerate(sources)]
+
+    def _unwindowed(self, stepper: Stepper) -> Callable[[list[int]], None] | None:
+        """What makes a sliding-window armt read a generation's context as the authors'
+        ``generate`` does, without the window: the rows' window cleared before each step
+        (a zero window mask masks it and starts the positions at 0); None for any other
+        model. Each step then moves the rows' state through the host once."""
+        names = [pair.name_in for pair in window_pairs(self.config)]
+        return (lambda rows: stepper.zero(rows, names)) if names else None
 
     def _check_choice(self, stepper: Stepper) -> None:
         """Compare a cached backend choice's timing with the steps this run took (a wide

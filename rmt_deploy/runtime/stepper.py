@@ -80,6 +80,19 @@ class Stepper:
                 self._sync()
             return _stacked([self._host[self._known(key)] for key in keys])
 
+    def zero(self, keys: Sequence[Hashable], names: Sequence[str]) -> None:
+        """Set the state pairs ``names`` (input names) of rows ``keys`` to zeros; the next
+        step loads them."""
+        with self._lock:
+            resident = any(key in self._rows for key in keys)
+            if self._stale and resident:
+                self._sync()
+            for key in keys:
+                row = self._host[self._known(key)]
+                row.update((name, np.zeros_like(row[name])) for name in names)
+            if resident:
+                self._state, self._rows = None, []
+
     def step(self, keys: Sequence[Hashable], segments: Sequence[np.ndarray],
              logits: bool = True) -> np.ndarray | None:
         """One segment of each row ``keys[i]``: ``segments[i]`` (content token ids). Returns

@@ -76,6 +76,9 @@ CASES = [
     Case("published-armt-option-on-a-plain-rmt", "rmt-export",
          _export("--sliding-window", armt=False, lora=False),
          says=("--sliding-window", "ARMT checkpoints only"), absent=NO_EXPORT),
+    Case("published-window-past-the-positions", "rmt-export",
+         _export("--lora-alpha", "32", "--sliding-window", "--segment-size", "40"),
+         says=("83 positions", "has 64", "--segment-size"), absent=NO_EXPORT),
     Case("published-wrapper-config-not-json", "rmt-export", _bad_config_export,
          says=("config.json", "not readable JSON"), absent=NO_EXPORT),
 ]

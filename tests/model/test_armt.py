@@ -17,9 +17,7 @@ DOC = torch.tensor([(7 * i + 3) % 58 for i in range(20)])  # 4 segments, the las
 
 
 def window_armt(correction: bool = True):
-    rmt = make_armt(correction=correction)
-    rmt.sliding_window = True
-    return rmt
+    return make_armt(correction=correction, sliding_window=True)
 
 
 def oracle(rmt):
@@ -185,7 +183,7 @@ def test_sliding_window_equals_the_authors_code(correction, length):
         torch.testing.assert_close(state[2 * index], layer.W_mem, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(state[2 * index + 1], layer.z, rtol=1e-4, atol=1e-6)
     window, window_mask = state[-2:]
-    carried = window_mask[0].sum()
+    carried = int(window_mask[0].sum())
     assert window_mask[0].tolist() == [1] * carried + [0] * (ARMT_SEGMENT - carried)
     for index, layer in enumerate(authors.past_key_values.layers):
         torch.testing.assert_close(window[0, index, 0, :, :carried], layer.keys[0])

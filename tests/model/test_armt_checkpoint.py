@@ -271,7 +271,7 @@ def test_armt_factory_gets_what_the_file_holds(tmp_path, factory_calls):
                                                                   strict=True) for k in MAP_KEYS)
     assert kwargs.pop("special").eos == 59
     assert kwargs == {"num_mem_tokens": MEM_TOKENS, "d_mem": D_MEM, "segment_size": 6,
-                      "correction": False}
+                      "correction": False, "sliding_window": False}
 
 
 @pytest.mark.parametrize("armt", [True, False])
@@ -320,11 +320,12 @@ def test_armt_options_on_a_plain_rmt(tmp_path, option):
         load_checkpoint(published.path, options)
 
 
-def test_sliding_window_armt_is_refused_until_exported(tmp_path, factory_calls):
-    """The reference has the window but no export does: the loader refuses it early."""
+def test_sliding_window_reaches_the_armt(tmp_path):
+    """--sliding-window builds the ARMT with the window: its config says so and its step
+    carries the window (the loader refused it before the window was exported)."""
     published = write_published(tmp_path / "ckpt", config={"segment_size": 6})
     options = AuthorsOptions(base_model=write_gpt2_folder(tmp_path / "base", "llama"),
                              lora_alpha=ALPHA, sliding_window=True)
-    with pytest.raises(CheckpointError, match="without --sliding-window"):
-        load_checkpoint(published.path, options)
-    assert not factory_calls
+    rmt = load_checkpoint(published.path, options).rmt
+    assert rmt.sliding_window and rmt.rmt_config.sliding_window
+    assert len(rmt.zero_state(1)) == 2 * rmt.layers + 3  # (A, z)s, started, the window

@@ -173,3 +173,27 @@ def test_states_are_reused_per_batch_size_and_bounded(opened):
             stepper.step([0, 1], [segment] * 2)
             stepper.step([3, 4], [segment] * 2)  # same size: the state is reused
     assert engine.open_states == 0
+
+
+def test_zeroed_pairs_reach_the_next_step_of_only_those_rows(opened):
+    """``Stepper.zero`` on a resident row: its pair is zeros at the next step, as if it
+    had been added so; the other rows go on from their own state."""
+    base = opened["decoder"]
+    segments = [document(base, 1, seed) for seed in range(2)]
+    with Stepper(base.engine) as stepper:
+        for row in range(2):
+            stepper.add(row, base.initial_state)
+        stepper.step([0, 1], segments)
+        before = stepper.state(1)["memory_in"]
+        stepper.zero([0], ["memory_in"])
+        assert not stepper.state(0)["memory_in"].any()
+        np.testing.assert_array_equal(stepper.state(1)["memory_in"], before)
+        stepper.step([0, 1], segments)
+        got = stepper.states([0, 1])["memory_in"]
+    expected = []
+    for row, start in enumerate(({"memory_in": np.zeros_like(before)}, {"memory_in": before})):
+        with Stepper(base.engine) as alone:
+            alone.add(0, {**base.initial_state, **start})
+            alone.step([0], [segments[row]])
+            expected.append(alone.state(0)["memory_in"])
+    np.testing.assert_array_equal(got, np.stack(expected))

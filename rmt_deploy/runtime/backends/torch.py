@@ -7,7 +7,14 @@ from typing import Any
 
 import numpy as np
 
-from rmt_deploy.contract import FILE, start_state, state_pairs, variant_names
+from rmt_deploy.contract import (
+    FILE,
+    decode_reads,
+    generation_reads,
+    start_state,
+    state_pairs,
+    variant_names,
+)
 from rmt_deploy.runtime.backends.base import EngineState, State, StepEngine, rows_of
 
 
@@ -62,6 +69,10 @@ class _State(EngineState):
         self._pairs = state_pairs(engine.config)
         self._state: list[Any] = []
 
+    def _reads(self, pairs: tuple) -> list[Any]:
+        """The state tensors of ``pairs``, in the contract's order."""
+        return [value for p, value in zip(self._pairs, self._state, strict=True) if p in pairs]
+
     def load(self, state: Mapping[str, np.ndarray]) -> None:
         self._state = [self._engine.tensor(np.array(state[p.name_in], dtype=p.dtype))
                        for p in self._pairs]
@@ -92,14 +103,15 @@ class _State(EngineState):
         engine = self._engine
         with engine.torch.no_grad():
             logits, *cache = engine.rmt.prefill(engine.tensor(input_ids),
-                                                engine.tensor(attention_mask), *self._state)
+                                                engine.tensor(attention_mask),
+                                                *self._reads(generation_reads(engine.config)))
         return logits.float().cpu().numpy(), cache
 
     def decode(self, cache: list[Any], input_ids: np.ndarray, attention_mask: np.ndarray
                ) -> tuple[np.ndarray, list[Any]]:
         engine = self._engine
         with engine.torch.no_grad():
-            reads = self._state if engine.config.is_armt else ()  # contract.decode_reads
             logits, *cache = engine.rmt.decode(engine.tensor(input_ids),
-                                               engine.tensor(attention_mask), *reads, *cache)
+                                               engine.tensor(attention_mask),
+                                               *self._reads(decode_reads(engine.config)), *cache)
         return logits.float().cpu().numpy(), cache
