@@ -110,7 +110,8 @@ def main() -> None:
     out = work / "export"
     export_s, export_rss = timed([
         str(bin_dir / "rmt-export"), str(checkpoint), "--base-model", str(base),
-        "--lora-alpha", str(ALPHA), "--no-armt-correction", "--validation-segments", "2",
+        "--lora-alpha", str(ALPHA), "--no-armt-correction", "--segment-size", str(SEGMENT),
+        "--validation-segments", "2",
         "--threads", str(args.threads), "-q", "-o", str(out)])
     result.update(export_s=round(export_s, 1), export_peak_rss_gb=round(export_rss / 1024, 2),
                   load_after_export=load())

@@ -116,7 +116,7 @@ class ARMT(nn.Module):
         super().__init__()
         self.model = model
         self.rmt_config = replace(config, **cache_shape(model))
-        self.memory = nn.Parameter(memory)
+        self.memory = nn.Parameter(memory.detach().clone())  # not a view of a mapped file
         self.maps = nn.ModuleList(maps)
 
     @property

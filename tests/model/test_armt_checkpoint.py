@@ -329,3 +329,18 @@ def test_sliding_window_reaches_the_armt(tmp_path):
     rmt = load_checkpoint(published.path, options).rmt
     assert rmt.sliding_window and rmt.rmt_config.sliding_window
     assert len(rmt.zero_state(1)) == 2 * rmt.layers + 3  # (A, z)s, started, the window
+
+
+@pytest.mark.parametrize("armt", [True, False])
+def test_a_loaded_model_does_not_keep_the_checkpoint_mapped(tmp_path, armt):
+    """Safetensors' tensors are views of the whole file, mapped: a parameter kept as read
+    (the memory) held every byte of it in the export's memory (5.2 GB for a 1B model
+    beside its own copy of the weights)."""
+    published = write_published(tmp_path / "ckpt", armt=armt, config={"segment_size": 6})
+    options = AuthorsOptions(base_model=write_gpt2_folder(tmp_path / "base", "llama"),
+                             lora_alpha=ALPHA)
+    loaded = load_checkpoint(published.path, options)
+    with open("/proc/self/maps") as maps:
+        mapped = [line for line in maps if str(published.path) in line]
+    assert not mapped, mapped
+    assert loaded.rmt.memory.shape == (MEM_TOKENS, published.memory.shape[1])
