@@ -40,16 +40,17 @@ M, D_MEM, SEGMENT, SEGMENTS, NEW_TOKENS = 16, 64, 512, 4, 16
 BIN = Path(sys.executable).parent
 
 
-def build(seed: int = 0):
-    """The reference ARMT (random weights, no EOS so that 16 tokens always come)."""
+def build(seed: int = 0, sliding_window: bool = False):
+    """The reference ARMT (random weights, no EOS so that 16 tokens always come); the
+    same weights with or without the sliding window (positions for the window's reach)."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN,
         num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-        max_position_embeddings=2 * SEGMENT, bos_token_id=None, eos_token_id=None)
+        max_position_embeddings=4 * SEGMENT, bos_token_id=None, eos_token_id=None)
     return armt_from_base(build_decoder_base(config), num_mem_tokens=M, d_mem=D_MEM,
-                          segment_size=SEGMENT, correction=False,
-                          special=SpecialTokens()).eval()
+                          segment_size=SEGMENT, correction=False, special=SpecialTokens(),
+                          sliding_window=sliding_window).eval()
 
 
 def word_tokenizer(vocab: int = VOCAB) -> str:

@@ -20,34 +20,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from armt_benchmark import D_MEM, HEADS, HIDDEN, KV_HEADS, LAYERS, SEGMENT, VOCAB, M  # noqa: E402
+from armt_benchmark import SEGMENT, VOCAB, build  # noqa: E402
 from machine import load  # noqa: E402
 
 from rmt_deploy.contract import state_pairs  # noqa: E402
 from rmt_deploy.export.pipeline import ExportOptions, export_checkpoint  # noqa: E402
 from rmt_deploy.model.armt import generate_armt  # noqa: E402
-from rmt_deploy.model.base import build_decoder_base  # noqa: E402
 from rmt_deploy.model.checkpoint import save_checkpoint  # noqa: E402
-from rmt_deploy.model.factory import SpecialTokens, armt_from_base  # noqa: E402
 from rmt_deploy.runtime import open_model  # noqa: E402
 
 SEGMENTS, NEW_TOKENS = 4, 16
-
-
-def build(sliding_window: bool, seed: int = 0):
-    """The ARMT, the same weights with or without the window (positions for the window's
-    reach, no EOS so that 16 tokens always come)."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN,
-        num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-        max_position_embeddings=4 * SEGMENT, bos_token_id=None, eos_token_id=None)
-    return armt_from_base(build_decoder_base(config), num_mem_tokens=M, d_mem=D_MEM,
-                          segment_size=SEGMENT, correction=False, special=SpecialTokens(),
-                          sliding_window=sliding_window).eval()
 
 
 def median_seconds(run, repeats: int) -> tuple[float, object]:
@@ -60,7 +44,7 @@ def median_seconds(run, repeats: int) -> tuple[float, object]:
 
 
 def measure(sliding_window: bool, work: Path, threads: int, repeats: int) -> dict:
-    rmt = build(sliding_window)
+    rmt = build(sliding_window=sliding_window)
     checkpoint = save_checkpoint(rmt, work / f"armt-{int(sliding_window)}.pt", None)
     start = time.perf_counter()
     folder = export_checkpoint(checkpoint, work / f"export-{int(sliding_window)}",

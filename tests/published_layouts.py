@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from click.testing import CliRunner, Result
 from conftest import tiny_llama_config, write_gpt2_folder
 from safetensors.torch import save_file, save_model
 from torch import nn
 
+from rmt_deploy.cli import export_main
 from rmt_deploy.model.base import build_decoder_base
 
 RANK, ALPHA, D_MEM, MEM_TOKENS, SEGMENT = 4, 32.0, 8, 3, 6
@@ -151,3 +153,11 @@ class _Wrapper(nn.Module):
 
     def state_dict(self, *args, **kwargs):
         return dict(self._state)
+
+
+def export_published(checkpoint: Path, base: Path, *options: str) -> Result:
+    """``rmt-export`` of a published checkpoint over ``base`` (LoRA alpha :data:`ALPHA`,
+    3 validation segments, 1 thread, quiet), ``options`` added."""
+    return CliRunner().invoke(export_main, [
+        str(checkpoint), "--base-model", str(base), "--lora-alpha", str(ALPHA),
+        "--validation-segments", "3", "--threads", "1", "-q", *options])

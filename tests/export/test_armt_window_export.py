@@ -11,12 +11,11 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from published_layouts import ALPHA, write_llama_base, write_published
+from published_layouts import ALPHA, export_published, write_llama_base, write_published
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from armt_models import make_armt  # noqa: E402
 
-from rmt_deploy.cli import export_main
 from rmt_deploy.contract import (
     DECODE,
     PREFILL,
@@ -56,10 +55,7 @@ def window_export(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
                                 config={"segment_size": SEGMENT})
     base = write_llama_base(root / "base")
     out = root / "export"
-    result = CliRunner().invoke(export_main, [
-        str(published.path), "--base-model", str(base), "--lora-alpha", str(ALPHA),
-        "--sliding-window", "--validation-segments", "3", "--threads", "1", "-q",
-        "-o", str(out)])
+    result = export_published(published.path, base, "--sliding-window", "-o", str(out))
     assert result.exit_code == 0, result.output
     reference = load_checkpoint(published.path, AuthorsOptions(
         base_model=base, lora_alpha=ALPHA, sliding_window=True)).rmt

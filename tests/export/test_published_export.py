@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 from conftest import write_gpt2_folder
 from generation_reference import GREEDY, memory_before, reference_generation
-from published_layouts import ALPHA, RANK, write_llama_base, write_published
+from published_layouts import ALPHA, RANK, export_published, write_llama_base, write_published
 
 from rmt_deploy.cli import export_main
 from rmt_deploy.manifest import read_manifest
@@ -26,9 +26,7 @@ def test_export_merges_lora_and_records_it(tmp_path):
     model's, loaded from the same file."""
     published = write_published(tmp_path / "ckpt", armt=False, config={"segment_size": 6})
     base = write_gpt2_folder(tmp_path / "base", "llama")
-    result = CliRunner().invoke(export_main, [
-        str(published.path), "--base-model", str(base), "--lora-alpha", str(ALPHA),
-        "--validation-segments", "3", "--threads", "1", "-q"])
+    result = export_published(published.path, base)
     assert result.exit_code == 0, result.output
     manifest = read_manifest(tmp_path / "ckpt" / "model-export")
     assert manifest.source["format"] == "authors-gpt2"
@@ -57,10 +55,7 @@ def test_published_armt_exports_and_runs_as_the_reference(tmp_path):
     published = write_published(tmp_path / "ckpt", naming="shared", config={"segment_size": 6})
     base = write_llama_base(tmp_path / "base")
     out = tmp_path / "export"
-    result = CliRunner().invoke(export_main, [
-        str(published.path), "--base-model", str(base), "--lora-alpha", str(ALPHA),
-        "--no-armt-correction", "--validation-segments", "3", "--threads", "1", "-q",
-        "-o", str(out)])
+    result = export_published(published.path, base, "--no-armt-correction", "-o", str(out))
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)
     assert manifest.source["format"] == "authors-armt" and manifest.source["lora"]["merged"]
