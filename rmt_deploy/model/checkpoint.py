@@ -92,6 +92,7 @@ def load_checkpoint(path: str | Path, options: AuthorsOptions | None = None) -> 
     kind = _detect_format(path, payload)
     lora = None
     if kind == OWN:
+        _refuse_recorded_options(path, options)
         rmt, tokenizer_json, base_config = _from_own(path, payload)
     elif kind == AUTHORS_BERT:
         rmt, tokenizer_json, base_config = _from_authors_bert(path, payload, options)
@@ -195,6 +196,18 @@ def _detect_format(path: Path, payload: Any) -> str:
         "or an authors' GPT-2 pytorch_model.bin or Llama RMT / ARMT model.safetensors with "
         "'memory_cell.*' keys"
     )
+
+
+def _refuse_recorded_options(path: Path, options: AuthorsOptions) -> None:
+    """An rmt-deploy checkpoint records its model (LoRA merged, correction, window): an
+    option that would change them is refused, not silently ignored."""
+    given = [name for name, set_ in (("--lora-alpha", options.lora_alpha is not None),
+                                     ("--no-armt-correction", not options.armt_correction),
+                                     ("--sliding-window", options.sliding_window)) if set_]
+    if given:
+        raise CheckpointError(f"{path}: an rmt-deploy checkpoint records its model (LoRA "
+                              f"merged, correction, window), so {' and '.join(given)} "
+                              "cannot change it; leave them out")
 
 
 def _from_own(path: Path, payload: Mapping[str, Any]):
