@@ -198,12 +198,23 @@ def _detect_format(path: Path, payload: Any) -> str:
     )
 
 
+#: Whether each model-changing option was given (it differs from its default).
+_GIVEN: dict[str, Callable[[AuthorsOptions], bool]] = {
+    "--lora-alpha": lambda options: options.lora_alpha is not None,
+    "--no-armt-correction": lambda options: not options.armt_correction,
+    "--sliding-window": lambda options: options.sliding_window,
+}
+
+
+def _given(options: AuthorsOptions, *names: str) -> list[str]:
+    """Those of the options ``names`` that were given."""
+    return [name for name in names if _GIVEN[name](options)]
+
+
 def _refuse_recorded_options(path: Path, options: AuthorsOptions) -> None:
     """An rmt-deploy checkpoint records its model (LoRA merged, correction, window): an
     option that would change them is refused, not silently ignored."""
-    given = [name for name, set_ in (("--lora-alpha", options.lora_alpha is not None),
-                                     ("--no-armt-correction", not options.armt_correction),
-                                     ("--sliding-window", options.sliding_window)) if set_]
+    given = _given(options, "--lora-alpha", "--no-armt-correction", "--sliding-window")
     if given:
         raise CheckpointError(f"{path}: an rmt-deploy checkpoint records its model (LoRA "
                               f"merged, correction, window), so {' and '.join(given)} "
@@ -314,8 +325,7 @@ def _memory_cell(path: Path, payload: Mapping[str, Any], options: AuthorsOptions
         raise CheckpointError(f"{path}: unexpected keys beside memory_cell.*: "
                               f"{_few(strays)}")
     _require_tensors(path, payload)
-    armt_only = [name for name, given in (("--no-armt-correction", not options.armt_correction),
-                                          ("--sliding-window", options.sliding_window)) if given]
+    armt_only = _given(options, "--no-armt-correction", "--sliding-window")
     if armt_only:
         raise CheckpointError(f"{path}: {' and '.join(armt_only)} apply to ARMT checkpoints "
                               "only, and this one is a plain RMT MemoryCell; leave them out")
