@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import write_gpt2_folder
 from published_layouts import ALPHA, export_published, write_llama_base, write_published
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
@@ -28,6 +29,7 @@ from rmt_deploy.contract import (
 )
 from rmt_deploy.errors import InputError
 from rmt_deploy.export.pipeline import ExportOptions, export_checkpoint
+from rmt_deploy.export.validate import STATE_COSINE
 from rmt_deploy.manifest import read_manifest
 from rmt_deploy.model.armt import generate_armt, run_armt
 from rmt_deploy.model.checkpoint import AuthorsOptions, load_checkpoint, save_checkpoint
@@ -206,6 +208,43 @@ def test_fp16_graphs_carry_the_window_in_fp32(tmp_path):
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     session = open_model(tmp_path / "export", backend="onnxruntime", threads=1,
                          precision="fp16").session()
+    session.feed(IDS)
+    assert np.abs(unpack(session.save())[1]["state/" + WINDOW_IN]).max() > 0
+
+
+def test_int8_graphs_carry_the_window_in_fp32_and_gate_it(tmp_path):
+    """--precision int8: the window crosses the graph's boundary in FP32, every policy's
+    closed loop is judged on the window as on (A, z), a policy that turns the window is
+    not chosen, and the chosen graph keeps every pair's cosine and the predictions."""
+    rmt = make_armt(correction=False, sliding_window=True)
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for i in range(8):
+        line = ["the quick brown fox jumps over the lazy dog", "hello world again"][i % 2]
+        (calibration / f"{i}.txt").write_text(" ".join([line] * (20 + i)))
+    tokenizer = (write_gpt2_folder(tmp_path / "base", "llama") / "tokenizer.json").read_text()
+    options = ExportOptions(precision="int8", calibration=calibration, drift_segments=20,
+                            threads=1)
+    manifest = export_checkpoint(save_checkpoint(rmt, tmp_path / "armt.pt", tokenizer),
+                                 tmp_path / "export", options)
+    int8 = manifest.validation["int8"]
+    judged = {name: candidate["errors"]["closed_loop"]
+              for name, candidate in int8["candidates"].items()}
+    assert all("window_out" in loop["max_abs"] for loop in judged.values())
+    assert "window_out" in {loop["cosine_output"] for loop in judged.values()}
+    turned = [name for name, loop in judged.items()
+              if loop["min_memory_cosine"] < STATE_COSINE["int8"]]
+    assert turned and int8["policy"] not in turned  # the gate had something to refuse
+    assert int8["closed_loop"]["min_memory_cosine"] >= STATE_COSINE["int8"]
+    assert int8["closed_loop"]["agreement"] >= 0.99
+    model = onnx.load(str(tmp_path / "export" / manifest.graphs["step.int8"].file),
+                      load_external_data=False)
+    typed = {v.name: v.type.tensor_type.elem_type
+             for v in (*model.graph.input, *model.graph.output)}
+    assert {typed[name] for name in (WINDOW_IN, WINDOW_MASK_IN, "window_out",
+                                     "window_mask_out")} == {onnx.TensorProto.FLOAT}
+    session = open_model(tmp_path / "export", backend="onnxruntime", threads=1,
+                         precision="int8").session()
     session.feed(IDS)
     assert np.abs(unpack(session.save())[1]["state/" + WINDOW_IN]).max() > 0
 
