@@ -216,3 +216,27 @@ def armt_export(tmp_path_factory) -> Path:
                              armt_correction=False)
     options = ExportOptions(authors=authors, validation_segments=3, threads=1)
     return export_checkpoint(published.path, folder / "export", options).folder
+
+
+@pytest.fixture(scope="session")
+def window_export(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """The published ARMT (segment 6) exported with --sliding-window (correction on, the
+    authors' default), and the reference loaded from the same file (read-only)."""
+    from published_layouts import (
+        ALPHA,
+        export_published,
+        write_llama_base,
+        write_published,
+    )
+
+    from rmt_deploy.model.checkpoint import AuthorsOptions, load_checkpoint
+
+    root = tmp_path_factory.mktemp("armt-window")
+    published = write_published(root / "ckpt", naming="shared", config={"segment_size": 6})
+    base = write_llama_base(root / "base")
+    out = root / "export"
+    result = export_published(published.path, base, "--sliding-window", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    reference = load_checkpoint(published.path, AuthorsOptions(
+        base_model=base, lora_alpha=ALPHA, sliding_window=True)).rmt
+    return out, reference

@@ -13,10 +13,11 @@ import pytest
 from rmt_deploy.manifest import read_manifest
 from rmt_deploy.runtime import open_model
 from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
+from rmt_deploy.runtime.generation import GenerationOptions
 from rmt_deploy.runtime.options import RuntimeOptions
 from rmt_deploy.runtime.tokens import manifest_tokenizer
-from rmt_deploy.segmentation import content_id_range
-from rmt_deploy.serving.client import Answer, TritonClient
+from rmt_deploy.segmentation import content_id_range, step_inputs
+from rmt_deploy.serving.client import Answer, Generation, TritonClient
 from rmt_deploy.serving.errors import StateFileError
 from rmt_deploy.serving.failover import DEFAULT_RETRY
 from rmt_deploy.serving.identity import model_identity
@@ -38,6 +39,7 @@ class LocalClient(TritonClient):
         engine = OnnxRuntimeEngine(manifest, RuntimeOptions(threads=1))
         self.store = SequenceStore(engine, manifest.load_initial_state(), idle_seconds=60)
         self.stop_after, self.chunks = stop_after, 0
+        self.marks_context = True  # False: the server never hears that a chunk is context
 
     def send(self, chunks):
         for chunk in chunks:
@@ -46,8 +48,16 @@ class LocalClient(TritonClient):
             self.chunks += 1
             (result,) = self.store.execute([StepRequest(
                 chunk.sequence_id, chunk.start, chunk.end, chunk.input_ids,
-                chunk.attention_mask, chunk.state_in, wants_logits=chunk.logits)])
+                chunk.attention_mask, chunk.state_in, wants_logits=chunk.logits,
+                question_context=chunk.question_context and self.marks_context)])
             yield Answer(result.logits, result.state)
+
+    def generate(self, sequence_id, question, options, start=False, end=False, state_in=None,
+                 on_token=None):
+        ids, mask = step_inputs([np.asarray(question)], self.config)
+        (result,) = self.store.execute([StepRequest(sequence_id, start, end, ids, mask,
+                                                    state_in, generate=options)])
+        return Generation(result.generated, None, result.state)
 
 
 def same(got, expected) -> None:
@@ -79,6 +89,27 @@ def test_only_the_logits_read_are_asked_for(encoder_export, memory_decoder_expor
     segments = decoder.run(document).output.segments
     assert decoder.store.stepper.seen(True)[0] == segments - 1  # the first is not counted
     assert decoder.store.stepper.seen(False)[0] == 0
+
+
+def test_a_sliding_window_armt_answers_as_rmt_run_generate(window_export):
+    """run(..., generate=): the context's chunks are marked as a question's context, so
+    the server reads them without the window, as rmt-run --generate (and the authors'
+    generate) reads them: the same ids and the same state after the context. Unmarked,
+    the context is read with the window and the state differs."""
+    folder, _ = window_export
+    document = [(5 * i + 2) % 50 for i in range(40)]  # 7 segments of 6, the last short
+    options = GenerationOptions(max_new_tokens=8)
+    expected = open_model(folder, backend="onnxruntime", threads=1).run_one(
+        document, generate=options)
+    for chunk_segments in (1, 2):
+        client = LocalClient(folder, chunk_segments=chunk_segments)
+        got = client.run(document, generate=options).output
+        assert got.generated_ids == expected.generated_ids and len(got.generated_ids) == 8
+        np.testing.assert_array_equal(got.memory, expected.memory)
+    unmarked = LocalClient(folder, chunk_segments=2)
+    unmarked.marks_context = False
+    windowed = unmarked.run(document, generate=options).output
+    assert np.abs(windowed.memory - expected.memory).max() > 1e-3
 
 
 @pytest.mark.parametrize("size", [1, 3])

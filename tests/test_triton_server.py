@@ -101,7 +101,7 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def repo(encoder_export, decoder_export, armt_export, tmp_path_factory) -> Path:
+def repo(encoder_export, decoder_export, armt_export, window_export, tmp_path_factory) -> Path:
     _require_venv()
     repo = tmp_path_factory.mktemp("triton") / "repo"
     write_repository(repo, encoder_export, ServingOptions(name="enc", max_batch_size=16))
@@ -109,6 +109,7 @@ def repo(encoder_export, decoder_export, armt_export, tmp_path_factory) -> Path:
     write_repository(repo, decoder_export, ServingOptions(name="dec_stream", max_batch_size=4,
                                                           decoupled=True))
     write_repository(repo, armt_export, ServingOptions(name="armt", max_batch_size=4))
+    write_repository(repo, window_export[0], ServingOptions(name="window", max_batch_size=4))
     return repo
 
 
@@ -305,24 +306,49 @@ def test_decoder_answers_as_rmt_run_generate_from_a_context_read_once(server, de
                           ('{"beams": 2}', "unknown option beams"),
                           ('{"max_new_tokens": 2, "temperature": "hot"}', "real number")):
             with pytest.raises(ServingError, match=f"parameter generate: .*{says}"):
-                raw_generate(client, 901, first, bad)
+                raw_request(client, 901, first, {"generate": bad})
         assert client.generate(901, first, options, end=True).ids == expected[0]  # unchanged
         with pytest.raises(ServingError, match="must specify the START flag"):  # ended
             client.generate(901, first, options)
 
 
-def raw_generate(client: TritonClient, sequence_id: int, question, parameter: str):
-    """A question sent with the request parameter ``generate`` as given."""
+def raw_request(client: TritonClient, sequence_id: int, segment, parameters: dict):
+    """One segment sent with the request parameters as given."""
     import tritonclient.grpc as grpc
 
-    ids, mask = step_inputs([np.asarray(question)], client.config)
+    ids, mask = step_inputs([np.asarray(segment)], client.config)
     inputs = []
     for name, array in (("input_ids", ids[None]), ("attention_mask", mask[None])):
         tensor = grpc.InferInput(name, list(array.shape), "INT64")
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     client._call(client._client.infer, client.model, inputs, sequence_id=sequence_id,
-                 parameters={"generate": parameter})
+                 parameters=parameters)
+
+
+def test_a_sliding_window_armt_answers_as_rmt_run_generate(server, window_export):
+    """A sliding-window ARMT reads a question's context without its window, as rmt-run
+    --generate does: a document with generate=, and a context left open with
+    question_context=True then asked, give rmt-run --generate's ids; a context read as a
+    stream (with the window) leaves another state. A bad question_context is one line."""
+    folder, _ = window_export
+    model = open_model(folder, backend="onnxruntime", threads=1)
+    config = model.config
+    context, question = documents(config, [3 * config.segment_size, 4], seed=12)
+    options = GenerationOptions(max_new_tokens=6)
+    expected = model.run_one(context + question, generate=options)
+    with TritonClient(folder, server.url, "window",
+                      chunk_tokens=2 * config.segment_size) as client:
+        whole = client.run(context + question, generate=options).output
+        assert whole.generated_ids == expected.generated_ids and expected.generated_ids
+        np.testing.assert_array_equal(whole.memory, expected.memory)
+        client.run(context, sequence_id=41, end=False, question_context=True)
+        assert client.generate(41, question, options, end=True).ids == expected.generated_ids
+        streamed = client.run(context, sequence_id=42, end=False)
+        assert np.abs(streamed.output.memory - expected.memory).max() > 1e-3
+        with pytest.raises(ServingError, match="model 'window': sequence 42: request "
+                           "parameter question_context must be true or false, got 'yes'$"):
+            raw_request(client, 42, question, {"question_context": "yes"})
 
 
 def test_rmt_triton_run_generate_prints_rmt_run_generate_ids(server, decoder_export, tmp_path):

@@ -43,7 +43,7 @@ from rmt_deploy.runtime.results import (
 from rmt_deploy.runtime.scoring import MeterState, PerplexityMeter
 from rmt_deploy.runtime.tokens import Document, TokenSource, document_source, manifest_tokenizer
 from rmt_deploy.segmentation import count_segments, segment_range, segments_in, step_inputs
-from rmt_deploy.serving.config import GENERATE_PARAMETER, GENERATED
+from rmt_deploy.serving.config import CONTEXT_PARAMETER, GENERATE_PARAMETER, GENERATED
 from rmt_deploy.serving.errors import SequenceLostError, ServingError, StateFileError
 from rmt_deploy.serving.failover import DEFAULT_RETRY, Failover, Retry, RetryPolicy
 from rmt_deploy.serving.identity import MODEL_ID_PARAMETER, model_identity
@@ -76,6 +76,8 @@ class Chunk:
     end: bool
     state_in: Mapping[str, np.ndarray] | None = None  # every pair [1, ...]: START only
     logits: bool = True  # whether the answer carries logits (only those read are computed)
+    question_context: bool = False  # read as a question's context, as rmt-run --generate
+    # reads it (a sliding-window armt without its window)
 
 
 @dataclass(frozen=True)
@@ -177,11 +179,14 @@ class TritonClient:
 
     def run(self, document: Document, progress_file: str | Path | None = None,
             sequence_id: int | None = None, save_every: int = 1, end: bool = True,
-            generate: GenerationOptions | None = None) -> StreamResult:
+            generate: GenerationOptions | None = None,
+            question_context: bool = False) -> StreamResult:
         """Stream one document as one sequence. With ``progress_file``, progress is saved
         after the chunk that completes every ``save_every`` segments, and, if the file
         exists, the run resumes there. ``end=False`` leaves the sequence open on the
-        server (a context that :meth:`generate` answers questions from). ``generate``
+        server (a context that :meth:`generate` answers questions from; with
+        ``question_context`` read as ``rmt-run --generate`` reads a context, which only
+        a sliding-window armt reads differently: without its window). ``generate``
         (decoders): generate after the document as ``rmt-run --generate`` does, its last
         segment the question, the others the context."""
         if generate is not None and (progress_file is not None or not end):
@@ -198,7 +203,8 @@ class TritonClient:
             digest = document_digest(source, self.config) if progress_file else ""
             saved = self._resume(progress_file, digest, len(source))
             run = _Run(self, source, sequence_id, saved, end and generate is None,
-                       context_only=generate is not None)
+                       context_only=generate is not None,
+                       question_context=question_context or generate is not None)
             failover = Failover(self.send, self.retry, generate=self.generate,
                                 sequence_id=sequence_id) if self.retry else None
             send = failover.stream if failover else self.send
@@ -255,7 +261,8 @@ class TritonClient:
                     self._client.async_stream_infer(
                         self.model, inputs, outputs=outputs, request_id=request,
                         sequence_id=chunk.sequence_id, sequence_start=chunk.start,
-                        sequence_end=chunk.end)
+                        sequence_end=chunk.end, parameters={CONTEXT_PARAMETER: True}
+                        if chunk.question_context else None)
                 except self._server_error as error:
                     raise self._broken(answers, error) from None
             while order:
@@ -434,10 +441,12 @@ class _Run:
     """One document's segments on the server, and what its answer is built from."""
 
     def __init__(self, client: TritonClient, source: TokenSource, sequence_id: int,
-                 saved: Progress | None, end: bool = True, context_only: bool = False) -> None:
-        """``context_only``: stream every segment but the last (the question)."""
+                 saved: Progress | None, end: bool = True, context_only: bool = False,
+                 question_context: bool = False) -> None:
+        """``context_only``: stream every segment but the last (the question);
+        ``question_context``: mark the chunks as a question's context."""
         self.source, self.sequence_id, self.end = source, sequence_id, end
-        self.context_only = context_only
+        self.context_only, self.question_context = context_only, question_context
         self.config = client.config
         self.total = count_segments(len(source), self.config)
         self.streamed = self.total - 1 if context_only else self.total
@@ -473,7 +482,8 @@ class _Run:
             index += len(segments)
             last = index == self.streamed
             yield Chunk(self.sequence_id, input_ids, attention_mask, start, self.end and last,
-                        self.state if start else None, self._reads_logits(last))
+                        self.state if start else None, self._reads_logits(last),
+                        self.question_context)
 
     def _reads_logits(self, last: bool) -> bool:
         """Whether a chunk's logits are read: an encoder's of the last chunk only, a

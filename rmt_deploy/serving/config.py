@@ -40,6 +40,9 @@ START, END, CORRID = "START", "END", "CORRID"
 #: The python-backend model's generation: the request parameter holding the options
 #: (JSON of GenerationOptions) and the output with the generated ids [1, n].
 GENERATE_PARAMETER, GENERATED = "generate", "generated"
+#: The request parameter (bool) marking a chunk as the context of a question: read as
+#: the authors' ``generate`` reads it (a sliding-window armt without its window).
+CONTEXT_PARAMETER = "question_context"
 #: Triton data types of the contract's dtypes.
 TRITON_TYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 

@@ -2,7 +2,9 @@
 rmt-triton). It runs rmt-deploy's ONNX Runtime step on the export in ``1/export/`` and
 keeps each sequence's state by correlation id. A request carries a chunk of segments
 ([1, segments, positions]) or, with the request parameter ``generate`` (JSON of
-GenerationOptions), a question to answer. Decoupled (rmt-triton --decoupled), a
+GenerationOptions), a question to answer; a chunk with the request parameter
+``question_context`` (true) is a question's context, read as rmt-run --generate reads
+it. Decoupled (rmt-triton --decoupled), a
 question's tokens are sent as they are made, each a response with ``generated`` [1, 1],
 before its final response. Runs inside Triton's python stub only."""
 
@@ -22,6 +24,7 @@ from rmt_deploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
 from rmt_deploy.runtime.generation import GenerationOptions
 from rmt_deploy.runtime.options import RuntimeOptions
 from rmt_deploy.serving.config import (
+    CONTEXT_PARAMETER,
     CORRID,
     END,
     EXPORT_FOLDER,
@@ -78,11 +81,16 @@ def _step_request(request, pairs, sender=None) -> StepRequest | ServingError:
     state = {pair.name_in: _input(request, pair.name_in) for pair in pairs}
     wanted = request.requested_output_names()
     sequence = int(_input(request, CORRID).reshape(-1)[0])
+    parameters = json.loads(request.parameters() or "{}")
     try:
-        generate = _generation(request)
+        generate = _generation(parameters)
     except (InputError, TypeError, ValueError) as error:  # TypeError: a value of a wrong type
         return ServingError(f"sequence {sequence}: request parameter {GENERATE_PARAMETER}: "
                             f"{error}")
+    question_context = parameters.get(CONTEXT_PARAMETER, False)
+    if not isinstance(question_context, bool):
+        return ServingError(f"sequence {sequence}: request parameter {CONTEXT_PARAMETER} "
+                            f"must be true or false, got {question_context!r}")
     return StepRequest(
         sequence_id=sequence,
         start=bool(_input(request, START).reshape(-1)[0]),
@@ -94,6 +102,7 @@ def _step_request(request, pairs, sender=None) -> StepRequest | ServingError:
         wants_logits=LOGITS in wanted,
         generate=generate,
         on_token=None if sender is None or generate is None else _token_sender(sender),
+        question_context=question_context,
     )
 
 
@@ -105,9 +114,9 @@ def _token_sender(sender):
     return send
 
 
-def _generation(request) -> GenerationOptions | None:
+def _generation(parameters: dict) -> GenerationOptions | None:
     """The request's generation options (the parameter's JSON object), if it has them."""
-    value = json.loads(request.parameters() or "{}").get(GENERATE_PARAMETER)
+    value = parameters.get(GENERATE_PARAMETER)
     if value is None:
         return None
     names = [field.name for field in fields(GenerationOptions)]

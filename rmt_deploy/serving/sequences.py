@@ -1,10 +1,12 @@
-"""Per-sequence state kept by correlation id, for the python-backend model: each
-request carries a chunk of one or more segments of one sequence, stepped in order, or
-(decoders) a question to generate an answer to from the sequence's state, which
-generation leaves as it was. Requests of different sequences that arrive together are
-stepped as one batch of one stepper, segment by segment, whose rows are the open
-sequences (their state stays in the engine's buffers while the same sequences step
-together). No Triton here, so it is tested directly."""
+"""Per-sequence state kept by correlation id, for the python-backend model: each request
+carries a chunk of one or more segments of one sequence, stepped in order (a chunk
+marked as a question's context is read as rmt-run --generate reads one: a sliding-window
+armt's window cleared before each segment), or (decoders) a question to generate an
+answer to from the sequence's state, which generation leaves as it was. Requests of
+different sequences that arrive together are stepped as one batch of one stepper,
+segment by segment, whose rows are the open sequences (their state stays in the engine's
+buffers while the same sequences step together). No Triton here, so it is tested
+directly."""
 
 from __future__ import annotations
 
@@ -14,7 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rmt_deploy.contract import ATTENTION_MASK, INPUT_IDS, STEP, check_feed, check_state
+from rmt_deploy.contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    STEP,
+    check_feed,
+    check_state,
+    window_pairs,
+)
 from rmt_deploy.errors import InputError
 from rmt_deploy.runtime.backends.base import NO_GENERATION, State, StepEngine
 from rmt_deploy.runtime.generation import GenerationOptions, check_room
@@ -38,6 +47,8 @@ class StepRequest:
     wants_logits: bool = True  # whether it carries logits (else none are computed)
     generate: GenerationOptions | None = None
     on_token: Callable[[int], None] | None = None  # generation: sees each token as made
+    question_context: bool = False  # the chunk is a question's context: read as the
+    # authors' generate reads it (a sliding-window armt's window cleared before each step)
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,7 @@ class SequenceStore:
                  idle_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.stepper = Stepper(engine)
         self.config = engine.config
+        self._window = [pair.name_in for pair in window_pairs(self.config)]
         self.initial_state = check_state(self.config, initial_state, None, "the initial state")
         self.idle_seconds = idle_seconds
         self._clock = clock
@@ -123,7 +135,10 @@ class SequenceStore:
                     groups.setdefault((requests[p].input_ids.shape[1], wanted), []).append(p)
             for (_, wanted), group in groups.items():
                 batch = [requests[p] for p in group]
+                unwindowed = [r.sequence_id for r in batch if r.question_context]
                 try:
+                    if self._window and unwindowed:
+                        self.stepper.zero(unwindowed, self._window)
                     out = self.stepper.run([r.sequence_id for r in batch],
                                            np.stack([r.input_ids[index] for r in batch]),
                                            np.stack([r.attention_mask[index] for r in batch]),

@@ -12,7 +12,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import write_gpt2_folder
-from published_layouts import ALPHA, export_published, write_llama_base, write_published
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from armt_models import make_armt  # noqa: E402
@@ -32,7 +31,7 @@ from rmt_deploy.export.pipeline import ExportOptions, export_checkpoint
 from rmt_deploy.export.validate import STATE_COSINE
 from rmt_deploy.manifest import read_manifest
 from rmt_deploy.model.armt import generate_armt, run_armt
-from rmt_deploy.model.checkpoint import AuthorsOptions, load_checkpoint, save_checkpoint
+from rmt_deploy.model.checkpoint import save_checkpoint
 from rmt_deploy.runtime import open_model
 from rmt_deploy.runtime.backends.torch import TorchEngine
 from rmt_deploy.runtime.generation import GenerationOptions
@@ -46,22 +45,6 @@ torch.set_num_threads(1)
 
 SEGMENT = 6
 IDS = np.array([(5 * i + 2) % 50 for i in range(40)])  # 7 segments, the last short
-
-
-@pytest.fixture(scope="module")
-def window_export(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
-    """The published ARMT exported with --sliding-window (correction on, the authors'
-    default), and the reference loaded from the same file."""
-    root = tmp_path_factory.mktemp("armt-window")
-    published = write_published(root / "ckpt", naming="shared",
-                                config={"segment_size": SEGMENT})
-    base = write_llama_base(root / "base")
-    out = root / "export"
-    result = export_published(published.path, base, "--sliding-window", "-o", str(out))
-    assert result.exit_code == 0, result.output
-    reference = load_checkpoint(published.path, AuthorsOptions(
-        base_model=base, lora_alpha=ALPHA, sliding_window=True)).rmt
-    return out, reference
 
 
 def test_the_window_is_state_of_the_step_and_write_graphs_only(window_export):
