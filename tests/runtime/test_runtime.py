@@ -239,15 +239,17 @@ def test_text_file_stream_and_ids_agree(request, model_name, text, tmp_path):
     outputs = model.run(forms).outputs + [model.run_one(form) for form in
                                           (text, path, io.BytesIO(text.encode()), ids)]
     first = outputs[0]
+    # a batch of 5 against batches of 1, on as many threads as the host's load leaves:
+    # another summation order, a few FP32 ulps apart over the segments (2.9e-6 seen)
     for output in outputs:
         assert output.tokens == len(ids) and output.segments == first.segments
-        np.testing.assert_allclose(output.memory, first.memory, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(output.memory, first.memory, atol=1e-5, rtol=0)
         if model.config.is_encoder:
-            np.testing.assert_allclose(output.logits, first.logits, atol=1e-6, rtol=0)
+            np.testing.assert_allclose(output.logits, first.logits, atol=1e-5, rtol=0)
         else:
-            assert output.perplexity == pytest.approx(first.perplexity, rel=1e-6)
+            assert output.perplexity == pytest.approx(first.perplexity, rel=1e-5)
     other = model.run_one(ids[:-3])
-    assert not np.allclose(other.memory, first.memory, atol=1e-6)
+    assert not np.allclose(other.memory, first.memory, atol=1e-5)
 
 
 def test_text_with_special_tokens_equals_stripped_ids(encoder_onnx):
