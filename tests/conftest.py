@@ -128,6 +128,15 @@ def write_gpt2_folder(folder: Path, family: str = "gpt2") -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Each test leaves torch's threads as it found them (an export without --threads
+    sets them from the host's load, which would make later tests' float sums vary)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def encoder():
     return make_encoder()
