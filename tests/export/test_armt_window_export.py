@@ -172,6 +172,22 @@ def _perplexity(logits: torch.Tensor) -> float:
                                       torch.from_numpy(IDS[1:])].mean()))
 
 
+def window_in_fp32(folder: Path, manifest, precision: str) -> onnx.ModelProto:
+    """Check that the step graph of ``precision`` takes and gives the window in FP32 and
+    that a session of it carries a window; return the graph."""
+    model = onnx.load(str(folder / manifest.graphs[f"step.{precision}"].file),
+                      load_external_data=False)
+    typed = {v.name: v.type.tensor_type.elem_type
+             for v in (*model.graph.input, *model.graph.output)}
+    assert {typed[name] for name in (WINDOW_IN, WINDOW_MASK_IN, "window_out",
+                                     "window_mask_out")} == {onnx.TensorProto.FLOAT}
+    session = open_model(folder, backend="onnxruntime", threads=1,
+                         precision=precision).session()
+    session.feed(IDS)
+    assert np.abs(unpack(session.save())[1]["state/" + WINDOW_IN]).max() > 0
+    return model
+
+
 def test_fp16_graphs_carry_the_window_in_fp32(tmp_path):
     """--precision fp16: the layers compute the keys and values in FP16, the window
     crosses every graph's boundary in FP32 (one state for every precision), and the FP16
@@ -182,17 +198,8 @@ def test_fp16_graphs_carry_the_window_in_fp32(tmp_path):
                                  tmp_path / "export", options)
     fp16 = manifest.validation["fp16"]["closed_loop"]
     assert fp16["agreement"] >= 0.99 and fp16["max_abs"]["window_out"] < 1e-2
-    model = onnx.load(str(tmp_path / "export" / manifest.graphs["step.fp16"].file),
-                      load_external_data=False)
-    typed = {v.name: v.type.tensor_type.elem_type
-             for v in (*model.graph.input, *model.graph.output)}
-    assert {typed[name] for name in (WINDOW_IN, WINDOW_MASK_IN, "window_out",
-                                     "window_mask_out")} == {onnx.TensorProto.FLOAT}
+    model = window_in_fp32(tmp_path / "export", manifest, "fp16")
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
-    session = open_model(tmp_path / "export", backend="onnxruntime", threads=1,
-                         precision="fp16").session()
-    session.feed(IDS)
-    assert np.abs(unpack(session.save())[1]["state/" + WINDOW_IN]).max() > 0
 
 
 def test_int8_graphs_carry_the_window_in_fp32_and_gate_it(tmp_path):
@@ -220,16 +227,7 @@ def test_int8_graphs_carry_the_window_in_fp32_and_gate_it(tmp_path):
     assert turned and int8["policy"] not in turned  # the gate had something to refuse
     assert int8["closed_loop"]["min_memory_cosine"] >= STATE_COSINE["int8"]
     assert int8["closed_loop"]["agreement"] >= 0.99
-    model = onnx.load(str(tmp_path / "export" / manifest.graphs["step.int8"].file),
-                      load_external_data=False)
-    typed = {v.name: v.type.tensor_type.elem_type
-             for v in (*model.graph.input, *model.graph.output)}
-    assert {typed[name] for name in (WINDOW_IN, WINDOW_MASK_IN, "window_out",
-                                     "window_mask_out")} == {onnx.TensorProto.FLOAT}
-    session = open_model(tmp_path / "export", backend="onnxruntime", threads=1,
-                         precision="int8").session()
-    session.feed(IDS)
-    assert np.abs(unpack(session.save())[1]["state/" + WINDOW_IN]).max() > 0
+    window_in_fp32(tmp_path / "export", manifest, "int8")
 
 
 def test_the_triton_repository_carries_the_window_as_sequence_state(window_export, tmp_path):
