@@ -1,5 +1,6 @@
 """Damaged copies of ONNX graphs and engines, the faults the validation gates must catch:
-one weight changed by 1%, a NaN weight, memory that is not fed back, NaN outputs."""
+one weight changed by 1%, a NaN weight, a state output written off by a factor,
+memory that is not fed back, NaN outputs."""
 
 from __future__ import annotations
 
@@ -35,6 +36,28 @@ def damaged_graph(source: str | Path, target: str | Path, fault: str = "scale") 
     else:
         weight.flat[0] = np.nan
     model.graph.initializer[index].CopyFrom(numpy_helper.from_array(weight, tensor.name))
+    onnx.save(model, str(target))
+    return Path(target)
+
+
+def damaged_output(source: str | Path, target: str | Path, output: str,
+                   scale: float = 1.01) -> Path:
+    """``source`` whose graph output ``output`` (a state output such as an armt's
+    ``A_out.1``) is its sound value times ``scale``, saved as ``target``: a graph that
+    writes one state pair wrong and computes everything else as before."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source))
+    sound = f"{output}.sound"
+    producers = [node for node in model.graph.node if output in node.output]
+    assert len(producers) == 1, f"{output} is not produced by one node"
+    node = producers[0]
+    node.output[list(node.output).index(output)] = sound
+    factor = f"{output}.scale"
+    model.graph.initializer.append(numpy_helper.from_array(np.float32(scale), factor))
+    model.graph.node.append(helper.make_node("Mul", [sound, factor], [output],
+                                             name=f"{output}.damage"))
     onnx.save(model, str(target))
     return Path(target)
 
