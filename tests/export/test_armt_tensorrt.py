@@ -327,3 +327,23 @@ def test_fp16_plans_keep_every_state_pair_fp32(gpu, armt_export, tmp_path):
     assert check["precision"] == "fp16"
     assert {"A_out.0", "z_out.1", "started_out", "write_A_out.1"} <= set(
         check["closed_loop"]["max_abs"])
+
+
+def test_plans_of_a_profile_below_three_rows_are_judged_and_run_any_number_of_documents(
+        gpu, armt_export, tmp_path):
+    """Plans for at most 2 rows (--batch 1,1,2): the closed-loop judgement's batch of 3
+    documents runs in parts the plans take, and so do 3 documents' steps and generation
+    on them; each document gets what it gets on ONNX Runtime."""
+    folder = shutil.copytree(armt_export, tmp_path / "exp")
+    manifest = build_engines(folder, EngineOptions(BatchProfile(1, 1, 2), max_new_tokens=8,
+                                                   drift_segments=6, threads=1))
+    assert manifest.validation["tensorrt"]["batches"] == [3, 1]
+    model = open_model(folder / "model.plan")
+    assert model.engine.max_batch == 2
+    documents = [IDS, IDS[::-1].copy(), IDS[5:22]]
+    expected = open_model(folder, backend="onnxruntime", threads=1)
+    got, want = model.run(documents), expected.run(documents)
+    assert [o.perplexity for o in got.outputs] == pytest.approx(
+        [o.perplexity for o in want.outputs], rel=1e-5)
+    got, want = model.run(documents, 6), expected.run(documents, 6)
+    assert [o.generated_ids for o in got.outputs] == [o.generated_ids for o in want.outputs]
