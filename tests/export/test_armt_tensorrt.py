@@ -148,6 +148,11 @@ def test_the_plans_are_judged_on_every_state_pair_closed_loop(fp32_plans):
     assert outputs == {"A_out.0", "z_out.0", "A_out.1", "z_out.1", "started_out"}
     assert outputs | {"write_" + name for name in outputs} | {"logits"} <= set(errors)
     assert check["closed_loop"]["agreement"] == 1.0
+    # the prefill and decode plans generated after the validation documents, as FP32
+    generation = check["generation"]
+    assert generation["generated_same"] == 1.0 and generation["rows"] == 4
+    assert set(generation["max_abs"]) == {"prefill_logits", "decode_logits"}
+    assert max(generation["max_abs"].values()) < 1e-4
 
 
 @pytest.mark.parametrize("graph, output", [("write.onnx", "A_out.1"),
@@ -177,6 +182,30 @@ def test_a_plan_that_writes_a_state_pair_wrong_is_refused_and_the_folder_kept(
     with pytest.raises(ValidationError, match=rf"^the TensorRT fp32 plans: closed loop "
                                               rf"(error on|memory cosine of) {named} .*the "
                                               rf"plans were not kept"):
+        build_engines(folder, OPTIONS)
+    assert folder_state(folder) == before
+
+
+@pytest.mark.parametrize("graph", ["prefill.onnx", "decode.onnx"])
+def test_a_generation_plan_that_drifts_is_refused_and_the_folder_kept(
+        gpu, armt_export, tmp_path, graph):
+    """The prefill and decode plans, which no segment step runs, are judged by greedy
+    generation after the validation documents: one whose logits are 10% off (the same
+    greedy tokens) is refused."""
+    _, builder = gpu
+    folder = shutil.copytree(armt_export, tmp_path / "exp")
+    before = folder_state(folder)
+
+    def source(path):
+        if not path.endswith("/" + graph):
+            return path
+        return str(damaged_output(path, tmp_path / f"damaged-{graph}", "logits", 1.1))
+
+    builder.plan_source = source
+    name = graph.split(".")[0]
+    with pytest.raises(ValidationError, match=rf"^the TensorRT fp32 plans: generation error "
+                                              rf"on {name}_logits is .*, above the "
+                                              rf"tolerance 0.001; the plans were not kept"):
         build_engines(folder, OPTIONS)
     assert folder_state(folder) == before
 
