@@ -157,7 +157,8 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.13.0") -> types.ModuleType:
     trt.unset = []
     trt.__version__ = version
     trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # found, as if installed
-    dtypes = {"tensor(int64)": np.int64, "tensor(float)": np.float32}
+    dtypes = {"tensor(int64)": np.int64, "tensor(float)": np.float32,
+              "tensor(float16)": np.float16}
 
     class Logger:
         WARNING = 2

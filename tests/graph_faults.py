@@ -62,6 +62,34 @@ def damaged_output(source: str | Path, target: str | Path, output: str,
     return Path(target)
 
 
+def half_state(source: str | Path, target: str | Path, name: str) -> Path:
+    """``source`` whose state input ``name`` and its output (``name``'s pair) are FP16 at
+    the graph's boundary, cast to and from FP32 inside: the network a TensorRT parser
+    would type FP16 there; saved as ``target``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from rmt_deploy.contract import state_pairs
+    from rmt_deploy.manifest import read_manifest
+
+    config = read_manifest(Path(source).parent).config
+    output = next(p.name_out for p in state_pairs(config) if p.name_in == name)
+    model = onnx.load(str(source))
+    inside_in, inside_out = f"{name}.fp32", f"{output}.fp32"
+    for node in model.graph.node:
+        node.input[:] = [inside_in if i == name else i for i in node.input]
+        node.output[:] = [inside_out if o == output else o for o in node.output]
+    for value, kind in ((model.graph.input, name), (model.graph.output, output)):
+        next(v for v in value if v.name == kind).type.tensor_type.elem_type = \
+            TensorProto.FLOAT16
+    model.graph.node.insert(0, helper.make_node("Cast", [name], [inside_in],
+                                                to=TensorProto.FLOAT))
+    model.graph.node.append(helper.make_node("Cast", [inside_out], [output],
+                                             to=TensorProto.FLOAT16))
+    onnx.save(model, str(target))
+    return Path(target)
+
+
 class FaultyEngine(StepEngine):
     """A real engine whose steps are damaged: ``"no_feedback"`` steps every segment from
     the memory it was last given; ``"nan"`` makes one logit NaN from ``segment`` on;

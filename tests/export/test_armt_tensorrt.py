@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from fake_tensorrt import install_fake_gpu
-from graph_faults import damaged_output
+from graph_faults import damaged_output, half_state
 from published_layouts import ALPHA, export_published, write_llama_base, write_published
 
 from rmt_deploy.contract import (
@@ -31,7 +31,7 @@ from rmt_deploy.contract import (
     variant,
     variant_names,
 )
-from rmt_deploy.errors import ValidationError
+from rmt_deploy.errors import BackendError, ValidationError
 from rmt_deploy.export.tensorrt_build import EngineOptions, build_engines
 from rmt_deploy.manifest import read_manifest
 from rmt_deploy.model.armt import generate_armt, run_armt
@@ -182,6 +182,21 @@ def test_a_plan_that_writes_a_state_pair_wrong_is_refused_and_the_folder_kept(
     with pytest.raises(ValidationError, match=rf"^the TensorRT fp32 plans: closed loop "
                                               rf"(error on|memory cosine of) {named} .*the "
                                               rf"plans were not kept"):
+        build_engines(folder, OPTIONS)
+    assert folder_state(folder) == before
+
+
+def test_a_plan_whose_state_pair_is_not_fp32_is_refused(gpu, armt_export, tmp_path):
+    """A write plan whose network types z.1 (and z_out.1) FP16 at its boundary: refused
+    before it runs, naming the pair, and not kept."""
+    _, builder = gpu
+    folder = shutil.copytree(armt_export, tmp_path / "exp")
+    before = folder_state(folder)
+    builder.plan_source = lambda path: str(
+        half_state(path, tmp_path / "half-write.onnx", "z.1") if path.endswith("/write.onnx")
+        else path)
+    with pytest.raises(BackendError, match=r"input z[.]1 is float16 .* the manifest "
+                                           r"declares float32"):
         build_engines(folder, OPTIONS)
     assert folder_state(folder) == before
 
@@ -376,3 +391,37 @@ def test_plans_of_a_profile_below_three_rows_are_judged_and_run_any_number_of_do
         [o.perplexity for o in want.outputs], rel=1e-5)
     got, want = model.run(documents, 6), expected.run(documents, 6)
     assert [o.generated_ids for o in got.outputs] == [o.generated_ids for o in want.outputs]
+
+
+def test_rmt_compare_and_a_triton_repository_take_the_plans(gpu, fp32_plans, tmp_path):
+    """rmt-compare of the export against its model.plan compares every state pair open
+    and closed loop and passes; rmt-triton --backend tensorrt serves the step plan with
+    every pair as FP32 sequence state starting at zeros."""
+    text_format = pytest.importorskip("google.protobuf.text_format")
+    pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from rmt_deploy.cli import compare_main
+    from rmt_deploy.serving.cli import triton_main
+
+    folder, _ = fp32_plans
+    result = CliRunner().invoke(compare_main, [str(folder), str(folder / "model.plan"),
+                                               "--segments", "4", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "candidate: model.plan (tensorrt fp32)" in result.output
+    compared = {line.split()[0] for line in result.output.splitlines()
+                if line.startswith("  ")}
+    config = read_manifest(folder).config
+    outputs = {pair.name_out for pair in state_pairs(config)}
+    assert outputs | {"write_" + name for name in outputs} <= compared
+    result = CliRunner().invoke(triton_main, [str(tmp_path), "--model", str(folder),
+                                              "--backend", "tensorrt", "--max-batch-size",
+                                              "4"])
+    assert result.exit_code == 0, result.output
+    served = text_format.Parse((tmp_path / "rmt" / "config.pbtxt").read_text(),
+                               pb2.ModelConfig())
+    assert served.backend == "tensorrt"
+    states = {s.input_name: (s.output_name, s.data_type, s.initial_state[0].zero_data)
+              for s in served.sequence_batching.state}
+    assert states == {pair.name_in: (pair.name_out, pb2.TYPE_FP32, True)
+                      for pair in state_pairs(config)}
+    assert (tmp_path / "rmt" / "1" / "model.plan").read_bytes() == (
+        folder / "model.plan").read_bytes()
