@@ -146,14 +146,19 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.13.0") -> types.ModuleType:
     """A ``tensorrt`` module whose runtime runs fake plans (see :func:`plan_bytes`). An
     execution context's calls that report success as a bool (``set_input_shape``,
     ``set_tensor_address``, ``execute_async_v3``) return False while their name is in
-    ``trt.failing``, as TensorRT does for a shape outside the profile or a failed launch."""
+    ``trt.failing``, as TensorRT does for a shape outside the profile or a failed launch;
+    ``execute_async_v3`` also returns False, as TensorRT does, when an input or output of
+    the plan has no address (or an input no shape), recording their names in
+    ``trt.unset``."""
     import onnxruntime as ort
 
     trt = types.ModuleType("tensorrt")
     trt.failing = set()
+    trt.unset = []
     trt.__version__ = version
     trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # found, as if installed
-    dtypes = {"tensor(int64)": np.int64, "tensor(float)": np.float32}
+    dtypes = {"tensor(int64)": np.int64, "tensor(float)": np.float32,
+              "tensor(float16)": np.float16}
 
     class Logger:
         WARNING = 2
@@ -186,6 +191,11 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.13.0") -> types.ModuleType:
 
         def execute_async_v3(self, stream):
             if "execute_async_v3" in trt.failing:
+                return False
+            unset = [name for name in self.engine.names if name not in self.addresses
+                     or (name in self.engine.inputs and name not in self.shapes)]
+            if unset:  # TensorRT logs "Address is not set for input tensor ..." and fails
+                trt.unset.append(unset)
                 return False
             shapes, addresses = dict(self.shapes), dict(self.addresses)  # fixed at launch
 

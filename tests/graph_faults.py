@@ -1,5 +1,6 @@
 """Damaged copies of ONNX graphs and engines, the faults the validation gates must catch:
-one weight changed by 1%, a NaN weight, memory that is not fed back, NaN outputs."""
+one weight changed by 1%, a NaN weight, a state output written off by a factor,
+memory that is not fed back, NaN outputs."""
 
 from __future__ import annotations
 
@@ -35,6 +36,56 @@ def damaged_graph(source: str | Path, target: str | Path, fault: str = "scale") 
     else:
         weight.flat[0] = np.nan
     model.graph.initializer[index].CopyFrom(numpy_helper.from_array(weight, tensor.name))
+    onnx.save(model, str(target))
+    return Path(target)
+
+
+def damaged_output(source: str | Path, target: str | Path, output: str,
+                   scale: float = 1.01) -> Path:
+    """``source`` whose graph output ``output`` (a state output such as an armt's
+    ``A_out.1``) is its sound value times ``scale``, saved as ``target``: a graph that
+    writes one state pair wrong and computes everything else as before."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source))
+    sound = f"{output}.sound"
+    producers = [node for node in model.graph.node if output in node.output]
+    assert len(producers) == 1, f"{output} is not produced by one node"
+    node = producers[0]
+    node.output[list(node.output).index(output)] = sound
+    factor = f"{output}.scale"
+    model.graph.initializer.append(numpy_helper.from_array(np.float32(scale), factor))
+    model.graph.node.append(helper.make_node("Mul", [sound, factor], [output],
+                                             name=f"{output}.damage"))
+    onnx.save(model, str(target))
+    return Path(target)
+
+
+def half_state(source: str | Path, target: str | Path, name: str) -> Path:
+    """``source`` whose state input ``name`` and its output (``name``'s pair) are FP16 at
+    the graph's boundary, cast to and from FP32 inside: the network a TensorRT parser
+    would type FP16 there; saved as ``target``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from rmt_deploy.contract import state_pairs
+    from rmt_deploy.manifest import read_manifest
+
+    config = read_manifest(Path(source).parent).config
+    output = next(p.name_out for p in state_pairs(config) if p.name_in == name)
+    model = onnx.load(str(source))
+    inside_in, inside_out = f"{name}.fp32", f"{output}.fp32"
+    for node in model.graph.node:
+        node.input[:] = [inside_in if i == name else i for i in node.input]
+        node.output[:] = [inside_out if o == output else o for o in node.output]
+    for value, kind in ((model.graph.input, name), (model.graph.output, output)):
+        next(v for v in value if v.name == kind).type.tensor_type.elem_type = \
+            TensorProto.FLOAT16
+    model.graph.node.insert(0, helper.make_node("Cast", [name], [inside_in],
+                                                to=TensorProto.FLOAT))
+    model.graph.node.append(helper.make_node("Cast", [inside_out], [output],
+                                             to=TensorProto.FLOAT16))
     onnx.save(model, str(target))
     return Path(target)
 

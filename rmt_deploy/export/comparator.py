@@ -226,6 +226,10 @@ class _Paired(StepEngine):
         self.judge = judge if mode == OPEN_LOOP else None
         self.prefill = prefill and mode == OPEN_LOOP
         self.steps = 0  # steps of the current run
+        # the most rows both sides take at once (a TensorRT profile): the stepper splits
+        # larger steps
+        self.max_batch = min((side.max_batch for side in (reference, candidate)
+                              if side.max_batch is not None), default=None)
 
     def new_state(self, state: Mapping[str, np.ndarray]) -> _PairedState:
         return _PairedState(self, self.reference.new_state(_side(state, REFERENCE)),

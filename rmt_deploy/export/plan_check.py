@@ -1,7 +1,8 @@
 """Judging freshly built TensorRT plans before they are kept: they run closed loop through
 the TensorRT backend against the FP32 graph (on onnxruntime-gpu or the checkpoint on
 torch CUDA where present, else ONNX Runtime on the CPU) over ``drift_segments``, under
-the gates of their precision."""
+the gates of their precision; a decoder's prefill and decode plans then generate greedily
+after the validation documents, judged by the same gates."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rmt_deploy.contract import STEP
+from rmt_deploy.errors import ValidationError
 from rmt_deploy.export.comparator import compare
 from rmt_deploy.export.validate import DriftGates, enforce_drift
+from rmt_deploy.export.validate_generation import NEW_TOKENS, compare_generation
 from rmt_deploy.manifest import Manifest
 from rmt_deploy.runtime.backends.base import StepEngine
 from rmt_deploy.runtime.options import RuntimeOptions
@@ -72,11 +75,41 @@ def check_plans(manifest: Manifest, options: EngineOptions,
                          options.drift_segments, modes=("closed_loop",))
     log(f"tensorrt {precision} plans closed loop vs {description} over "
         f"{comparison.segments} segments: {comparison.closed_loop.summary()}")
-    enforce_drift(comparison, gates, f"the TensorRT {precision} plans", reference="FP32",
-                  advice="; the plans were not kept (rebuild from FP32 graphs, or loosen "
-                         "the gate in EngineOptions)")
-    return {**comparison.to_dict(), "reference": description, "precision": precision,
-            "gates": dataclasses.asdict(gates)}
+    what = f"the TensorRT {precision} plans"
+    advice = "; the plans were not kept (rebuild from FP32 graphs, or loosen the gate in " \
+             "EngineOptions)"
+    enforce_drift(comparison, gates, what, reference="FP32", advice=advice)
+    results = {**comparison.to_dict(), "reference": description, "precision": precision,
+               "gates": dataclasses.asdict(gates)}
+    if candidate.generates and reference.generates:  # the prefill and decode plans
+        generation = compare_generation(reference, candidate, manifest.load_initial_state(),
+                                        new_tokens=min(NEW_TOKENS, options.max_new_tokens))
+        log(f"tensorrt {precision} plans generate {generation['generated_same']:.0%} of "
+            f"the rows as {description}; largest logit errors "
+            + ", ".join(f"{k} {v:.2e}" for k, v in generation["max_abs"].items()))
+        enforce_plan_generation(generation, gates, what, advice)
+        results["generation"] = generation
+    return results
+
+
+def enforce_plan_generation(results: dict[str, Any], gates: DriftGates, what: str,
+                            advice: str = "") -> None:
+    """Raise ValidationError when the plans' greedy generation (prefill, then decode
+    steps) is not finite, picks other tokens than FP32 in more rows than
+    ``gates.min_agreement`` allows, or has a prefill or decode logit error above
+    ``gates.max_abs``."""
+    for name, count in results["non_finite"].items():
+        if count:
+            raise ValidationError(f"{what}: {count} value(s) of {name} are NaN or infinite "
+                                  f"while generating{advice}")
+    if results["generated_same"] < gates.min_agreement:
+        raise ValidationError(f"{what} generate other tokens than FP32 in "
+                              f"{1 - results['generated_same']:.0%} of the validation rows"
+                              f"{advice}")
+    for name, error in results["max_abs"].items():
+        if gates.max_abs is not None and not error <= gates.max_abs:
+            raise ValidationError(f"{what}: generation error on {name} is {error:.3g}, above "
+                                  f"the tolerance {gates.max_abs:g}{advice}")
 
 
 def _torch_cuda() -> bool:

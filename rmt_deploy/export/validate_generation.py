@@ -31,7 +31,14 @@ def compare_generation(reference: StepEngine, candidate: StepEngine,
                                 - config.segment_size + 1))
     options = GenerationOptions(new_tokens)
     errors, same, rows = LoopErrors("generation"), 0, 0
-    for docs in validation_batches(config, segments, seed=1):
+    # batches of at most the rows both sides take at once (a TensorRT profile's), so that
+    # each side generates the same rows together and their steps' logits pair up
+    limit = min((side.max_batch for side in (reference, candidate)
+                 if side.max_batch is not None), default=None)
+    batches = [docs[i: i + (limit or len(docs))] for docs in
+               validation_batches(config, segments, seed=1)
+               for i in range(0, len(docs), limit or len(docs))]
+    for docs in batches:
         sources = [ArraySource(doc, config) for doc in docs]
         lasts = [last_tokens(source, config) for source in sources]
         keys = list(range(len(sources)))

@@ -143,7 +143,15 @@ class Stepper:
                  on_tokens: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
         """Decoders: the tokens each row ``keys[i]`` generates after ``segments[i]``, from
         its state (which generation leaves unchanged); ``on_logits`` sees every step's
-        logits, ``on_tokens`` its chosen tokens (rows in ``keys`` order)."""
+        logits, ``on_tokens`` its chosen tokens (rows in ``keys`` order). More rows than
+        the engine takes at once (its ``max_batch``) generate in parts of at most that
+        many rows, one part after the other (the callbacks see each part's steps in
+        turn)."""
+        limit = self.engine.max_batch
+        if limit is not None and len(keys) > limit:
+            return [ids for i in range(0, len(keys), limit)
+                    for ids in self.generate(keys[i: i + limit], segments[i: i + limit],
+                                             options, on_logits, on_tokens)]
         with self._lock:
             state, order = self._resident(keys)
             if order is None:

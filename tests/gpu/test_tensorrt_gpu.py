@@ -124,3 +124,51 @@ def test_an_fp16_plan_keeps_the_fp16_graphs_accuracy(device, encoder_checkpoint,
     manifest = build_engines(folder, EngineOptions(drift_segments=300))
     assert manifest.engines["step"]["precision"] == "fp16"
     assert manifest.validation["tensorrt"]["closed_loop"]["agreement"] >= 0.99
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_armt_plans_are_kept_and_run_as_onnxruntime(device, armt_export, tmp_path, precision):
+    """The published ARMT (LoRA, no correction): TensorRT parses and builds every graph
+    (the DPFP reads and writes, the state pairs), keeps the plans by their closed-loop and
+    generation checks, and the FP32 plans' perplexity and greedy ids equal ONNX Runtime's;
+    FP16 plans (from rmt-export --precision fp16) keep every state pair FP32."""
+    from published_layouts import export_published
+
+    from rmt_deploy.contract import BatchProfile, state_pairs
+    from rmt_deploy.export.tensorrt_build import EngineOptions, build_engines
+    from rmt_deploy.runtime import open_model
+
+    folder = shutil.copytree(armt_export, tmp_path / "armt")
+    if precision == "fp16":
+        root, folder = armt_export.parent, tmp_path / "armt-fp16"
+        result = export_published(root / "ckpt" / "model.safetensors", root / "base",
+                                  "--no-armt-correction", "--precision", "fp16",
+                                  "--drift-segments", "100", "-o", str(folder))
+        assert result.exit_code == 0, result.output
+    manifest = build_engines(folder, EngineOptions(BatchProfile(1, 2, 4), max_new_tokens=8,
+                                                   drift_segments=200))
+    assert {record["precision"] for record in manifest.engines.values()} == {precision}
+    check = manifest.validation["tensorrt"]
+    names = {pair.name_out for pair in state_pairs(manifest.config)}
+    assert names <= set(check["closed_loop"]["max_abs"])
+    assert check["generation"]["generated_same"] >= 0.99
+    import tensorrt
+
+    state = {name for pair in state_pairs(manifest.config)
+             for name in (pair.name_in, pair.name_out)}
+    runtime = tensorrt.Runtime(tensorrt.Logger(tensorrt.Logger.WARNING))
+    for record in manifest.engines.values():
+        engine = runtime.deserialize_cuda_engine((folder / record["file"]).read_bytes())
+        io = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        assert {"A.0", "z.0"} <= set(io)  # every plan reads the state
+        for name in state & set(io):
+            assert np.dtype(tensorrt.nptype(engine.get_tensor_dtype(name))) == np.float32
+    plans = open_model(folder / "model.plan")
+    if precision == "fp32":
+        reference = open_model(folder, backend="onnxruntime")
+        docs = [np.random.default_rng(3).integers(5, 50, n) for n in (9, 40)]
+        for a, b in zip(reference.run(docs).outputs, plans.run(docs).outputs, strict=True):
+            assert b.perplexity == pytest.approx(a.perplexity, rel=1e-4)
+        for a, b in zip(reference.run(docs, generate=6).outputs,
+                        plans.run(docs, generate=6).outputs, strict=True):
+            assert a.generated_ids == b.generated_ids

@@ -30,6 +30,7 @@ from rmt_deploy.contract import (
     cache_pairs,
     concrete,
     context_slots,
+    decode_reads,
     state_pairs,
     step_graph,
     variant,
@@ -308,6 +309,9 @@ class _State(EngineState):
         _set_address(context, INPUT_IDS, ids_dev.ptr)
         _set_address(context, ATTENTION_MASK, mask_dev.ptr)
         _set_address(context, LOGITS, logits_dev.ptr)
+        for pair in decode_reads(config):  # an armt's (A, z) and started, read in place
+            _set_shape(context, pair.name_in, self._shapes[pair.name_in])
+            _set_address(context, pair.name_in, self._buffers[self._parity][pair.name_in].ptr)
         sets = self._kv_sets()
         for pair, read, written in zip(cache_pairs(config), sets[which], sets[1 - which],
                                        strict=True):
