@@ -153,21 +153,24 @@ def judge_candidate(base: Artifact, other: Artifact, batches: Sequence[Sequence[
 
 def format_table(report: Report) -> list[str]:
     """The report as text lines: per candidate and output, the largest open- and
-    closed-loop errors, then memory cosine, agreement and the candidate's verdict (the
+    closed-loop errors and 1 - a state output's worst closed-loop slot cosine (an armt's
+    per layer), then the worst memory cosine, agreement and the candidate's verdict (the
     report's own verdict is :meth:`Report.verdict`)."""
     lines = [f"reference: {report.reference}"]
     width = max([20, *(len(name) + 1 for comparison in report.comparisons
                        for loop in (comparison.errors.open_loop, comparison.errors.closed_loop)
                        for name in loop.max_abs)])  # the outputs' names, then a space
-    header = f"{'':2}{'output':<{width}}{'open loop':>12}{'closed loop':>14}"
+    header = f"{'':2}{'output':<{width}}{'open loop':>12}{'closed loop':>14}{'1 - cosine':>14}"
     for comparison in report.comparisons:
         opened, closed = comparison.errors.open_loop, comparison.errors.closed_loop
         lines += ["", f"candidate: {comparison.candidate} (open loop: {opened.steps} steps; "
                       f"closed loop: {comparison.errors.segments} segments)", header]
         names = list(dict.fromkeys([*opened.max_abs, *closed.max_abs]))
         for name in names:
+            cosine = closed.memory_cosine.get(name)
             lines.append(f"{'':2}{name:<{width}}{_error(opened.max_abs, name):>12}"
-                         f"{_error(closed.max_abs, name):>14}")
+                         f"{_error(closed.max_abs, name):>14}"
+                         f"{'-' if cosine is None else f'{max(1 - cosine, 0.0):.2e}':>14}")
         lines.append(f"{'':2}{'memory cosine':<{width}}{'':>12}"
                      f"{closed.min_memory_cosine:>14.8f}")
         lines.append(f"{'':2}{'agreement':<{width}}{'':>12}{closed.agreement:>14.2%}")

@@ -216,3 +216,21 @@ def test_failures_are_one_line_errors(encoder_export, decoder_export, encoder_ch
     result = rmt_compare(encoder_checkpoint, retrained, "--segments", "4")
     assert result.exit_code == 1  # the same contract, other weights: drift
     assert "retrained.pt (torch fp32)" in result.stderr
+
+
+def test_the_table_gives_each_state_outputs_cosine(armt_export, tmp_path):
+    """An ARMT's table: 1 - the closed-loop cosine of every layer's A and z in a column
+    of its own ("-" where an output has none), the worst still on the memory cosine row."""
+    from rmt_deploy.export.compare import format_table
+
+    drifting = drifting_export(armt_export, tmp_path / "drifting")
+    report = compare_artifacts(armt_export, [drifting], CompareOptions(segments=4, threads=1))
+    closed = report.comparisons[0].errors.closed_loop
+    rows = {line.split()[0]: line.split() for line in format_table(report)
+            if line.startswith("  ")}
+    assert rows["output"][-3:] == ["1", "-", "cosine"]
+    for layer in range(2):
+        for name in (f"A_out.{layer}", f"z_out.{layer}"):
+            assert rows[name][-1] == f"{max(1 - closed.memory_cosine[name], 0.0):.2e}"
+    assert rows["logits"][-1] == "-"
+    assert any(float(rows[f"A_out.{layer}"][-1]) > 1e-12 for layer in range(2))

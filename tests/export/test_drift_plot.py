@@ -11,18 +11,12 @@ from rmt_deploy.export.compare import CompareOptions, compare_artifacts
 matplotlib = pytest.importorskip("matplotlib", reason="--plot needs matplotlib")
 
 
-@pytest.fixture
-def drawn(encoder_checkpoint, encoder_export, tmp_path, monkeypatch):
-    """The figure plot_drift saves for the export, its step graph (the same numbers) and
-    a drifting copy, against the checkpoint."""
+def draw(report, tmp_path, monkeypatch) -> list:
+    """The axes of the figure plot_drift saves for ``report``."""
     from matplotlib.figure import Figure
 
     from rmt_deploy.export.drift_plot import plot_drift
 
-    drifting = drifting_export(encoder_export, tmp_path / "drifting")
-    options = CompareOptions(segments=8, threads=1)
-    report = compare_artifacts(encoder_checkpoint, [encoder_export, encoder_export /
-                                                    "model.onnx", drifting], options)
     saved = []
     savefig = Figure.savefig
 
@@ -34,7 +28,18 @@ def drawn(encoder_checkpoint, encoder_export, tmp_path, monkeypatch):
     monkeypatch.setattr(Figure, "savefig", keep)
     plot_drift(report, tmp_path / "drift.png")
     assert (tmp_path / "drift.png").read_bytes()[:4] == b"\x89PNG"
-    cosine, error = saved[0].axes
+    return saved[0].axes
+
+
+@pytest.fixture
+def drawn(encoder_checkpoint, encoder_export, tmp_path, monkeypatch):
+    """The figure plot_drift saves for the export, its step graph (the same numbers) and
+    a drifting copy, against the checkpoint."""
+    drifting = drifting_export(encoder_export, tmp_path / "drifting")
+    options = CompareOptions(segments=8, threads=1)
+    report = compare_artifacts(encoder_checkpoint, [encoder_export, encoder_export /
+                                                    "model.onnx", drifting], options)
+    cosine, error = draw(report, tmp_path, monkeypatch)
     return report, cosine, error
 
 
@@ -78,3 +83,40 @@ def test_the_legends_are_outside_the_data(drawn):
         legend = axes.get_legend()
         assert legend is not None
         assert legend.get_window_extent().x0 >= axes.get_window_extent().x1
+
+
+def test_an_armt_draws_each_layers_state_cosine(armt_export, tmp_path, monkeypatch):
+    """An ARMT (per-layer state pairs A.i, z.i): a third panel draws 1 - the cosine of
+    each layer's A, a colour per layer and a line style per candidate; the error panel
+    draws each per-layer family once, the worst of its layers."""
+    from rmt_deploy.export.drift_plot import FLOOR
+
+    drifting = drifting_export(armt_export, tmp_path / "drifting")
+    report = compare_artifacts(armt_export, [armt_export / "model.onnx", drifting],
+                               CompareOptions(segments=8, threads=1))
+    _, error, layers = draw(report, tmp_path, monkeypatch)
+    closed = [c.errors.closed_loop.series for c in report.comparisons]
+    names = [f"A_out.{layer}" for layer in range(2)]
+    expected = [[max(1 - v, FLOOR) for v in series.memory_cosine[name]]
+                for series in closed for name in names]
+    drawn_layers = curves(layers)
+    assert [list(line.get_ydata()) for line in drawn_layers] == expected
+    assert any(max(y) > FLOOR for y in expected)  # the drifting copy's A drifts
+    colours = [line.get_color() for line in drawn_layers]
+    assert colours[0] != colours[1] and colours[:2] == colours[2:]  # per layer
+    styles = [line.get_linestyle() for line in drawn_layers]
+    assert styles[0] == styles[1] != styles[2] == styles[3]  # per candidate
+    assert "A_out" in layers.get_ylabel()
+    families = ["logits", "A_out.*", "z_out.*", "started_out", "write_A_out.*",
+                "write_z_out.*", "write_started_out"]
+    drawn_errors = curves(error)
+    assert len(drawn_errors) == len(closed) * len(families)
+    worst_a = [max(max(a, b), FLOOR) for a, b in zip(closed[1].max_abs["A_out.0"],
+                                                     closed[1].max_abs["A_out.1"],
+                                                     strict=True)]
+    assert list(drawn_errors[len(families) + 1].get_ydata()) == worst_a
+    labels = [text.get_text() for text in error.get_legend().get_texts()]
+    assert labels[:len(families)] == [
+        f"{f} (worst of 2 layers)" if f.endswith("*") else f for f in families]
+    for axes in (error, layers):
+        assert axes.get_legend().get_window_extent().x0 >= axes.get_window_extent().x1
