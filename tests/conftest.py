@@ -228,6 +228,19 @@ def armt_export(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def armt_reference(armt_export) -> torch.nn.Module:
+    """The PyTorch reference ARMT of :func:`armt_export`, loaded from the same file (its
+    checkpoint and base lie beside the export)."""
+    from published_layouts import ALPHA
+
+    from rmt_deploy.model.checkpoint import AuthorsOptions, load_checkpoint
+
+    root = armt_export.parent
+    return load_checkpoint(root / "ckpt" / "model.safetensors", AuthorsOptions(
+        base_model=root / "base", lora_alpha=ALPHA, armt_correction=False)).rmt.eval()
+
+
+@pytest.fixture(scope="session")
 def window_export(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     """The published ARMT (segment 6) exported with --sliding-window (correction on, the
     authors' default), and the reference loaded from the same file (read-only)."""
