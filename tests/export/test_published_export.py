@@ -2,6 +2,7 @@
 the decoder path, the ARMT through its own; the manifest says LoRA was merged. The plain
 Llama RMT's memory matters, and its sessions and session pool answer as rmt-run."""
 
+import json
 import threading
 
 import numpy as np
@@ -13,7 +14,7 @@ from conftest import write_gpt2_folder
 from generation_reference import GREEDY, memory_before, reference_generation
 from published_layouts import ALPHA, RANK, export_published, write_llama_base, write_published
 
-from rmt_deploy.cli import export_main
+from rmt_deploy.cli import export_main, run_main
 from rmt_deploy.manifest import read_manifest
 from rmt_deploy.model.armt import generate_armt, run_armt
 from rmt_deploy.model.checkpoint import AuthorsOptions, load_checkpoint
@@ -203,6 +204,31 @@ def test_llama_rmt_session_saves_and_restores_as_rmt_run(llama_rmt_export,
     assert result.perplexity == pytest.approx(whole.perplexity, rel=1e-5)
     np.testing.assert_allclose(result.memory, whole.memory, atol=1e-5)
     assert (result.tokens, result.segments) == (whole.tokens, whole.segments)
+
+
+def test_llama_rmt_text_session_restored_gives_rmt_runs_perplexity(llama_rmt_export,
+                                                                   tmp_path):
+    """Text fed to a Llama RMT session in pieces cut inside words, saved and restored
+    mid-way: its perplexity and token count are those rmt-run prints for the text file."""
+    text = "the memory cell reads a text file, one segment after another; " * 3
+    path = tmp_path / "doc.txt"
+    path.write_text(text)
+    result = CliRunner().invoke(run_main, [str(llama_rmt_export), str(path), "--json",
+                                           "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    expected = json.loads(result.stdout)
+    model = open_model(llama_rmt_export, backend="onnxruntime", threads=1)
+    session = model.session()
+    for start in range(0, 61, 7):
+        session.feed(text[start: start + 7])
+    restored = model.restore_session(session.save())
+    session.discard()
+    for start in range(63, len(text), 7):
+        restored.feed(text[start: start + 7])
+    got = restored.close()
+    assert (got.tokens, got.segments) == (expected["tokens"], expected["segments"])
+    assert expected["segments"] > 10
+    assert got.perplexity == pytest.approx(expected["perplexity"], rel=1e-5)
 
 
 def test_llama_rmt_session_pool_batches_rows_at_different_segments(llama_rmt_export):
