@@ -276,7 +276,9 @@ def test_run_armt_on_a_text_file_as_the_reference(armt_export, armt_reference, t
         .encode(ARMT_TEXT).ids
     segments = -(-len(ids) // armt_reference.rmt_config.segment_size)
     assert segments > 10
-    report = json.loads(invoke(run_main, armt_export, path, "--json", "--threads", "1").stdout)
+    result = invoke(run_main, armt_export, path, "--json", "--threads", "1")
+    ok(result)
+    report = json.loads(result.stdout)
     assert (report["tokens"], report["segments"]) == (len(ids), segments)
     logits, _ = run_armt(armt_reference, ids)
     log_probs = torch.log_softmax(logits[:-1].double(), -1)
