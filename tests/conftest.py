@@ -228,6 +228,19 @@ def armt_export(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def armt_reference(armt_export) -> torch.nn.Module:
+    """The PyTorch reference ARMT of :func:`armt_export`, loaded from the same file (its
+    checkpoint and base lie beside the export)."""
+    from published_layouts import ALPHA
+
+    from rmt_deploy.model.checkpoint import AuthorsOptions, load_checkpoint
+
+    root = armt_export.parent
+    return load_checkpoint(root / "ckpt" / "model.safetensors", AuthorsOptions(
+        base_model=root / "base", lora_alpha=ALPHA, armt_correction=False)).rmt.eval()
+
+
+@pytest.fixture(scope="session")
 def window_export(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     """The published ARMT (segment 6) exported with --sliding-window (correction on, the
     authors' default), and the reference loaded from the same file (read-only)."""
@@ -249,3 +262,34 @@ def window_export(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     reference = load_checkpoint(published.path, AuthorsOptions(
         base_model=base, lora_alpha=ALPHA, sliding_window=True)).rmt
     return out, reference
+
+
+@pytest.fixture(scope="session")
+def llama_rmt_export(tmp_path_factory) -> Path:
+    """The tiny published plain RMT on Llama (``MemoryCell``, LoRA; segment 6, 3 memory
+    tokens) exported (read-only: copy it before changing it). Its checkpoint and base
+    lie beside the export: ``../ckpt/model.safetensors`` and ``../base``
+    (:func:`llama_rmt_reference` loads them)."""
+    from published_layouts import ALPHA, write_published
+
+    from rmt_deploy.export.pipeline import ExportOptions, export_checkpoint
+    from rmt_deploy.model.checkpoint import AuthorsOptions
+
+    root = tmp_path_factory.mktemp("llama-rmt")
+    published = write_published(root / "ckpt", armt=False, config={"segment_size": 6})
+    authors = AuthorsOptions(base_model=write_gpt2_folder(root / "base", "llama"),
+                             lora_alpha=ALPHA)
+    options = ExportOptions(authors=authors, validation_segments=3, threads=1)
+    return export_checkpoint(published.path, root / "export", options).folder
+
+
+@pytest.fixture(scope="session")
+def llama_rmt_reference(llama_rmt_export) -> torch.nn.Module:
+    """The PyTorch reference of :func:`llama_rmt_export`, loaded from the same file."""
+    from published_layouts import ALPHA
+
+    from rmt_deploy.model.checkpoint import AuthorsOptions, load_checkpoint
+
+    root = llama_rmt_export.parent
+    return load_checkpoint(root / "ckpt" / "model.safetensors", AuthorsOptions(
+        base_model=root / "base", lora_alpha=ALPHA)).rmt.eval()

@@ -102,6 +102,31 @@ def reference_generation(rmt, doc: Sequence[int], memory: torch.Tensor,
     return generated, seen
 
 
+@torch.no_grad()
+def reference_armt_generation(rmt, doc: Sequence[int], options: GenerationOptions
+                              ) -> tuple[list[int], list[np.ndarray]]:
+    """The tokens the reference ARMT generates after ``doc``: every segment but the last
+    written (no window), the last read whole from that state at every token (reads, no
+    memory slots, no writes, no KV cache), and the logits each token was chosen from."""
+    from rmt_deploy.model.armt import run_armt
+
+    start = segment_bounds(len(doc), rmt.rmt_config)[-1][0]
+    state = run_armt(rmt, list(doc[:start]), window=False)[1] if start else \
+        rmt.zero_state(1, False)
+    tokens = torch.tensor([list(doc[start:])])
+    rng = np.random.default_rng(options.seed)
+    generated, seen = [], []
+    for _ in range(options.max_new_tokens):
+        logits = rmt.read(tokens, torch.ones_like(tokens), *state)[:, -1].double().numpy()
+        seen.append(logits[0])
+        token = int(reference_choice(logits, options, rng)[0])
+        generated.append(token)
+        if token == rmt.rmt_config.eos_token_id:
+            break
+        tokens = torch.cat([tokens, torch.tensor([[token]])], dim=1)
+    return generated, seen
+
+
 def runtime_generation(engine: StepEngine, initial_state: State, doc: Sequence[int],
                        options: GenerationOptions) -> tuple[list[int], list[np.ndarray]]:
     """The tokens ``engine`` generates after ``doc`` (every segment but the last written,

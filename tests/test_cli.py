@@ -256,6 +256,59 @@ def test_run_decoder_json_generate_and_stdin(decoder_export, tmp_path):
                                                                           "tokens"]
 
 
+ARMT_TEXT = "the armt reads a text file and writes its state in every layer\n" * 3
+
+
+def test_run_armt_on_a_text_file_as_the_reference(armt_export, armt_reference, tmp_path):
+    """rmt-run on a text file with the published ARMT: its perplexity, greedy ids and
+    ids sampled with --temperature/--top-k/--top-p/--seed equal the reference ARMT's
+    (sampling: the reference sampler on the same seeded stream) on the text's ids as its
+    tokenizer reads the whole text."""
+    from generation_reference import reference_armt_generation
+    from tokenizers import Tokenizer
+
+    from rmt_deploy.model.armt import generate_armt, run_armt
+    from rmt_deploy.runtime.generation import GenerationOptions
+
+    path = tmp_path / "story.txt"
+    path.write_text(ARMT_TEXT)
+    ids = Tokenizer.from_file(str(armt_export.parent / "base" / "tokenizer.json")) \
+        .encode(ARMT_TEXT).ids
+    segments = -(-len(ids) // armt_reference.rmt_config.segment_size)
+    assert segments > 10
+    result = invoke(run_main, armt_export, path, "--json", "--threads", "1")
+    ok(result)
+    report = json.loads(result.stdout)
+    assert (report["tokens"], report["segments"]) == (len(ids), segments)
+    logits, _ = run_armt(armt_reference, ids)
+    log_probs = torch.log_softmax(logits[:-1].double(), -1)
+    expected = float(torch.exp(-log_probs[torch.arange(len(ids) - 1),
+                                          torch.tensor(ids[1:])].mean()))
+    assert report["perplexity"] == pytest.approx(expected, rel=1e-4)
+
+    def generated(*options):
+        result = invoke(run_main, armt_export, path, "--json", "--threads", "1", *options)
+        ok(result)
+        return json.loads(result.stdout)["generated_ids"]
+
+    greedy = generated("--generate", "6")
+    assert greedy == generate_armt(armt_reference, ids, 6)
+    options = {"temperature": 0.7, "top_k": 20, "top_p": 0.9, "seed": 7}
+    sampled = generated("--generate", "6", *(f"--{name.replace('_', '-')}={value}"
+                                             for name, value in options.items()))
+
+    def reference(**changed):
+        return reference_armt_generation(armt_reference, ids,
+                                         GenerationOptions(6, **{**options, **changed}))[0]
+
+    assert sampled == reference()
+    assert reference_armt_generation(armt_reference, ids, GenerationOptions(6))[0] == greedy
+    # every option reaches the sampler: without it (or another seed) the ids differ
+    for changed in ({"temperature": 1.4}, {"top_k": 0}, {"top_p": 1.0}, {"seed": 8}):
+        assert reference(**changed) != sampled, changed
+    assert sampled != greedy
+
+
 def test_run_reads_a_real_pipe_on_stdin(decoder_export):
     proc = rmt_run(decoder_export, "-", "--json", "--generate", "2",
                    input=DECODER_TEXT.encode())

@@ -43,9 +43,10 @@ def decoder_text(words: int, seed: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def models(encoder_export, decoder_export):
+def models(encoder_export, decoder_export, armt_export):
     return {"encoder": (open_model(encoder_export, threads=1), encoder_text),
-            "decoder": (open_model(decoder_export, threads=1), decoder_text)}
+            "decoder": (open_model(decoder_export, threads=1), decoder_text),
+            "armt": (open_model(armt_export, threads=1), decoder_text)}
 
 
 def invoke(*args):
@@ -67,7 +68,7 @@ def same_answer(got, expected) -> None:
     assert (got.tokens, got.segments) == (expected.tokens, expected.segments)
 
 
-@pytest.mark.parametrize("variant", ["encoder", "decoder"])
+@pytest.mark.parametrize("variant", ["encoder", "decoder", "armt"])
 @pytest.mark.parametrize("stop_after", [1, 3])
 def test_stopped_and_resumed_equals_uninterrupted(models, variant, stop_after, tmp_path):
     model, make_text = models[variant]
@@ -131,6 +132,39 @@ def test_cli_state_file_gives_the_plain_answer(encoder_export, tmp_path):
                           state, "--state-every", "1"))
     assert saved["logits"] == plain["logits"] and saved["tokens"] == plain["tokens"] == 95
     assert not state.exists()
+
+
+def test_armt_cli_state_file_and_resume_give_the_plain_answer(models, armt_export,
+                                                              tmp_path):
+    """rmt-run --state-file of the published ARMT (a state of every layer's A and z, and
+    started): stopped part-way, the state holds every pair; --resume, alone or with
+    --state-file, gives the plain run's perplexity and removes the state."""
+    from rmt_deploy.contract import state_pairs
+    from rmt_deploy.runtime.state import unpack
+
+    model, make_text = models["armt"]
+    path = tmp_path / "doc.txt"
+    path.write_text(make_text(95, seed=8))
+    plain = report(invoke(armt_export, path, "--json", "--threads", "1"))
+    state = tmp_path / "s.state"
+    saved = report(invoke(armt_export, path, "--json", "--threads", "1", "--state-file",
+                          state, "--state-every", "1"))
+    assert saved["perplexity"] == plain["perplexity"] and saved["tokens"] == plain["tokens"]
+    assert not state.exists()
+    for extra in ((), ("--state-file", state)):
+        stopped_state(model, path, state)
+        _, arrays = unpack(state.read_bytes())
+        assert {f"state/{pair.name_in}" for pair in state_pairs(model.config)} <= set(arrays)
+        assert arrays["state/started"].tolist() == [[1.0]]  # past the first segment
+        partial = model.restore_session(read_state(state))
+        assert 0 < partial.tokens < plain["tokens"]
+        resumed = report(invoke(armt_export, path, "--json", "--threads", "1", "--resume",
+                                state, *extra))
+        assert resumed["perplexity"] == plain["perplexity"]
+        assert (resumed["tokens"], resumed["segments"]) == (plain["tokens"],
+                                                            plain["segments"])
+        assert 0 < resumed["resumed_tokens"] < plain["tokens"]
+        assert not state.exists()
 
 
 def stopped_state(model, path: Path, state: Path) -> Path:

@@ -51,7 +51,8 @@ def chunked(tensors: dict, names: set) -> dict:
             for name, (kind, dims) in tensors.items()}
 
 
-@pytest.mark.parametrize("export_fixture", ["encoder_export", "decoder_export"])
+@pytest.mark.parametrize("export_fixture", ["encoder_export", "decoder_export",
+                                            "llama_rmt_export"])
 def test_python_backend_repository(export_fixture, request, tmp_path):
     export = request.getfixturevalue(export_fixture)
     result = rmt_triton(tmp_path / "repo", "--model", export, "--name", "m", "--max-batch-size", 4)
@@ -85,7 +86,8 @@ def test_python_backend_repository(export_fixture, request, tmp_path):
     assert read_config(tmp_path / "repo" / "s").model_transaction_policy.decoupled
 
 
-@pytest.mark.parametrize("export_fixture", ["encoder_export", "decoder_export"])
+@pytest.mark.parametrize("export_fixture", ["encoder_export", "decoder_export",
+                                            "llama_rmt_export"])
 def test_onnxruntime_repository_initial_state(export_fixture, request, tmp_path):
     export = request.getfixturevalue(export_fixture)
     result = rmt_triton(tmp_path, "--model", export, "--backend", "onnxruntime",

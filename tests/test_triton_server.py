@@ -3,7 +3,8 @@
 chunks of several segments, pipelined over gRPC, 16 concurrent interleaved sequences, a
 sequence restarted with START, bad requests, a server restart with a client that
 resumes from its saved progress, and a decoder answering questions as rmt-run
---generate does, from a context read once; an ARMT (a state of many pairs) likewise.
+--generate does, from a context read once; an ARMT (a state of many pairs) and the
+published plain Llama RMT likewise.
 
 Skipped when .venv-triton is absent (bash scripts/setup_triton.sh), unless
 RMT_REQUIRE_TRITON=1 (CI), where that is a failure.
@@ -26,7 +27,13 @@ pytest.importorskip("tritonclient.http")
 
 from rmt_deploy.runtime import open_model  # noqa: E402
 from rmt_deploy.runtime.generation import GenerationOptions  # noqa: E402
-from rmt_deploy.segmentation import content_id_range, segment_range, step_inputs  # noqa: E402
+from rmt_deploy.runtime.stepper import Stepper  # noqa: E402
+from rmt_deploy.segmentation import (  # noqa: E402
+    content_id_range,
+    segment_bounds,
+    segment_range,
+    step_inputs,
+)
 from rmt_deploy.serving.client import Chunk, TritonClient, stream_concurrently  # noqa: E402
 from rmt_deploy.serving.config import ServingOptions  # noqa: E402
 from rmt_deploy.serving.errors import ServingError, StateFileError  # noqa: E402
@@ -101,7 +108,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def repo(encoder_export, decoder_export, armt_export, window_export, tmp_path_factory) -> Path:
+def repo(encoder_export, decoder_export, armt_export, window_export, llama_rmt_export,
+         tmp_path_factory) -> Path:
     _require_venv()
     repo = tmp_path_factory.mktemp("triton") / "repo"
     write_repository(repo, encoder_export, ServingOptions(name="enc", max_batch_size=16))
@@ -110,6 +118,7 @@ def repo(encoder_export, decoder_export, armt_export, window_export, tmp_path_fa
                                                           decoupled=True))
     write_repository(repo, armt_export, ServingOptions(name="armt", max_batch_size=4))
     write_repository(repo, window_export[0], ServingOptions(name="window", max_batch_size=4))
+    write_repository(repo, llama_rmt_export, ServingOptions(name="llama", max_batch_size=4))
     return repo
 
 
@@ -142,6 +151,17 @@ def stop_after(client: TritonClient, answers: int, stop) -> None:
 
 def interrupt() -> None:
     raise KeyboardInterrupt  # the client is stopped mid-document
+
+
+def local_state(model, document) -> dict[str, np.ndarray]:
+    """Every state pair of ``model`` (one row) after every segment of ``document``, as
+    rmt-run's stepper leaves it."""
+    ids = np.asarray(document)
+    with Stepper(model.engine) as stepper:
+        stepper.add(0, model.initial_state)
+        for start, end in segment_bounds(len(ids), model.config):
+            stepper.step([0], [ids[start:end]], logits=False)
+        return stepper.state(0)
 
 
 def assert_same(served, local) -> None:
@@ -434,20 +454,47 @@ def test_a_document_of_one_segment_is_answered_as_a_question(server, decoder_exp
 def test_an_armt_answers_as_rmt_run(server, armt_export):
     """The published ARMT (every layer's A and z, and ``started``, as state pairs):
     streamed in chunks, its perplexity and state equal rmt-run's; a context read once
-    answers as rmt-run --generate, also from its state sent with START."""
+    answers as rmt-run --generate, also from its state sent with START. The context is
+    whole segments: rmt-run --generate reads a context's short last segment together
+    with the question, a context left open has read it alone (on this model the ids of
+    the two differ for most documents)."""
     model = open_model(armt_export)
     config = model.config
     document, question = documents(config, [5 * config.segment_size + 2, 4], seed=12)
+    context = document[: 5 * config.segment_size]
     options = GenerationOptions(max_new_tokens=6)
-    expected = model.run_one(document + question, generate=options).generated_ids
+    expected = model.run_one(context + question, generate=options).generated_ids
     with TritonClient(armt_export, server.url, "armt", chunk_tokens=2 * config.segment_size,
                       in_flight=2) as client:
         result = client.run(document)
         local = model.run_one(document)
         assert result.output.perplexity == pytest.approx(local.perplexity, rel=1e-5)
-        client.run(document, sequence_id=77, end=False)
+        np.testing.assert_allclose(result.output.memory, local.memory, atol=1e-5)  # A.0
+        client.run(context, sequence_id=77, end=False)
         answer = client.generate(77, question, options, end=True)
         assert answer.ids == expected
+        state = local_state(model, context)
+        assert set(answer.state) == set(state) == {pair.name_in for pair in client.pairs}
+        for name, array in state.items():  # every layer's A and z, and started
+            np.testing.assert_allclose(answer.state[name][0], array, atol=1e-5, err_msg=name)
         again = client.generate(78, question, options, start=True, end=True,
                                 state_in=answer.state)
         assert again.ids == expected
+
+
+def test_a_llama_rmt_answers_as_rmt_run(server, llama_rmt_export):
+    """The published plain RMT on Llama (LoRA merged): streamed in chunks, its perplexity
+    and memory equal rmt-run's; a context read once answers as rmt-run --generate."""
+    model = open_model(llama_rmt_export, threads=1)
+    config = model.config
+    context, question = documents(config, [3 * config.segment_size, 4], seed=13)
+    options = GenerationOptions(max_new_tokens=6)
+    expected = model.run_one(context + question, generate=options).generated_ids
+    with TritonClient(llama_rmt_export, server.url, "llama",
+                      chunk_tokens=2 * config.segment_size) as client:
+        assert_same(client.run(context + question).output, model.run_one(context + question))
+        client.run(context, sequence_id=88, end=False)
+        answer = client.generate(88, question, options, end=True)
+    assert answer.ids == expected and expected
+    np.testing.assert_allclose(answer.state["memory_in"][0], model.run_one(context).memory,
+                               atol=1e-5)
