@@ -306,6 +306,11 @@ class BatchProfile:
         if not 1 <= self.min <= self.opt <= self.max:
             raise ConfigError(f"batch profile needs 1 <= min <= opt <= max, got "
                               f"{self.min}/{self.opt}/{self.max}; fix --batch")
+        if self.min != 1:
+            raise ConfigError(f"batch profile {self.min}/{self.opt}/{self.max}: the minimum "
+                              "must be 1 (a lone document, and the documents left when "
+                              f"others end, step in fewer rows); give --batch "
+                              f"1,{self.opt},{self.max}")
 
     @classmethod
     def parse(cls, text: str) -> BatchProfile:

@@ -106,7 +106,7 @@ def test_batch_option_parses(text, expected):
     assert (profile.min, profile.opt, profile.max) == expected
 
 
-@pytest.mark.parametrize("text", ["0", "4,2,8", "1,2", "a"])
+@pytest.mark.parametrize("text", ["0", "4,2,8", "1,2", "a", "2,2,4"])
 def test_bad_batch_options_say_how_to_fix(text):
     with pytest.raises(ConfigError, match="--batch"):
         BatchProfile.parse(text)
