@@ -296,7 +296,8 @@ class Variant:
 
 @dataclass(frozen=True)
 class BatchProfile:
-    """Batch sizes an engine is built for: min <= opt <= max."""
+    """Batch sizes an engine is built for: 1 = min <= opt <= max (a lone document, and
+    the documents left when others end, step in fewer rows)."""
 
     min: int = 1
     opt: int = 1

@@ -225,11 +225,27 @@ class _Paired(StepEngine):
         self.errors = LoopErrors(mode)
         self.judge = judge if mode == OPEN_LOOP else None
         self.prefill = prefill and mode == OPEN_LOOP
-        self.steps = 0  # steps of the current run
+        self.segment = 0  # the recurrence step of the current run
+        self._segments = itertools.count()
+        self._counted = False  # whether the segment's open-loop step is counted
         # the most rows both sides take at once (a TensorRT profile): the stepper splits
-        # larger steps
-        self.max_batch = min((side.max_batch for side in (reference, candidate)
-                              if side.max_batch is not None), default=None)
+        # larger steps into parts, which record as one segment
+        self.max_batch = rows_at_once(reference, candidate)
+
+    def start_run(self) -> None:
+        """The next step is a run's first segment."""
+        self._segments = itertools.count()
+
+    def next_segment(self, _rows: Sequence[int] = ()) -> None:
+        """The next steps (one, or the parts the stepper splits one into) are the run's
+        next segment (``run_segments``' ``before_step``)."""
+        self.segment, self._counted = next(self._segments), False
+
+    def count_step(self) -> None:
+        """Count the segment's step once, however many parts it ran in."""
+        if not self._counted:
+            self.errors.steps += 1
+            self._counted = True
 
     def new_state(self, state: Mapping[str, np.ndarray]) -> _PairedState:
         return _PairedState(self, self.reference.new_state(_side(state, REFERENCE)),
@@ -258,7 +274,7 @@ class _PairedState(EngineState):
         read here, and a full vocabulary's (1.6 GB a step for a Llama's 128k at 3 rows
         of 1k positions) is freed as soon as it is."""
         paired = self._paired
-        segment, paired.steps = paired.steps, paired.steps + 1
+        segment = paired.segment
         if paired.errors.mode == OPEN_LOOP:
             self.candidate.load(self.reference.state())
         expected: dict[str, np.ndarray] = {}
@@ -272,7 +288,7 @@ class _PairedState(EngineState):
                     else attention_mask.astype(bool))
             expected[LOGITS] = self.reference.step(input_ids, attention_mask)[keep]
             actual[LOGITS] = self.candidate.step(input_ids, attention_mask)[keep]
-            paired.errors.steps += 1
+            paired.count_step()
         else:
             self.reference.step(input_ids, attention_mask)
             self.candidate.step(input_ids, attention_mask, logits=False)
@@ -289,6 +305,12 @@ class _PairedState(EngineState):
         self.reference.close()
         self.candidate.close()
         super().close()
+
+
+def rows_at_once(*engines: StepEngine) -> int | None:
+    """The most rows every one of ``engines`` takes in one step (None: no limit)."""
+    return min((engine.max_batch for engine in engines if engine.max_batch is not None),
+               default=None)
 
 
 def validation_batches(config: RMTConfig, segments: int, seed: int = 0) -> list[list[np.ndarray]]:
@@ -348,11 +370,12 @@ def compare(reference: StepEngine, candidate: StepEngine, initial_state: State,
     for mode in modes:
         paired = _Paired(reference, candidate, mode, judge, prefill)
         for wants_logits, sources in itertools.product(passes, batches):
-            paired.steps = 0
+            paired.start_run()
             with Stepper(paired) as stepper:
                 for row in range(len(sources)):
                     stepper.add(row, both)
-                run_segments(stepper, sources, step_done, wants_logits=wants_logits)
+                run_segments(stepper, sources, step_done, wants_logits=wants_logits,
+                             before_step=paired.next_segment)
         loops[mode] = paired.errors
     return Comparison(loops.get(OPEN_LOOP), loops.get(CLOSED_LOOP), segments,
                       [len(sources) for sources in batches])

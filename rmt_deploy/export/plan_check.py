@@ -11,10 +11,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rmt_deploy.contract import STEP
-from rmt_deploy.errors import ValidationError
 from rmt_deploy.export.comparator import compare
 from rmt_deploy.export.validate import DriftGates, enforce_drift
-from rmt_deploy.export.validate_generation import NEW_TOKENS, compare_generation
+from rmt_deploy.export.validate_generation import (
+    NEW_TOKENS,
+    compare_generation,
+    enforce_generation,
+)
 from rmt_deploy.manifest import Manifest
 from rmt_deploy.runtime.backends.base import StepEngine
 from rmt_deploy.runtime.options import RuntimeOptions
@@ -87,29 +90,10 @@ def check_plans(manifest: Manifest, options: EngineOptions,
         log(f"tensorrt {precision} plans generate {generation['generated_same']:.0%} of "
             f"the rows as {description}; largest logit errors "
             + ", ".join(f"{k} {v:.2e}" for k, v in generation["max_abs"].items()))
-        enforce_plan_generation(generation, gates, what, advice)
+        enforce_generation(generation, what, "FP32", gates.max_abs, gates.min_agreement,
+                           advice)
         results["generation"] = generation
     return results
-
-
-def enforce_plan_generation(results: dict[str, Any], gates: DriftGates, what: str,
-                            advice: str = "") -> None:
-    """Raise ValidationError when the plans' greedy generation (prefill, then decode
-    steps) is not finite, picks other tokens than FP32 in more rows than
-    ``gates.min_agreement`` allows, or has a prefill or decode logit error above
-    ``gates.max_abs``."""
-    for name, count in results["non_finite"].items():
-        if count:
-            raise ValidationError(f"{what}: {count} value(s) of {name} are NaN or infinite "
-                                  f"while generating{advice}")
-    if results["generated_same"] < gates.min_agreement:
-        raise ValidationError(f"{what} generate other tokens than FP32 in "
-                              f"{1 - results['generated_same']:.0%} of the validation rows"
-                              f"{advice}")
-    for name, error in results["max_abs"].items():
-        if gates.max_abs is not None and not error <= gates.max_abs:
-            raise ValidationError(f"{what}: generation error on {name} is {error:.3g}, above "
-                                  f"the tolerance {gates.max_abs:g}{advice}")
 
 
 def _torch_cuda() -> bool:

@@ -90,12 +90,14 @@ def check_room(config: RMTConfig, width: int, options: GenerationOptions) -> Non
 def generate(state: EngineState, config: RMTConfig, segments: Sequence[np.ndarray],
              options: GenerationOptions,
              on_logits: Callable[[np.ndarray], None] | None = None,
-             on_tokens: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
+             on_tokens: Callable[[np.ndarray], None] | None = None,
+             choose: TokenChooser | None = None) -> list[list[int]]:
     """Each row of ``state`` generates after its segment ``segments[row]`` (content
     tokens), from the row's memory; rows stop at the EOS token (kept) or after
     ``max_new_tokens``. ``on_logits`` sees every step's logits [rows, vocab],
     ``on_tokens`` every step's chosen tokens [rows] as they are made (a row that has
-    stopped still has one: ignore it)."""
+    stopped still has one: ignore it). ``choose``: a chooser to go on with (its random
+    stream continues), else a new one from ``options``."""
     input_ids, attention_mask = step_inputs(segments, config)
     check_room(config, input_ids.shape[1], options)
     slots = context_slots(config)
@@ -103,7 +105,7 @@ def generate(state: EngineState, config: RMTConfig, segments: Sequence[np.ndarra
     logits, cache = state.prefill(input_ids, attention_mask, capacity)
     attended = np.concatenate([np.ones((len(segments), slots), np.int64),
                                attention_mask], axis=1)
-    choose = TokenChooser(options)
+    choose = choose or TokenChooser(options)
     generated: list[list[int]] = [[] for _ in segments]
     done = np.zeros(len(segments), dtype=bool)
     for count in range(1, options.max_new_tokens + 1):

@@ -22,7 +22,7 @@ import numpy as np
 
 from rmt_deploy.errors import InputError
 from rmt_deploy.runtime.backends.base import EngineState, State, StepEngine
-from rmt_deploy.runtime.generation import GenerationOptions, generate
+from rmt_deploy.runtime.generation import GenerationOptions, TokenChooser, generate
 from rmt_deploy.segmentation import step_inputs
 
 MAX_STATES = 8  # engine states kept for reuse, one per batch size, least recently used out
@@ -107,9 +107,10 @@ class Stepper:
         of at most that many rows, each resident in turn."""
         limit = self.engine.max_batch
         if limit is not None and len(keys) > limit:
-            parts = [self.run(keys[i: i + limit], input_ids[i: i + limit],
-                              attention_mask[i: i + limit], logits)
-                     for i in range(0, len(keys), limit)]
+            with self._lock:  # the parts, too, are one call
+                parts = [self.run(keys[i: i + limit], input_ids[i: i + limit],
+                                  attention_mask[i: i + limit], logits)
+                         for i in range(0, len(keys), limit)]
             return np.concatenate(parts) if logits and parts[0] is not None else None
         with self._lock:
             state, order = self._resident(keys)
@@ -146,22 +147,28 @@ class Stepper:
         logits, ``on_tokens`` its chosen tokens (rows in ``keys`` order). More rows than
         the engine takes at once (its ``max_batch``) generate in parts of at most that
         many rows, one part after the other (the callbacks see each part's steps in
-        turn)."""
-        limit = self.engine.max_batch
-        if limit is not None and len(keys) > limit:
-            return [ids for i in range(0, len(keys), limit)
-                    for ids in self.generate(keys[i: i + limit], segments[i: i + limit],
-                                             options, on_logits, on_tokens)]
-        with self._lock:
-            state, order = self._resident(keys)
-            if order is None:
-                return generate(state, self.config, segments, options, on_logits, on_tokens)
-            back = np.argsort(order)
-            shown = None if on_logits is None else (lambda logits: on_logits(logits[back]))
-            made = None if on_tokens is None else (lambda tokens: on_tokens(tokens[back]))
-            generated = generate(state, self.config, [segments[i] for i in order], options,
-                                 shown, made)
-            return [generated[i] for i in back]
+        turn; sampling goes on with one random stream, so sampled ids depend on how the
+        rows are batched, as they do on which rows are batched together)."""
+        limit = self.engine.max_batch or len(keys)
+        choose = TokenChooser(options)
+        with self._lock:  # the parts, too, are one call
+            return [ids for start in range(0, len(keys), limit)
+                    for ids in self._generate(keys[start: start + limit],
+                                              segments[start: start + limit], options,
+                                              on_logits, on_tokens, choose)]
+
+    def _generate(self, keys, segments, options, on_logits, on_tokens,
+                  choose: TokenChooser) -> list[list[int]]:
+        state, order = self._resident(keys)
+        if order is None:
+            return generate(state, self.config, segments, options, on_logits, on_tokens,
+                            choose)
+        back = np.argsort(order)
+        shown = None if on_logits is None else (lambda logits: on_logits(logits[back]))
+        made = None if on_tokens is None else (lambda tokens: on_tokens(tokens[back]))
+        generated = generate(state, self.config, [segments[i] for i in order], options,
+                             shown, made, choose)
+        return [generated[i] for i in back]
 
     def close(self) -> None:
         """Free every engine state; rows are forgotten."""

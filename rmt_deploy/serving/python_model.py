@@ -81,8 +81,8 @@ def _step_request(request, pairs, sender=None) -> StepRequest | ServingError:
     state = {pair.name_in: _input(request, pair.name_in) for pair in pairs}
     wanted = request.requested_output_names()
     sequence = int(_input(request, CORRID).reshape(-1)[0])
-    parameters = json.loads(request.parameters() or "{}")
     try:
+        parameters = json.loads(request.parameters() or "{}")
         generate = _generation(parameters)
     except (InputError, TypeError, ValueError) as error:  # TypeError: a value of a wrong type
         return ServingError(f"sequence {sequence}: request parameter {GENERATE_PARAMETER}: "

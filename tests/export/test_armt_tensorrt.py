@@ -236,8 +236,9 @@ def test_the_plans_run_perplexity_and_greedy_ids_as_the_reference(gpu, fp32_plan
         assert model.engine.name == "tensorrt"
         assert model.run_one(IDS).perplexity == pytest.approx(expected, rel=1e-5)
         assert model.run_one(IDS, generate=6).generated_ids == expected_ids
-    cuda, _ = gpu
+    cuda, builder = gpu
     assert cuda.leaks() == {}
+    assert builder.trt.unset == []  # every launch had every tensor bound
 
 
 def test_rmt_run_on_the_plan_answers_as_on_onnx_runtime(gpu, fp32_plans, tmp_path):

@@ -88,3 +88,24 @@ def test_errors_are_measured_over_every_block_of_a_large_output(monkeypatch, whe
     assert errors.max_abs["out"] == pytest.approx(0.5)
     assert errors.scale["out"] == 7.0
     assert errors.non_finite["out"] == 1
+
+
+def test_a_step_split_into_parts_records_as_one_segment(decoder_export):
+    """A candidate that takes one row at a time (a TensorRT profile under the
+    validation batch's 3 rows): the stepper splits each step into parts, which record
+    as one segment, so the series stay one entry a segment and the open loop counts the
+    same steps as unsplit."""
+    from engines import CountingEngine
+
+    manifest = read_manifest(decoder_export)
+    reference = OnnxRuntimeEngine(manifest)
+    whole = compare(reference, OnnxRuntimeEngine(manifest), manifest.load_initial_state(),
+                    segments=6)
+    split = CountingEngine(OnnxRuntimeEngine(manifest))
+    split.max_batch = 1
+    parts = compare(reference, split, manifest.load_initial_state(), segments=6)
+    assert set(split.batches) == {1} and len(split.batches) > 2 * whole.open_loop.steps
+    assert parts.open_loop.steps == whole.open_loop.steps
+    for loop in (parts.open_loop, parts.closed_loop):
+        assert {len(values) for values in loop.series.max_abs.values()} == {parts.segments}
+    assert parts.closed_loop.max_abs["logits"] < 1e-4

@@ -197,3 +197,28 @@ def test_zeroed_pairs_reach_the_next_step_of_only_those_rows(opened):
             alone.step([0], [segments[row]])
             expected.append(alone.state(0)["memory_in"])
     np.testing.assert_array_equal(got, np.stack(expected))
+
+
+def test_generation_split_into_parts_goes_on_with_one_random_stream(opened):
+    """More rows than the engine takes at once generate in parts: greedy ids are those
+    of one batch, and sampling goes on with one stream (parts that restarted it would
+    give identical documents identical samples)."""
+    from rmt_deploy.runtime.generation import GenerationOptions
+
+    model = opened["decoder"]
+    config = model.config
+    segment = document(model, 1)[: config.segment_size]
+    results = {}
+    for limit in (None, 1):
+        engine = CountingEngine(model.engine)
+        engine.max_batch = limit
+        with Stepper(engine) as stepper:
+            for key in range(3):
+                stepper.add(key, model.initial_state)
+            results[limit] = [stepper.generate(range(3), [segment] * 3, options)
+                              for options in (GenerationOptions(6),
+                                              GenerationOptions(6, temperature=2.0, seed=5))]
+    (greedy, sampled), (split_greedy, split_sampled) = results[None], results[1]
+    assert split_greedy == greedy and greedy[0] == greedy[1] == greedy[2]
+    assert len({tuple(ids) for ids in sampled}) > 1
+    assert len({tuple(ids) for ids in split_sampled}) > 1
