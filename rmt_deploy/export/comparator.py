@@ -226,8 +226,8 @@ class _Paired(StepEngine):
         self.judge = judge if mode == OPEN_LOOP else None
         self.prefill = prefill and mode == OPEN_LOOP
         self.segment = 0  # the recurrence step of the current run
-        self._segments = itertools.count()
         self._counted = False  # whether the segment's open-loop step is counted
+        self.start_run()
         # the most rows both sides take at once (a TensorRT profile): the stepper splits
         # larger steps into parts, which record as one segment
         self.max_batch = rows_at_once(reference, candidate)

@@ -149,7 +149,7 @@ class Stepper:
         many rows, one part after the other (the callbacks see each part's steps in
         turn; sampling goes on with one random stream, so sampled ids depend on how the
         rows are batched, as they do on which rows are batched together)."""
-        limit = self.engine.max_batch or len(keys)
+        limit = self.engine.max_batch or max(len(keys), 1)
         choose = TokenChooser(options)
         with self._lock:  # the parts, too, are one call
             return [ids for start in range(0, len(keys), limit)
